@@ -1,0 +1,94 @@
+//! Command-line verbs, one file each; every verb has its args struct and a `run()`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::compile::{self, Plan};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+
+mod graph;
+mod run;
+mod runs;
+mod schema;
+mod sql;
+mod validate;
+
+#[derive(Debug, Parser)]
+#[command(name = "ifloom", version, about = "Build instruction-following training data with declarative pipelines")]
+pub struct Cli {
+    /// Debug logs on stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a pipeline file completely without running anything.
+    Validate(validate::Args),
+    /// Run a pipeline; finished stages whose inputs and config did not change are reused.
+    Run(run::Args),
+    /// Query a run's tables with SQL.
+    Sql(sql::Args),
+    /// Print a pipeline's stage graph.
+    Graph(graph::Args),
+    /// List runs and their stages.
+    Runs(runs::Args),
+    /// Print the JSON Schema of pipeline files.
+    Schema,
+}
+
+pub fn main(cli: Cli) -> Result<ExitCode> {
+    if cli.verbose {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    let engine = Engine::new(rt.handle().clone());
+    let result = match cli.command {
+        Command::Validate(a) => validate::run(a, &engine),
+        Command::Run(a) => run::run(a, &engine),
+        Command::Sql(a) => sql::run(a, &engine),
+        Command::Graph(a) => graph::run(a, &engine),
+        Command::Runs(a) => runs::run(a),
+        Command::Schema => schema::run(),
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(Error::Invalid(d)) => {
+            eprintln!("{d}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Parse `key=value` for `--set`.
+pub fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got `{s}`"))
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Compile a pipeline file, turning diagnostics into [`Error::Invalid`].
+pub fn compile_file(file: &Path, set: &[(String, String)], engine: &Engine) -> Result<Plan> {
+    compile::compile(file, set, &env_lookup, engine).map_err(Error::Invalid)
+}
+
+/// `runs/<pipeline name>` unless given.
+pub fn default_run_dir(name: &str) -> PathBuf {
+    PathBuf::from("runs").join(name)
+}

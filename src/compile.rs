@@ -1,0 +1,280 @@
+//! `compile`: a parsed pipeline → a [`Plan`] whose every table has a known schema. Every check
+//! runs (ids, references, cycles, inputs, SQL, columns) and all problems come back together.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::engine::Engine;
+use crate::error::{Diagnostic, Diagnostics, did_you_mean};
+use crate::input::{self, InputScan};
+use crate::spec::{self, ID_COL, Pipeline};
+use crate::stages::{Arity, PlanCtx};
+use crate::yaml::Pos;
+
+/// Version of ifloom's input materialization (bump when `_id` or reading changes).
+const INPUT_VERSION: u32 = 1;
+
+#[derive(Debug)]
+pub struct Plan {
+    pub pipeline: Pipeline,
+    /// Inputs first (file order), then stages in a dependency order.
+    pub order: Vec<String>,
+    pub deps: HashMap<String, Vec<String>>,
+    pub schemas: HashMap<String, SchemaRef>,
+    pub scans: HashMap<String, InputScan>,
+    pub fingerprints: HashMap<String, String>,
+}
+
+impl Plan {
+    pub fn is_input(&self, id: &str) -> bool {
+        self.scans.contains_key(id)
+    }
+
+    /// `id` and every table downstream of it.
+    pub fn descendants(&self, id: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        out.insert(id.to_string());
+        for n in &self.order {
+            if self.deps.get(n).is_some_and(|d| d.iter().any(|p| out.contains(p))) {
+                out.insert(n.clone());
+            }
+        }
+        out
+    }
+}
+
+pub fn compile(
+    file: &Path,
+    overrides: &[(String, String)],
+    env: &dyn Fn(&str) -> Option<String>,
+    engine: &Engine,
+) -> Result<Plan, Diagnostics> {
+    let pipeline = spec::load(file, overrides, env).map_err(Diagnostics)?;
+    let mut errs: Vec<Diagnostic> = Vec::new();
+    let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+
+    // Ids: one namespace for inputs and stages.
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    for i in &pipeline.inputs {
+        seen.insert(i.id.clone(), i.pos);
+    }
+    for s in &pipeline.stages {
+        if let Some(first) = seen.get(&s.id) {
+            errs.push(
+                d(s.node.pos_at(&["id"]), format!("duplicate id `{}` (first defined at line {})", s.id, first.line))
+                    .stage(&s.id)
+                    .hint("every input and stage needs its own id"),
+            );
+        } else {
+            seen.insert(s.id.clone(), s.node.pos_at(&["id"]));
+        }
+    }
+
+    // References.
+    let known: Vec<String> = pipeline.all_ids().iter().map(|s| s.to_string()).collect();
+    let mut deps: HashMap<String, Vec<String>> = HashMap::new();
+    let mut bad_refs: BTreeSet<String> = BTreeSet::new();
+    for s in &pipeline.stages {
+        if s.from.is_empty() {
+            errs.push(
+                d(s.pos, "missing field `from`".into())
+                    .stage(&s.id)
+                    .hint("name the input or stage this one reads: `from: <id>`"),
+            );
+            bad_refs.insert(s.id.clone());
+        }
+        if s.stage.arity() == Arity::One && s.from.len() > 1 {
+            errs.push(
+                d(s.from[1].1, format!("a {} stage reads one table, but `from` names {}", s.kind, s.from.len()))
+                    .stage(&s.id)
+                    .hint("join or union them first in a sql stage"),
+            );
+        }
+        let mut ds = Vec::new();
+        for (name, pos) in s.deps() {
+            if name == s.id {
+                errs.push(d(pos, format!("stage `{}` reads itself", s.id)).stage(&s.id).hint("read an earlier stage"));
+                bad_refs.insert(s.id.clone());
+            } else if !known.contains(&name) {
+                errs.push(
+                    d(pos, format!("unknown table `{name}`: no input or stage has this id"))
+                        .stage(&s.id)
+                        .maybe_hint(did_you_mean(&name, known.iter().map(String::as_str)))
+                        .hint_else(format!("known ids: {}", known.join(", "))),
+                );
+                bad_refs.insert(s.id.clone());
+            }
+            ds.push(name);
+        }
+        deps.insert(s.id.clone(), ds);
+    }
+
+    // Cycles, printed as a chain.
+    let mut order: Vec<String> = pipeline.inputs.iter().map(|i| i.id.clone()).collect();
+    let mut state: HashMap<String, u8> = HashMap::new(); // 1 = visiting, 2 = done
+    let mut in_cycle: BTreeSet<String> = BTreeSet::new();
+    fn visit(
+        id: &str,
+        deps: &HashMap<String, Vec<String>>,
+        state: &mut HashMap<String, u8>,
+        stack: &mut Vec<String>,
+        order: &mut Vec<String>,
+        cycles: &mut Vec<Vec<String>>,
+    ) {
+        match state.get(id) {
+            Some(2) => return,
+            Some(1) => {
+                let start = stack.iter().position(|s| s == id).unwrap_or(0);
+                let mut chain: Vec<String> = stack[start..].to_vec();
+                chain.push(id.to_string());
+                cycles.push(chain);
+                return;
+            }
+            _ => {}
+        }
+        let Some(ds) = deps.get(id) else { return };
+        state.insert(id.to_string(), 1);
+        stack.push(id.to_string());
+        for p in ds {
+            visit(p, deps, state, stack, order, cycles);
+        }
+        stack.pop();
+        state.insert(id.to_string(), 2);
+        order.push(id.to_string());
+    }
+    let mut cycles = Vec::new();
+    for s in &pipeline.stages {
+        visit(&s.id, &deps, &mut state, &mut Vec::new(), &mut order, &mut cycles);
+    }
+    for chain in cycles {
+        let first = &chain[0];
+        if let Some(s) = pipeline.stage(first) {
+            errs.push(
+                d(s.node.pos_at(&["from"]), format!("cycle: {}", chain.join(" → ")))
+                    .stage(first)
+                    .hint("a stage cannot depend on its own output; break the loop"),
+            );
+        }
+        in_cycle.extend(chain);
+    }
+
+    // Inputs: resolve, read completely, infer schemas.
+    let mut schemas: HashMap<String, SchemaRef> = HashMap::new();
+    let mut scans: HashMap<String, InputScan> = HashMap::new();
+    let mut fingerprints: HashMap<String, String> = HashMap::new();
+    for i in &pipeline.inputs {
+        let mut bad = false;
+        if let Some(s) = &i.spec.sample {
+            if s.n.is_some() == s.fraction.is_some() {
+                errs.push(
+                    d(i.node.pos_at(&["sample"]), format!("input `{}`: sample takes exactly one of `n` and `fraction`", i.id))
+                        .hint("e.g. `sample: {n: 100, seed: 1}`"),
+                );
+                bad = true;
+            }
+            if s.fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
+                errs.push(d(i.node.pos_at(&["sample", "fraction"]), format!("input `{}`: fraction must be between 0 and 1", i.id)));
+                bad = true;
+            }
+        }
+        if bad {
+            continue;
+        }
+        match input::scan(i, &pipeline.dir) {
+            Ok(scan) => {
+                schemas.insert(i.id.clone(), scan.schema());
+                let fp = hash_json(&serde_json::json!({
+                    "input": INPUT_VERSION,
+                    "id": i.id,
+                    "spec": {"format": scan.format, "limit": i.spec.limit, "sample": i.spec.sample},
+                    "content": scan.content_hash,
+                }));
+                fingerprints.insert(i.id.clone(), fp);
+                scans.insert(i.id.clone(), scan);
+            }
+            Err(e) => {
+                let pos = i.node.pos_at(&["path"]);
+                errs.push(
+                    d(if i.node.get("path").is_some() { pos } else { i.node.pos }, format!("input `{}`: {}", i.id, e.message))
+                        .maybe_hint(e.hint),
+                );
+            }
+        }
+    }
+
+    // Plan stages in dependency order; a stage whose parents failed is skipped silently so
+    // one mistake is reported once, not again by every descendant.
+    for id in order.iter().filter(|id| !scans.contains_key(*id) && pipeline.input(id).is_none()) {
+        if bad_refs.contains(id) || in_cycle.contains(id) {
+            continue;
+        }
+        let Some(s) = pipeline.stage(id) else { continue };
+        let ds = &deps[id];
+        let Some(parents) = ds
+            .iter()
+            .map(|p| schemas.get(p).map(|s| (p.clone(), s.clone())))
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        if s.stage.needs_id() && parents.first().is_some_and(|(_, sc)| sc.field_with_name(ID_COL).is_err()) {
+            errs.push(
+                d(s.from.first().map_or(s.pos, |f| f.1), format!("input table `{}` has no `{ID_COL}` column, which a {} stage needs", parents[0].0, s.kind))
+                    .stage(id)
+                    .hint(format!("keep `{ID_COL}` in the upstream SELECT (e.g. `SELECT {ID_COL}, ...`)")),
+            );
+            continue;
+        }
+        let ctx = PlanCtx {
+            def: s,
+            file,
+            parents,
+            engine,
+        };
+        match s.stage.plan(&ctx) {
+            Ok(schema) => {
+                schemas.insert(id.clone(), schema);
+                let parent_fps: Vec<String> = ds.iter().map(|p| fingerprints.get(p).cloned().unwrap_or_default()).collect();
+                let fp = hash_json(&serde_json::json!({
+                    "kind": s.kind,
+                    "version": s.stage.version(),
+                    "config": s.stage.fingerprint(),
+                    "parents": ds,
+                    "parent_fingerprints": parent_fps,
+                }));
+                fingerprints.insert(id.clone(), fp);
+            }
+            Err(mut e) => errs.append(&mut e),
+        }
+    }
+
+    if !errs.is_empty() {
+        errs.sort_by_key(|e| e.pos);
+        return Err(Diagnostics(errs));
+    }
+    Ok(Plan {
+        pipeline,
+        order,
+        deps,
+        schemas,
+        scans,
+        fingerprints,
+    })
+}
+
+pub fn hash_json(v: &serde_json::Value) -> String {
+    let s = serde_json::to_string(v).unwrap_or_default();
+    blake3::hash(s.as_bytes()).to_hex()[..32].to_string()
+}
+
+trait HintElse {
+    fn hint_else(self, h: String) -> Self;
+}
+
+impl HintElse for Diagnostic {
+    fn hint_else(self, h: String) -> Self {
+        if self.hint.is_some() { self } else { self.hint(h) }
+    }
+}

@@ -1,0 +1,156 @@
+//! The boundary between the two engines. DataFusion runs SQL (stages, `ifloom sql`,
+//! statistics); Polars runs `transform` stages. They meet at Parquet files, and the Arrow
+//! schema is the one currency for validation: a Polars plan is checked by building it over an
+//! empty frame of the parent's schema, and its result schema is read back through Parquet.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use polars::prelude::{DataFrame, ParquetReader, ParquetWriter, SerReader};
+
+use crate::error::{Error, Result};
+use crate::stages::Table;
+
+/// Shared settings for running queries.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// DataFusion's memory pool; sorts, joins and aggregations spill to disk beyond it.
+    pub memory_limit: usize,
+    pub spill_dir: Option<PathBuf>,
+    pub target_partitions: usize,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Engine {
+    pub fn new(rt: tokio::runtime::Handle) -> Self {
+        Engine {
+            memory_limit: 2 << 30,
+            spill_dir: None,
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            rt,
+        }
+    }
+
+    /// A DataFusion session with a bounded, spilling memory pool.
+    pub fn session(&self) -> Result<SessionContext> {
+        let mut builder = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(self.memory_limit)));
+        if let Some(dir) = &self.spill_dir {
+            builder = builder.with_disk_manager_builder(
+                DiskManagerBuilder::default()
+                    .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+            );
+        }
+        let runtime = builder.build_arc()?;
+        let config = SessionConfig::new()
+            .with_target_partitions(self.target_partitions)
+            .with_information_schema(true);
+        Ok(SessionContext::new_with_config_rt(config, runtime))
+    }
+
+    /// Run a future to completion from a blocking (non-runtime) thread.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+}
+
+/// Register a finished table's Parquet files under its id.
+pub async fn register(ctx: &SessionContext, table: &Table) -> Result<()> {
+    let paths: Vec<String> = table
+        .files
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let opts = ParquetReadOptions::default().schema(&table.schema);
+    let df = ctx.read_parquet(paths, opts).await?;
+    ctx.register_table(table.id.as_str(), df.into_view())?;
+    Ok(())
+}
+
+/// Parquet part files of a stage folder, in name order.
+pub fn list_parts(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut parts = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let p = entry.path();
+        if p.is_file() && p.extension().is_some_and(|e| e == "parquet") {
+            parts.push(p);
+        }
+    }
+    parts.sort();
+    Ok(parts)
+}
+
+/// Rename whatever Parquet files a writer produced into `part-00000.parquet`, ...; write an
+/// empty file with `schema` when there were none, so every table has at least one part.
+pub fn normalize_parts(dir: &Path, schema: &SchemaRef) -> Result<Vec<PathBuf>> {
+    let parts = list_parts(dir)?;
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let target = dir.join(format!("part-{i:05}.parquet"));
+        if *p != target {
+            std::fs::rename(p, &target).map_err(|e| Error::io(p, e))?;
+        }
+        out.push(target);
+    }
+    if out.is_empty() {
+        let target = dir.join("part-00000.parquet");
+        write_empty(&target, schema)?;
+        out.push(target);
+    }
+    Ok(out)
+}
+
+pub fn write_empty(path: &Path, schema: &SchemaRef) -> Result<()> {
+    let f = File::create(path).map_err(|e| Error::io(path, e))?;
+    let w = ArrowWriter::try_new(f, schema.clone(), None)?;
+    w.close()?;
+    Ok(())
+}
+
+/// Read the Arrow schema stored in a Parquet file.
+pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f)?;
+    Ok(b.schema().clone())
+}
+
+/// Row count from Parquet footers (no data read).
+pub fn count_rows(files: &[PathBuf]) -> Result<u64> {
+    let mut n = 0u64;
+    for p in files {
+        let f = File::open(p).map_err(|e| Error::io(p, e))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(f)?;
+        n += b.metadata().file_metadata().num_rows() as u64;
+    }
+    Ok(n)
+}
+
+/// An empty Polars frame with the given Arrow schema (through an in-memory Parquet file, so
+/// the type mapping is exactly the one used when reading real data).
+pub fn empty_polars_frame(schema: &SchemaRef) -> Result<DataFrame> {
+    let mut buf = Vec::new();
+    {
+        let w = ArrowWriter::try_new(&mut buf, schema.clone(), None)?;
+        w.close()?;
+    }
+    Ok(ParquetReader::new(Cursor::new(buf)).finish()?)
+}
+
+/// The Arrow schema Polars writes for a frame, read back from an in-memory Parquet file.
+pub fn polars_arrow_schema(df: &mut DataFrame) -> Result<SchemaRef> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf).finish(df)?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(buf))?;
+    Ok(b.schema().clone())
+}

@@ -1,0 +1,36 @@
+//! # ifloom
+//!
+//! A dataflow engine for building instruction-following training data. A YAML pipeline file
+//! names inputs and stages; ifloom validates the whole pipeline (schema, graph, columns)
+//! before doing any work, runs each stage as a lazy DataFusion SQL or Polars transform over
+//! Parquet, keeps every stage's table in a run directory, and lets you query any of them with
+//! SQL.
+//!
+//! ## Layout
+//!
+//! - [`yaml`]: a positioned YAML tree and a serde deserializer over it (every error at its
+//!   line:column, many errors per file).
+//! - [`spec`]: the pipeline file's types and parsing, `${params.x}` / `${ENV}` interpolation.
+//! - [`stages`]: the [`stages::Stage`] trait and one file per stage kind (`sql`, `transform`,
+//!   `dedup`, `output`); adding a kind is one file plus one line in [`stages::registry`].
+//! - [`compile`]: spec → plan: ids, references, cycles, inputs and each stage's output schema,
+//!   with all problems reported together.
+//! - [`input`]: reading Parquet / JSONL / JSON / CSV inputs and giving each row its `_id`.
+//! - [`engine`]: the DataFusion session (bounded memory) and the Parquet bridge to Polars.
+//! - [`store`]: the run directory: manifests, atomic stage commits, the run lock.
+//! - [`exec`]: running a plan, reusing stages whose fingerprint has not changed.
+//! - [`query`]: `ifloom sql` over a run's tables.
+//! - [`cli`]: the command-line verbs, one file each.
+//! - [`error`]: typed errors and diagnostics.
+
+pub mod cli;
+pub mod compile;
+pub mod engine;
+pub mod error;
+pub mod exec;
+pub mod input;
+pub mod query;
+pub mod spec;
+pub mod stages;
+pub mod store;
+pub mod yaml;

@@ -1,0 +1,685 @@
+//! The pipeline file: its serde types and the parse step that turns YAML text into a
+//! [`Pipeline`], collecting every error (syntax, unknown fields, wrong types, unknown params)
+//! instead of stopping at the first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Diagnostic, did_you_mean};
+use crate::stages::{self, BuildCtx, Stage};
+use crate::yaml::{self, Node, Pos, Value};
+
+/// Top-level keys of a pipeline file (also the order of the JSON Schema's properties).
+pub const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "params", "inputs", "stages"];
+
+/// Reserved row-identity column, added to every input row.
+pub const ID_COL: &str = "_id";
+
+/// File formats an input can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Parquet,
+    Jsonl,
+    Json,
+    Csv,
+}
+
+impl Format {
+    pub fn from_path(path: &str) -> Option<Format> {
+        let lower = path.to_lowercase();
+        let ext = lower.rsplit('.').next()?;
+        Some(match ext {
+            "parquet" | "pq" => Format::Parquet,
+            "jsonl" | "ndjson" => Format::Jsonl,
+            "json" => Format::Json,
+            "csv" => Format::Csv,
+            _ => return None,
+        })
+    }
+}
+
+/// A seeded random sample of an input: either `n` rows or a `fraction` of them. The choice
+/// depends only on each row's `_id` and the seed, never on file order or threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SampleSpec {
+    /// Number of rows to keep.
+    #[serde(default)]
+    pub n: Option<u64>,
+    /// Share of rows to keep, between 0 and 1.
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    /// Seed of the selection.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A named source of rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// File path or glob, relative to the pipeline file.
+    pub path: String,
+    /// File format; taken from the file extension when omitted.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Keep only the first `limit` rows (after reading all matched files in name order).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Keep a seeded random sample of the rows.
+    #[serde(default)]
+    pub sample: Option<SampleSpec>,
+}
+
+#[derive(Debug)]
+pub struct InputDef {
+    pub id: String,
+    pub pos: Pos,
+    pub node: Node,
+    pub spec: InputSpec,
+}
+
+/// One stage as written: its common fields, its node (for positions) and its kind's object.
+#[derive(Debug)]
+pub struct StageDef {
+    pub id: String,
+    pub pos: Pos,
+    pub kind: String,
+    pub from: Vec<(String, Pos)>,
+    pub description: Option<String>,
+    pub node: Node,
+    pub stage: Box<dyn Stage>,
+}
+
+impl StageDef {
+    /// Every table this stage reads: `from` plus any the kind names elsewhere (joins).
+    pub fn deps(&self) -> Vec<(String, Pos)> {
+        let mut d = self.from.clone();
+        for (name, path) in self.stage.extra_deps() {
+            let pos = self.node.pos_at(&path.iter().map(String::as_str).collect::<Vec<_>>());
+            if !d.iter().any(|(n, _)| *n == name) {
+                d.push((name, pos));
+            }
+        }
+        d
+    }
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The pipeline file as given on the command line.
+    pub file: PathBuf,
+    /// Folder of the pipeline file: relative paths start here.
+    pub dir: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    /// Parameter values after `--set` overrides (literal, before environment interpolation).
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub inputs: Vec<InputDef>,
+    pub stages: Vec<StageDef>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, id: &str) -> Option<&StageDef> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+
+    pub fn input(&self, id: &str) -> Option<&InputDef> {
+        self.inputs.iter().find(|s| s.id == id)
+    }
+
+    /// Ids of every input and stage, in file order.
+    pub fn all_ids(&self) -> Vec<&str> {
+        self.inputs
+            .iter()
+            .map(|i| i.id.as_str())
+            .chain(self.stages.iter().map(|s| s.id.as_str()))
+            .collect()
+    }
+}
+
+/// Read and parse a pipeline file. `overrides` are `--set key=value` pairs. `env` looks up
+/// environment variables (a closure so tests need not touch the process environment).
+pub fn load(
+    file: &Path,
+    overrides: &[(String, String)],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Pipeline, Vec<Diagnostic>> {
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let start = Pos { line: 1, col: 1 };
+    let bytes = std::fs::read(file).map_err(|e| {
+        vec![
+            at(start, format!("cannot read pipeline file: {e}"))
+                .hint("check the path; pipelines usually live in pipelines/"),
+        ]
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let prefix = &e.as_bytes()[..valid];
+        let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
+        let col = valid - prefix.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+        vec![
+            at(Pos { line, col }, "pipeline file is not valid UTF-8".into())
+                .hint("save the file as UTF-8"),
+        ]
+    })?;
+    let mut root = yaml::parse(&text).map_err(|e| {
+        vec![at(e.pos, format!("YAML syntax error: {}", e.message)).hint("fix the YAML syntax")]
+    })?;
+    let mut errs = Vec::new();
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+
+    let Value::Map(entries) = &root.value else {
+        return Err(vec![
+            at(root.pos, format!("a pipeline file must be a mapping, found {}", root.type_name()))
+                .hint("start with `name:`, `inputs:` and `stages:`"),
+        ]);
+    };
+    for (k, _) in entries {
+        let key = k.scalar_text();
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            errs.push(
+                at(k.pos, format!("unknown field `{key}`"))
+                    .maybe_hint(did_you_mean(&key, TOP_LEVEL_KEYS.iter().copied()))
+                    .hint_or(format!("expected one of {}", TOP_LEVEL_KEYS.join(", "))),
+            );
+        }
+    }
+
+    // Params first: they are interpolated into everything else.
+    let mut params: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut param_nodes: BTreeMap<String, Node> = BTreeMap::new();
+    if let Some(p) = root.get("params") {
+        match &p.value {
+            Value::Map(m) => {
+                for (k, v) in m {
+                    param_nodes.insert(k.scalar_text(), v.clone());
+                }
+            }
+            Value::Null => {}
+            _ => errs.push(at(
+                p.pos,
+                format!("params: invalid type: {}, expected a mapping of names to values", p.type_name()),
+            )),
+        }
+    }
+    for (k, v) in overrides {
+        if !param_nodes.contains_key(k) {
+            let known: Vec<&str> = param_nodes.keys().map(String::as_str).collect();
+            errs.push(
+                at(start, format!("--set {k}={v}: the pipeline has no param `{k}`"))
+                    .maybe_hint(did_you_mean(k, known.iter().copied()))
+                    .hint_or(format!(
+                        "declared params: {}",
+                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                    )),
+            );
+            continue;
+        }
+        let pos = param_nodes[k].pos;
+        let mut n = Node::new(yaml::resolve_plain(v), pos);
+        n.raw = Some(v.clone());
+        param_nodes.insert(k.clone(), n);
+    }
+    // Params may themselves read the environment, but not other params.
+    let empty = BTreeMap::new();
+    for (k, node) in param_nodes.iter_mut() {
+        interpolate(node, &empty, env, file, &mut errs);
+        params.insert(k.clone(), node.to_json());
+    }
+    // Record params literally as written or set, never their environment-expanded values.
+    let mut literal_params = BTreeMap::new();
+    if let Some(Value::Map(m)) = root.get("params").map(|p| &p.value) {
+        for (k, v) in m {
+            literal_params.insert(k.scalar_text(), v.to_json());
+        }
+    }
+    for (k, v) in overrides {
+        if literal_params.contains_key(k) {
+            literal_params.insert(k.clone(), yaml::Node::new(yaml::resolve_plain(v), start).to_json());
+        }
+    }
+
+    for key in ["inputs", "stages"] {
+        if let Value::Map(m) = &mut root.value
+            && let Some((_, v)) = m.iter_mut().find(|(k, _)| k.as_str() == Some(key))
+        {
+            interpolate(v, &params, env, file, &mut errs);
+        }
+    }
+
+    let name = match root.get("name") {
+        Some(n) => match n.as_str() {
+            Some(s) if valid_name(s) => s.to_string(),
+            Some(s) => {
+                errs.push(
+                    at(n.pos, format!("name `{s}` is not a valid pipeline name"))
+                        .hint("use letters, digits, '_' and '-' (it names the run directory)"),
+                );
+                s.to_string()
+            }
+            None => {
+                errs.push(at(n.pos, format!("name: invalid type: {}, expected a string", n.type_name())));
+                String::new()
+            }
+        },
+        None => {
+            errs.push(at(root.pos, "missing field `name`".into()).hint("add `name: my_pipeline` at the top"));
+            String::new()
+        }
+    };
+    let description = root.get("description").and_then(|d| d.as_str().map(str::to_string));
+
+    let mut inputs = Vec::new();
+    if let Some(node) = root.get("inputs") {
+        match &node.value {
+            Value::Map(m) => {
+                for (k, v) in m {
+                    let id = k.scalar_text();
+                    if !valid_name(&id) {
+                        errs.push(
+                            at(k.pos, format!("input id `{id}` is not a valid name"))
+                                .hint("use letters, digits and '_' (it becomes a SQL table name)"),
+                        );
+                    }
+                    // `name: path` is short for `name: {path: path}`.
+                    let spec = if let Value::Str(s) = &v.value {
+                        Ok(InputSpec {
+                            path: s.clone(),
+                            format: None,
+                            limit: None,
+                            sample: None,
+                        })
+                    } else {
+                        v.deserialize::<InputSpec>(&format!("inputs.{id}"))
+                    };
+                    match spec {
+                        Ok(spec) => inputs.push(InputDef {
+                            id,
+                            pos: k.pos,
+                            node: v.clone(),
+                            spec,
+                        }),
+                        Err(e) => errs.push(
+                            at(e.pos.unwrap_or(v.pos), e.to_string())
+                                .hint("an input takes path, format, limit and sample"),
+                        ),
+                    }
+                }
+            }
+            _ => errs.push(at(
+                node.pos,
+                format!("inputs: invalid type: {}, expected a mapping of input ids to files", node.type_name()),
+            )),
+        }
+    }
+
+    let mut stages_out = Vec::new();
+    let build = BuildCtx {
+        file: file.to_path_buf(),
+        dir: dir.clone(),
+    };
+    match root.get("stages") {
+        Some(node) => match &node.value {
+            Value::Seq(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    match parse_stage(i, item, &build) {
+                        Ok(s) => stages_out.push(s),
+                        Err(mut e) => errs.append(&mut e),
+                    }
+                }
+            }
+            _ => errs.push(
+                at(node.pos, format!("stages: invalid type: {}, expected a list", node.type_name()))
+                    .hint("write each stage as a list item starting with `- id:`"),
+            ),
+        },
+        None => errs.push(at(root.pos, "missing field `stages`".into()).hint("add a `stages:` list")),
+    }
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Pipeline {
+        file: file.to_path_buf(),
+        dir,
+        name,
+        description,
+        params: literal_params,
+        inputs,
+        stages: stages_out,
+    })
+}
+
+trait HintOr {
+    fn hint_or(self, h: String) -> Self;
+}
+
+impl HintOr for Diagnostic {
+    fn hint_or(self, h: String) -> Self {
+        if self.hint.is_some() { self } else { self.hint(h) }
+    }
+}
+
+/// Names of inputs, stages and pipelines become SQL table and folder names.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !s.starts_with('-')
+        && !s.contains("__")
+}
+
+const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "from", "description"];
+
+fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, Vec<Diagnostic>> {
+    let file = &build.file;
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let Value::Map(entries) = &node.value else {
+        return Err(vec![at(
+            node.pos,
+            format!("stages[{index}]: invalid type: {}, expected a mapping", node.type_name()),
+        )]);
+    };
+    let mut errs = Vec::new();
+    let id = match node.get("id") {
+        Some(n) => match n.as_str() {
+            Some(s) => s.to_string(),
+            None => {
+                errs.push(at(n.pos, format!("stages[{index}].id: expected a string, found {}", n.type_name())));
+                format!("stages[{index}]")
+            }
+        },
+        None => {
+            errs.push(at(node.pos, format!("stages[{index}]: missing field `id`")).hint("give every stage a unique `id:`"));
+            format!("stages[{index}]")
+        }
+    };
+    if node.get("id").is_some() && !valid_name(&id) {
+        errs.push(
+            at(node.pos_at(&["id"]), format!("stage id `{id}` is not a valid name"))
+                .stage(&id)
+                .hint("use letters, digits, '_' and '-', without '__' (it becomes a SQL table name)"),
+        );
+    }
+    let kinds: Vec<&str> = stages::registry().iter().map(|k| k.name).collect();
+    let kind = match node.get("kind") {
+        Some(n) => match n.as_str() {
+            Some(k) if kinds.contains(&k) => Some(k.to_string()),
+            Some(k) => {
+                errs.push(
+                    at(n.pos, format!("unknown stage kind `{k}`"))
+                        .stage(&id)
+                        .maybe_hint(did_you_mean(k, kinds.iter().copied()))
+                        .hint_or(format!("kinds: {}", kinds.join(", "))),
+                );
+                None
+            }
+            None => {
+                errs.push(at(n.pos, format!("kind: expected a string, found {}", n.type_name())).stage(&id));
+                None
+            }
+        },
+        None => {
+            errs.push(
+                at(node.pos, "missing field `kind`".into())
+                    .stage(&id)
+                    .hint(format!("kinds: {}", kinds.join(", "))),
+            );
+            None
+        }
+    };
+    let mut from = Vec::new();
+    match node.get("from") {
+        None => {}
+        Some(n) => match &n.value {
+            Value::Str(s) => from.push((s.clone(), n.pos)),
+            Value::Seq(items) => {
+                for it in items {
+                    match it.as_str() {
+                        Some(s) => from.push((s.to_string(), it.pos)),
+                        None => errs.push(
+                            at(it.pos, format!("from: expected a table id, found {}", it.type_name())).stage(&id),
+                        ),
+                    }
+                }
+            }
+            _ => errs.push(
+                at(n.pos, format!("from: expected a table id or a list of them, found {}", n.type_name()))
+                    .stage(&id),
+            ),
+        },
+    }
+    let description = node.get("description").and_then(|d| d.as_str().map(str::to_string));
+
+    let Some(kind) = kind else {
+        return Err(errs);
+    };
+    let entry = stages::registry()
+        .iter()
+        .find(|k| k.name == kind)
+        .expect("kind checked above");
+    let rest: Vec<(Node, Node)> = entries
+        .iter()
+        .filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.scalar_text().as_str()))
+        .cloned()
+        .collect();
+    let rest = Node::new(Value::Map(rest), node.pos);
+    match (entry.build)(&rest, build) {
+        Ok(stage) => {
+            if !errs.is_empty() {
+                return Err(errs);
+            }
+            Ok(StageDef {
+                pos: node.pos,
+                id,
+                kind,
+                from,
+                description,
+                node: node.clone(),
+                stage,
+            })
+        }
+        Err(e) => {
+            errs.extend(e.into_iter().map(|d| {
+                let mut d = d.stage(&id);
+                if let Some(rest) = d.message.strip_prefix("unknown field ") {
+                    // serde lists only the kind's own fields; name the common ones too.
+                    d.message = format!("unknown field {rest}");
+                    if d.hint.is_none() {
+                        d.hint = Some(format!("stage kind `{kind}` takes: {}", entry.fields().join(", ")));
+                    }
+                }
+                d
+            }));
+            Err(errs)
+        }
+    }
+}
+
+/// Replace `${params.x}`, `${VAR}` and `${VAR:-default}` in every string scalar under `node`.
+/// A scalar that is exactly one `${...}` takes the value's type (an integer param stays an
+/// integer). `$${` writes a literal `${`.
+fn interpolate(
+    node: &mut Node,
+    params: &BTreeMap<String, serde_json::Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &Path,
+    errs: &mut Vec<Diagnostic>,
+) {
+    match &mut node.value {
+        Value::Seq(items) => {
+            for it in items {
+                interpolate(it, params, env, file, errs);
+            }
+        }
+        Value::Map(m) => {
+            for (_, v) in m.iter_mut() {
+                interpolate(v, params, env, file, errs);
+            }
+        }
+        Value::Str(s) if s.contains("${") => {
+            let s = s.clone();
+            let pos = node.pos;
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            let mut whole: Option<serde_json::Value> = None;
+            let is_whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            while let Some(i) = rest.find("${") {
+                if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+                    out.push_str(&rest[..i - 1]);
+                    out.push_str("${");
+                    rest = &rest[i + 2..];
+                    continue;
+                }
+                out.push_str(&rest[..i]);
+                let Some(end) = rest[i..].find('}') else {
+                    errs.push(
+                        Diagnostic::new(file, pos, format!("unterminated `${{` in `{s}`"))
+                            .hint("close it with `}`, or write `$${` for a literal `${`"),
+                    );
+                    return;
+                };
+                let expr = &rest[i + 2..i + end];
+                rest = &rest[i + end + 1..];
+                let value = if let Some(p) = expr.strip_prefix("params.") {
+                    match params.get(p) {
+                        Some(v) => v.clone(),
+                        None => {
+                            let known: Vec<&str> = params.keys().map(String::as_str).collect();
+                            errs.push(
+                                Diagnostic::new(file, pos, format!("unknown param `{p}` in `{s}`"))
+                                    .maybe_hint(did_you_mean(p, known.iter().copied()))
+                                    .hint_or(format!(
+                                        "declare it under `params:`; declared: {}",
+                                        if known.is_empty() { "(none)".into() } else { known.join(", ") }
+                                    )),
+                            );
+                            serde_json::Value::Null
+                        }
+                    }
+                } else {
+                    let (var, default) = match expr.split_once(":-") {
+                        Some((v, d)) => (v, Some(d)),
+                        None => (expr, None),
+                    };
+                    match env(var).or(default.map(str::to_string)) {
+                        Some(v) => serde_json::Value::String(v),
+                        None => {
+                            errs.push(
+                                Diagnostic::new(file, pos, format!("environment variable `{var}` is not set"))
+                                    .hint(format!("set it, or give a default: ${{{var}:-value}}")),
+                            );
+                            serde_json::Value::Null
+                        }
+                    }
+                };
+                if is_whole {
+                    whole = Some(value.clone());
+                }
+                match value {
+                    serde_json::Value::String(v) => out.push_str(&v),
+                    other => out.push_str(&other.to_string()),
+                }
+            }
+            out.push_str(rest);
+            let raw = out.clone();
+            node.value = match whole {
+                Some(serde_json::Value::Bool(b)) => Value::Bool(b),
+                Some(serde_json::Value::Number(n)) if n.is_i64() => Value::Int(n.as_i64().unwrap_or(0)),
+                Some(serde_json::Value::Number(n)) => Value::Float(n.as_f64().unwrap_or(0.0)),
+                Some(serde_json::Value::Null) => Value::Null,
+                _ => Value::Str(out),
+            };
+            node.raw = Some(raw);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(s: &str) -> Node {
+        yaml::parse(s).unwrap()
+    }
+
+    #[test]
+    fn interpolation_keeps_types_and_reads_env() {
+        let mut n = node("a: ${params.n}\nb: x-${params.n}\nc: ${HOME_X:-dflt}\nd: $${lit}\n");
+        let mut params = BTreeMap::new();
+        params.insert("n".to_string(), serde_json::json!(5));
+        let mut errs = vec![];
+        interpolate(&mut n, &params, &|_| None, Path::new("p.yaml"), &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(n.get("a").unwrap().value, Value::Int(5));
+        assert_eq!(n.get("b").unwrap().value, Value::Str("x-5".into()));
+        assert_eq!(n.get("c").unwrap().value, Value::Str("dflt".into()));
+        assert_eq!(n.get("d").unwrap().value, Value::Str("${lit}".into()));
+    }
+
+    #[test]
+    fn unknown_param_is_reported_at_its_scalar() {
+        let mut n = node("x: 1\nq: ${params.nn}\n");
+        let mut params = BTreeMap::new();
+        params.insert("n".to_string(), serde_json::json!(5));
+        let mut errs = vec![];
+        interpolate(&mut n, &params, &|_| None, Path::new("p.yaml"), &mut errs);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].pos, Pos { line: 2, col: 4 });
+    }
+}
+
+/// JSON Schema of pipeline files, generated from the Rust types (for editors).
+pub fn json_schema() -> serde_json::Value {
+    use serde_json::json;
+    let mut g = schemars::SchemaGenerator::default();
+    let input = g.subschema_for::<InputSpec>().to_value();
+    let mut kinds = Vec::new();
+    for k in stages::registry() {
+        let mut v = (k.schema)(&mut g).to_value();
+        if let Some(obj) = v.as_object_mut() {
+            let props = obj.entry("properties").or_insert_with(|| json!({}));
+            if let Some(p) = props.as_object_mut() {
+                p.insert("id".into(), json!({"type": "string", "description": "Unique id; the stage's table name in SQL."}));
+                p.insert("kind".into(), json!({"const": k.name, "description": k.about}));
+                p.insert("from".into(), json!({"description": "Input or stage id(s) this stage reads.", "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}));
+                p.insert("description".into(), json!({"type": "string"}));
+            }
+            let req = obj.entry("required").or_insert_with(|| json!([]));
+            if let Some(r) = req.as_array_mut() {
+                r.extend([json!("id"), json!("kind"), json!("from")]);
+            }
+            obj.remove("$schema");
+            obj.remove("title");
+        }
+        kinds.push(v);
+    }
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ifloom pipeline",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["name", "stages"],
+        "properties": {
+            "name": {"type": "string", "description": "Pipeline name; names the run directory."},
+            "description": {"type": "string"},
+            "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
+            "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
+            "stages": {"type": "array", "items": {"oneOf": kinds}},
+        },
+        "$defs": g.definitions(),
+    })
+}

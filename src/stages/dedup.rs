@@ -1,0 +1,301 @@
+//! `kind: dedup` — exact deduplication on a normalized-text hash over chosen columns.
+//!
+//! The kept row of each duplicate group is the one whose `_id` comes first in the inputs
+//! (lowest input position), never whichever partition a thread read first, so reruns keep the
+//! same rows. Removed rows go to the side table `<id>__removed` with `_duplicate_of`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, Table, has_col, unknown_column};
+use crate::error::{Diagnostic, Error, Result};
+use crate::spec::ID_COL;
+
+pub const KIND: KindEntry = KindEntry {
+    name: "dedup",
+    about: "exact deduplication on normalized text; removed rows in <id>__removed",
+    build: super::build::<DedupStage>,
+    schema: |g| DedupStage::json_schema(g),
+};
+
+/// Column of the side table naming the kept row a removed row duplicates.
+pub const DUP_OF: &str = "_duplicate_of";
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DedupStage {
+    /// Columns whose (normalized) values together define a duplicate.
+    pub columns: Vec<String>,
+    #[serde(default)]
+    pub lowercase: bool,
+    /// Trim, and turn every run of whitespace into one space.
+    #[serde(default)]
+    pub collapse_whitespace: bool,
+    /// Remove Unicode punctuation (general category P).
+    #[serde(default)]
+    pub strip_punctuation: bool,
+}
+
+static PUNCT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{P}+").expect("static regex"));
+
+impl DedupStage {
+    pub fn normalize(&self, s: &str) -> String {
+        let mut t = if self.lowercase { s.to_lowercase() } else { s.to_string() };
+        if self.strip_punctuation {
+            t = PUNCT.replace_all(&t, "").into_owned();
+        }
+        if self.collapse_whitespace {
+            t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+        t
+    }
+
+    /// 128-bit hash of the normalized key of every row of a batch.
+    fn keys(&self, batch: &RecordBatch) -> Result<Vec<u128>> {
+        let cols: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|c| {
+                let a = batch
+                    .column_by_name(c)
+                    .ok_or_else(|| Error::Internal(format!("column {c} vanished")))?;
+                Ok(cast(a, &DataType::Utf8)?)
+            })
+            .collect::<Result<_>>()?;
+        let strs: Vec<&StringArray> = cols
+            .iter()
+            .map(|a| a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8"))
+            .collect();
+        Ok((0..batch.num_rows())
+            .into_par_iter()
+            .map(|row| {
+                let mut key = Vec::new();
+                for a in &strs {
+                    if a.is_null(row) {
+                        key.push(0u8);
+                    } else {
+                        key.push(1u8);
+                        key.extend_from_slice(self.normalize(a.value(row)).as_bytes());
+                    }
+                    key.push(0x1f);
+                }
+                xxhash_rust::xxh3::xxh3_128(&key)
+            })
+            .collect())
+    }
+}
+
+pub fn read_batches(files: &[std::path::PathBuf]) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
+    files.iter().flat_map(|p| {
+        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> = match File::open(p)
+            .map_err(|e| Error::io(p, e))
+            .and_then(|f| Ok(ParquetRecordBatchReaderBuilder::try_new(f)?.with_batch_size(65536).build()?))
+        {
+            Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        it
+    })
+}
+
+pub fn string_col(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+    let a = batch
+        .column_by_name(name)
+        .ok_or_else(|| Error::Internal(format!("no column {name}")))?;
+    let a = cast(a, &DataType::Utf8)?;
+    Ok(a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8").clone())
+}
+
+/// Position of each wanted `_id` in the inputs (declaration order, then row order).
+pub fn input_ordinals(inputs: &[Table], wanted: &HashSet<String>) -> Result<HashMap<String, u64>> {
+    let mut out = HashMap::new();
+    let mut ord = 0u64;
+    for t in inputs {
+        for b in read_batches(&t.files) {
+            let b = b?;
+            let ids = string_col(&b, ID_COL)?;
+            for i in 0..ids.len() {
+                if wanted.contains(ids.value(i)) {
+                    out.entry(ids.value(i).to_string()).or_insert(ord);
+                }
+                ord += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
+    let f = File::create(path).map_err(|e| Error::io(path, e))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .build();
+    Ok(ArrowWriter::try_new(f, schema, Some(props))?)
+}
+
+impl Stage for DedupStage {
+    fn needs_id(&self) -> bool {
+        true
+    }
+
+    fn side_tables(&self) -> &'static [&'static str] {
+        &["removed"]
+    }
+
+    fn fingerprint(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
+        let schema = ctx.parent();
+        let mut errs = Vec::new();
+        if self.columns.is_empty() {
+            errs.push(ctx.err(&["columns"], "dedup needs at least one column").hint("e.g. `columns: [prompt]`"));
+        }
+        for (i, c) in self.columns.iter().enumerate() {
+            if !has_col(schema, c) {
+                errs.push(unknown_column(ctx, &["columns", &i.to_string()], c, schema));
+            }
+        }
+        if errs.is_empty() { Ok(schema.clone()) } else { Err(errs) }
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
+        let files = &ctx.parent().files;
+        // Pass 1: key of every row, in file order.
+        let mut keys: Vec<u128> = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
+        for b in read_batches(files) {
+            let b = b?;
+            keys.extend(self.keys(&b)?);
+            let id = string_col(&b, ID_COL)?;
+            ids.extend((0..id.len()).map(|i| id.value(i).to_string()));
+        }
+        let n = keys.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.par_sort_unstable_by_key(|&i| (keys[i as usize], i));
+
+        // Groups of equal keys; only rows in groups need ranking by input position.
+        let mut groups: Vec<&[u32]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=n {
+            if i == n || keys[order[i] as usize] != keys[order[start] as usize] {
+                if i - start > 1 {
+                    groups.push(&order[start..i]);
+                }
+                start = i;
+            }
+        }
+        let wanted: HashSet<String> = groups
+            .iter()
+            .flat_map(|g| g.iter().map(|&r| ids[r as usize].clone()))
+            .collect();
+        let ords = input_ordinals(&ctx.inputs, &wanted)?;
+        let mut dup_of: Vec<Option<u32>> = vec![None; n];
+        for g in &groups {
+            let rank = |r: u32| {
+                let id = &ids[r as usize];
+                (ords.get(id).copied().unwrap_or(u64::MAX), id.clone(), r)
+            };
+            let keep = g.iter().copied().min_by_key(|&r| rank(r)).expect("non-empty group");
+            for &r in g.iter() {
+                if r != keep {
+                    dup_of[r as usize] = Some(keep);
+                }
+            }
+        }
+
+        // Pass 2: split rows into kept and removed, keeping file order.
+        let side_dir = ctx.side_dir("removed");
+        std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
+        let with_dup_of = |s: &Schema| {
+            let mut fields: Vec<Arc<Field>> = s.fields().iter().cloned().collect();
+            fields.push(Arc::new(Field::new(DUP_OF, DataType::Utf8, false)));
+            Arc::new(Schema::new(fields))
+        };
+        let mut kept_w: Option<ArrowWriter<File>> = None;
+        let mut side_w: Option<ArrowWriter<File>> = None;
+        let mut row = 0usize;
+        let mut removed = 0i64;
+        for b in read_batches(files) {
+            let b = b?;
+            let len = b.num_rows();
+            let slice = &dup_of[row..row + len];
+            row += len;
+            let keep_mask: BooleanArray = slice.iter().map(|d| Some(d.is_none())).collect();
+            let kept = filter_record_batch(&b, &keep_mask)?;
+            let w = match &mut kept_w {
+                Some(w) => w,
+                None => kept_w.insert(writer(&ctx.out.join("part-00000.parquet"), b.schema())?),
+            };
+            w.write(&kept)?;
+            let drop_mask: BooleanArray = slice.iter().map(|d| Some(d.is_some())).collect();
+            let gone = filter_record_batch(&b, &drop_mask)?;
+            if gone.num_rows() == 0 {
+                continue;
+            }
+            let of: StringArray = slice
+                .iter()
+                .filter_map(|d| d.map(|k| Some(ids[k as usize].as_str())))
+                .collect();
+            let mut cols = gone.columns().to_vec();
+            cols.push(Arc::new(of));
+            let sb = RecordBatch::try_new(with_dup_of(&gone.schema()), cols)?;
+            removed += sb.num_rows() as i64;
+            let w = match &mut side_w {
+                Some(w) => w,
+                None => side_w.insert(writer(&side_dir.join("part-00000.parquet"), sb.schema())?),
+            };
+            w.write(&sb)?;
+        }
+        if let Some(w) = kept_w {
+            w.close()?;
+        }
+        match side_w {
+            Some(w) => {
+                w.close()?;
+            }
+            None => crate::engine::write_empty(&side_dir.join("part-00000.parquet"), &with_dup_of(&ctx.schema))?,
+        }
+        let mut out = RunOutput::default();
+        out.counters.insert("removed".into(), removed);
+        out.counters.insert("kept".into(), (n as i64) - removed);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_options_compose() {
+        let d = DedupStage {
+            columns: vec![],
+            lowercase: true,
+            collapse_whitespace: true,
+            strip_punctuation: true,
+        };
+        assert_eq!(d.normalize("  How do I  reverse a List? "), "how do i reverse a list");
+        assert_eq!(d.normalize("¿Qué tal?"), "qué tal");
+        let exact = DedupStage {
+            columns: vec![],
+            lowercase: false,
+            collapse_whitespace: false,
+            strip_punctuation: false,
+        };
+        assert_eq!(exact.normalize(" A  b "), " A  b ");
+    }
+}

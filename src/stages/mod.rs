@@ -1,0 +1,224 @@
+//! Stage kinds. Every kind implements [`Stage`]: *plan* (given the parents' Arrow schemas,
+//! return this stage's output schema or every problem found, with no I/O beyond schema reads)
+//! and *run* (given the parents' Parquet files, write this stage's table).
+//!
+//! Adding a kind is one new file plus one line in [`registry`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use serde::de::DeserializeOwned;
+
+use crate::engine::Engine;
+use crate::error::{Diagnostic, Result};
+use crate::spec::StageDef;
+use crate::yaml::Node;
+
+pub mod dedup;
+pub mod output;
+pub mod sql;
+pub mod transform;
+
+/// The registry of stage kinds.
+pub fn registry() -> &'static [KindEntry] {
+    static KINDS: &[KindEntry] = &[
+        sql::KIND,
+        transform::KIND,
+        dedup::KIND,
+        output::KIND,
+    ];
+    KINDS
+}
+
+/// What the pipeline parser knows about a kind.
+pub struct KindEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Deserialize the stage's own fields (everything but id, kind, from, description).
+    pub build: fn(&Node, &BuildCtx) -> Result<Box<dyn Stage>, Vec<Diagnostic>>,
+    /// JSON Schema of the kind's own fields.
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+}
+
+impl KindEntry {
+    /// Field names the kind accepts, for "unknown field" hints.
+    pub fn fields(&self) -> Vec<String> {
+        let mut g = schemars::SchemaGenerator::default();
+        let schema = (self.schema)(&mut g);
+        let mut out: Vec<String> = ["id", "kind", "from", "description"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+            out.extend(props.keys().cloned());
+        }
+        out
+    }
+}
+
+/// Context for building a stage object from its YAML.
+#[derive(Debug, Clone)]
+pub struct BuildCtx {
+    pub file: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// Deserialize a kind's config from its node and let it check itself.
+pub fn build<T: DeserializeOwned + Stage + 'static>(
+    node: &Node,
+    ctx: &BuildCtx,
+) -> Result<Box<dyn Stage>, Vec<Diagnostic>> {
+    let mut t: T = node.deserialize("").map_err(|e| {
+        vec![Diagnostic::new(
+            &ctx.file,
+            e.pos.unwrap_or(node.pos),
+            e.to_string(),
+        )]
+    })?;
+    t.prepare(node, ctx)?;
+    Ok(Box::new(t))
+}
+
+/// How many `from` tables a kind takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arity {
+    One,
+    AtLeastOne,
+}
+
+pub trait Stage: std::fmt::Debug + Send + Sync {
+    /// Bump when the kind's output for the same config changes, so stored tables are redone.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn arity(&self) -> Arity {
+        Arity::One
+    }
+
+    /// Does the stage need the `_id` row-identity column in its input?
+    fn needs_id(&self) -> bool {
+        false
+    }
+
+    /// Post-deserialization checks and loading of referenced files (SQL, templates).
+    fn prepare(&mut self, _node: &Node, _ctx: &BuildCtx) -> Result<(), Vec<Diagnostic>> {
+        Ok(())
+    }
+
+    /// Tables read besides `from`, each with the YAML path of where it is named.
+    fn extra_deps(&self) -> Vec<(String, Vec<String>)> {
+        Vec::new()
+    }
+
+    /// Side tables written next to the main one, registered for SQL as `<id>__<name>`.
+    fn side_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The semantic configuration: what the fingerprint covers. Operational settings
+    /// (concurrency, endpoints, timeouts) must not be in it.
+    fn fingerprint(&self) -> serde_json::Value;
+
+    /// Files the stage writes outside its table (an output's datasets): the stage is redone
+    /// when one of them has gone missing.
+    fn external_outputs(&self, _run_dir: &Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
+
+    fn run(&self, ctx: &RunCtx) -> Result<RunOutput>;
+}
+
+/// What `plan` sees.
+pub struct PlanCtx<'a> {
+    pub def: &'a StageDef,
+    pub file: &'a Path,
+    /// Schemas of every dependency (`from` first, in order, then extra deps).
+    pub parents: Vec<(String, SchemaRef)>,
+    pub engine: &'a Engine,
+}
+
+impl PlanCtx<'_> {
+    /// A diagnostic at the YAML path inside this stage.
+    pub fn err(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
+        Diagnostic::new(self.file, self.def.node.pos_at(path), message).stage(&self.def.id)
+    }
+
+    pub fn parent(&self) -> &SchemaRef {
+        &self.parents[0].1
+    }
+
+    pub fn schema_of(&self, id: &str) -> Option<&SchemaRef> {
+        self.parents.iter().find(|(n, _)| n == id).map(|(_, s)| s)
+    }
+}
+
+/// One finished table: its Parquet files and schema.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub id: String,
+    pub files: Vec<PathBuf>,
+    pub schema: SchemaRef,
+}
+
+/// What `run` sees.
+pub struct RunCtx<'a> {
+    pub id: &'a str,
+    /// Dependencies in the same order as `PlanCtx::parents`.
+    pub parents: Vec<Table>,
+    /// The schema `plan` returned.
+    pub schema: SchemaRef,
+    /// The stage's temporary folder: write `part-*.parquet` here, side tables in `<name>/`.
+    pub out: &'a Path,
+    pub engine: &'a Engine,
+    /// Finished input tables, in declaration order (dedup ranks rows by their position).
+    pub inputs: Vec<Table>,
+    pub run_dir: &'a Path,
+}
+
+impl RunCtx<'_> {
+    pub fn parent(&self) -> &Table {
+        &self.parents[0]
+    }
+
+    pub fn side_dir(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+}
+
+/// Counters a stage reports (rows removed, hits, ...), stored in its manifest.
+#[derive(Debug, Default, Clone)]
+pub struct RunOutput {
+    pub counters: BTreeMap<String, i64>,
+}
+
+/// Schema helper: does the schema have this column?
+pub fn has_col(schema: &SchemaRef, name: &str) -> bool {
+    schema.field_with_name(name).is_ok()
+}
+
+/// A diagnostic for a missing column, with "did you mean".
+pub fn unknown_column(ctx: &PlanCtx, path: &[&str], col: &str, schema: &SchemaRef) -> Diagnostic {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    ctx.err(path, format!("unknown column `{col}`"))
+        .maybe_hint(crate::error::did_you_mean(col, names.iter().copied()))
+        .hint_if_none(format!("available columns: {}", names.join(", ")))
+}
+
+pub trait HintIfNone {
+    fn hint_if_none(self, h: String) -> Self;
+}
+
+impl HintIfNone for Diagnostic {
+    fn hint_if_none(self, h: String) -> Self {
+        if self.hint.is_some() { self } else { self.hint(h) }
+    }
+}
+
+pub fn arc_schema(s: arrow::datatypes::Schema) -> SchemaRef {
+    Arc::new(s)
+}
