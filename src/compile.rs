@@ -37,7 +37,11 @@ impl Plan {
         let mut out = BTreeSet::new();
         out.insert(id.to_string());
         for n in &self.order {
-            if self.deps.get(n).is_some_and(|d| d.iter().any(|p| out.contains(p))) {
+            if self
+                .deps
+                .get(n)
+                .is_some_and(|d| d.iter().any(|p| out.contains(p)))
+            {
                 out.insert(n.clone());
             }
         }
@@ -63,9 +67,15 @@ pub fn compile(
     for s in &pipeline.stages {
         if let Some(first) = seen.get(&s.id) {
             errs.push(
-                d(s.node.pos_at(&["id"]), format!("duplicate id `{}` (first defined at line {})", s.id, first.line))
-                    .stage(&s.id)
-                    .hint("every input and stage needs its own id"),
+                d(
+                    s.node.pos_at(&["id"]),
+                    format!(
+                        "duplicate id `{}` (first defined at line {})",
+                        s.id, first.line
+                    ),
+                )
+                .stage(&s.id)
+                .hint("every input and stage needs its own id"),
             );
         } else {
             seen.insert(s.id.clone(), s.node.pos_at(&["id"]));
@@ -87,22 +97,36 @@ pub fn compile(
         }
         if s.stage.arity() == Arity::One && s.from.len() > 1 {
             errs.push(
-                d(s.from[1].1, format!("a {} stage reads one table, but `from` names {}", s.kind, s.from.len()))
-                    .stage(&s.id)
-                    .hint("join or union them first in a sql stage"),
+                d(
+                    s.from[1].1,
+                    format!(
+                        "a {} stage reads one table, but `from` names {}",
+                        s.kind,
+                        s.from.len()
+                    ),
+                )
+                .stage(&s.id)
+                .hint("join or union them first in a sql stage"),
             );
         }
         let mut ds = Vec::new();
         for (name, pos) in s.deps() {
             if name == s.id {
-                errs.push(d(pos, format!("stage `{}` reads itself", s.id)).stage(&s.id).hint("read an earlier stage"));
+                errs.push(
+                    d(pos, format!("stage `{}` reads itself", s.id))
+                        .stage(&s.id)
+                        .hint("read an earlier stage"),
+                );
                 bad_refs.insert(s.id.clone());
             } else if !known.contains(&name) {
                 errs.push(
-                    d(pos, format!("unknown table `{name}`: no input or stage has this id"))
-                        .stage(&s.id)
-                        .maybe_hint(did_you_mean(&name, known.iter().map(String::as_str)))
-                        .hint_else(format!("known ids: {}", known.join(", "))),
+                    d(
+                        pos,
+                        format!("unknown table `{name}`: no input or stage has this id"),
+                    )
+                    .stage(&s.id)
+                    .maybe_hint(did_you_mean(&name, known.iter().map(String::as_str)))
+                    .hint_else(format!("known ids: {}", known.join(", "))),
                 );
                 bad_refs.insert(s.id.clone());
             }
@@ -146,15 +170,25 @@ pub fn compile(
     }
     let mut cycles = Vec::new();
     for s in &pipeline.stages {
-        visit(&s.id, &deps, &mut state, &mut Vec::new(), &mut order, &mut cycles);
+        visit(
+            &s.id,
+            &deps,
+            &mut state,
+            &mut Vec::new(),
+            &mut order,
+            &mut cycles,
+        );
     }
     for chain in cycles {
         let first = &chain[0];
         if let Some(s) = pipeline.stage(first) {
             errs.push(
-                d(s.node.pos_at(&["from"]), format!("cycle: {}", chain.join(" → ")))
-                    .stage(first)
-                    .hint("a stage cannot depend on its own output; break the loop"),
+                d(
+                    s.node.pos_at(&["from"]),
+                    format!("cycle: {}", chain.join(" → ")),
+                )
+                .stage(first)
+                .hint("a stage cannot depend on its own output; break the loop"),
             );
         }
         in_cycle.extend(chain);
@@ -169,13 +203,22 @@ pub fn compile(
         if let Some(s) = &i.spec.sample {
             if s.n.is_some() == s.fraction.is_some() {
                 errs.push(
-                    d(i.node.pos_at(&["sample"]), format!("input `{}`: sample takes exactly one of `n` and `fraction`", i.id))
-                        .hint("e.g. `sample: {n: 100, seed: 1}`"),
+                    d(
+                        i.node.pos_at(&["sample"]),
+                        format!(
+                            "input `{}`: sample takes exactly one of `n` and `fraction`",
+                            i.id
+                        ),
+                    )
+                    .hint("e.g. `sample: {n: 100, seed: 1}`"),
                 );
                 bad = true;
             }
             if s.fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
-                errs.push(d(i.node.pos_at(&["sample", "fraction"]), format!("input `{}`: fraction must be between 0 and 1", i.id)));
+                errs.push(d(
+                    i.node.pos_at(&["sample", "fraction"]),
+                    format!("input `{}`: fraction must be between 0 and 1", i.id),
+                ));
                 bad = true;
             }
         }
@@ -197,8 +240,15 @@ pub fn compile(
             Err(e) => {
                 let pos = i.node.pos_at(&["path"]);
                 errs.push(
-                    d(if i.node.get("path").is_some() { pos } else { i.node.pos }, format!("input `{}`: {}", i.id, e.message))
-                        .maybe_hint(e.hint),
+                    d(
+                        if i.node.get("path").is_some() {
+                            pos
+                        } else {
+                            i.node.pos
+                        },
+                        format!("input `{}`: {}", i.id, e.message),
+                    )
+                    .maybe_hint(e.hint),
                 );
             }
         }
@@ -206,11 +256,16 @@ pub fn compile(
 
     // Plan stages in dependency order; a stage whose parents failed is skipped silently so
     // one mistake is reported once, not again by every descendant.
-    for id in order.iter().filter(|id| !scans.contains_key(*id) && pipeline.input(id).is_none()) {
+    for id in order
+        .iter()
+        .filter(|id| !scans.contains_key(*id) && pipeline.input(id).is_none())
+    {
         if bad_refs.contains(id) || in_cycle.contains(id) {
             continue;
         }
-        let Some(s) = pipeline.stage(id) else { continue };
+        let Some(s) = pipeline.stage(id) else {
+            continue;
+        };
         let ds = &deps[id];
         let Some(parents) = ds
             .iter()
@@ -219,11 +274,23 @@ pub fn compile(
         else {
             continue;
         };
-        if s.stage.needs_id() && parents.first().is_some_and(|(_, sc)| sc.field_with_name(ID_COL).is_err()) {
+        if s.stage.needs_id()
+            && parents
+                .first()
+                .is_some_and(|(_, sc)| sc.field_with_name(ID_COL).is_err())
+        {
             errs.push(
-                d(s.from.first().map_or(s.pos, |f| f.1), format!("input table `{}` has no `{ID_COL}` column, which a {} stage needs", parents[0].0, s.kind))
-                    .stage(id)
-                    .hint(format!("keep `{ID_COL}` in the upstream SELECT (e.g. `SELECT {ID_COL}, ...`)")),
+                d(
+                    s.from.first().map_or(s.pos, |f| f.1),
+                    format!(
+                        "input table `{}` has no `{ID_COL}` column, which a {} stage needs",
+                        parents[0].0, s.kind
+                    ),
+                )
+                .stage(id)
+                .hint(format!(
+                    "keep `{ID_COL}` in the upstream SELECT (e.g. `SELECT {ID_COL}, ...`)"
+                )),
             );
             continue;
         }
@@ -236,7 +303,10 @@ pub fn compile(
         match s.stage.plan(&ctx) {
             Ok(schema) => {
                 schemas.insert(id.clone(), schema);
-                let parent_fps: Vec<String> = ds.iter().map(|p| fingerprints.get(p).cloned().unwrap_or_default()).collect();
+                let parent_fps: Vec<String> = ds
+                    .iter()
+                    .map(|p| fingerprints.get(p).cloned().unwrap_or_default())
+                    .collect();
                 let fp = hash_json(&serde_json::json!({
                     "kind": s.kind,
                     "version": s.stage.version(),
@@ -275,6 +345,10 @@ trait HintElse {
 
 impl HintElse for Diagnostic {
     fn hint_else(self, h: String) -> Self {
-        if self.hint.is_some() { self } else { self.hint(h) }
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(h)
+        }
     }
 }

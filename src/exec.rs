@@ -39,7 +39,11 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             )));
         }
     }
-    let forced: BTreeSet<String> = opts.force.iter().flat_map(|f| plan.descendants(f)).collect();
+    let forced: BTreeSet<String> = opts
+        .force
+        .iter()
+        .flat_map(|f| plan.descendants(f))
+        .collect();
     let mut info = RunInfo {
         pipeline: plan.pipeline.name.clone(),
         pipeline_file: plan.pipeline.file.display().to_string(),
@@ -57,12 +61,16 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
     let mut pending: Vec<String> = plan.order.clone();
     let mut failure: Option<Error> = None;
     while !pending.is_empty() && failure.is_none() {
-        let (ready, rest): (Vec<String>, Vec<String>) = pending
-            .into_iter()
-            .partition(|id| plan.deps.get(id).is_none_or(|ds| ds.iter().all(|d| done.contains_key(d))));
+        let (ready, rest): (Vec<String>, Vec<String>) = pending.into_iter().partition(|id| {
+            plan.deps
+                .get(id)
+                .is_none_or(|ds| ds.iter().all(|d| done.contains_key(d)))
+        });
         pending = rest;
         if ready.is_empty() {
-            return Err(Error::Internal("no stage is ready; the plan has a cycle".into()));
+            return Err(Error::Internal(
+                "no stage is ready; the plan has a cycle".into(),
+            ));
         }
         let inputs: Vec<Table> = plan
             .pipeline
@@ -77,12 +85,22 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                     let done = &done;
                     let inputs = inputs.clone();
                     let forced = forced.contains(id);
-                    (id.clone(), s.spawn(move || run_one(plan, dir, engine, id, done, inputs, forced)))
+                    (
+                        id.clone(),
+                        s.spawn(move || run_one(plan, dir, engine, id, done, inputs, forced)),
+                    )
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|(id, h)| (id, h.join().unwrap_or_else(|_| Err(Error::Internal("stage thread panicked".into())))))
+                .map(|(id, h)| {
+                    (
+                        id,
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Internal("stage thread panicked".into()))
+                        }),
+                    )
+                })
                 .collect()
         });
         for (id, r) in results {
@@ -145,13 +163,20 @@ fn run_one(
     if !forced
         && let Some(m) = dir.manifest(id)
         && m.fingerprint == fp
-        && stage.is_none_or(|s| s.stage.external_outputs(&dir.path).iter().all(|p| p.exists()))
+        && stage.is_none_or(|s| {
+            s.stage
+                .external_outputs(&dir.path)
+                .iter()
+                .all(|p| p.exists())
+        })
     {
         eprintln!("  {id} ({kind}): reused, {} rows", m.rows);
         return Ok((table_of(dir, id, &m)?, true));
     }
     let started = Instant::now();
-    let tmp = dir.stages().join(format!(".tmp-{id}-{}", std::process::id()));
+    let tmp = dir
+        .stages()
+        .join(format!(".tmp-{id}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let deps = plan.deps.get(id).cloned().unwrap_or_default();
@@ -167,7 +192,10 @@ fn run_one(
     } else {
         let s = stage.expect("stage exists");
         let parents: Vec<Table> = deps.iter().map(|d| done[d].clone()).collect();
-        rows_in = parents.iter().map(|t| engine::count_rows(&t.files).unwrap_or(0)).sum();
+        rows_in = parents
+            .iter()
+            .map(|t| engine::count_rows(&t.files).unwrap_or(0))
+            .sum();
         let ctx = RunCtx {
             id,
             parents,
@@ -177,10 +205,13 @@ fn run_one(
             inputs,
             run_dir: &dir.path,
         };
-        s.stage.run(&ctx).map(|o| counters = o.counters).map_err(|e| match e {
-            Error::Stage { .. } => e,
-            other => Error::stage(id, other),
-        })
+        s.stage
+            .run(&ctx)
+            .map(|o| counters = o.counters)
+            .map_err(|e| match e {
+                Error::Stage { .. } => e,
+                other => Error::stage(id, other),
+            })
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -189,7 +220,10 @@ fn run_one(
     let finish = || -> Result<Manifest> {
         let parts = engine::normalize_parts(&tmp, &schema)?;
         let rows = engine::count_rows(&parts)?;
-        let bytes = parts.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+        let bytes = parts
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
         let mut side_tables = Vec::new();
         for side in stage.map(|s| s.stage.side_tables()).unwrap_or(&[]) {
             let sd = tmp.join(side);
@@ -197,7 +231,10 @@ fn run_one(
             side_tables.push(SideTable {
                 name: side.to_string(),
                 rows: engine::count_rows(&sparts)?,
-                parts: sparts.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect(),
+                parts: sparts
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect(),
             });
         }
         let actual = engine::parquet_schema(&parts[0])?;
@@ -206,24 +243,37 @@ fn run_one(
             kind: kind.to_string(),
             fingerprint: fp.clone(),
             parents: deps.clone(),
-            parent_fingerprints: deps.iter().map(|d| plan.fingerprints.get(d).cloned().unwrap_or_default()).collect(),
+            parent_fingerprints: deps
+                .iter()
+                .map(|d| plan.fingerprints.get(d).cloned().unwrap_or_default())
+                .collect(),
             schema: schema_info(&actual),
             rows,
             bytes,
-            parts: parts.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect(),
+            parts: parts
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
             side_tables,
             counters,
             duration_ms: started.elapsed().as_millis() as u64,
             finished_at: now(),
         };
         // The manifest is written last: its presence is what marks the table complete.
-        crate::store::write_atomic(&tmp.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+        crate::store::write_atomic(
+            &tmp.join("manifest.json"),
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )?;
         dir.commit_stage(id, &tmp)?;
         Ok(m)
     };
     match finish() {
         Ok(m) => {
-            let extra: String = m.counters.iter().map(|(k, v)| format!(", {k} {v}")).collect();
+            let extra: String = m
+                .counters
+                .iter()
+                .map(|(k, v)| format!(", {k} {v}"))
+                .collect();
             eprintln!(
                 "  {id} ({kind}): {rows_in} rows in -> {} rows out{extra} ({:.2} s)",
                 m.rows,

@@ -62,7 +62,11 @@ fn ierr(message: impl Into<String>, hint: Option<&str>) -> InputError {
 /// Resolve the input's path or glob, relative to the pipeline folder.
 pub fn resolve(def: &InputDef, dir: &Path) -> Result<Vec<PathBuf>, InputError> {
     let raw = &def.spec.path;
-    let full = if Path::new(raw).is_absolute() { PathBuf::from(raw) } else { dir.join(raw) };
+    let full = if Path::new(raw).is_absolute() {
+        PathBuf::from(raw)
+    } else {
+        dir.join(raw)
+    };
     let s = full.to_string_lossy().into_owned();
     if raw.contains(['*', '?', '[']) {
         let paths = glob::glob(&s).map_err(|e| {
@@ -71,7 +75,10 @@ pub fn resolve(def: &InputDef, dir: &Path) -> Result<Vec<PathBuf>, InputError> {
                 Some("globs use *, ? and [..]; check the brackets"),
             )
         })?;
-        let mut files: Vec<PathBuf> = paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
+        let mut files: Vec<PathBuf> = paths
+            .filter_map(|p| p.ok())
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         if files.is_empty() {
             return Err(ierr(
@@ -108,11 +115,18 @@ pub fn scan(def: &InputDef, dir: &Path) -> Result<InputScan, InputError> {
     let format = format_of(def, &files)?;
     let mut hasher = blake3::Hasher::new();
     for f in &files {
-        hasher.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        hasher.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         let mut file = File::open(f).map_err(|e| ierr(format!("{}: {e}", f.display()), None))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buf).map_err(|e| ierr(format!("{}: {e}", f.display()), None))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| ierr(format!("{}: {e}", f.display()), None))?;
             if n == 0 {
                 break;
             }
@@ -131,7 +145,10 @@ pub fn scan(def: &InputDef, dir: &Path) -> Result<InputScan, InputError> {
     })?;
     let Some(source_schema) = schema.filter(|_| rows > 0) else {
         return Err(ierr(
-            format!("input has no rows ({} file(s) matched, all empty)", files.len()),
+            format!(
+                "input has no rows ({} file(s) matched, all empty)",
+                files.len()
+            ),
             Some("check the file; an input must hold at least one row"),
         ));
     };
@@ -177,27 +194,43 @@ enum JsonlMode {
     Strings,
 }
 
-fn read_jsonl(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>) -> Result<(), InputError> {
+fn read_jsonl(
+    files: &[PathBuf],
+    f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>,
+) -> Result<(), InputError> {
     // Pass 1: parse every line (errors with line numbers) and infer one schema for all files.
     let mut mode: Option<JsonlMode> = None;
     let mut values: Vec<serde_json::Value> = Vec::new();
     let mut schema: Option<Schema> = None;
-    let infer = |values: &mut Vec<serde_json::Value>, schema: &mut Option<Schema>| -> Result<(), InputError> {
+    let infer = |values: &mut Vec<serde_json::Value>,
+                 schema: &mut Option<Schema>|
+     -> Result<(), InputError> {
         if values.is_empty() {
             return Ok(());
         }
         let s = arrow::json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
-            .map_err(|e| ierr(format!("cannot infer a schema: {e}"), Some("make each field's type consistent across rows")))?;
+            .map_err(|e| {
+                ierr(
+                    format!("cannot infer a schema: {e}"),
+                    Some("make each field's type consistent across rows"),
+                )
+            })?;
         *schema = Some(match schema.take() {
             None => s,
-            Some(prev) => Schema::try_merge([prev, s])
-                .map_err(|e| ierr(format!("rows disagree on a column type: {e}"), Some("make each field's type consistent across rows")))?,
+            Some(prev) => Schema::try_merge([prev, s]).map_err(|e| {
+                ierr(
+                    format!("rows disagree on a column type: {e}"),
+                    Some("make each field's type consistent across rows"),
+                )
+            })?,
         });
         values.clear();
         Ok(())
     };
     for file in files {
-        let r = BufReader::new(File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?);
+        let r = BufReader::new(
+            File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?,
+        );
         for (i, line) in r.split(b'\n').enumerate() {
             let line = line.map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
             let text = utf8_line(&line, file, i + 1)?;
@@ -207,7 +240,12 @@ fn read_jsonl(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), In
             }
             let v: serde_json::Value = serde_json::from_str(t).map_err(|e| {
                 ierr(
-                    format!("{}:{}:{}: invalid JSON: {e}", file.display(), i + 1, e.column()),
+                    format!(
+                        "{}:{}:{}: invalid JSON: {e}",
+                        file.display(),
+                        i + 1,
+                        e.column()
+                    ),
                     Some("each line of a .jsonl file must be one JSON object (or one JSON string)"),
                 )
             })?;
@@ -216,16 +254,28 @@ fn read_jsonl(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), In
                 serde_json::Value::Object(_) => JsonlMode::Objects,
                 other => {
                     return Err(ierr(
-                        format!("{}:{}: expected a JSON object or string, found {}", file.display(), i + 1, json_type(other)),
-                        Some("each line must be an object (columns) or a bare string (a `text` column)"),
+                        format!(
+                            "{}:{}: expected a JSON object or string, found {}",
+                            file.display(),
+                            i + 1,
+                            json_type(other)
+                        ),
+                        Some(
+                            "each line must be an object (columns) or a bare string (a `text` column)",
+                        ),
                     ));
                 }
             };
             match (&mode, &this) {
                 (None, _) => mode = Some(this),
-                (Some(JsonlMode::Objects), JsonlMode::Strings) | (Some(JsonlMode::Strings), JsonlMode::Objects) => {
+                (Some(JsonlMode::Objects), JsonlMode::Strings)
+                | (Some(JsonlMode::Strings), JsonlMode::Objects) => {
                     return Err(ierr(
-                        format!("{}:{}: mixes bare strings and objects", file.display(), i + 1),
+                        format!(
+                            "{}:{}: mixes bare strings and objects",
+                            file.display(),
+                            i + 1
+                        ),
                         Some("use one kind of line per input"),
                     ));
                 }
@@ -246,13 +296,16 @@ fn read_jsonl(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), In
             let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
             let mut buf: Vec<String> = Vec::new();
             for file in files {
-                let r = BufReader::new(File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?);
+                let r = BufReader::new(
+                    File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?,
+                );
                 for line in r.lines() {
                     let line = line.map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let s: String = serde_json::from_str(line.trim()).map_err(|e| ierr(e.to_string(), None))?;
+                    let s: String =
+                        serde_json::from_str(line.trim()).map_err(|e| ierr(e.to_string(), None))?;
                     buf.push(s);
                     if buf.len() >= BATCH {
                         f(string_batch(&schema, &mut buf))?;
@@ -271,16 +324,24 @@ fn read_jsonl(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), In
                 .build_decoder()
                 .map_err(|e| ierr(e.to_string(), None))?;
             for file in files {
-                let r = BufReader::new(File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?);
+                let r = BufReader::new(
+                    File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?,
+                );
                 for (i, line) in r.split(b'\n').enumerate() {
                     let line = line.map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    decoder.decode(&line).map_err(|e| ierr(format!("{}:{}: {e}", file.display(), i + 1), None))?;
-                    decoder.decode(b"\n").map_err(|e| ierr(e.to_string(), None))?;
+                    decoder
+                        .decode(&line)
+                        .map_err(|e| ierr(format!("{}:{}: {e}", file.display(), i + 1), None))?;
+                    decoder
+                        .decode(b"\n")
+                        .map_err(|e| ierr(e.to_string(), None))?;
                     if decoder.len() >= BATCH
-                        && let Some(b) = decoder.flush().map_err(|e| ierr(format!("{}:{}: {e}", file.display(), i + 1), None))?
+                        && let Some(b) = decoder
+                            .flush()
+                            .map_err(|e| ierr(format!("{}:{}: {e}", file.display(), i + 1), None))?
                     {
                         f(b)?;
                     }
@@ -310,18 +371,34 @@ fn string_batch(schema: &SchemaRef, buf: &mut Vec<String>) -> RecordBatch {
     RecordBatch::try_new(schema.clone(), vec![Arc::new(arr) as ArrayRef]).expect("one Utf8 column")
 }
 
-fn read_json(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>) -> Result<(), InputError> {
+fn read_json(
+    files: &[PathBuf],
+    f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>,
+) -> Result<(), InputError> {
     let mut all = Vec::new();
     for file in files {
-        let bytes = std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
+        let bytes =
+            std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
         if let Err(e) = std::str::from_utf8(&bytes) {
             let prefix = &bytes[..e.valid_up_to()];
             let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
-            utf8_line(&bytes[prefix.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1)..], file, line)?;
+            utf8_line(
+                &bytes[prefix
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)..],
+                file,
+                line,
+            )?;
         }
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ierr(
-                format!("{}:{}:{}: invalid JSON: {e}", file.display(), e.line(), e.column()),
+                format!(
+                    "{}:{}:{}: invalid JSON: {e}",
+                    file.display(),
+                    e.line(),
+                    e.column()
+                ),
                 Some("a .json input must be one JSON array of objects"),
             )
         })?;
@@ -329,7 +406,11 @@ fn read_json(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), Inp
             serde_json::Value::Array(items) => all.extend(items),
             other => {
                 return Err(ierr(
-                    format!("{}: expected a JSON array, found {}", file.display(), json_type(&other)),
+                    format!(
+                        "{}: expected a JSON array, found {}",
+                        file.display(),
+                        json_type(&other)
+                    ),
                     Some("use .jsonl for one object per line"),
                 ));
             }
@@ -340,12 +421,18 @@ fn read_json(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), Inp
     }
     if all.iter().all(|v| v.is_string()) {
         let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
-        let mut buf: Vec<String> = all.into_iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        let mut buf: Vec<String> = all
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
         return f(string_batch(&schema, &mut buf));
     }
     if let Some(bad) = all.iter().position(|v| !v.is_object()) {
         return Err(ierr(
-            format!("element {bad} of the array is {}, not an object", json_type(&all[bad])),
+            format!(
+                "element {bad} of the array is {}, not an object",
+                json_type(&all[bad])
+            ),
             Some("every element must be an object"),
         ));
     }
@@ -356,7 +443,9 @@ fn read_json(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), Inp
         .build_decoder()
         .map_err(|e| ierr(e.to_string(), None))?;
     for chunk in all.chunks(BATCH) {
-        decoder.serialize(chunk).map_err(|e| ierr(e.to_string(), None))?;
+        decoder
+            .serialize(chunk)
+            .map_err(|e| ierr(e.to_string(), None))?;
         if let Some(b) = decoder.flush().map_err(|e| ierr(e.to_string(), None))? {
             f(b)?;
         }
@@ -364,22 +453,38 @@ fn read_json(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), Inp
     Ok(())
 }
 
-fn read_csv(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>) -> Result<(), InputError> {
+fn read_csv(
+    files: &[PathBuf],
+    f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>,
+) -> Result<(), InputError> {
     let format = arrow::csv::reader::Format::default().with_header(true);
     let mut schema: Option<SchemaRef> = None;
     for file in files {
-        let bytes = std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
+        let bytes =
+            std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
         if let Err(e) = std::str::from_utf8(&bytes) {
             let prefix = &bytes[..e.valid_up_to()];
             let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
-            utf8_line(&bytes[prefix.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1)..], file, line)?;
+            utf8_line(
+                &bytes[prefix
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)..],
+                file,
+                line,
+            )?;
         }
         if bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let (s, _) = format
             .infer_schema(std::io::Cursor::new(&bytes), None)
-            .map_err(|e| ierr(format!("{}: {e}", file.display()), Some("check the CSV header and quoting")))?;
+            .map_err(|e| {
+                ierr(
+                    format!("{}: {e}", file.display()),
+                    Some("check the CSV header and quoting"),
+                )
+            })?;
         let s = Arc::new(s);
         if schema.is_none() {
             schema = Some(s.clone());
@@ -390,13 +495,21 @@ fn read_csv(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), Inpu
             .build(std::io::Cursor::new(bytes))
             .map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
         for b in reader {
-            f(b.map_err(|e| ierr(format!("{}: {e}", file.display()), Some("check the CSV quoting and column count")))?)?;
+            f(b.map_err(|e| {
+                ierr(
+                    format!("{}: {e}", file.display()),
+                    Some("check the CSV quoting and column count"),
+                )
+            })?)?;
         }
     }
     Ok(())
 }
 
-fn read_parquet(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>) -> Result<(), InputError> {
+fn read_parquet(
+    files: &[PathBuf],
+    f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>,
+) -> Result<(), InputError> {
     for file in files {
         let fh = File::open(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(fh)
@@ -408,7 +521,12 @@ fn read_parquet(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), 
                 )
             })?;
         for b in reader {
-            f(b.map_err(|e| ierr(format!("{}: corrupt Parquet data: {e}", file.display()), None))?)?;
+            f(b.map_err(|e| {
+                ierr(
+                    format!("{}: corrupt Parquet data: {e}", file.display()),
+                    None,
+                )
+            })?)?;
         }
     }
     Ok(())
@@ -417,11 +535,19 @@ fn read_parquet(files: &[PathBuf], f: &mut dyn FnMut(RecordBatch) -> Result<(), 
 /// Per-row content hashes, seeded with the input id so equal rows of two inputs differ.
 fn row_hashes(batch: &RecordBatch, seed: u64) -> Vec<u64> {
     let cols: Vec<ArrayRef> = batch.columns().to_vec();
-    let fields: Vec<SortField> = batch.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+    let fields: Vec<SortField> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
     if let Ok(conv) = RowConverter::new(fields)
         && let Ok(rows) = conv.convert_columns(&cols)
     {
-        return rows.iter().map(|r| xxhash_rust::xxh3::xxh3_64_with_seed(r.as_ref(), seed)).collect();
+        return rows
+            .iter()
+            .map(|r| xxhash_rust::xxh3::xxh3_64_with_seed(r.as_ref(), seed))
+            .collect();
     }
     // Types the row format cannot encode: hash the displayed values instead.
     let opts = arrow::util::display::FormatOptions::default();
@@ -451,31 +577,36 @@ pub fn materialize(def: &InputDef, scan: &InputScan, out: &Path) -> Result<u64, 
     let sample = def.spec.sample.clone();
     let score = |id: &str, s: u64| xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), s);
 
-    let with_ids = |b: &RecordBatch, occ: &mut HashMap<u64, u32>| -> Result<RecordBatch, InputError> {
-        let ids: ArrayRef = if has_own_id {
-            arrow::compute::cast(b.column_by_name(ID_COL).expect("checked"), &DataType::Utf8)
-                .map_err(|e| ierr(e.to_string(), None))?
-        } else {
-            let hashes = row_hashes(b, seed);
-            let arr: StringArray = hashes
-                .iter()
-                .map(|h| {
-                    let k = occ.entry(*h).or_insert(0);
-                    let id = if *k == 0 { format!("{h:016x}") } else { format!("{h:016x}-{k}") };
-                    *k += 1;
-                    Some(id)
-                })
-                .collect();
-            Arc::new(arr)
-        };
-        let mut cols = vec![ids];
-        for (i, fld) in b.schema().fields().iter().enumerate() {
-            if fld.name() != ID_COL {
-                cols.push(b.column(i).clone());
+    let with_ids =
+        |b: &RecordBatch, occ: &mut HashMap<u64, u32>| -> Result<RecordBatch, InputError> {
+            let ids: ArrayRef = if has_own_id {
+                arrow::compute::cast(b.column_by_name(ID_COL).expect("checked"), &DataType::Utf8)
+                    .map_err(|e| ierr(e.to_string(), None))?
+            } else {
+                let hashes = row_hashes(b, seed);
+                let arr: StringArray = hashes
+                    .iter()
+                    .map(|h| {
+                        let k = occ.entry(*h).or_insert(0);
+                        let id = if *k == 0 {
+                            format!("{h:016x}")
+                        } else {
+                            format!("{h:016x}-{k}")
+                        };
+                        *k += 1;
+                        Some(id)
+                    })
+                    .collect();
+                Arc::new(arr)
+            };
+            let mut cols = vec![ids];
+            for (i, fld) in b.schema().fields().iter().enumerate() {
+                if fld.name() != ID_COL {
+                    cols.push(b.column(i).clone());
+                }
             }
-        }
-        RecordBatch::try_new(schema.clone(), cols).map_err(|e| ierr(e.to_string(), None))
-    };
+            RecordBatch::try_new(schema.clone(), cols).map_err(|e| ierr(e.to_string(), None))
+        };
 
     // With `sample.n`, a first pass finds the score threshold of the n smallest ids.
     let threshold: Option<u64> = match &sample {
@@ -485,12 +616,20 @@ pub fn materialize(def: &InputDef, scan: &InputScan, out: &Path) -> Result<u64, 
             let mut occ = HashMap::new();
             read(&scan.files, scan.format, &mut |b| {
                 let b = with_ids(&b, &mut occ)?;
-                let ids = b.column(0).as_any().downcast_ref::<StringArray>().expect("utf8 ids");
+                let ids = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("utf8 ids");
                 scores.extend(ids.iter().flatten().map(|id| score(id, s.seed)));
                 Ok(())
             })?;
             scores.sort_unstable();
-            Some(if n == 0 { 0 } else { scores.get(n - 1).copied().unwrap_or(u64::MAX) })
+            Some(if n == 0 {
+                0
+            } else {
+                scores.get(n - 1).copied().unwrap_or(u64::MAX)
+            })
         }
         Some(s) => Some(((s.fraction.unwrap_or(1.0).clamp(0.0, 1.0)) * u64::MAX as f64) as u64),
         None => None,
@@ -502,7 +641,8 @@ pub fn materialize(def: &InputDef, scan: &InputScan, out: &Path) -> Result<u64, 
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
         .build();
-    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| ierr(e.to_string(), None))?;
+    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
+        .map_err(|e| ierr(e.to_string(), None))?;
     let mut written = 0u64;
     let limit = def.spec.limit.unwrap_or(u64::MAX);
     read(&scan.files, scan.format, &mut |b| {
@@ -511,10 +651,17 @@ pub fn materialize(def: &InputDef, scan: &InputScan, out: &Path) -> Result<u64, 
         }
         let mut b = with_ids(&b, &mut occurrences)?;
         if let (Some(t), Some(s)) = (threshold, &sample) {
-            let ids = b.column(0).as_any().downcast_ref::<StringArray>().expect("utf8 ids");
-            let mask: arrow::array::BooleanArray =
-                ids.iter().map(|id| Some(!keep_none && id.is_some_and(|id| score(id, s.seed) <= t))).collect();
-            b = arrow::compute::filter_record_batch(&b, &mask).map_err(|e| ierr(e.to_string(), None))?;
+            let ids = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("utf8 ids");
+            let mask: arrow::array::BooleanArray = ids
+                .iter()
+                .map(|id| Some(!keep_none && id.is_some_and(|id| score(id, s.seed) <= t)))
+                .collect();
+            b = arrow::compute::filter_record_batch(&b, &mask)
+                .map_err(|e| ierr(e.to_string(), None))?;
         }
         let take = (limit - written).min(b.num_rows() as u64) as usize;
         let b = b.slice(0, take);

@@ -23,12 +23,87 @@ pub enum OutFormat {
     Parquet,
 }
 
+/// Name of the virtual table listing the run's tables (from their manifests).
+pub const STAGES_TABLE: &str = "ifloom_stages";
+
+/// One row per finished table: id, kind, rows, bytes, duration, parents, finished_at.
+fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Result<RecordBatch> {
+    use arrow::array::{StringArray, UInt64Array};
+    use std::sync::Arc;
+    let mut id = Vec::new();
+    let mut kind = Vec::new();
+    let mut rows = Vec::new();
+    let mut bytes = Vec::new();
+    let mut ms = Vec::new();
+    let mut parents = Vec::new();
+    let mut finished = Vec::new();
+    for (t, m) in tables {
+        let side = t.id.split_once("__").map(|(_, s)| s.to_string());
+        id.push(t.id.clone());
+        match &side {
+            None => {
+                kind.push(m.kind.clone());
+                rows.push(m.rows);
+                bytes.push(m.bytes);
+                parents.push(m.parents.join(","));
+            }
+            Some(s) => {
+                let st = m.side_tables.iter().find(|x| &x.name == s);
+                kind.push(format!("{}:{s}", m.kind));
+                rows.push(st.map_or(0, |x| x.rows));
+                bytes.push(0);
+                parents.push(m.id.clone());
+            }
+        }
+        ms.push(m.duration_ms);
+        finished.push(m.finished_at.clone());
+    }
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("kind", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("rows", arrow::datatypes::DataType::UInt64, false),
+        arrow::datatypes::Field::new("bytes", arrow::datatypes::DataType::UInt64, false),
+        arrow::datatypes::Field::new("duration_ms", arrow::datatypes::DataType::UInt64, false),
+        arrow::datatypes::Field::new("parents", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("finished_at", arrow::datatypes::DataType::Utf8, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(id)),
+            Arc::new(StringArray::from(kind)),
+            Arc::new(UInt64Array::from(rows)),
+            Arc::new(UInt64Array::from(bytes)),
+            Arc::new(UInt64Array::from(ms)),
+            Arc::new(StringArray::from(parents)),
+            Arc::new(StringArray::from(finished)),
+        ],
+    )?)
+}
+
+/// Replace `${name}` placeholders of a canned query with `--param name=value` values.
+pub fn substitute(sql: &str, params: &[(String, String)]) -> Result<String> {
+    let mut out = sql.to_string();
+    for (k, v) in params {
+        out = out.replace(&format!("${{{k}}}"), v);
+    }
+    if let Some(i) = out.find("${") {
+        let name: String = out[i + 2..].chars().take_while(|c| *c != '}').collect();
+        return Err(Error::usage(format!(
+            "the query needs a value for `${{{name}}}`: pass --param {name}=VALUE"
+        )));
+    }
+    Ok(out)
+}
+
 /// A session with every finished table of the run registered.
 pub async fn session(engine: &Engine, dir: &RunDir) -> Result<SessionContext> {
     let ctx = engine.session()?;
-    for (t, _) in dir.tables()? {
-        engine::register(&ctx, &t).await?;
+    let tables = dir.tables()?;
+    for (t, _) in &tables {
+        engine::register(&ctx, t).await?;
     }
+    ctx.register_batch(STAGES_TABLE, stages_batch(&tables)?)?;
     Ok(ctx)
 }
 
@@ -67,15 +142,30 @@ pub fn pretty(batches: &[RecordBatch], max_width: usize) -> Result<String> {
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         for r in 0..b.num_rows() {
-            t.add_row(fmts.iter().map(|f| truncate(&f.value(r).to_string(), max_width)));
+            t.add_row(
+                fmts.iter()
+                    .map(|f| truncate(&f.value(r).to_string(), max_width)),
+            );
             rows += 1;
         }
     }
-    Ok(format!("{t}\n({rows} row{})", if rows == 1 { "" } else { "s" }))
+    Ok(format!(
+        "{t}\n({rows} row{})",
+        if rows == 1 { "" } else { "s" }
+    ))
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    let flat: String = s.chars().map(|c| if c == '\n' || c == '\r' || c == '\t' { ' ' } else { c }).collect();
+    let flat: String = s
+        .chars()
+        .map(|c| {
+            if c == '\n' || c == '\r' || c == '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
     if flat.chars().count() <= max {
         flat
     } else {
@@ -87,7 +177,9 @@ fn truncate(s: &str, max: usize) -> String {
 /// Write batches in a machine format to `out` (or stdout).
 pub fn write(batches: &[RecordBatch], format: OutFormat, out: Option<&Path>) -> Result<()> {
     let mut sink: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| Error::io(p, e))?,
+        )),
         None => Box::new(std::io::stdout().lock()),
     };
     match format {
@@ -95,7 +187,9 @@ pub fn write(batches: &[RecordBatch], format: OutFormat, out: Option<&Path>) -> 
             writeln!(sink, "{}", pretty(batches, 60)?).map_err(|e| Error::io("stdout", e))?;
         }
         OutFormat::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut sink);
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut sink);
             for b in batches {
                 w.write(b)?;
             }

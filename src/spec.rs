@@ -100,7 +100,9 @@ impl StageDef {
     pub fn deps(&self) -> Vec<(String, Pos)> {
         let mut d = self.from.clone();
         for (name, path) in self.stage.extra_deps() {
-            let pos = self.node.pos_at(&path.iter().map(String::as_str).collect::<Vec<_>>());
+            let pos = self
+                .node
+                .pos_at(&path.iter().map(String::as_str).collect::<Vec<_>>());
             if !d.iter().any(|(n, _)| *n == name) {
                 d.push((name, pos));
             }
@@ -161,7 +163,12 @@ pub fn load(
         let valid = e.utf8_error().valid_up_to();
         let prefix = &e.as_bytes()[..valid];
         let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
-        let col = valid - prefix.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+        let col = valid
+            - prefix
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
         vec![
             at(Pos { line, col }, "pipeline file is not valid UTF-8".into())
                 .hint("save the file as UTF-8"),
@@ -183,8 +190,14 @@ pub fn load(
 
     let Value::Map(entries) = &root.value else {
         return Err(vec![
-            at(root.pos, format!("a pipeline file must be a mapping, found {}", root.type_name()))
-                .hint("start with `name:`, `inputs:` and `stages:`"),
+            at(
+                root.pos,
+                format!(
+                    "a pipeline file must be a mapping, found {}",
+                    root.type_name()
+                ),
+            )
+            .hint("start with `name:`, `inputs:` and `stages:`"),
         ]);
     };
     for (k, _) in entries {
@@ -211,7 +224,10 @@ pub fn load(
             Value::Null => {}
             _ => errs.push(at(
                 p.pos,
-                format!("params: invalid type: {}, expected a mapping of names to values", p.type_name()),
+                format!(
+                    "params: invalid type: {}, expected a mapping of names to values",
+                    p.type_name()
+                ),
             )),
         }
     }
@@ -219,12 +235,19 @@ pub fn load(
         if !param_nodes.contains_key(k) {
             let known: Vec<&str> = param_nodes.keys().map(String::as_str).collect();
             errs.push(
-                at(start, format!("--set {k}={v}: the pipeline has no param `{k}`"))
-                    .maybe_hint(did_you_mean(k, known.iter().copied()))
-                    .hint_or(format!(
-                        "declared params: {}",
-                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
-                    )),
+                at(
+                    start,
+                    format!("--set {k}={v}: the pipeline has no param `{k}`"),
+                )
+                .maybe_hint(did_you_mean(k, known.iter().copied()))
+                .hint_or(format!(
+                    "declared params: {}",
+                    if known.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )),
             );
             continue;
         }
@@ -248,7 +271,10 @@ pub fn load(
     }
     for (k, v) in overrides {
         if literal_params.contains_key(k) {
-            literal_params.insert(k.clone(), yaml::Node::new(yaml::resolve_plain(v), start).to_json());
+            literal_params.insert(
+                k.clone(),
+                yaml::Node::new(yaml::resolve_plain(v), start).to_json(),
+            );
         }
     }
 
@@ -271,16 +297,24 @@ pub fn load(
                 s.to_string()
             }
             None => {
-                errs.push(at(n.pos, format!("name: invalid type: {}, expected a string", n.type_name())));
+                errs.push(at(
+                    n.pos,
+                    format!("name: invalid type: {}, expected a string", n.type_name()),
+                ));
                 String::new()
             }
         },
         None => {
-            errs.push(at(root.pos, "missing field `name`".into()).hint("add `name: my_pipeline` at the top"));
+            errs.push(
+                at(root.pos, "missing field `name`".into())
+                    .hint("add `name: my_pipeline` at the top"),
+            );
             String::new()
         }
     };
-    let description = root.get("description").and_then(|d| d.as_str().map(str::to_string));
+    let description = root
+        .get("description")
+        .and_then(|d| d.as_str().map(str::to_string));
 
     let mut inputs = Vec::new();
     if let Some(node) = root.get("inputs") {
@@ -321,7 +355,10 @@ pub fn load(
             }
             _ => errs.push(at(
                 node.pos,
-                format!("inputs: invalid type: {}, expected a mapping of input ids to files", node.type_name()),
+                format!(
+                    "inputs: invalid type: {}, expected a mapping of input ids to files",
+                    node.type_name()
+                ),
             )),
         }
     }
@@ -342,11 +379,19 @@ pub fn load(
                 }
             }
             _ => errs.push(
-                at(node.pos, format!("stages: invalid type: {}, expected a list", node.type_name()))
-                    .hint("write each stage as a list item starting with `- id:`"),
+                at(
+                    node.pos,
+                    format!(
+                        "stages: invalid type: {}, expected a list",
+                        node.type_name()
+                    ),
+                )
+                .hint("write each stage as a list item starting with `- id:`"),
             ),
         },
-        None => errs.push(at(root.pos, "missing field `stages`".into()).hint("add a `stages:` list")),
+        None => {
+            errs.push(at(root.pos, "missing field `stages`".into()).hint("add a `stages:` list"))
+        }
     }
 
     if !errs.is_empty() {
@@ -369,14 +414,19 @@ trait HintOr {
 
 impl HintOr for Diagnostic {
     fn hint_or(self, h: String) -> Self {
-        if self.hint.is_some() { self } else { self.hint(h) }
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(h)
+        }
     }
 }
 
 /// Names of inputs, stages and pipelines become SQL table and folder names.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         && !s.starts_with('-')
         && !s.contains("__")
 }
@@ -389,7 +439,10 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
     let Value::Map(entries) = &node.value else {
         return Err(vec![at(
             node.pos,
-            format!("stages[{index}]: invalid type: {}, expected a mapping", node.type_name()),
+            format!(
+                "stages[{index}]: invalid type: {}, expected a mapping",
+                node.type_name()
+            ),
         )]);
     };
     let mut errs = Vec::new();
@@ -397,20 +450,32 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
         Some(n) => match n.as_str() {
             Some(s) => s.to_string(),
             None => {
-                errs.push(at(n.pos, format!("stages[{index}].id: expected a string, found {}", n.type_name())));
+                errs.push(at(
+                    n.pos,
+                    format!(
+                        "stages[{index}].id: expected a string, found {}",
+                        n.type_name()
+                    ),
+                ));
                 format!("stages[{index}]")
             }
         },
         None => {
-            errs.push(at(node.pos, format!("stages[{index}]: missing field `id`")).hint("give every stage a unique `id:`"));
+            errs.push(
+                at(node.pos, format!("stages[{index}]: missing field `id`"))
+                    .hint("give every stage a unique `id:`"),
+            );
             format!("stages[{index}]")
         }
     };
     if node.get("id").is_some() && !valid_name(&id) {
         errs.push(
-            at(node.pos_at(&["id"]), format!("stage id `{id}` is not a valid name"))
-                .stage(&id)
-                .hint("use letters, digits, '_' and '-', without '__' (it becomes a SQL table name)"),
+            at(
+                node.pos_at(&["id"]),
+                format!("stage id `{id}` is not a valid name"),
+            )
+            .stage(&id)
+            .hint("use letters, digits, '_' and '-', without '__' (it becomes a SQL table name)"),
         );
     }
     let kinds: Vec<&str> = stages::registry().iter().map(|k| k.name).collect();
@@ -427,7 +492,13 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
                 None
             }
             None => {
-                errs.push(at(n.pos, format!("kind: expected a string, found {}", n.type_name())).stage(&id));
+                errs.push(
+                    at(
+                        n.pos,
+                        format!("kind: expected a string, found {}", n.type_name()),
+                    )
+                    .stage(&id),
+                );
                 None
             }
         },
@@ -450,18 +521,30 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
                     match it.as_str() {
                         Some(s) => from.push((s.to_string(), it.pos)),
                         None => errs.push(
-                            at(it.pos, format!("from: expected a table id, found {}", it.type_name())).stage(&id),
+                            at(
+                                it.pos,
+                                format!("from: expected a table id, found {}", it.type_name()),
+                            )
+                            .stage(&id),
                         ),
                     }
                 }
             }
             _ => errs.push(
-                at(n.pos, format!("from: expected a table id or a list of them, found {}", n.type_name()))
-                    .stage(&id),
+                at(
+                    n.pos,
+                    format!(
+                        "from: expected a table id or a list of them, found {}",
+                        n.type_name()
+                    ),
+                )
+                .stage(&id),
             ),
         },
     }
-    let description = node.get("description").and_then(|d| d.as_str().map(str::to_string));
+    let description = node
+        .get("description")
+        .and_then(|d| d.as_str().map(str::to_string));
 
     let Some(kind) = kind else {
         return Err(errs);
@@ -498,7 +581,10 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
                     // serde lists only the kind's own fields; name the common ones too.
                     d.message = format!("unknown field {rest}");
                     if d.hint.is_none() {
-                        d.hint = Some(format!("stage kind `{kind}` takes: {}", entry.fields().join(", ")));
+                        d.hint = Some(format!(
+                            "stage kind `{kind}` takes: {}",
+                            entry.fields().join(", ")
+                        ));
                     }
                 }
                 d
@@ -563,7 +649,11 @@ fn interpolate(
                                     .maybe_hint(did_you_mean(p, known.iter().copied()))
                                     .hint_or(format!(
                                         "declare it under `params:`; declared: {}",
-                                        if known.is_empty() { "(none)".into() } else { known.join(", ") }
+                                        if known.is_empty() {
+                                            "(none)".into()
+                                        } else {
+                                            known.join(", ")
+                                        }
                                     )),
                             );
                             serde_json::Value::Null
@@ -578,8 +668,12 @@ fn interpolate(
                         Some(v) => serde_json::Value::String(v),
                         None => {
                             errs.push(
-                                Diagnostic::new(file, pos, format!("environment variable `{var}` is not set"))
-                                    .hint(format!("set it, or give a default: ${{{var}:-value}}")),
+                                Diagnostic::new(
+                                    file,
+                                    pos,
+                                    format!("environment variable `{var}` is not set"),
+                                )
+                                .hint(format!("set it, or give a default: ${{{var}:-value}}")),
                             );
                             serde_json::Value::Null
                         }
@@ -597,7 +691,9 @@ fn interpolate(
             let raw = out.clone();
             node.value = match whole {
                 Some(serde_json::Value::Bool(b)) => Value::Bool(b),
-                Some(serde_json::Value::Number(n)) if n.is_i64() => Value::Int(n.as_i64().unwrap_or(0)),
+                Some(serde_json::Value::Number(n)) if n.is_i64() => {
+                    Value::Int(n.as_i64().unwrap_or(0))
+                }
                 Some(serde_json::Value::Number(n)) => Value::Float(n.as_f64().unwrap_or(0.0)),
                 Some(serde_json::Value::Null) => Value::Null,
                 _ => Value::Str(out),
@@ -606,6 +702,51 @@ fn interpolate(
         }
         _ => {}
     }
+}
+
+/// JSON Schema of pipeline files, generated from the Rust types (for editors).
+pub fn json_schema() -> serde_json::Value {
+    use serde_json::json;
+    let mut g = schemars::SchemaGenerator::default();
+    let input = g.subschema_for::<InputSpec>().to_value();
+    let mut kinds = Vec::new();
+    for k in stages::registry() {
+        let mut v = (k.schema)(&mut g).to_value();
+        if let Some(obj) = v.as_object_mut() {
+            let props = obj.entry("properties").or_insert_with(|| json!({}));
+            if let Some(p) = props.as_object_mut() {
+                p.insert("id".into(), json!({"type": "string", "description": "Unique id; the stage's table name in SQL."}));
+                p.insert(
+                    "kind".into(),
+                    json!({"const": k.name, "description": k.about}),
+                );
+                p.insert("from".into(), json!({"description": "Input or stage id(s) this stage reads.", "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}));
+                p.insert("description".into(), json!({"type": "string"}));
+            }
+            let req = obj.entry("required").or_insert_with(|| json!([]));
+            if let Some(r) = req.as_array_mut() {
+                r.extend([json!("id"), json!("kind"), json!("from")]);
+            }
+            obj.remove("$schema");
+            obj.remove("title");
+        }
+        kinds.push(v);
+    }
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ifloom pipeline",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["name", "stages"],
+        "properties": {
+            "name": {"type": "string", "description": "Pipeline name; names the run directory."},
+            "description": {"type": "string"},
+            "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
+            "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
+            "stages": {"type": "array", "items": {"oneOf": kinds}},
+        },
+        "$defs": g.definitions(),
+    })
 }
 
 #[cfg(test)]
@@ -640,46 +781,4 @@ mod tests {
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].pos, Pos { line: 2, col: 4 });
     }
-}
-
-/// JSON Schema of pipeline files, generated from the Rust types (for editors).
-pub fn json_schema() -> serde_json::Value {
-    use serde_json::json;
-    let mut g = schemars::SchemaGenerator::default();
-    let input = g.subschema_for::<InputSpec>().to_value();
-    let mut kinds = Vec::new();
-    for k in stages::registry() {
-        let mut v = (k.schema)(&mut g).to_value();
-        if let Some(obj) = v.as_object_mut() {
-            let props = obj.entry("properties").or_insert_with(|| json!({}));
-            if let Some(p) = props.as_object_mut() {
-                p.insert("id".into(), json!({"type": "string", "description": "Unique id; the stage's table name in SQL."}));
-                p.insert("kind".into(), json!({"const": k.name, "description": k.about}));
-                p.insert("from".into(), json!({"description": "Input or stage id(s) this stage reads.", "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}));
-                p.insert("description".into(), json!({"type": "string"}));
-            }
-            let req = obj.entry("required").or_insert_with(|| json!([]));
-            if let Some(r) = req.as_array_mut() {
-                r.extend([json!("id"), json!("kind"), json!("from")]);
-            }
-            obj.remove("$schema");
-            obj.remove("title");
-        }
-        kinds.push(v);
-    }
-    json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "ifloom pipeline",
-        "type": "object",
-        "additionalProperties": false,
-        "required": ["name", "stages"],
-        "properties": {
-            "name": {"type": "string", "description": "Pipeline name; names the run directory."},
-            "description": {"type": "string"},
-            "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
-            "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
-            "stages": {"type": "array", "items": {"oneOf": kinds}},
-        },
-        "$defs": g.definitions(),
-    })
 }

@@ -159,7 +159,11 @@ impl RunDir {
                 m.clone(),
             ));
             for side in &m.side_tables {
-                let files: Vec<PathBuf> = side.parts.iter().map(|p| sd.join(&side.name).join(p)).collect();
+                let files: Vec<PathBuf> = side
+                    .parts
+                    .iter()
+                    .map(|p| sd.join(&side.name).join(p))
+                    .collect();
                 let schema = crate::engine::parquet_schema(&files[0])?;
                 out.push((
                     Table {
@@ -180,14 +184,19 @@ impl RunDir {
     }
 
     pub fn write_info(&self, info: &RunInfo) -> Result<()> {
-        write_atomic(&self.path.join("run.json"), serde_json::to_string_pretty(info)?.as_bytes())
+        write_atomic(
+            &self.path.join("run.json"),
+            serde_json::to_string_pretty(info)?.as_bytes(),
+        )
     }
 
     /// Put a finished temporary stage folder in place of the old one.
     pub fn commit_stage(&self, id: &str, tmp: &Path) -> Result<()> {
         let dest = self.stage_dir(id);
         if dest.exists() {
-            let trash = self.stages().join(format!(".trash-{id}-{}", std::process::id()));
+            let trash = self
+                .stages()
+                .join(format!(".trash-{id}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&trash);
             std::fs::rename(&dest, &trash).map_err(|e| Error::io(&dest, e))?;
             std::fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;

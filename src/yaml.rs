@@ -250,8 +250,7 @@ impl MarkedEventReceiver for Builder {
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(Vec::new(), pos, anchor)),
             Event::MappingStart(anchor, _) => {
-                self.stack
-                    .push(Frame::Map(Vec::new(), None, pos, anchor))
+                self.stack.push(Frame::Map(Vec::new(), None, pos, anchor))
             }
             Event::SequenceEnd => {
                 if let Some(Frame::Seq(items, p, anchor)) = self.stack.pop() {
@@ -511,8 +510,14 @@ impl<'de> de::MapAccess<'de> for MapDe<'_, '_> {
             }
         }
     }
-    fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
-        let node = self.value.take().ok_or_else(|| de::Error::custom("value without key"))?;
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DeError> {
+        let node = self
+            .value
+            .take()
+            .ok_or_else(|| de::Error::custom("value without key"))?;
         seed.deserialize(NodeDe {
             node,
             path: join(self.path, &self.key),
@@ -565,7 +570,10 @@ impl<'de> de::VariantAccess<'de> for NodeDe<'_> {
             _ => Err(self.invalid("nothing (this option takes no value)")),
         }
     }
-    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, DeError> {
+    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<T::Value, DeError> {
         seed.deserialize(self)
     }
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, DeError> {

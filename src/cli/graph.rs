@@ -16,12 +16,20 @@ pub struct Args {
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let plan = super::compile_file(&a.file, &a.set, engine)?;
-    let kind = |id: &str| plan.pipeline.stage(id).map_or("input", |s| s.kind.as_str()).to_string();
+    let kind = |id: &str| {
+        plan.pipeline
+            .stage(id)
+            .map_or("input", |s| s.kind.as_str())
+            .to_string()
+    };
     if a.dot {
         println!("digraph \"{}\" {{\n  rankdir=LR;", plan.pipeline.name);
         for id in &plan.order {
             let shape = if plan.is_input(id) { "cylinder" } else { "box" };
-            println!("  \"{id}\" [shape={shape}, label=\"{id}\\n({})\"];", kind(id));
+            println!(
+                "  \"{id}\" [shape={shape}, label=\"{id}\\n({})\"];",
+                kind(id)
+            );
         }
         for id in &plan.order {
             for d in plan.deps.get(id).into_iter().flatten() {

@@ -17,7 +17,11 @@ mod sql;
 mod validate;
 
 #[derive(Debug, Parser)]
-#[command(name = "ifloom", version, about = "Build instruction-following training data with declarative pipelines")]
+#[command(
+    name = "ifloom",
+    version,
+    about = "Build instruction-following training data with declarative pipelines"
+)]
 pub struct Cli {
     /// Debug logs on stderr.
     #[arg(short, long, global = true)]

@@ -27,11 +27,18 @@ pub struct Args {
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let started = Instant::now();
     let plan = super::compile_file(&a.file, &a.set, engine)?;
-    let dir = RunDir::new(a.run_dir.unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)));
+    let dir = RunDir::new(
+        a.run_dir
+            .unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)),
+    );
     let mut engine = engine.clone();
     engine.memory_limit = a.memory_mb << 20;
     engine.spill_dir = Some(dir.path.join("spill"));
-    eprintln!("ifloom: running {} into {}", plan.pipeline.name, dir.path.display());
+    eprintln!(
+        "ifloom: running {} into {}",
+        plan.pipeline.name,
+        dir.path.display()
+    );
     let report = exec::run(&plan, &dir, &engine, &RunOptions { force: a.force })?;
     eprintln!(
         "ifloom: done in {:.2} s ({} computed, {} reused); query it with: ifloom sql --run {} \"SELECT ...\"",

@@ -12,7 +12,12 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&a.root)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
     if dirs.is_empty() {
@@ -27,7 +32,10 @@ pub fn run(a: Args) -> Result<()> {
         let order = info.map(|i| i.stages).unwrap_or_default();
         for id in order {
             match dir.manifest(&id) {
-                Some(m) => println!("  {id:<24} {:<10} {:>10} rows  {} ms", m.kind, m.rows, m.duration_ms),
+                Some(m) => println!(
+                    "  {id:<24} {:<10} {:>10} rows  {} ms",
+                    m.kind, m.rows, m.duration_ms
+                ),
                 None => println!("  {id:<24} (not finished)"),
             }
         }

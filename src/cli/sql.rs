@@ -20,6 +20,9 @@ pub struct Args {
     /// Write to this file instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Fill a `${name}` placeholder of the query: name=value (repeatable).
+    #[arg(long = "param", value_parser = super::parse_kv)]
+    pub params: Vec<(String, String)>,
     /// Cut text cells longer than this in table output.
     #[arg(long, default_value_t = 60)]
     pub max_width: usize,
@@ -27,14 +30,22 @@ pub struct Args {
 
 fn pick_run() -> Result<PathBuf> {
     let runs: Vec<PathBuf> = std::fs::read_dir("runs")
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.join("stages").is_dir()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("stages").is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     match runs.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(Error::usage("no run found under runs/: pass --run DIR")),
         _ => Err(Error::usage(format!(
             "several runs under runs/ ({}): pass --run DIR",
-            runs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            runs.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -45,13 +56,16 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
         _ => return Err(Error::usage("give a query or -f FILE (one of them)")),
     };
+    let text = query::substitute(&text, &a.params)?;
     let dir = RunDir::new(match a.run {
         Some(r) => r,
         None => pick_run()?,
     });
     let batches = engine.block_on(query::query(engine, &dir, &text))?;
     match a.format {
-        OutFormat::Table if a.out.is_none() => println!("{}", query::pretty(&batches, a.max_width)?),
+        OutFormat::Table if a.out.is_none() => {
+            println!("{}", query::pretty(&batches, a.max_width)?)
+        }
         f => query::write(&batches, f, a.out.as_deref())?,
     }
     Ok(())

@@ -52,7 +52,11 @@ static PUNCT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{P}+").expect("s
 
 impl DedupStage {
     pub fn normalize(&self, s: &str) -> String {
-        let mut t = if self.lowercase { s.to_lowercase() } else { s.to_string() };
+        let mut t = if self.lowercase {
+            s.to_lowercase()
+        } else {
+            s.to_string()
+        };
         if self.strip_punctuation {
             t = PUNCT.replace_all(&t, "").into_owned();
         }
@@ -76,7 +80,11 @@ impl DedupStage {
             .collect::<Result<_>>()?;
         let strs: Vec<&StringArray> = cols
             .iter()
-            .map(|a| a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8"))
+            .map(|a| {
+                a.as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8")
+            })
             .collect();
         Ok((0..batch.num_rows())
             .into_par_iter()
@@ -97,15 +105,19 @@ impl DedupStage {
     }
 }
 
-pub fn read_batches(files: &[std::path::PathBuf]) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
+pub fn read_batches(
+    files: &[std::path::PathBuf],
+) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
     files.iter().flat_map(|p| {
-        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> = match File::open(p)
-            .map_err(|e| Error::io(p, e))
-            .and_then(|f| Ok(ParquetRecordBatchReaderBuilder::try_new(f)?.with_batch_size(65536).build()?))
-        {
-            Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        };
+        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> =
+            match File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
+                Ok(ParquetRecordBatchReaderBuilder::try_new(f)?
+                    .with_batch_size(65536)
+                    .build()?)
+            }) {
+                Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
         it
     })
 }
@@ -115,7 +127,10 @@ pub fn string_col(batch: &RecordBatch, name: &str) -> Result<StringArray> {
         .column_by_name(name)
         .ok_or_else(|| Error::Internal(format!("no column {name}")))?;
     let a = cast(a, &DataType::Utf8)?;
-    Ok(a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8").clone())
+    Ok(a.as_any()
+        .downcast_ref::<StringArray>()
+        .expect("cast to Utf8")
+        .clone())
 }
 
 /// Position of each wanted `_id` in the inputs (declaration order, then row order).
@@ -162,14 +177,21 @@ impl Stage for DedupStage {
         let schema = ctx.parent();
         let mut errs = Vec::new();
         if self.columns.is_empty() {
-            errs.push(ctx.err(&["columns"], "dedup needs at least one column").hint("e.g. `columns: [prompt]`"));
+            errs.push(
+                ctx.err(&["columns"], "dedup needs at least one column")
+                    .hint("e.g. `columns: [prompt]`"),
+            );
         }
         for (i, c) in self.columns.iter().enumerate() {
             if !has_col(schema, c) {
                 errs.push(unknown_column(ctx, &["columns", &i.to_string()], c, schema));
             }
         }
-        if errs.is_empty() { Ok(schema.clone()) } else { Err(errs) }
+        if errs.is_empty() {
+            Ok(schema.clone())
+        } else {
+            Err(errs)
+        }
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
@@ -209,7 +231,11 @@ impl Stage for DedupStage {
                 let id = &ids[r as usize];
                 (ords.get(id).copied().unwrap_or(u64::MAX), id.clone(), r)
             };
-            let keep = g.iter().copied().min_by_key(|&r| rank(r)).expect("non-empty group");
+            let keep = g
+                .iter()
+                .copied()
+                .min_by_key(|&r| rank(r))
+                .expect("non-empty group");
             for &r in g.iter() {
                 if r != keep {
                     dup_of[r as usize] = Some(keep);
@@ -267,7 +293,10 @@ impl Stage for DedupStage {
             Some(w) => {
                 w.close()?;
             }
-            None => crate::engine::write_empty(&side_dir.join("part-00000.parquet"), &with_dup_of(&ctx.schema))?,
+            None => crate::engine::write_empty(
+                &side_dir.join("part-00000.parquet"),
+                &with_dup_of(&ctx.schema),
+            )?,
         }
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
@@ -288,7 +317,10 @@ mod tests {
             collapse_whitespace: true,
             strip_punctuation: true,
         };
-        assert_eq!(d.normalize("  How do I  reverse a List? "), "how do i reverse a list");
+        assert_eq!(
+            d.normalize("  How do I  reverse a List? "),
+            "how do i reverse a list"
+        );
         assert_eq!(d.normalize("¿Qué tal?"), "qué tal");
         let exact = DedupStage {
             columns: vec![],

@@ -23,21 +23,19 @@ pub mod transform;
 
 /// The registry of stage kinds.
 pub fn registry() -> &'static [KindEntry] {
-    static KINDS: &[KindEntry] = &[
-        sql::KIND,
-        transform::KIND,
-        dedup::KIND,
-        output::KIND,
-    ];
+    static KINDS: &[KindEntry] = &[sql::KIND, transform::KIND, dedup::KIND, output::KIND];
     KINDS
 }
+
+/// Deserializes a kind's own fields into its stage object.
+pub type BuildFn = fn(&Node, &BuildCtx) -> Result<Box<dyn Stage>, Vec<Diagnostic>>;
 
 /// What the pipeline parser knows about a kind.
 pub struct KindEntry {
     pub name: &'static str,
     pub about: &'static str,
     /// Deserialize the stage's own fields (everything but id, kind, from, description).
-    pub build: fn(&Node, &BuildCtx) -> Result<Box<dyn Stage>, Vec<Diagnostic>>,
+    pub build: BuildFn,
     /// JSON Schema of the kind's own fields.
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
@@ -215,7 +213,11 @@ pub trait HintIfNone {
 
 impl HintIfNone for Diagnostic {
     fn hint_if_none(self, h: String) -> Self {
-        if self.hint.is_some() { self } else { self.hint(h) }
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(h)
+        }
     }
 }
 

@@ -67,7 +67,11 @@ impl OutputStage {
     /// Where each format is written for a run directory.
     pub fn targets(&self, run_dir: &Path) -> Vec<(OutFormat, PathBuf)> {
         let base = Path::new(&self.path);
-        let base = if base.is_absolute() { base.to_path_buf() } else { run_dir.join(base) };
+        let base = if base.is_absolute() {
+            base.to_path_buf()
+        } else {
+            run_dir.join(base)
+        };
         self.formats
             .iter()
             .map(|f| {
@@ -121,7 +125,10 @@ impl Stage for OutputStage {
         let schema = ctx.parent();
         let mut errs = Vec::new();
         if self.formats.is_empty() {
-            errs.push(ctx.err(&["formats"], "no output format given").hint("formats: [parquet, jsonl]"));
+            errs.push(
+                ctx.err(&["formats"], "no output format given")
+                    .hint("formats: [parquet, jsonl]"),
+            );
         }
         if let Some(cols) = &self.columns {
             for (i, c) in cols.iter().enumerate() {
@@ -140,15 +147,22 @@ impl Stage for OutputStage {
         for (src, dst) in self.mapping(schema) {
             if !seen.insert(dst.clone()) {
                 errs.push(
-                    ctx.err(&["rename"], format!("two output columns would be named `{dst}`"))
-                        .hint("rename one of them to another name"),
+                    ctx.err(
+                        &["rename"],
+                        format!("two output columns would be named `{dst}`"),
+                    )
+                    .hint("rename one of them to another name"),
                 );
             }
             if let Ok(f) = schema.field_with_name(&src) {
                 fields.push(f.clone().with_name(dst));
             }
         }
-        if errs.is_empty() { Ok(Arc::new(Schema::new(fields))) } else { Err(errs) }
+        if errs.is_empty() {
+            Ok(Arc::new(Schema::new(fields)))
+        } else {
+            Err(errs)
+        }
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
@@ -198,7 +212,9 @@ impl Stage for OutputStage {
                             Some(w) => w,
                             None => {
                                 let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
-                                json_w.insert(arrow::json::LineDelimitedWriter::new(std::io::BufWriter::new(f)))
+                                json_w.insert(arrow::json::LineDelimitedWriter::new(
+                                    std::io::BufWriter::new(f),
+                                ))
                             }
                         };
                         w.write(&b)?;

@@ -39,7 +39,11 @@ pub struct SqlStage {
 
 impl SqlStage {
     fn where_(&self) -> &'static str {
-        if self.query.is_some() { "query" } else { "file" }
+        if self.query.is_some() {
+            "query"
+        } else {
+            "file"
+        }
     }
 }
 
@@ -88,8 +92,12 @@ impl Stage for SqlStage {
             }
             (Some(_), Some(_)) => {
                 return Err(vec![
-                    Diagnostic::new(&ctx.file, node.pos_at(&["file"]), "give either `query` or `file`, not both")
-                        .hint("keep the inline query or move it into the file"),
+                    Diagnostic::new(
+                        &ctx.file,
+                        node.pos_at(&["file"]),
+                        "give either `query` or `file`, not both",
+                    )
+                    .hint("keep the inline query or move it into the file"),
                 ]);
             }
             (None, None) => {
@@ -125,11 +133,18 @@ impl Stage for SqlStage {
             .block_on(async move { session.sql_with_options(&text, sql_options()).await })
             .map_err(|e| {
                 vec![
-                    ctx.err(&[self.where_()], format!("SQL does not plan: {}", tidy_sql_error(&e)))
-                        .hint(format!(
-                            "tables visible here: {}",
-                            ctx.parents.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-                        )),
+                    ctx.err(
+                        &[self.where_()],
+                        format!("SQL does not plan: {}", tidy_sql_error(&e)),
+                    )
+                    .hint(format!(
+                        "tables visible here: {}",
+                        ctx.parents
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
                 ]
             })?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -137,8 +152,11 @@ impl Stage for SqlStage {
         for f in schema.fields() {
             if !seen.insert(f.name().clone()) {
                 return Err(vec![
-                    ctx.err(&[self.where_()], format!("the query returns two columns named `{}`", f.name()))
-                        .hint("give one of them an alias: `b.x AS b_x`"),
+                    ctx.err(
+                        &[self.where_()],
+                        format!("the query returns two columns named `{}`", f.name()),
+                    )
+                    .hint("give one of them an alias: `b.x AS b_x`"),
                 ]);
             }
         }
@@ -156,7 +174,8 @@ impl Stage for SqlStage {
                 engine::register(&session, t).await?;
             }
             let df = session.sql_with_options(&text, sql_options()).await?;
-            df.write_parquet(&out, DataFrameWriteOptions::new(), None).await?;
+            df.write_parquet(&out, DataFrameWriteOptions::new(), None)
+                .await?;
             Ok::<_, Error>(())
         })?;
         Ok(RunOutput::default())

@@ -144,8 +144,7 @@ fn exprs(v: &[String]) -> PolarsResult<Vec<Expr>> {
 /// Make Polars messages read as ifloom's: the first line, without the error class prefix.
 fn tidy(e: &PolarsError) -> String {
     let s = e.to_string();
-    let first = s.lines().next().unwrap_or(&s).trim().to_string();
-    first
+    s.lines().next().unwrap_or(&s).trim().to_string()
 }
 
 impl TransformStage {
@@ -180,7 +179,9 @@ impl TransformStage {
                 ),
                 Op::Unnest(cols) => lf.unnest(cols_sel(cols), None),
                 Op::Sort(s) => lf.sort(
-                    s.by.iter().map(|c| PlSmallStr::from(c.as_str())).collect::<Vec<_>>(),
+                    s.by.iter()
+                        .map(|c| PlSmallStr::from(c.as_str()))
+                        .collect::<Vec<_>>(),
                     SortMultipleOptions::default()
                         .with_order_descending(s.descending)
                         .with_nulls_last(s.nulls_last)
@@ -189,9 +190,22 @@ impl TransformStage {
                 Op::Limit(n) => lf.limit(*n as IdxSize),
                 Op::Sample(s) => {
                     let x = match (s.n, s.fraction) {
-                        (Some(n), None) => all().as_expr().sample_n(lit(n), false, Some(false), Some(s.seed)),
-                        (None, Some(f)) => all().as_expr().sample_frac(lit(f), false, Some(false), Some(s.seed)),
-                        _ => return Err((i, "sample takes exactly one of `n` and `fraction`".into())),
+                        (Some(n), None) => {
+                            all()
+                                .as_expr()
+                                .sample_n(lit(n), false, Some(false), Some(s.seed))
+                        }
+                        (None, Some(f)) => {
+                            all()
+                                .as_expr()
+                                .sample_frac(lit(f), false, Some(false), Some(s.seed))
+                        }
+                        _ => {
+                            return Err((
+                                i,
+                                "sample takes exactly one of `n` and `fraction`".into(),
+                            ));
+                        }
                     };
                     lf.select([x])
                 }
@@ -214,7 +228,11 @@ impl TransformStage {
                         lf.cross_join(other, j.suffix.as_deref().map(PlSmallStr::from))
                     } else {
                         if l.is_empty() || l.len() != r.len() {
-                            return Err((i, "join needs `on`, or `left_on` and `right_on` of the same length".into()));
+                            return Err((
+                                i,
+                                "join needs `on`, or `left_on` and `right_on` of the same length"
+                                    .into(),
+                            ));
                         }
                         let how = match j.how {
                             How::Inner => JoinType::Inner,
@@ -261,8 +279,12 @@ impl Stage for TransformStage {
     fn prepare(&mut self, node: &Node, ctx: &BuildCtx) -> Result<(), Vec<Diagnostic>> {
         if self.ops.is_empty() {
             return Err(vec![
-                Diagnostic::new(&ctx.file, node.pos_at(&["ops"]), "a transform needs at least one op")
-                    .hint("e.g. `ops: [{filter: \"length(text) > 10\"}]`"),
+                Diagnostic::new(
+                    &ctx.file,
+                    node.pos_at(&["ops"]),
+                    "a transform needs at least one op",
+                )
+                .hint("e.g. `ops: [{filter: \"length(text) > 10\"}]`"),
             ]);
         }
         Ok(())
@@ -272,10 +294,16 @@ impl Stage for TransformStage {
         let mut out = Vec::new();
         for (i, op) in self.ops.iter().enumerate() {
             match op {
-                Op::Join(j) => out.push((j.with.clone(), vec!["ops".into(), i.to_string(), "join".into(), "with".into()])),
+                Op::Join(j) => out.push((
+                    j.with.clone(),
+                    vec!["ops".into(), i.to_string(), "join".into(), "with".into()],
+                )),
                 Op::Concat(others) => {
                     for (k, o) in others.iter().enumerate() {
-                        out.push((o.clone(), vec!["ops".into(), i.to_string(), "concat".into(), k.to_string()]));
+                        out.push((
+                            o.clone(),
+                            vec!["ops".into(), i.to_string(), "concat".into(), k.to_string()],
+                        ));
                     }
                 }
                 _ => {}
@@ -289,7 +317,8 @@ impl Stage for TransformStage {
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
-        let frame = |s: &SchemaRef| -> Result<LazyFrame> { Ok(engine::empty_polars_frame(s)?.lazy()) };
+        let frame =
+            |s: &SchemaRef| -> Result<LazyFrame> { Ok(engine::empty_polars_frame(s)?.lazy()) };
         let base = frame(ctx.parent()).map_err(|e| vec![ctx.err(&[], e.to_string())])?;
         let tables = |id: &str| -> Result<LazyFrame> {
             let s = ctx
@@ -299,16 +328,24 @@ impl Stage for TransformStage {
         };
         let lf = self.apply(base, &tables, true).map_err(|(i, msg)| {
             let op = op_name(&self.ops[i]);
-            let names: Vec<String> = ctx.parent().fields().iter().map(|f| f.name().clone()).collect();
+            let names: Vec<String> = ctx
+                .parent()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
             let hint = column_hint(&msg, &names);
             vec![
-                ctx.err(&["ops", &i.to_string(), op], format!("transform op {} (`{op}`): {msg}", i + 1))
-                    .maybe_hint(hint),
+                ctx.err(
+                    &["ops", &i.to_string(), op],
+                    format!("transform op {} (`{op}`): {msg}", i + 1),
+                )
+                .maybe_hint(hint),
             ]
         })?;
-        let mut df = lf
-            .collect()
-            .map_err(|e| vec![ctx.err(&["ops"], format!("transform does not plan: {}", tidy(&e)))])?;
+        let mut df = lf.collect().map_err(|e| {
+            vec![ctx.err(&["ops"], format!("transform does not plan: {}", tidy(&e)))]
+        })?;
         engine::polars_arrow_schema(&mut df).map_err(|e| vec![ctx.err(&["ops"], e.to_string())])
     }
 
@@ -318,7 +355,10 @@ impl Stage for TransformStage {
                 .iter()
                 .map(|p| PlRefPath::new(p.to_string_lossy().as_ref()))
                 .collect();
-            Ok(LazyFrame::scan_parquet_files(paths.into_iter().collect(), ScanArgsParquet::default())?)
+            Ok(LazyFrame::scan_parquet_files(
+                paths.into_iter().collect(),
+                ScanArgsParquet::default(),
+            )?)
         };
         let base = scan(&ctx.parent().files)?;
         let tables = |id: &str| -> Result<LazyFrame> {

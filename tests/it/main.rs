@@ -1,0 +1,8 @@
+//! All integration tests, compiled into one binary (one link instead of one per file).
+//! They drive the real `ifloom` binary as a subprocess over real files.
+
+mod common;
+
+mod bad_pipelines;
+mod engine;
+mod slt;
