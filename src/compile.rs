@@ -61,11 +61,13 @@ pub fn compile(
 
     // Ids: one namespace for inputs and stages.
     let mut seen: HashMap<String, Pos> = HashMap::new();
+    let mut duplicates: BTreeSet<usize> = BTreeSet::new();
     for i in &pipeline.inputs {
         seen.insert(i.id.clone(), i.pos);
     }
-    for s in &pipeline.stages {
+    for (idx, s) in pipeline.stages.iter().enumerate() {
         if let Some(first) = seen.get(&s.id) {
+            duplicates.insert(idx);
             errs.push(
                 d(
                     s.node.pos_at(&["id"]),
@@ -86,7 +88,10 @@ pub fn compile(
     let known: Vec<String> = pipeline.all_ids().iter().map(|s| s.to_string()).collect();
     let mut deps: HashMap<String, Vec<String>> = HashMap::new();
     let mut bad_refs: BTreeSet<String> = BTreeSet::new();
-    for s in &pipeline.stages {
+    for (idx, s) in pipeline.stages.iter().enumerate() {
+        // A duplicate's id names the first definition, so `from: <its id>` is no self-read,
+        // and its edges must not replace the first definition's.
+        let duplicate = duplicates.contains(&idx);
         if s.from.is_empty() {
             errs.push(
                 d(s.pos, "missing field `from`".into())
@@ -100,8 +105,8 @@ pub fn compile(
                 d(
                     s.from[1].1,
                     format!(
-                        "a {} stage reads one table, but `from` names {}",
-                        s.kind,
+                        "{} stage reads one table, but `from` names {}",
+                        a_kind(&s.kind),
                         s.from.len()
                     ),
                 )
@@ -112,12 +117,16 @@ pub fn compile(
         let mut ds = Vec::new();
         for (name, pos) in s.deps() {
             if name == s.id {
-                errs.push(
-                    d(pos, format!("stage `{}` reads itself", s.id))
-                        .stage(&s.id)
-                        .hint("read an earlier stage"),
-                );
-                bad_refs.insert(s.id.clone());
+                // Reported here, not again as a one-stage cycle.
+                if !duplicate {
+                    errs.push(
+                        d(pos, format!("stage `{}` reads itself", s.id))
+                            .stage(&s.id)
+                            .hint("read an earlier stage"),
+                    );
+                    bad_refs.insert(s.id.clone());
+                }
+                continue;
             } else if !known.contains(&name) {
                 errs.push(
                     d(
@@ -132,7 +141,9 @@ pub fn compile(
             }
             ds.push(name);
         }
-        deps.insert(s.id.clone(), ds);
+        if !duplicate {
+            deps.insert(s.id.clone(), ds);
+        }
     }
 
     // Cycles, printed as a chain.
@@ -283,8 +294,9 @@ pub fn compile(
                 d(
                     s.from.first().map_or(s.pos, |f| f.1),
                     format!(
-                        "input table `{}` has no `{ID_COL}` column, which a {} stage needs",
-                        parents[0].0, s.kind
+                        "input table `{}` has no `{ID_COL}` column, which {} stage needs",
+                        parents[0].0,
+                        a_kind(&s.kind)
                     ),
                 )
                 .stage(id)
@@ -332,6 +344,16 @@ pub fn compile(
         scans,
         fingerprints,
     })
+}
+
+/// "a dedup", "an output": a stage kind with its article.
+fn a_kind(kind: &str) -> String {
+    let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {kind}")
 }
 
 pub fn hash_json(v: &serde_json::Value) -> String {

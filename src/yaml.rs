@@ -259,6 +259,9 @@ impl MarkedEventReceiver for Builder {
             }
             Event::MappingEnd => {
                 if let Some(Frame::Map(entries, _, p, anchor)) = self.stack.pop() {
+                    // A block mapping's start event can be marked after its first key (at
+                    // `- id:`, on the colon); the mapping starts at that key.
+                    let p = entries.first().map_or(p, |(k, _)| p.min(k.pos));
                     self.push_value(Node::new(Value::Map(entries), p), anchor);
                 }
             }
@@ -622,6 +625,14 @@ mod tests {
         let e = n.deserialize::<S>("").unwrap_err();
         assert_eq!(e.pos, Some(Pos { line: 2, col: 1 }));
         assert!(e.message.contains("unknown field `bb`"), "{}", e.message);
+    }
+
+    #[test]
+    fn block_mapping_in_a_list_starts_at_its_first_key() {
+        let n = parse("stages:\n  - id: a\n    kind: sql\n").unwrap();
+        assert_eq!(n.pos_at(&["stages", "0"]), Pos { line: 2, col: 5 });
+        let f = parse("s: {a: 1}\n").unwrap();
+        assert_eq!(f.pos_at(&["s"]), Pos { line: 1, col: 4 });
     }
 
     #[test]

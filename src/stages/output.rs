@@ -139,7 +139,12 @@ impl Stage for OutputStage {
         }
         for k in self.rename.keys() {
             if !has_col(schema, k) {
-                errs.push(unknown_column(ctx, &["rename", k], k, schema));
+                // The unknown column is the key (`old: new`), not the new name.
+                let mut e = unknown_column(ctx, &["rename", k], k, schema);
+                if let Some(key) = ctx.def.node.get("rename").and_then(|r| r.key_node(k)) {
+                    e.pos = key.pos;
+                }
+                errs.push(e);
             }
         }
         let mut seen = std::collections::HashSet::new();

@@ -62,8 +62,18 @@ pub fn tidy_sql_error(e: &datafusion::error::DataFusionError) -> String {
         .strip_prefix("Error during planning: ")
         .or_else(|| s.strip_prefix("SQL error: "))
         .unwrap_or(&s)
-        .to_string();
-    s.replace("Schema error: ", "")
+        .replace("Schema error: ", "");
+    // sqlparser errors print as `ParserError("...")`: keep the words inside.
+    let s = ["ParserError(\"", "TokenizerError(\""]
+        .iter()
+        .find_map(|p| s.strip_prefix(p)?.strip_suffix("\")"))
+        .map_or(s.clone(), |inner| inner.replace("\\\"", "\""));
+    // One line, so the message stays on its `error:` line.
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Stage for SqlStage {

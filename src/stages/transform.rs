@@ -372,12 +372,29 @@ impl Stage for TransformStage {
         let lf = self
             .apply(base, &tables, false)
             .map_err(|(i, msg)| Error::stage(ctx.id, format!("op {}: {msg}", i + 1)))?;
-        let mut df = lf.collect()?;
         let path = ctx.out.join("part-00000.parquet");
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        ParquetWriter::new(f)
-            .with_compression(ParquetCompression::Zstd(None))
-            .finish(&mut df)?;
+        // Stream to Parquet with Polars' streaming engine, so filters and projections run in
+        // bounded memory; operations it cannot stream fall back to the in-memory engine.
+        let sink = lf.clone().sink(
+            SinkDestination::File {
+                target: SinkTarget::Path(PlRefPath::new(path.to_string_lossy().as_ref())),
+            },
+            FileWriteFormat::Parquet(std::sync::Arc::new(ParquetWriteOptions::default())),
+            UnifiedSinkArgs {
+                maintain_order: true,
+                ..Default::default()
+            },
+        );
+        let streamed = sink.and_then(|s| s.collect_with_engine(polars::prelude::Engine::Streaming).map(|_| ()));
+        if let Err(e) = streamed {
+            tracing::debug!("streaming sink failed ({e}); collecting in memory");
+            let _ = std::fs::remove_file(&path);
+            let mut df = lf.collect()?;
+            let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            ParquetWriter::new(f)
+                .with_compression(ParquetCompression::Zstd(None))
+                .finish(&mut df)?;
+        }
         Ok(RunOutput::default())
     }
 }
