@@ -241,10 +241,11 @@ fn read_jsonl(
             let v: serde_json::Value = serde_json::from_str(t).map_err(|e| {
                 ierr(
                     format!(
-                        "{}:{}:{}: invalid JSON: {e}",
+                        "{}:{}:{}: invalid JSON: {}",
                         file.display(),
                         i + 1,
-                        e.column()
+                        e.column() + (text.len() - text.trim_start().len()),
+                        json_msg(&e)
                     ),
                     Some("each line of a .jsonl file must be one JSON object (or one JSON string)"),
                 )
@@ -355,6 +356,13 @@ fn read_jsonl(
     }
 }
 
+/// serde_json's message without its own ` at line L column C` (the caller gives the place).
+fn json_msg(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    s.strip_suffix(&suffix).unwrap_or(&s).to_string()
+}
+
 fn json_type(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -394,10 +402,11 @@ fn read_json(
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ierr(
                 format!(
-                    "{}:{}:{}: invalid JSON: {e}",
+                    "{}:{}:{}: invalid JSON: {}",
                     file.display(),
                     e.line(),
-                    e.column()
+                    e.column(),
+                    json_msg(&e)
                 ),
                 Some("a .json input must be one JSON array of objects"),
             )

@@ -575,16 +575,23 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
             })
         }
         Err(e) => {
+            let fields = entry.fields();
             errs.extend(e.into_iter().map(|d| {
                 let mut d = d.stage(&id);
-                if let Some(rest) = d.message.strip_prefix("unknown field ") {
+                if let Some((name, expected)) = unknown_name(&d.message) {
+                    // A field of the stage itself (the message starts with its own path):
                     // serde lists only the kind's own fields; name the common ones too.
-                    d.message = format!("unknown field {rest}");
+                    let own = d.message.starts_with(&format!("{name}: unknown field "));
+                    let pool: Vec<&str> = if own {
+                        d.message = format!("unknown field `{name}`");
+                        fields.iter().map(String::as_str).collect()
+                    } else {
+                        expected.iter().map(String::as_str).collect()
+                    };
                     if d.hint.is_none() {
-                        d.hint = Some(format!(
-                            "stage kind `{kind}` takes: {}",
-                            entry.fields().join(", ")
-                        ));
+                        d.hint = did_you_mean(&name, pool).or_else(|| {
+                            own.then(|| format!("stage kind `{kind}` takes: {}", fields.join(", ")))
+                        });
                     }
                 }
                 d
@@ -592,6 +599,27 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
             Err(errs)
         }
     }
+}
+
+/// From serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"): the
+/// unknown name and the expected ones.
+fn unknown_name(message: &str) -> Option<(String, Vec<String>)> {
+    let start = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| message.find(p).map(|i| i + p.len()))?;
+    let rest = &message[start..];
+    let end = rest.find('`')?;
+    let expected = rest[end + 1..]
+        .split_once("expected")
+        .map(|(_, list)| {
+            list.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((rest[..end].to_string(), expected))
 }
 
 /// Replace `${params.x}`, `${VAR}` and `${VAR:-default}` in every string scalar under `node`.

@@ -217,9 +217,14 @@ impl Stage for OutputStage {
                             Some(w) => w,
                             None => {
                                 let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
-                                json_w.insert(arrow::json::LineDelimitedWriter::new(
-                                    std::io::BufWriter::new(f),
-                                ))
+                                // Every line has every key (null included), as loaders expect.
+                                json_w.insert(
+                                    arrow::json::WriterBuilder::new()
+                                        .with_explicit_nulls(true)
+                                        .build::<_, arrow::json::writer::LineDelimited>(
+                                        std::io::BufWriter::new(f),
+                                    ),
+                                )
                             }
                         };
                         w.write(&b)?;

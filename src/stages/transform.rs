@@ -385,7 +385,10 @@ impl Stage for TransformStage {
                 ..Default::default()
             },
         );
-        let streamed = sink.and_then(|s| s.collect_with_engine(polars::prelude::Engine::Streaming).map(|_| ()));
+        let streamed = sink.and_then(|s| {
+            s.collect_with_engine(polars::prelude::Engine::Streaming)
+                .map(|_| ())
+        });
         if let Err(e) = streamed {
             tracing::debug!("streaming sink failed ({e}); collecting in memory");
             let _ = std::fs::remove_file(&path);

@@ -570,3 +570,69 @@ fn introspection_verbs() {
         stderr(&o)
     );
 }
+
+#[test]
+fn conversation_turns_pipeline_flattens_multi_turn_data() {
+    let root = common::root();
+    let text = std::fs::read_to_string(root.join("data/conversations.jsonl")).unwrap();
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let humans = v["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["from"] == "human")
+            .count();
+        expected.insert(v["id"].as_str().unwrap().to_string(), humans as u64);
+    }
+    let strings = std::fs::read_to_string(root.join("data/strings.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    let tmp = tempdir();
+    let run = tmp.path().join("run");
+    ok(
+        &root,
+        &[
+            "run",
+            "pipelines/conversation_turns.yaml",
+            "--run-dir",
+            s(&run),
+        ],
+    );
+    let got: BTreeMap<String, u64> = sql_rows(
+        &root,
+        &run,
+        "SELECT id, human_turns FROM turns_per_conversation",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+    .collect();
+    assert_eq!(got, expected);
+    let out = std::fs::read_to_string(run.join("out/first_prompts.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), expected.len() + strings);
+    // Every line carries both keys; bare-string prompts have no turn count.
+    assert!(
+        lines
+            .iter()
+            .all(|v| v.get("prompt").is_some() && v.get("human_turns").is_some())
+    );
+    assert_eq!(
+        lines.iter().filter(|v| v["human_turns"].is_null()).count(),
+        strings
+    );
+    // Sorted by prompt text.
+    let prompts: Vec<&str> = lines
+        .iter()
+        .map(|v| v["prompt"].as_str().unwrap())
+        .collect();
+    let mut sorted = prompts.clone();
+    sorted.sort();
+    assert_eq!(prompts, sorted);
+}
