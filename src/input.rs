@@ -188,6 +188,21 @@ fn utf8_line<'a>(bytes: &'a [u8], file: &Path, line: usize) -> Result<&'a str, I
     })
 }
 
+/// A whole file's bytes, refused with the line and column of the first invalid UTF-8 byte.
+fn read_utf8(file: &Path) -> Result<Vec<u8>, InputError> {
+    let bytes = std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        let prefix = &bytes[..e.valid_up_to()];
+        let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = prefix
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1);
+        utf8_line(&bytes[line_start..], file, line)?;
+    }
+    Ok(bytes)
+}
+
 #[derive(Clone, Copy)]
 enum JsonlMode {
     Objects,
@@ -385,20 +400,7 @@ fn read_json(
 ) -> Result<(), InputError> {
     let mut all = Vec::new();
     for file in files {
-        let bytes =
-            std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
-        if let Err(e) = std::str::from_utf8(&bytes) {
-            let prefix = &bytes[..e.valid_up_to()];
-            let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
-            utf8_line(
-                &bytes[prefix
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)..],
-                file,
-                line,
-            )?;
-        }
+        let bytes = read_utf8(file)?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ierr(
                 format!(
@@ -469,20 +471,7 @@ fn read_csv(
     let format = arrow::csv::reader::Format::default().with_header(true);
     let mut schema: Option<SchemaRef> = None;
     for file in files {
-        let bytes =
-            std::fs::read(file).map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
-        if let Err(e) = std::str::from_utf8(&bytes) {
-            let prefix = &bytes[..e.valid_up_to()];
-            let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
-            utf8_line(
-                &bytes[prefix
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)..],
-                file,
-                line,
-            )?;
-        }
+        let bytes = read_utf8(file)?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
