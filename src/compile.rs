@@ -55,8 +55,7 @@ pub fn compile(
     env: &dyn Fn(&str) -> Option<String>,
     engine: &Engine,
 ) -> Result<Plan, Diagnostics> {
-    let pipeline = spec::load(file, overrides, env).map_err(Diagnostics)?;
-    let mut errs: Vec<Diagnostic> = Vec::new();
+    let (pipeline, mut errs) = spec::load(file, overrides, env).map_err(Diagnostics)?;
     let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
 
     // Ids: one namespace for inputs and stages.
@@ -85,7 +84,8 @@ pub fn compile(
     }
 
     // References.
-    let known: Vec<String> = pipeline.all_ids().iter().map(|s| s.to_string()).collect();
+    let mut known: Vec<String> = pipeline.all_ids().iter().map(|s| s.to_string()).collect();
+    known.extend(pipeline.broken.iter().cloned());
     let mut deps: HashMap<String, Vec<String>> = HashMap::new();
     let mut bad_refs: BTreeSet<String> = BTreeSet::new();
     for (idx, s) in pipeline.stages.iter().enumerate() {
@@ -127,6 +127,9 @@ pub fn compile(
                     bad_refs.insert(s.id.clone());
                 }
                 continue;
+            } else if pipeline.broken.contains(&name) {
+                // Its own errors are already reported.
+                bad_refs.insert(s.id.clone());
             } else if !known.contains(&name) {
                 errs.push(
                     d(

@@ -123,6 +123,9 @@ pub struct Pipeline {
     pub params: BTreeMap<String, serde_json::Value>,
     pub inputs: Vec<InputDef>,
     pub stages: Vec<StageDef>,
+    /// Ids of inputs and stages that had errors while parsing: they are known names (so no
+    /// "unknown table" follows) but are not planned, and neither is anything reading them.
+    pub broken: Vec<String>,
 }
 
 impl Pipeline {
@@ -144,13 +147,15 @@ impl Pipeline {
     }
 }
 
-/// Read and parse a pipeline file. `overrides` are `--set key=value` pairs. `env` looks up
+/// Read and parse a pipeline file. Errors that leave nothing to check further (unreadable
+/// file, YAML syntax, not a mapping) are `Err`; all others come back beside the partly parsed
+/// pipeline so compilation can go on and report the rest too. `overrides` are `--set key=value` pairs. `env` looks up
 /// environment variables (a closure so tests need not touch the process environment).
 pub fn load(
     file: &Path,
     overrides: &[(String, String)],
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Pipeline, Vec<Diagnostic>> {
+) -> Result<(Pipeline, Vec<Diagnostic>), Vec<Diagnostic>> {
     let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
     let start = Pos { line: 1, col: 1 };
     let bytes = std::fs::read(file).map_err(|e| {
@@ -278,11 +283,34 @@ pub fn load(
         }
     }
 
-    for key in ["inputs", "stages"] {
-        if let Value::Map(m) = &mut root.value
-            && let Some((_, v)) = m.iter_mut().find(|(k, _)| k.as_str() == Some(key))
-        {
-            interpolate(v, &params, env, file, &mut errs);
+    // Interpolate each input and stage on its own: one whose `${...}` failed is marked
+    // broken, so later checks skip it instead of reporting the same mistake again.
+    let mut broken: Vec<String> = Vec::new();
+    if let Value::Map(m) = &mut root.value {
+        for (k, v) in m.iter_mut() {
+            match (k.as_str(), &mut v.value) {
+                (Some("inputs"), Value::Map(entries)) => {
+                    for (ik, iv) in entries.iter_mut() {
+                        let before = errs.len();
+                        interpolate(iv, &params, env, file, &mut errs);
+                        if errs.len() > before {
+                            broken.push(ik.scalar_text());
+                        }
+                    }
+                }
+                (Some("stages"), Value::Seq(items)) => {
+                    for item in items.iter_mut() {
+                        let before = errs.len();
+                        interpolate(item, &params, env, file, &mut errs);
+                        if errs.len() > before
+                            && let Some(id) = item.get("id")
+                        {
+                            broken.push(id.scalar_text());
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -322,6 +350,9 @@ pub fn load(
             Value::Map(m) => {
                 for (k, v) in m {
                     let id = k.scalar_text();
+                    if broken.contains(&id) {
+                        continue;
+                    }
                     if !valid_name(&id) {
                         errs.push(
                             at(k.pos, format!("input id `{id}` is not a valid name"))
@@ -346,10 +377,13 @@ pub fn load(
                             node: v.clone(),
                             spec,
                         }),
-                        Err(e) => errs.push(
-                            at(e.pos.unwrap_or(v.pos), e.to_string())
-                                .hint("an input takes path, format, limit and sample"),
-                        ),
+                        Err(e) => {
+                            broken.push(id);
+                            errs.push(
+                                at(e.pos.unwrap_or(v.pos), e.to_string())
+                                    .hint("an input takes path, format, limit and sample"),
+                            )
+                        }
                     }
                 }
             }
@@ -372,9 +406,14 @@ pub fn load(
         Some(node) => match &node.value {
             Value::Seq(items) => {
                 for (i, item) in items.iter().enumerate() {
+                    let id = item.get("id").map(Node::scalar_text);
                     match parse_stage(i, item, &build) {
-                        Ok(s) => stages_out.push(s),
-                        Err(mut e) => errs.append(&mut e),
+                        Ok(s) if !broken.contains(&s.id) => stages_out.push(s),
+                        Ok(_) => {}
+                        Err(mut e) => {
+                            errs.append(&mut e);
+                            broken.extend(id);
+                        }
                     }
                 }
             }
@@ -394,10 +433,7 @@ pub fn load(
         }
     }
 
-    if !errs.is_empty() {
-        return Err(errs);
-    }
-    Ok(Pipeline {
+    let pipeline = Pipeline {
         file: file.to_path_buf(),
         dir,
         name,
@@ -405,7 +441,9 @@ pub fn load(
         params: literal_params,
         inputs,
         stages: stages_out,
-    })
+        broken,
+    };
+    Ok((pipeline, errs))
 }
 
 trait HintOr {
