@@ -214,7 +214,7 @@ fn run_one(
             })
     };
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
+        remove_tmp(&tmp);
         return Err(e);
     }
     let finish = || -> Result<Manifest> {
@@ -282,8 +282,20 @@ fn run_one(
             Ok((table_of(dir, id, &m)?, false))
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            remove_tmp(&tmp);
             Err(Error::stage(id, e))
         }
+    }
+}
+
+/// Remove a failed stage's temporary folder. A query engine's writer tasks can still be
+/// closing files for a moment after the error surfaced, so try again briefly.
+fn remove_tmp(tmp: &std::path::Path) {
+    for _ in 0..20 {
+        let _ = std::fs::remove_dir_all(tmp);
+        if !tmp.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -636,3 +636,72 @@ fn conversation_turns_pipeline_flattens_multi_turn_data() {
     sorted.sort();
     assert_eq!(prompts, sorted);
 }
+
+/// A full disk fails the stage with a clear error and leaves earlier stages intact. Needs a
+/// small tmpfs, so it runs where the tests run as root (CI does); elsewhere it says so.
+#[test]
+fn full_disk_fails_the_stage_and_keeps_earlier_ones() {
+    let tmp = tempdir();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=400k", "tmpfs", s(&mnt)])
+        .status()
+        .is_ok_and(|st| st.success());
+    if !mounted {
+        eprintln!("skipping full_disk test: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    std::fs::create_dir_all(tmp.path().join("data")).unwrap();
+    // The input table fits; 80k rows of SHA-256 hex (incompressible) do not.
+    let rows: String = (0..2000u64)
+        .map(|i| {
+            format!(
+                "{{\"t\": \"{:016x}{:016x}\"}}\n",
+                i.wrapping_mul(0x9e3779b97f4a7c15),
+                i.wrapping_mul(0xc2b2ae3d27d4eb4f)
+            )
+        })
+        .collect();
+    std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
+    let p = tmp.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        "name: disk\ninputs:\n  src: data/in.jsonl\nstages:\n  - id: big\n    kind: sql\n    from: src\n    query: SELECT s._id, s.t, encode(sha256(concat(s.t, CAST(k.v AS VARCHAR))), 'hex') AS u, k.v FROM src s CROSS JOIN (SELECT unnest(generate_series(1, 40)) AS v) k\n",
+    )
+    .unwrap();
+    let run = mnt.join("run");
+    let o = ifloom(tmp.path(), &["run", s(&p), "--run-dir", s(&run)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("stage 'big' failed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        run.join("stages/src/manifest.json").is_file(),
+        "the finished input was lost"
+    );
+    assert!(
+        !run.join("stages/big").exists(),
+        "a failed stage looks complete"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("stages"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "temporary folders left behind: {leftovers:?}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "failed");
+}
