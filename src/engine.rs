@@ -28,6 +28,8 @@ pub struct Engine {
     pub spill_dir: Option<PathBuf>,
     pub target_partitions: usize,
     pub rt: tokio::runtime::Handle,
+    /// The LLM response cache (shared across runs and pipelines).
+    pub cache_path: PathBuf,
 }
 
 impl Engine {
@@ -37,6 +39,7 @@ impl Engine {
             spill_dir: None,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             rt,
+            cache_path: crate::llm::cache::default_path(),
         }
     }
 

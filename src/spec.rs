@@ -13,7 +13,14 @@ use crate::stages::{self, BuildCtx, Stage};
 use crate::yaml::{self, Node, Pos, Value};
 
 /// Top-level keys of a pipeline file (also the order of the JSON Schema's properties).
-pub const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "params", "inputs", "stages"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "params",
+    "endpoints",
+    "inputs",
+    "stages",
+];
 
 /// Reserved row-identity column, added to every input row.
 pub const ID_COL: &str = "_id";
@@ -298,6 +305,7 @@ pub fn load(
                         }
                     }
                 }
+                (Some("endpoints"), _) => interpolate(v, &params, env, file, &mut errs),
                 (Some("stages"), Value::Seq(items)) => {
                     for item in items.iter_mut() {
                         let before = errs.len();
@@ -397,10 +405,41 @@ pub fn load(
         }
     }
 
+    let mut endpoints = BTreeMap::new();
+    if let Some(node) = root.get("endpoints") {
+        match &node.value {
+            Value::Map(m) => {
+                for (k, v) in m {
+                    let name = k.scalar_text();
+                    match v.deserialize::<crate::llm::client::EndpointGroup>(&format!("endpoints.{name}")) {
+                        Ok(g) if g.urls.is_empty() => errs.push(
+                            at(v.pos, format!("endpoint group `{name}` has no urls"))
+                                .hint("urls: [\"http://127.0.0.1:8000/v1\"]"),
+                        ),
+                        Ok(g) => {
+                            endpoints.insert(name, g);
+                        }
+                        Err(e) => errs.push(at(e.pos.unwrap_or(v.pos), e.to_string()).hint(
+                            "an endpoint group takes urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries",
+                        )),
+                    }
+                }
+            }
+            _ => errs.push(at(
+                node.pos,
+                format!(
+                    "endpoints: invalid type: {}, expected a mapping of group names",
+                    node.type_name()
+                ),
+            )),
+        }
+    }
+
     let mut stages_out = Vec::new();
     let build = BuildCtx {
         file: file.to_path_buf(),
         dir: dir.clone(),
+        endpoints,
     };
     match root.get("stages") {
         Some(node) => match &node.value {
@@ -775,6 +814,9 @@ pub fn json_schema() -> serde_json::Value {
     use serde_json::json;
     let mut g = schemars::SchemaGenerator::default();
     let input = g.subschema_for::<InputSpec>().to_value();
+    let group = g
+        .subschema_for::<crate::llm::client::EndpointGroup>()
+        .to_value();
     let mut kinds = Vec::new();
     for k in stages::registry() {
         let mut v = (k.schema)(&mut g).to_value();
@@ -808,6 +850,7 @@ pub fn json_schema() -> serde_json::Value {
             "name": {"type": "string", "description": "Pipeline name; names the run directory."},
             "description": {"type": "string"},
             "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
+            "endpoints": {"type": "object", "description": "Named groups of OpenAI-compatible servers for llm stages.", "additionalProperties": group},
             "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
             "stages": {"type": "array", "items": {"oneOf": kinds}},
         },

@@ -9,6 +9,7 @@ use crate::compile::{self, Plan};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
+mod cache;
 mod graph;
 mod run;
 mod runs;
@@ -44,6 +45,8 @@ pub enum Command {
     Runs(runs::Args),
     /// Print the JSON Schema of pipeline files.
     Schema,
+    /// Inspect or prune the LLM response cache.
+    Cache(cache::Args),
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
@@ -65,6 +68,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Graph(a) => graph::run(a, &engine),
         Command::Runs(a) => runs::run(a),
         Command::Schema => schema::run(),
+        Command::Cache(a) => cache::run(a),
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -22,6 +22,9 @@ pub struct Args {
     /// DataFusion memory limit in MiB (sorts and joins spill to disk beyond it).
     #[arg(long, default_value_t = 2048)]
     pub memory_mb: usize,
+    /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
 }
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
@@ -34,6 +37,9 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let mut engine = engine.clone();
     engine.memory_limit = a.memory_mb << 20;
     engine.spill_dir = Some(dir.path.join("spill"));
+    if let Some(c) = a.cache {
+        engine.cache_path = c;
+    }
     eprintln!(
         "ifloom: running {} into {}",
         plan.pipeline.name,

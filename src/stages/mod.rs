@@ -23,7 +23,13 @@ pub mod transform;
 
 /// The registry of stage kinds.
 pub fn registry() -> &'static [KindEntry] {
-    static KINDS: &[KindEntry] = &[sql::KIND, transform::KIND, dedup::KIND, output::KIND];
+    static KINDS: &[KindEntry] = &[
+        sql::KIND,
+        transform::KIND,
+        dedup::KIND,
+        output::KIND,
+        crate::llm::KIND,
+    ];
     KINDS
 }
 
@@ -61,6 +67,8 @@ impl KindEntry {
 pub struct BuildCtx {
     pub file: PathBuf,
     pub dir: PathBuf,
+    /// Endpoint groups from the pipeline's top-level `endpoints:`.
+    pub endpoints: BTreeMap<String, crate::llm::client::EndpointGroup>,
 }
 
 /// Deserialize a kind's config from its node and let it check itself.

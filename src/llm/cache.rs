@@ -1,0 +1,279 @@
+//! The response cache: every finished LLM response, keyed by the request id (a hash of the
+//! canonical request), persisted as soon as it arrives. This is what makes resume exact: after
+//! a crash the rerun finds every finished response and sends only the rest.
+//!
+//! SQLite in WAL mode: readers never block the writer and a second ifloom process can use the
+//! same file at once (an embedded store that locks out other processes would not do). Bodies
+//! are zstd-compressed JSON; big runs hold tens of GB of responses otherwise. One writer thread
+//! commits small batches, so a `kill -9` loses at most the last few hundred milliseconds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What is stored per request: one choice of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedResponse {
+    pub text: String,
+    #[serde(default)]
+    pub reasoning: Option<String>,
+    pub finish_reason: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub latency_ms: i64,
+}
+
+/// Where the cache lives unless told: `$IFLOOM_CACHE`, else `~/.cache/ifloom/llm-cache.sqlite`.
+pub fn default_path() -> PathBuf {
+    if let Ok(p) = std::env::var("IFLOOM_CACHE") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|_| PathBuf::from(".cache"));
+    base.join("ifloom").join("llm-cache.sqlite")
+}
+
+fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
+    let conn = Connection::open(path).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS responses (
+             id TEXT PRIMARY KEY,
+             model TEXT NOT NULL,
+             body BLOB NOT NULL,
+             created_at INTEGER NOT NULL
+         );",
+    )
+    .map_err(sql)?;
+    Ok(conn)
+}
+
+fn compress(r: &CachedResponse) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(r)?;
+    zstd::encode_all(json.as_slice(), 3).map_err(|e| Error::Internal(format!("zstd: {e}")))
+}
+
+fn decompress(b: &[u8]) -> Option<CachedResponse> {
+    let json = zstd::decode_all(b).ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
+/// A handle for lookups plus a background writer.
+pub struct Cache {
+    path: PathBuf,
+    reader: std::sync::Mutex<Connection>,
+    tx: Option<mpsc::Sender<(String, String, CachedResponse)>>,
+    writer: Option<JoinHandle<Result<u64>>>,
+}
+
+impl Cache {
+    pub fn open(path: &Path) -> Result<Cache> {
+        let reader = open(path)?;
+        let wconn = open(path)?;
+        let (tx, rx) = mpsc::channel::<(String, String, CachedResponse)>();
+        let wpath = path.to_path_buf();
+        let writer = std::thread::spawn(move || write_loop(wconn, rx, &wpath));
+        Ok(Cache {
+            path: path.to_path_buf(),
+            reader: std::sync::Mutex::new(reader),
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Look up many ids at once.
+    pub fn get_many(&self, ids: &[String]) -> Result<HashMap<String, CachedResponse>> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| Error::Internal("cache lock poisoned".into()))?;
+        let sql = |e: rusqlite::Error| Error::Internal(format!("cache read: {e}"));
+        let mut out = HashMap::new();
+        let mut stmt = conn
+            .prepare_cached("SELECT body FROM responses WHERE id = ?1")
+            .map_err(sql)?;
+        for id in ids {
+            let body: Option<Vec<u8>> = stmt
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            if let Some(r) = body.as_deref().and_then(decompress) {
+                out.insert(id.clone(), r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queue a response for the writer (committed within ~100 ms).
+    pub fn put(&self, id: String, model: String, r: CachedResponse) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((id, model, r));
+        }
+    }
+
+    /// Flush everything queued and stop the writer; returns how many responses it stored.
+    pub fn close(mut self) -> Result<u64> {
+        self.tx.take();
+        match self.writer.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Internal("cache writer panicked".into()))?,
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn write_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<(String, String, CachedResponse)>,
+    path: &Path,
+) -> Result<u64> {
+    let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
+    let mut written = 0u64;
+    let mut batch = Vec::new();
+    // Block for the first item, then gather for up to 100 ms or 256 items.
+    while let Ok(item) = rx.recv() {
+        batch.push(item);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while batch.len() < 256 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let tx = conn.transaction().map_err(sql)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO responses (id, model, body, created_at) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?;
+            let now = chrono::Utc::now().timestamp();
+            for (id, model, r) in batch.drain(..) {
+                stmt.execute(params![id, model, compress(&r)?, now])
+                    .map_err(sql)?;
+                written += 1;
+            }
+        }
+        tx.commit().map_err(sql)?;
+    }
+    Ok(written)
+}
+
+/// Figures for `ifloom cache stats`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub path: String,
+    pub responses: i64,
+    pub compressed_bytes: i64,
+    pub file_bytes: u64,
+    pub models: Vec<(String, i64)>,
+}
+
+pub fn stats(path: &Path) -> Result<Stats> {
+    let conn = open(path)?;
+    let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
+    let (responses, bytes): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM responses",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql)?;
+    let mut stmt = conn
+        .prepare("SELECT model, count(*) FROM responses GROUP BY model ORDER BY 2 DESC")
+        .map_err(sql)?;
+    let models = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql)?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    Ok(Stats {
+        path: path.display().to_string(),
+        responses,
+        compressed_bytes: bytes,
+        file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        models,
+    })
+}
+
+/// Delete responses older than `days` (all with `days = 0`) and compact the file.
+pub fn gc(path: &Path, older_than_days: u64) -> Result<usize> {
+    let conn = open(path)?;
+    let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
+    let cutoff = chrono::Utc::now().timestamp() - (older_than_days as i64) * 86_400;
+    let n = conn
+        .execute(
+            "DELETE FROM responses WHERE created_at <= ?1",
+            params![cutoff],
+        )
+        .map_err(sql)?;
+    conn.execute_batch("VACUUM").map_err(sql)?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(t: &str) -> CachedResponse {
+        CachedResponse {
+            text: t.into(),
+            reasoning: None,
+            finish_reason: "stop".into(),
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            latency_ms: 5,
+        }
+    }
+
+    #[test]
+    fn put_then_get_across_two_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        let a = Cache::open(&p).unwrap();
+        // A second process-like handle on the same file works at the same time.
+        let b = Cache::open(&p).unwrap();
+        a.put("x".into(), "m".into(), resp("hello"));
+        assert_eq!(a.close().unwrap(), 1);
+        let got = b.get_many(&["x".into(), "y".into()]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got["x"], resp("hello"));
+        let s = stats(&p).unwrap();
+        assert_eq!(s.responses, 1);
+        drop(b);
+        assert_eq!(gc(&p, 0).unwrap(), 1);
+        assert_eq!(stats(&p).unwrap().responses, 0);
+    }
+}

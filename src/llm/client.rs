@@ -1,0 +1,570 @@
+//! The HTTP client: a pool of OpenAI-compatible endpoints, balanced by least outstanding
+//! requests, each with an in-flight limit (fixed, or adaptive: AIMD cut on 429/503/timeouts,
+//! grown on success), retries with exponential backoff and full jitter honouring
+//! `Retry-After`, and a circuit breaker so a dead server stops eating every row's retries.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::request::Profile;
+
+fn d_in_flight() -> usize {
+    256
+}
+fn d_timeout() -> f64 {
+    600.0
+}
+fn d_retries() -> u32 {
+    6
+}
+fn d_backoff() -> u64 {
+    500
+}
+fn d_backoff_max() -> u64 {
+    30_000
+}
+fn d_all_down() -> f64 {
+    120.0
+}
+
+/// One group of interchangeable servers (replicas of the same model). Operational settings
+/// only: none of this is part of a stage's fingerprint, so changing it reuses finished work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointGroup {
+    /// Base URLs, e.g. `http://127.0.0.1:8000/v1`.
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub profile: Profile,
+    /// Name of the environment variable holding the API key (never the key itself).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Requests in flight per URL (vLLM batches what is in flight: keep it large).
+    #[serde(default = "d_in_flight")]
+    pub max_in_flight: usize,
+    /// Start low and find the capacity: halve on 429/503/timeouts, grow on success.
+    #[serde(default)]
+    pub adaptive: bool,
+    /// Per-request timeout in seconds.
+    #[serde(default = "d_timeout")]
+    pub timeout_s: f64,
+    /// Retries per request after the first attempt.
+    #[serde(default = "d_retries")]
+    pub max_retries: u32,
+    #[serde(default = "d_backoff")]
+    pub backoff_ms: u64,
+    #[serde(default = "d_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Stop the stage (resumably) when every URL has failed for this many seconds.
+    #[serde(default = "d_all_down")]
+    pub all_down_s: f64,
+}
+
+impl EndpointGroup {
+    pub fn new(urls: Vec<String>) -> Self {
+        EndpointGroup {
+            urls,
+            profile: Profile::default(),
+            api_key_env: None,
+            max_in_flight: d_in_flight(),
+            adaptive: false,
+            timeout_s: d_timeout(),
+            max_retries: d_retries(),
+            backoff_ms: d_backoff(),
+            backoff_max_ms: d_backoff_max(),
+            all_down_s: d_all_down(),
+        }
+    }
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub reasoning: Option<String>,
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub choices: Vec<Choice>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub latency_ms: i64,
+    /// Attempts beyond the first.
+    pub retries: u32,
+}
+
+/// Why a call failed for good.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The row fails (dead-lettered); `raw` keeps the body when there was one.
+    #[error("{message}")]
+    Row {
+        message: String,
+        raw: Option<String>,
+        retries: u32,
+    },
+    /// The stage must stop (every endpoint down): rerunning resumes from the cache.
+    #[error("{0}")]
+    Abort(String),
+}
+
+enum Attempt {
+    Ok(Completion),
+    Retry {
+        message: String,
+        after: Option<Duration>,
+        overload: bool,
+    },
+    Fatal {
+        message: String,
+        raw: Option<String>,
+    },
+}
+
+struct Endpoint {
+    url: String,
+    outstanding: AtomicUsize,
+    /// Current in-flight limit (changes only in adaptive mode).
+    limit: AtomicUsize,
+    successes: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    down_until: Mutex<Option<Instant>>,
+}
+
+pub struct Pool {
+    group: EndpointGroup,
+    endpoints: Vec<Endpoint>,
+    http: reqwest::Client,
+    api_key: Option<String>,
+    notify: Notify,
+    all_down_since: Mutex<Option<Instant>>,
+    pub retries: AtomicUsize,
+}
+
+/// Failures in a row before an endpoint is benched for a while.
+const TRIP_AFTER: u32 = 8;
+const BENCH_FOR: Duration = Duration::from_secs(5);
+
+impl Pool {
+    pub fn new(group: &EndpointGroup) -> Result<Pool, String> {
+        let api_key = match &group.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                format!("environment variable `{var}` (api_key_env) is not set: export the API key in it")
+            })?),
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(group.max_in_flight.max(8))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let start = if group.adaptive {
+            group.max_in_flight.min(8)
+        } else {
+            group.max_in_flight
+        };
+        let endpoints = group
+            .urls
+            .iter()
+            .map(|u| Endpoint {
+                url: u.trim_end_matches('/').to_string(),
+                outstanding: AtomicUsize::new(0),
+                limit: AtomicUsize::new(start.max(1)),
+                successes: AtomicUsize::new(0),
+                consecutive_failures: AtomicU32::new(0),
+                down_until: Mutex::new(None),
+            })
+            .collect();
+        Ok(Pool {
+            group: group.clone(),
+            endpoints,
+            http,
+            api_key,
+            notify: Notify::new(),
+            all_down_since: Mutex::new(None),
+            retries: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn profile(&self) -> Profile {
+        self.group.profile
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.group.max_in_flight * self.endpoints.len()
+    }
+
+    /// Check every endpoint answers `/models` and serves `model`. All problems in one message.
+    pub async fn health_check(&self, model: &str) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for ep in &self.endpoints {
+            let mut req = self
+                .http
+                .get(format!("{}/models", ep.url))
+                .timeout(Duration::from_secs(10));
+            if let Some(k) = &self.api_key {
+                req = req.bearer_auth(k);
+            }
+            match req.send().await {
+                Err(e) => problems.push(format!("{} is down ({})", ep.url, short_err(&e))),
+                Ok(r) if !r.status().is_success() => {
+                    problems.push(format!("{} answered {} to GET /models", ep.url, r.status()))
+                }
+                Ok(r) => {
+                    let v: serde_json::Value = r.json().await.unwrap_or_default();
+                    let ids: Vec<String> = v["data"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|m| m["id"].as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !ids.is_empty() && !ids.iter().any(|i| i == model) {
+                        problems.push(format!(
+                            "{} serves {}, not `{model}`",
+                            ep.url,
+                            ids.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Wait for a slot on the least busy usable endpoint.
+    async fn acquire(&self) -> Result<usize, CallError> {
+        loop {
+            let notified = self.notify.notified();
+            let now = Instant::now();
+            let mut best: Option<(usize, usize)> = None;
+            let mut any_up = false;
+            for (i, ep) in self.endpoints.iter().enumerate() {
+                let down = ep
+                    .down_until
+                    .lock()
+                    .map(|d| d.is_some_and(|t| t > now))
+                    .unwrap_or(false);
+                if down {
+                    continue;
+                }
+                any_up = true;
+                let out = ep.outstanding.load(Ordering::Acquire);
+                if out < ep.limit.load(Ordering::Acquire) && best.is_none_or(|(_, b)| out < b) {
+                    best = Some((i, out));
+                }
+            }
+            if let Some((i, _)) = best {
+                let ep = &self.endpoints[i];
+                // Another task may have taken the slot meanwhile: check again after claiming.
+                let prev = ep.outstanding.fetch_add(1, Ordering::AcqRel);
+                if prev < ep.limit.load(Ordering::Acquire) {
+                    return Ok(i);
+                }
+                ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            if !any_up {
+                let t = {
+                    let mut since = self
+                        .all_down_since
+                        .lock()
+                        .map_err(|_| CallError::Abort("lock".into()))?;
+                    *since.get_or_insert(now)
+                };
+                if now.duration_since(t).as_secs_f64() > self.group.all_down_s {
+                    return Err(CallError::Abort(format!(
+                        "every endpoint has failed for {:.0} s ({}): stopping; rerun the same command to resume",
+                        self.group.all_down_s,
+                        self.group.urls.join(", ")
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self, i: usize, ok: bool, overload: bool) {
+        let ep = &self.endpoints[i];
+        ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if ok {
+            ep.consecutive_failures.store(0, Ordering::Release);
+            if let Ok(mut s) = self.all_down_since.lock() {
+                *s = None;
+            }
+            if self.group.adaptive {
+                let lim = ep.limit.load(Ordering::Acquire);
+                if ep.successes.fetch_add(1, Ordering::AcqRel) + 1 >= lim
+                    && lim < self.group.max_in_flight
+                {
+                    ep.successes.store(0, Ordering::Release);
+                    ep.limit.store(lim + 1, Ordering::Release);
+                }
+            }
+        } else {
+            let n = ep.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= TRIP_AFTER
+                && let Ok(mut d) = ep.down_until.lock()
+            {
+                *d = Some(Instant::now() + BENCH_FOR);
+            }
+            if self.group.adaptive && overload {
+                let lim = ep.limit.load(Ordering::Acquire);
+                ep.limit.store((lim / 2).max(1), Ordering::Release);
+                ep.successes.store(0, Ordering::Release);
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Send one request body (to `path` under each base URL), with retries.
+    pub async fn call(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        request_id: &str,
+        n: u32,
+    ) -> Result<Completion, CallError> {
+        let mut attempt = 0u32;
+        loop {
+            let i = self.acquire().await?;
+            let started = Instant::now();
+            let result = self.attempt(i, path, body, request_id, n).await;
+            match result {
+                Attempt::Ok(mut c) => {
+                    self.release(i, true, false);
+                    c.latency_ms = started.elapsed().as_millis() as i64;
+                    c.retries = attempt;
+                    return Ok(c);
+                }
+                Attempt::Fatal { message, raw } => {
+                    self.release(i, true, false);
+                    return Err(CallError::Row {
+                        message,
+                        raw,
+                        retries: attempt,
+                    });
+                }
+                Attempt::Retry {
+                    message,
+                    after,
+                    overload,
+                } => {
+                    self.release(i, false, overload);
+                    if attempt >= self.group.max_retries {
+                        return Err(CallError::Row {
+                            message: format!("{message} (gave up after {} attempts)", attempt + 1),
+                            raw: None,
+                            retries: attempt,
+                        });
+                    }
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    let cap = self
+                        .group
+                        .backoff_max_ms
+                        .min(self.group.backoff_ms.saturating_mul(1 << attempt.min(16)));
+                    let jitter = Duration::from_millis(rand::rng().random_range(0..=cap.max(1)));
+                    tokio::time::sleep(after.map_or(jitter, |a| a.max(jitter / 4))).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        i: usize,
+        path: &str,
+        body: &serde_json::Value,
+        request_id: &str,
+        n: u32,
+    ) -> Attempt {
+        let ep = &self.endpoints[i];
+        let mut req = self
+            .http
+            .post(format!("{}/{path}", ep.url))
+            .timeout(Duration::from_secs_f64(self.group.timeout_s))
+            .header("x-ifloom-request-id", request_id)
+            .json(body);
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Retry {
+                    message: short_err(&e),
+                    after: None,
+                    overload: e.is_timeout(),
+                };
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Attempt::Retry {
+                    message: format!("reading the response body: {}", short_err(&e)),
+                    after: None,
+                    overload: e.is_timeout(),
+                };
+            }
+        };
+        let code = status.as_u16();
+        if code == 408 || code == 429 || status.is_server_error() {
+            return Attempt::Retry {
+                message: format!("HTTP {code}: {}", snippet(&bytes)),
+                after: retry_after,
+                overload: code == 429 || code == 503,
+            };
+        }
+        if !status.is_success() {
+            // Other 4xx will not succeed on retry (e.g. a prompt longer than the context).
+            return Attempt::Fatal {
+                message: format!("HTTP {code}: {}", snippet(&bytes)),
+                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+            };
+        }
+        match parse_completion(&bytes, n) {
+            Ok(c) => Attempt::Ok(c),
+            Err(message) => Attempt::Fatal {
+                message,
+                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+            },
+        }
+    }
+}
+
+fn short_err(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection refused or unreachable".into()
+    } else {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            s.push_str(&format!(": {inner}"));
+            src = inner.source();
+        }
+        s
+    }
+}
+
+fn snippet(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let s: String = s.chars().take(300).collect();
+    s.replace('\n', " ")
+}
+
+/// Parse an OpenAI-style response body (chat or completions). A body serde rejects (for
+/// example a lone surrogate escape) is an error for the row, never a crashed stage.
+pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("response is not valid JSON: {e}"))?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        return Err(format!(
+            "server returned an error object: {}",
+            snippet(err.to_string().as_bytes())
+        ));
+    }
+    let choices = v["choices"]
+        .as_array()
+        .ok_or_else(|| "response has no `choices` list".to_string())?;
+    let mut out = Vec::new();
+    for c in choices {
+        let msg = &c["message"];
+        let text = if msg.is_object() {
+            msg["content"].as_str().unwrap_or("").to_string()
+        } else {
+            c["text"].as_str().unwrap_or("").to_string()
+        };
+        let reasoning = msg["reasoning_content"]
+            .as_str()
+            .or_else(|| msg["reasoning"].as_str())
+            .map(str::to_string);
+        out.push(Choice {
+            text,
+            reasoning,
+            finish_reason: c["finish_reason"].as_str().unwrap_or("unknown").to_string(),
+        });
+    }
+    if out.len() != n as usize {
+        return Err(format!(
+            "asked for {n} choice(s), the server returned {}; use a profile that matches the server (llama-cpp returns one choice)",
+            out.len()
+        ));
+    }
+    Ok(Completion {
+        choices: out,
+        prompt_tokens: v["usage"]["prompt_tokens"].as_i64().unwrap_or(0),
+        completion_tokens: v["usage"]["completion_tokens"].as_i64().unwrap_or(0),
+        latency_ms: 0,
+        retries: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Response shapes as documented by vLLM's OpenAI-compatible server and as recorded from
+    // llama-cpp-python's server (SmolLM2-135M): the client must read both.
+    const VLLM_CHAT: &str = r#"{"id":"chatcmpl-9a1","object":"chat.completion","created":1732000000,"model":"Qwen/Qwen2.5-7B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Paris.","tool_calls":[],"reasoning_content":null},"logprobs":null,"finish_reason":"stop","stop_reason":null},{"index":1,"message":{"role":"assistant","content":"The capital is Paris.","tool_calls":[]},"logprobs":null,"finish_reason":"length","stop_reason":null}],"usage":{"prompt_tokens":14,"total_tokens":24,"completion_tokens":10,"prompt_tokens_details":null},"prompt_logprobs":null}"#;
+    const LLAMA_CPP_CHAT: &str = r#"{"id":"chatcmpl-3f0c","object":"chat.completion","created":1732000001,"model":"SmolLM2-135M-Instruct.Q4_1.gguf","choices":[{"index":0,"message":{"content":"Hello! How can I help you today?","role":"assistant"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":31,"completion_tokens":9,"total_tokens":40}}"#;
+    const VLLM_ERROR: &str = r#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.","type":"BadRequestError","param":null,"code":400}"#;
+    const REASONING: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"42","reasoning_content":"Let me think."},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#;
+
+    #[test]
+    fn reads_vllm_and_llama_cpp_bodies() {
+        let c = parse_completion(VLLM_CHAT.as_bytes(), 2).unwrap();
+        assert_eq!(c.choices[1].text, "The capital is Paris.");
+        assert_eq!(c.choices[1].finish_reason, "length");
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (14, 10));
+        let l = parse_completion(LLAMA_CPP_CHAT.as_bytes(), 1).unwrap();
+        assert_eq!(l.choices[0].text, "Hello! How can I help you today?");
+        // llama.cpp silently returns one choice for n = 2: caught, not taken as two.
+        assert!(
+            parse_completion(LLAMA_CPP_CHAT.as_bytes(), 2)
+                .unwrap_err()
+                .contains("returned 1")
+        );
+        let r = parse_completion(REASONING.as_bytes(), 1).unwrap();
+        assert_eq!(r.choices[0].reasoning.as_deref(), Some("Let me think."));
+        assert_eq!(r.choices[0].text, "42");
+    }
+
+    #[test]
+    fn bad_bodies_are_row_errors() {
+        assert!(parse_completion(VLLM_ERROR.as_bytes(), 1).is_err());
+        // A lone surrogate escape: serde_json rejects it; the row fails, nothing panics.
+        let bad = br#"{"choices":[{"message":{"content":"\ud800"},"finish_reason":"stop"}]}"#;
+        assert!(
+            parse_completion(bad, 1)
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(parse_completion(b"{\"choices\": [", 1).is_err());
+    }
+}

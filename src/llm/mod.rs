@@ -1,0 +1,1188 @@
+//! `kind: llm` — every row of a table becomes one or more LLM requests (Jinja templates over
+//! the row's columns), sent to OpenAI-compatible servers in large concurrent batches; the
+//! responses come back as columns, in input order.
+//!
+//! ```text
+//! rows ─▶ render templates ─▶ canonical request ─▶ request id = hash(model, messages, params, sample)
+//!      ─▶ cache hit? ─yes─▶ response
+//!                  └─no──▶ endpoint pool (least outstanding, in-flight limit) ─▶ retries ─▶ response
+//! responses ─▶ cache (immediately) ─▶ parse ─▶ Parquet; failures ─▶ <id>__failed
+//! ```
+//! Rows stream through in chunks, so memory does not grow with the table.
+
+pub mod cache;
+pub mod client;
+pub mod parse;
+pub mod request;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use futures::StreamExt;
+use parquet::arrow::ArrowWriter;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use self::cache::{Cache, CachedResponse};
+use self::client::{CallError, EndpointGroup, Pool};
+use self::parse::ParseSpec;
+use self::request::{Api, Canonical, Message, Profile, Sampling};
+use crate::error::{Diagnostic, Error, Result, did_you_mean};
+use crate::stages::dedup::read_batches;
+use crate::stages::{BuildCtx, KindEntry, PlanCtx, RunCtx, RunOutput, Stage};
+use crate::yaml::Node;
+
+pub const KIND: KindEntry = KindEntry {
+    name: "llm",
+    about: "LLM requests per row (templates over columns) to OpenAI-compatible servers",
+    build: crate::stages::build::<LlmStage>,
+    schema: |g| LlmStage::json_schema(g),
+};
+
+/// Rows rendered, sent and written together: bounds memory, keeps the servers busy.
+const CHUNK_ROWS: usize = 4096;
+
+/// A message; `content` is a Jinja template over the row's columns, inline or from `file`
+/// (relative to the pipeline file, e.g. `prompts/judge.j2`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSpec {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// A parameter value: a literal, or `{column: name}` to take it from the row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Column { column: String },
+    Value(serde_json::Value),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default)]
+    pub temperature: Option<ParamValue>,
+    #[serde(default)]
+    pub top_p: Option<ParamValue>,
+    #[serde(default)]
+    pub max_tokens: Option<ParamValue>,
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
+    #[serde(default)]
+    pub seed: Option<ParamValue>,
+    #[serde(default)]
+    pub presence_penalty: Option<ParamValue>,
+    #[serde(default)]
+    pub frequency_penalty: Option<ParamValue>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Passed through verbatim into the request body (vLLM: top_k, min_p, ...).
+    #[serde(default)]
+    pub extra_body: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnParseError {
+    /// Keep the row with a null value and the reason in `<output>_parse_error`.
+    #[default]
+    Keep,
+    /// Move the row to `<id>__failed`.
+    Drop,
+    /// Stop the stage.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Rows whose request fails after all retries go to `<id>__failed`; the stage completes.
+    #[default]
+    DeadLetter,
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reasoning {
+    /// Drop `<think>…</think>` and `reasoning_content` from the answer (kept in `<output>_reasoning`).
+    #[default]
+    Strip,
+    /// Keep the text exactly as the server sent it.
+    Keep,
+}
+
+fn d_samples() -> u32 {
+    1
+}
+fn d_output() -> String {
+    "response".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmStage {
+    pub model: String,
+    #[serde(default)]
+    pub api: Api,
+    /// Chat messages (api: chat).
+    #[serde(default)]
+    pub messages: Vec<MessageSpec>,
+    /// Prompt template (api: completions).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub params: Params,
+    /// Responses per row.
+    #[serde(default = "d_samples")]
+    pub samples: u32,
+    /// One row per sample (with `sample_index`) instead of list columns.
+    #[serde(default)]
+    pub explode: bool,
+    /// A JSON Schema the response must follow (structured decoding where the server has it).
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    #[serde(default)]
+    pub parse: Option<ParseSpec>,
+    #[serde(default)]
+    pub on_parse_error: OnParseError,
+    /// Ask again (another seed) up to this many times when parsing fails.
+    #[serde(default)]
+    pub retry_on_parse_error: u32,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub reasoning: Reasoning,
+    /// Name of the response column; the others are `<output>_finish_reason`, ...
+    #[serde(default = "d_output")]
+    pub output: String,
+    // Operational settings: not part of the fingerprint.
+    /// A named group under the pipeline's top-level `endpoints:`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Or base URLs given here (with `profile`, `api_key_env`, `max_in_flight`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    group: Option<EndpointGroup>,
+    /// Template sources after loading files: (role, source).
+    #[serde(skip)]
+    #[schemars(skip)]
+    templates: Vec<(String, String)>,
+}
+
+impl LlmStage {
+    fn out(&self, suffix: &str) -> String {
+        if suffix.is_empty() {
+            self.output.clone()
+        } else {
+            format!("{}_{suffix}", self.output)
+        }
+    }
+
+    fn group(&self) -> Result<&EndpointGroup> {
+        self.group
+            .as_ref()
+            .ok_or_else(|| Error::Internal("endpoint group not resolved".into()))
+    }
+
+    /// The columns this stage adds.
+    fn new_fields(&self) -> Vec<Field> {
+        let list = self.samples > 1 && !self.explode;
+        let wrap = |t: DataType| {
+            if list {
+                DataType::List(Arc::new(Field::new("item", t, true)))
+            } else {
+                t
+            }
+        };
+        let mut f = vec![
+            Field::new(self.out(""), wrap(DataType::Utf8), true),
+            Field::new(self.out("finish_reason"), wrap(DataType::Utf8), true),
+            Field::new(self.out("truncated"), wrap(DataType::Boolean), true),
+            Field::new(self.out("prompt_tokens"), DataType::Int64, true),
+            Field::new(self.out("completion_tokens"), wrap(DataType::Int64), true),
+            Field::new(self.out("latency_ms"), wrap(DataType::Int64), true),
+            Field::new(self.out("request_id"), wrap(DataType::Utf8), true),
+            Field::new(self.out("cached"), wrap(DataType::Boolean), true),
+            Field::new(self.out("reasoning"), wrap(DataType::Utf8), true),
+            Field::new(self.out("error"), DataType::Utf8, true),
+        ];
+        if let Some(p) = &self.parse {
+            f.push(Field::new(
+                self.out("parsed"),
+                wrap(parse::arrow_type(p)),
+                true,
+            ));
+            f.push(Field::new(
+                self.out("repaired"),
+                wrap(DataType::Boolean),
+                true,
+            ));
+            f.push(Field::new(
+                self.out("parse_error"),
+                wrap(DataType::Utf8),
+                true,
+            ));
+        }
+        if self.samples > 1 && self.explode {
+            f.push(Field::new("sample_index", DataType::UInt32, false));
+        }
+        f
+    }
+
+    fn env(&self) -> std::result::Result<minijinja::Environment<'static>, minijinja::Error> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        for (i, (_, src)) in self.templates.iter().enumerate() {
+            env.add_template_owned(format!("m{i}"), src.clone())?;
+        }
+        Ok(env)
+    }
+
+    fn resolve(
+        &self,
+        v: &Option<ParamValue>,
+        row: &serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        match v {
+            None => None,
+            Some(ParamValue::Value(x)) => Some(x.clone()),
+            Some(ParamValue::Column { column }) => {
+                row.get(column).cloned().filter(|x| !x.is_null())
+            }
+        }
+    }
+
+    /// The canonical request for one row and one sample (`attempt` > 0 re-asks after a parse
+    /// failure, with another seed and so another id).
+    fn canonical(
+        &self,
+        env: &minijinja::Environment,
+        row: &serde_json::Value,
+        sample: u32,
+        attempt: u32,
+    ) -> std::result::Result<Canonical, String> {
+        let mut rendered = Vec::new();
+        for (i, (role, _)) in self.templates.iter().enumerate() {
+            let t = env
+                .get_template(&format!("m{i}"))
+                .map_err(|e| e.to_string())?;
+            let text = t
+                .render(row)
+                .map_err(|e| format!("template for message {}: {e}", i + 1))?;
+            rendered.push(Message {
+                role: role.clone(),
+                content: text,
+            });
+        }
+        let f = |v: &Option<ParamValue>| self.resolve(v, row).and_then(|x| x.as_f64());
+        let i = |v: &Option<ParamValue>| self.resolve(v, row).and_then(|x| x.as_i64());
+        let mut seed = i(&self.params.seed);
+        // Distinct samples need distinct seeds when each is its own request.
+        if self.samples > 1 || attempt > 0 {
+            seed = Some(seed.unwrap_or(0) + sample as i64 + 1_000_003 * attempt as i64);
+        }
+        let sampling = Sampling {
+            temperature: f(&self.params.temperature),
+            top_p: f(&self.params.top_p),
+            max_tokens: i(&self.params.max_tokens),
+            stop: self.params.stop.clone(),
+            seed,
+            presence_penalty: f(&self.params.presence_penalty),
+            frequency_penalty: f(&self.params.frequency_penalty),
+            logprobs: self.params.logprobs,
+            extra_body: self.params.extra_body.clone(),
+        };
+        let (messages, prompt) = match self.api {
+            Api::Chat => (Some(rendered), None),
+            Api::Completions => (None, rendered.pop().map(|m| m.content)),
+        };
+        Ok(Canonical {
+            model: self.model.clone(),
+            api: self.api,
+            messages,
+            prompt,
+            sampling,
+            response_schema: self.response_format.clone(),
+            sample: sample + 1000 * attempt,
+        })
+    }
+}
+
+/// Turn a batch into one JSON object per row (the template context).
+pub fn batch_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::json::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow::json::writer::JsonArray>(&mut buf);
+        w.write(batch)?;
+        w.finish()?;
+    }
+    if buf.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(serde_json::from_slice(&buf)?)
+}
+
+/// What became of one (row, sample).
+#[derive(Debug, Clone)]
+struct Outcome {
+    request_id: String,
+    response: std::result::Result<(CachedResponse, bool), (String, Option<String>)>,
+    parsed: Option<std::result::Result<parse::Parsed, String>>,
+}
+
+/// Counters reported in the manifest (and by `ifloom stats`).
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    cache_hits: AtomicU64,
+    failures: AtomicU64,
+    parse_failures: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Stage for LlmStage {
+    fn needs_id(&self) -> bool {
+        true
+    }
+
+    fn side_tables(&self) -> &'static [&'static str] {
+        &["failed"]
+    }
+
+    fn prepare(&mut self, node: &Node, ctx: &BuildCtx) -> Result<(), Vec<Diagnostic>> {
+        let mut errs = Vec::new();
+        let at = |path: &[&str], msg: String| Diagnostic::new(&ctx.file, node.pos_at(path), msg);
+        if self.samples == 0 {
+            errs.push(at(&["samples"], "samples must be at least 1".into()));
+        }
+        if self.output.is_empty()
+            || !self
+                .output
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            errs.push(at(
+                &["output"],
+                format!("output `{}` is not a valid column name", self.output),
+            ));
+        }
+        match self.api {
+            Api::Chat if self.messages.is_empty() => errs.push(
+                at(
+                    &["messages"],
+                    "an llm stage with api: chat needs `messages`".into(),
+                )
+                .hint("messages: [{role: user, content: \"{{ prompt }}\"}]"),
+            ),
+            Api::Completions if self.prompt.is_none() => errs.push(at(
+                &["prompt"],
+                "api: completions needs a `prompt` template".into(),
+            )),
+            _ => {}
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            let path = ["messages", &i.to_string()];
+            let src = match (&m.content, &m.file) {
+                (Some(c), None) => Some(c.clone()),
+                (None, Some(f)) => match std::fs::read_to_string(ctx.dir.join(f)) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errs.push(
+                            at(
+                                &["messages", &i.to_string(), "file"],
+                                format!("cannot read template {f}: {e}"),
+                            )
+                            .hint("template files are relative to the pipeline file"),
+                        );
+                        None
+                    }
+                },
+                _ => {
+                    errs.push(at(
+                        &path,
+                        "a message needs exactly one of `content` and `file`".into(),
+                    ));
+                    None
+                }
+            };
+            if let Some(s) = src {
+                self.templates.push((m.role.clone(), s));
+            }
+        }
+        if self.api == Api::Completions
+            && let Some(p) = &self.prompt
+        {
+            self.templates.push(("user".into(), p.clone()));
+        }
+        if let Err(e) = self.env() {
+            errs.push(
+                at(&["messages"], format!("template syntax error: {e}"))
+                    .hint("templates use Jinja syntax: {{ column }}, {% if %}...{% endif %}"),
+            );
+        }
+        // The endpoint group: named (top level `endpoints:`) or inline.
+        let group = match (&self.endpoint, self.endpoints.is_empty()) {
+            (Some(name), true) => match ctx.endpoints.get(name) {
+                Some(g) => Some(g.clone()),
+                None => {
+                    errs.push(
+                        at(&["endpoint"], format!("unknown endpoint group `{name}`"))
+                            .maybe_hint(did_you_mean(
+                                name,
+                                ctx.endpoints.keys().map(String::as_str),
+                            ))
+                            .hint_or(format!(
+                                "define it under the top-level `endpoints:` (defined: {})",
+                                ctx.endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )),
+                    );
+                    None
+                }
+            },
+            (None, false) => Some(EndpointGroup::new(self.endpoints.clone())),
+            (Some(_), false) => {
+                errs.push(at(
+                    &["endpoints"],
+                    "give either `endpoint` (a group name) or `endpoints` (URLs), not both".into(),
+                ));
+                None
+            }
+            (None, true) => {
+                errs.push(
+                    at(
+                        &[],
+                        "an llm stage needs `endpoint: <group>` or `endpoints: [URL]`".into(),
+                    )
+                    .hint("e.g. endpoints: [\"http://127.0.0.1:8000/v1\"]"),
+                );
+                None
+            }
+        };
+        if let Some(mut g) = group {
+            if let Some(p) = self.profile {
+                g.profile = p;
+            }
+            if let Some(k) = &self.api_key_env {
+                g.api_key_env = Some(k.clone());
+            }
+            if let Some(m) = self.max_in_flight {
+                g.max_in_flight = m.max(1);
+            }
+            self.group = Some(g);
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    fn fingerprint(&self) -> serde_json::Value {
+        // The semantic request (templates, model, params, samples) and what is done with the
+        // answer; endpoints, profile, keys and concurrency are left out on purpose.
+        serde_json::json!({
+            "model": self.model,
+            "api": self.api,
+            "templates": self.templates,
+            "params": self.params,
+            "samples": self.samples,
+            "explode": self.explode,
+            "response_format": self.response_format,
+            "parse": self.parse,
+            "on_parse_error": self.on_parse_error,
+            "retry_on_parse_error": self.retry_on_parse_error,
+            "on_error": self.on_error,
+            "reasoning": self.reasoning,
+            "output": self.output,
+        })
+    }
+
+    fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
+        let schema = ctx.parent();
+        let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let mut errs = Vec::new();
+        let env = match self.env() {
+            Ok(e) => e,
+            Err(e) => {
+                return Err(vec![
+                    ctx.err(&["messages"], format!("template syntax error: {e}")),
+                ]);
+            }
+        };
+        for i in 0..self.templates.len() {
+            let Ok(t) = env.get_template(&format!("m{i}")) else {
+                continue;
+            };
+            let mut vars: Vec<String> = t.undeclared_variables(false).into_iter().collect();
+            vars.sort();
+            for v in vars {
+                if !cols.contains(&v.as_str()) {
+                    let path: Vec<String> = if self.api == Api::Completions {
+                        vec!["prompt".into()]
+                    } else {
+                        vec!["messages".into(), i.to_string()]
+                    };
+                    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+                    errs.push(
+                        ctx.err(
+                            &p,
+                            format!(
+                                "template variable `{v}` is not a column of `{}`",
+                                ctx.parents[0].0
+                            ),
+                        )
+                        .maybe_hint(did_you_mean(&v, cols.iter().copied()))
+                        .hint_if_none(format!("columns: {}", cols.join(", "))),
+                    );
+                }
+            }
+        }
+        for (name, p) in [
+            ("temperature", &self.params.temperature),
+            ("top_p", &self.params.top_p),
+            ("max_tokens", &self.params.max_tokens),
+            ("seed", &self.params.seed),
+            ("presence_penalty", &self.params.presence_penalty),
+            ("frequency_penalty", &self.params.frequency_penalty),
+        ] {
+            if let Some(ParamValue::Column { column }) = p
+                && !cols.contains(&column.as_str())
+            {
+                errs.push(crate::stages::unknown_column(
+                    ctx,
+                    &["params", name, "column"],
+                    column,
+                    schema,
+                ));
+            }
+        }
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for f in self.new_fields() {
+            if cols.contains(&f.name().as_str()) {
+                errs.push(
+                    ctx.err(
+                        &["output"],
+                        format!("column `{}` already exists upstream", f.name()),
+                    )
+                    .hint("choose another `output:` name for this stage's columns"),
+                );
+            }
+            fields.push(f);
+        }
+        if errs.is_empty() {
+            Ok(Arc::new(Schema::new(fields)))
+        } else {
+            Err(errs)
+        }
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
+        let group = self.group()?.clone();
+        let pool = Arc::new(Pool::new(&group).map_err(|e| Error::stage(ctx.id, e))?);
+        let total_rows = crate::engine::count_rows(&ctx.parent().files)?;
+        if total_rows == 0 {
+            return Ok(RunOutput::default());
+        }
+        let cache = Arc::new(Cache::open(&ctx.engine.cache_path)?);
+        let env = self.env().map_err(|e| Error::stage(ctx.id, e))?;
+        let counters = Arc::new(Counters::default());
+        let started = Instant::now();
+        let mut healthy = false;
+
+        let new_schema = Arc::new(Schema::new(self.new_fields()));
+        let mut main_w: Option<ArrowWriter<File>> = None;
+        let mut failed_w: Option<ArrowWriter<File>> = None;
+        let failed_dir = ctx.side_dir("failed");
+        std::fs::create_dir_all(&failed_dir).map_err(|e| Error::io(&failed_dir, e))?;
+
+        // Periodic progress lines (plain text: works in CI logs and terminals alike).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let (c, stop, pool, id) = (
+                counters.clone(),
+                stop.clone(),
+                pool.clone(),
+                ctx.id.to_string(),
+            );
+            let total = total_rows * self.samples as u64;
+            std::thread::spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= Duration::from_secs(5) {
+                        last = Instant::now();
+                        let secs = started.elapsed().as_secs_f64().max(1e-3);
+                        let done = c.done.load(Ordering::Relaxed);
+                        let rate = done as f64 / secs;
+                        let eta = if rate > 0.0 {
+                            (total.saturating_sub(done)) as f64 / rate
+                        } else {
+                            f64::NAN
+                        };
+                        eprintln!(
+                            "  {id} (llm): {done}/{total} done, {:.1} req/s, {:.0} output tok/s, {} cached, {} retries, {} failed, ETA {:.0} s",
+                            c.requests.load(Ordering::Relaxed) as f64 / secs,
+                            c.completion_tokens.load(Ordering::Relaxed) as f64 / secs,
+                            c.cache_hits.load(Ordering::Relaxed),
+                            pool.retries.load(Ordering::Relaxed),
+                            c.failures.load(Ordering::Relaxed),
+                            eta
+                        );
+                    }
+                }
+            })
+        };
+
+        let result = (|| -> Result<()> {
+            for batch in read_batches(&ctx.parent().files) {
+                let batch = batch?;
+                for start in (0..batch.num_rows()).step_by(CHUNK_ROWS) {
+                    let chunk = batch.slice(start, CHUNK_ROWS.min(batch.num_rows() - start));
+                    let rows = batch_rows(&chunk)?;
+                    let outcomes = self.process_chunk(
+                        ctx,
+                        &env,
+                        &rows,
+                        &pool,
+                        &cache,
+                        &counters,
+                        &mut healthy,
+                    )?;
+                    self.write_chunk(
+                        ctx,
+                        &chunk,
+                        &outcomes,
+                        &new_schema,
+                        &mut main_w,
+                        &mut failed_w,
+                        &counters,
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        // Flush the cache even when the stage failed: finished responses must survive.
+        let cache =
+            Arc::try_unwrap(cache).map_err(|_| Error::Internal("cache still shared".into()))?;
+        cache.close()?;
+        result?;
+        if let Some(w) = main_w {
+            w.close()?;
+        }
+        match failed_w {
+            Some(w) => {
+                w.close()?;
+            }
+            None => crate::engine::write_empty(
+                &failed_dir.join("part-00000.parquet"),
+                &self.failed_schema(&ctx.parent().schema),
+            )?,
+        }
+        let mut out = RunOutput::default();
+        let c = &counters;
+        for (k, v) in [
+            ("requests", c.requests.load(Ordering::Relaxed)),
+            ("cache_hits", c.cache_hits.load(Ordering::Relaxed)),
+            ("failures", c.failures.load(Ordering::Relaxed)),
+            ("parse_failures", c.parse_failures.load(Ordering::Relaxed)),
+            ("retries", pool.retries.load(Ordering::Relaxed) as u64),
+            ("prompt_tokens", c.prompt_tokens.load(Ordering::Relaxed)),
+            (
+                "completion_tokens",
+                c.completion_tokens.load(Ordering::Relaxed),
+            ),
+        ] {
+            out.counters.insert(k.into(), v as i64);
+        }
+        Ok(out)
+    }
+}
+
+impl LlmStage {
+    fn failed_schema(&self, parent: &SchemaRef) -> SchemaRef {
+        let mut f: Vec<Field> = parent.fields().iter().map(|f| f.as_ref().clone()).collect();
+        f.push(Field::new("sample_index", DataType::UInt32, false));
+        f.push(Field::new("request_id", DataType::Utf8, false));
+        f.push(Field::new("reason", DataType::Utf8, false));
+        f.push(Field::new("raw", DataType::Utf8, true));
+        Arc::new(Schema::new(f))
+    }
+
+    /// Render, look up, send and parse one chunk of rows; returns outcomes[row][sample].
+    #[allow(clippy::too_many_arguments)]
+    fn process_chunk(
+        &self,
+        ctx: &RunCtx,
+        env: &minijinja::Environment,
+        rows: &[serde_json::Value],
+        pool: &Arc<Pool>,
+        cache: &Arc<Cache>,
+        counters: &Arc<Counters>,
+        healthy: &mut bool,
+    ) -> Result<Vec<Vec<Outcome>>> {
+        let k = self.samples as usize;
+        let mut outcomes: Vec<Vec<Option<Outcome>>> = vec![vec![None; k]; rows.len()];
+        let mut pending: Vec<(usize, usize, u32)> = (0..rows.len())
+            .flat_map(|r| (0..k).map(move |s| (r, s, 0u32)))
+            .collect();
+        while !pending.is_empty() {
+            // Render every pending request; identical ones (same id) are sent once.
+            let mut reqs: HashMap<String, Canonical> = HashMap::new();
+            let mut ids: Vec<(usize, usize, u32, std::result::Result<String, String>)> = Vec::new();
+            for &(r, s, attempt) in &pending {
+                match self.canonical(env, &rows[r], s as u32, attempt) {
+                    Ok(c) => {
+                        let id = c.id();
+                        reqs.entry(id.clone()).or_insert(c);
+                        ids.push((r, s, attempt, Ok(id)));
+                    }
+                    Err(e) => ids.push((r, s, attempt, Err(e))),
+                }
+            }
+            let all: Vec<String> = reqs.keys().cloned().collect();
+            let hits = cache.get_many(&all)?;
+            counters
+                .cache_hits
+                .fetch_add(hits.len() as u64, Ordering::Relaxed);
+            let misses: Vec<(String, Canonical)> = reqs
+                .into_iter()
+                .filter(|(id, _)| !hits.contains_key(id))
+                .collect();
+            if !misses.is_empty() && !*healthy {
+                let model = self.model.clone();
+                let p = pool.clone();
+                ctx.engine
+                    .block_on(async move { p.health_check(&model).await })
+                    .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
+                *healthy = true;
+            }
+            let profile = pool.profile();
+            let sent: HashMap<String, std::result::Result<CachedResponse, CallError>> = {
+                let (pool, cache, counters) = (pool.clone(), cache.clone(), counters.clone());
+                let model = self.model.clone();
+                ctx.engine.block_on(async move {
+                    futures::stream::iter(misses.into_iter().map(|(id, c)| {
+                        let (pool, cache, counters, model) =
+                            (pool.clone(), cache.clone(), counters.clone(), model.clone());
+                        async move {
+                            let (path, body) = c.to_body(profile, 1);
+                            counters.requests.fetch_add(1, Ordering::Relaxed);
+                            let r = pool.call(path, &body, &id, 1).await.map(|comp| {
+                                let ch =
+                                    comp.choices.into_iter().next().expect("one choice checked");
+                                let resp = CachedResponse {
+                                    text: ch.text,
+                                    reasoning: ch.reasoning,
+                                    finish_reason: ch.finish_reason,
+                                    prompt_tokens: comp.prompt_tokens,
+                                    completion_tokens: comp.completion_tokens,
+                                    latency_ms: comp.latency_ms,
+                                };
+                                // Persisted the moment it arrives: a crash after this loses nothing.
+                                cache.put(id.clone(), model, resp.clone());
+                                counters
+                                    .prompt_tokens
+                                    .fetch_add(resp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
+                                counters.completion_tokens.fetch_add(
+                                    resp.completion_tokens.max(0) as u64,
+                                    Ordering::Relaxed,
+                                );
+                                resp
+                            });
+                            counters.done.fetch_add(1, Ordering::Relaxed);
+                            (id, r)
+                        }
+                    }))
+                    .buffer_unordered(pool.capacity().max(1))
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect()
+                })
+            };
+            let mut next = Vec::new();
+            for (r, s, attempt, id) in ids {
+                let outcome = match id {
+                    Err(e) => Outcome {
+                        request_id: String::new(),
+                        response: Err((e, None)),
+                        parsed: None,
+                    },
+                    Ok(id) => {
+                        let response = match (hits.get(&id), sent.get(&id)) {
+                            (Some(h), _) => Ok((h.clone(), true)),
+                            (None, Some(Ok(x))) => Ok((x.clone(), false)),
+                            (None, Some(Err(CallError::Abort(m)))) => {
+                                return Err(Error::stage(ctx.id, m));
+                            }
+                            (None, Some(Err(CallError::Row { message, raw, .. }))) => {
+                                Err((message.clone(), raw.clone()))
+                            }
+                            (None, None) => Err(("no response".to_string(), None)),
+                        };
+                        let response = response.map(|(mut resp, cached)| {
+                            if self.reasoning == Reasoning::Strip {
+                                let (answer, thought) = parse::strip_reasoning(&resp.text);
+                                if thought.is_some() {
+                                    resp.text = answer;
+                                    resp.reasoning = resp.reasoning.or(thought);
+                                }
+                            }
+                            (resp, cached)
+                        });
+                        let parsed = match (&self.parse, &response) {
+                            (Some(spec), Ok((resp, _))) => {
+                                Some(parse::parse(spec, &resp.text).map_err(|e| e.to_string()))
+                            }
+                            _ => None,
+                        };
+                        if matches!(parsed, Some(Err(_))) && attempt < self.retry_on_parse_error {
+                            next.push((r, s, attempt + 1));
+                            continue;
+                        }
+                        Outcome {
+                            request_id: id,
+                            response,
+                            parsed,
+                        }
+                    }
+                };
+                if outcome.response.is_err() {
+                    counters.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                if matches!(outcome.parsed, Some(Err(_))) {
+                    counters.parse_failures.fetch_add(1, Ordering::Relaxed);
+                    if self.on_parse_error == OnParseError::Fail {
+                        let msg = outcome
+                            .parsed
+                            .as_ref()
+                            .and_then(|p| p.as_ref().err())
+                            .cloned()
+                            .unwrap_or_default();
+                        return Err(Error::stage(
+                            ctx.id,
+                            format!("response does not parse (on_parse_error: fail): {msg}"),
+                        ));
+                    }
+                }
+                if self.on_error == OnError::Fail
+                    && let Err((m, _)) = &outcome.response
+                {
+                    return Err(Error::stage(
+                        ctx.id,
+                        format!("request failed (on_error: fail): {m}"),
+                    ));
+                }
+                outcomes[r][s] = Some(outcome);
+            }
+            pending = next;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|v| {
+                v.into_iter()
+                    .map(|o| o.expect("every sample resolved"))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Append one chunk's rows to the main table and the dead-letter table.
+    #[allow(clippy::too_many_arguments)]
+    fn write_chunk(
+        &self,
+        ctx: &RunCtx,
+        chunk: &RecordBatch,
+        outcomes: &[Vec<Outcome>],
+        new_schema: &SchemaRef,
+        main_w: &mut Option<ArrowWriter<File>>,
+        failed_w: &mut Option<ArrowWriter<File>>,
+        counters: &Counters,
+    ) -> Result<()> {
+        let list = self.samples > 1 && !self.explode;
+        let mut take: Vec<u32> = Vec::new();
+        let mut json_rows: Vec<serde_json::Value> = Vec::new();
+        let mut failed_take: Vec<u32> = Vec::new();
+        let mut failed_cols: (Vec<u32>, Vec<String>, Vec<String>, Vec<Option<String>>) =
+            Default::default();
+        let dropped = |o: &Outcome| {
+            o.response.is_err()
+                || (self.on_parse_error == OnParseError::Drop && matches!(o.parsed, Some(Err(_))))
+        };
+        let _ = counters;
+        for (r, samples) in outcomes.iter().enumerate() {
+            // Dead-letter what failed.
+            for (s, o) in samples.iter().enumerate() {
+                if dropped(o) {
+                    failed_take.push(r as u32);
+                    failed_cols.0.push(s as u32);
+                    failed_cols.1.push(o.request_id.clone());
+                    let (reason, raw) = match (&o.response, &o.parsed) {
+                        (Err((m, raw)), _) => (m.clone(), raw.clone()),
+                        (Ok((resp, _)), Some(Err(e))) => {
+                            (format!("parse: {e}"), Some(resp.text.clone()))
+                        }
+                        _ => (String::new(), None),
+                    };
+                    failed_cols.2.push(reason);
+                    failed_cols.3.push(raw);
+                }
+            }
+            if list {
+                if samples.iter().all(dropped) {
+                    continue;
+                }
+                take.push(r as u32);
+                json_rows.push(self.row_json(samples, true, None));
+            } else {
+                for (s, o) in samples.iter().enumerate() {
+                    if dropped(o) {
+                        continue;
+                    }
+                    take.push(r as u32);
+                    json_rows.push(self.row_json(
+                        std::slice::from_ref(o),
+                        false,
+                        (self.samples > 1).then_some(s as u32),
+                    ));
+                }
+            }
+        }
+        let idx = UInt32Array::from(take);
+        let mut cols: Vec<ArrayRef> = chunk
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::take(c, &idx, None))
+            .collect::<std::result::Result<_, _>>()?;
+        let added = decode(new_schema, &json_rows)?;
+        cols.extend(added.columns().iter().cloned());
+        let mut fields: Vec<Field> = chunk
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.extend(new_schema.fields().iter().map(|f| f.as_ref().clone()));
+        let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+        let w = match main_w {
+            Some(w) => w,
+            None => {
+                let p = ctx.out.join("part-00000.parquet");
+                let f = File::create(&p).map_err(|e| Error::io(&p, e))?;
+                main_w.insert(ArrowWriter::try_new(f, out.schema(), None)?)
+            }
+        };
+        w.write(&out)?;
+        if !failed_take.is_empty() {
+            let idx = UInt32Array::from(failed_take);
+            let mut cols: Vec<ArrayRef> = chunk
+                .columns()
+                .iter()
+                .map(|c| arrow::compute::take(c, &idx, None))
+                .collect::<std::result::Result<_, _>>()?;
+            cols.push(Arc::new(UInt32Array::from(failed_cols.0)));
+            cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.1)));
+            cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.2)));
+            cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.3)));
+            let schema = self.failed_schema(&chunk.schema());
+            let b = RecordBatch::try_new(schema.clone(), cols)?;
+            let w = match failed_w {
+                Some(w) => w,
+                None => {
+                    let p = ctx.side_dir("failed").join("part-00000.parquet");
+                    let f = File::create(&p).map_err(|e| Error::io(&p, e))?;
+                    failed_w.insert(ArrowWriter::try_new(f, schema, None)?)
+                }
+            };
+            w.write(&b)?;
+        }
+        Ok(())
+    }
+
+    /// The new columns of one output row as JSON (decoded to Arrow with the planned types).
+    fn row_json(
+        &self,
+        samples: &[Outcome],
+        list: bool,
+        sample_index: Option<u32>,
+    ) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        let ok: Vec<Option<&CachedResponse>> = samples
+            .iter()
+            .map(|o| o.response.as_ref().ok().map(|(r, _)| r))
+            .collect();
+        let per = |f: &dyn Fn(&Outcome) -> serde_json::Value| -> serde_json::Value {
+            if list {
+                serde_json::Value::Array(samples.iter().map(f).collect())
+            } else {
+                f(&samples[0])
+            }
+        };
+        let resp = |o: &Outcome| o.response.as_ref().ok().map(|(r, _)| r.clone());
+        m.insert(
+            self.out(""),
+            per(&|o| resp(o).map(|r| r.text.into()).unwrap_or_default()),
+        );
+        m.insert(
+            self.out("finish_reason"),
+            per(&|o| resp(o).map(|r| r.finish_reason.into()).unwrap_or_default()),
+        );
+        m.insert(
+            self.out("truncated"),
+            per(&|o| {
+                resp(o)
+                    .map(|r| (r.finish_reason == "length").into())
+                    .unwrap_or_default()
+            }),
+        );
+        m.insert(
+            self.out("prompt_tokens"),
+            ok.iter()
+                .flatten()
+                .next()
+                .map(|r| r.prompt_tokens.into())
+                .unwrap_or_default(),
+        );
+        m.insert(
+            self.out("completion_tokens"),
+            per(&|o| {
+                resp(o)
+                    .map(|r| r.completion_tokens.into())
+                    .unwrap_or_default()
+            }),
+        );
+        m.insert(
+            self.out("latency_ms"),
+            per(&|o| resp(o).map(|r| r.latency_ms.into()).unwrap_or_default()),
+        );
+        m.insert(
+            self.out("request_id"),
+            per(&|o| o.request_id.clone().into()),
+        );
+        m.insert(
+            self.out("cached"),
+            per(&|o| {
+                o.response
+                    .as_ref()
+                    .ok()
+                    .map(|(_, c)| (*c).into())
+                    .unwrap_or_default()
+            }),
+        );
+        m.insert(
+            self.out("reasoning"),
+            per(&|o| {
+                resp(o)
+                    .and_then(|r| r.reasoning)
+                    .map(Into::into)
+                    .unwrap_or_default()
+            }),
+        );
+        let first_err = samples
+            .iter()
+            .find_map(|o| o.response.as_ref().err().map(|(m, _)| m.clone()));
+        m.insert(
+            self.out("error"),
+            first_err.map(Into::into).unwrap_or_default(),
+        );
+        if self.parse.is_some() {
+            m.insert(
+                self.out("parsed"),
+                per(&|o| match &o.parsed {
+                    Some(Ok(p)) => p.value.clone(),
+                    _ => serde_json::Value::Null,
+                }),
+            );
+            m.insert(
+                self.out("repaired"),
+                per(&|o| match &o.parsed {
+                    Some(Ok(p)) => p.repaired.into(),
+                    _ => serde_json::Value::Null,
+                }),
+            );
+            m.insert(
+                self.out("parse_error"),
+                per(&|o| match &o.parsed {
+                    Some(Err(e)) => e.clone().into(),
+                    _ => serde_json::Value::Null,
+                }),
+            );
+        }
+        if let Some(i) = sample_index {
+            m.insert("sample_index".into(), i.into());
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+fn decode(schema: &SchemaRef, rows: &[serde_json::Value]) -> Result<RecordBatch> {
+    if rows.is_empty() {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    let mut d = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()?;
+    d.serialize(rows)?;
+    Ok(d.flush()?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+}
+
+/// Every distinct request id a stage would send for its input, for `--dry-run` and batch
+/// export: (id, canonical request).
+pub fn plan_requests(
+    stage: &LlmStage,
+    rows: &[serde_json::Value],
+) -> Result<Vec<(String, Canonical)>> {
+    let env = stage.env().map_err(|e| Error::Internal(e.to_string()))?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for row in rows {
+        for s in 0..stage.samples {
+            let c = stage.canonical(&env, row, s, 0).map_err(Error::Internal)?;
+            let id = c.id();
+            if seen.insert(id.clone()) {
+                out.push((id, c));
+            }
+        }
+    }
+    Ok(out)
+}
+
+trait HintOr {
+    fn hint_or(self, h: String) -> Self;
+    fn hint_if_none(self, h: String) -> Self;
+}
+
+impl HintOr for Diagnostic {
+    fn hint_or(self, h: String) -> Self {
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(h)
+        }
+    }
+    fn hint_if_none(self, h: String) -> Self {
+        self.hint_or(h)
+    }
+}
