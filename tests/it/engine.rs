@@ -521,7 +521,7 @@ fn introspection_verbs() {
         .iter()
         .map(|k| k["properties"]["kind"]["const"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["sql", "transform", "dedup", "output"]);
+    assert_eq!(kinds, ["sql", "transform", "dedup", "output", "llm"]);
     let tmp = tempdir();
     ok(
         tmp.path(),
