@@ -22,6 +22,8 @@
 //! - [`store`]: the run directory: manifests, atomic stage commits, the run lock.
 //! - [`exec`]: running a plan, reusing stages whose fingerprint has not changed.
 //! - [`query`]: `ifloom sql` over a run's tables.
+//! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
+//!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
 //! - [`cli`]: the command-line verbs, one file each.
 //! - [`error`]: typed errors and diagnostics.
 
@@ -33,6 +35,7 @@ pub mod exec;
 pub mod input;
 pub mod llm;
 pub mod query;
+pub mod sim;
 pub mod spec;
 pub mod stages;
 pub mod store;

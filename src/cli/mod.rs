@@ -14,6 +14,7 @@ mod graph;
 mod run;
 mod runs;
 mod schema;
+mod sim;
 mod sql;
 mod validate;
 
@@ -47,6 +48,8 @@ pub enum Command {
     Schema,
     /// Inspect or prune the LLM response cache.
     Cache(cache::Args),
+    /// Serve a simulated OpenAI-compatible LLM server (latency, queueing, faults) for tests.
+    Sim(sim::Args),
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
@@ -69,6 +72,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Runs(a) => runs::run(a),
         Command::Schema => schema::run(),
         Command::Cache(a) => cache::run(a),
+        Command::Sim(a) => sim::run(a, &engine),
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

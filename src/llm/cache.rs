@@ -5,7 +5,8 @@
 //! SQLite in WAL mode: readers never block the writer and a second ifloom process can use the
 //! same file at once (an embedded store that locks out other processes would not do). Bodies
 //! are zstd-compressed JSON; big runs hold tens of GB of responses otherwise. One writer thread
-//! commits small batches, so a `kill -9` loses at most the last few hundred milliseconds.
+//! commits small batches (at most 50 ms apart), so a `kill -9` loses at most the responses of
+//! the last 50 ms, which the rerun asks for again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,7 @@ impl Cache {
         Ok(out)
     }
 
-    /// Queue a response for the writer (committed within ~100 ms).
+    /// Queue a response for the writer (committed within ~50 ms).
     pub fn put(&self, id: String, model: String, r: CachedResponse) {
         if let Some(tx) = &self.tx {
             let _ = tx.send((id, model, r));
@@ -164,7 +165,7 @@ fn write_loop(
     // Block for the first item, then gather for up to 100 ms or 256 items.
     while let Ok(item) = rx.recv() {
         batch.push(item);
-        let deadline = Instant::now() + Duration::from_millis(100);
+        let deadline = Instant::now() + Duration::from_millis(50);
         while batch.len() < 256 {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {

@@ -536,10 +536,16 @@ impl Stage for LlmStage {
             vars.sort();
             for v in vars {
                 if !cols.contains(&v.as_str()) {
+                    // Point at the template itself: the inline content or the file name.
                     let path: Vec<String> = if self.api == Api::Completions {
                         vec!["prompt".into()]
                     } else {
-                        vec!["messages".into(), i.to_string()]
+                        let key = if self.messages.get(i).is_some_and(|m| m.file.is_some()) {
+                            "file"
+                        } else {
+                            "content"
+                        };
+                        vec!["messages".into(), i.to_string(), key.into()]
                     };
                     let p: Vec<&str> = path.iter().map(String::as_str).collect();
                     errs.push(

@@ -5,4 +5,6 @@ mod common;
 
 mod bad_pipelines;
 mod engine;
+mod llm;
+mod sim;
 mod slt;

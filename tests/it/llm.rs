@@ -1,0 +1,456 @@
+//! The llm stage end to end: real HTTP on 127.0.0.1 against `ifloom sim` in its own process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{ifloom, ok, sql_rows, stderr, tempdir};
+
+/// A running simulator; killed on drop.
+pub struct Sim {
+    child: Child,
+    pub url: String,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sim {
+    pub fn start(args: &[&str]) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+            .args(["sim", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ifloom sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("sim prints its URL")
+            .to_string();
+        Sim { child, url }
+    }
+
+    /// GET /sim/stats as JSON (a plain HTTP/1.0 request: no client library needed here).
+    pub fn stats(&self) -> serde_json::Value {
+        let base = self
+            .url
+            .trim_end_matches("/v1")
+            .trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(base).unwrap();
+        use std::io::{Read, Write};
+        write!(s, "GET /sim/stats HTTP/1.0\r\nHost: {base}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str(body).unwrap()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.stats()["requests_total"].as_u64().unwrap()
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A pipeline over `n` generated prompts with one llm stage; `extra` is added to the stage.
+fn pipeline(dir: &Path, url: &str, n: usize, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let rows: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"question number {i}\", \"temp\": 0.{}}}\n",
+                i % 10
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("data/in.jsonl"), rows).unwrap();
+    let p = dir.join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "name: llmtest\ninputs:\n  src: data/in.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    endpoints: [\"{url}\"]\n    model: sim-model\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: 64\n{extra}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn run_env(dir: &Path, p: &Path, run: &Path, cache: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn responses_come_back_in_order_and_a_fresh_run_dir_sends_nothing() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "5"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 50, "");
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The default rule echoes the last user message, so each answer names its own row.
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, response, response_finish_reason, response_cached FROM ask",
+    );
+    assert_eq!(rows.len(), 50);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], format!("question number {i}"), "input order kept");
+        assert!(
+            r[1].contains(&format!("Q: question number {i}")),
+            "row {i}: {}",
+            r[1]
+        );
+        assert_eq!(r[3], "false");
+    }
+    assert_eq!(sim.requests(), 50);
+    // Same cache, fresh run directory: every response comes from the cache.
+    let run2 = tmp.path().join("run2");
+    let o = run_env(tmp.path(), &p, &run2, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 50, "a cached request was sent again");
+    let cached = sql_rows(
+        tmp.path(),
+        &run2,
+        "SELECT count(*) FROM ask WHERE response_cached",
+    );
+    assert_eq!(cached[0][0], "50");
+}
+
+#[test]
+fn samples_explode_or_list() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let p = pipeline(
+        tmp.path(),
+        &sim.url,
+        10,
+        "    samples: 3\n    explode: true\n",
+    );
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT sample_index, count(*), count(DISTINCT response_request_id) FROM ask GROUP BY 1 ORDER BY 1",
+    );
+    assert_eq!(
+        rows,
+        vec![
+            vec!["0", "10", "10"],
+            vec!["1", "10", "10"],
+            vec!["2", "10", "10"]
+        ]
+    );
+    assert_eq!(sim.requests(), 30);
+    // The same samples as list columns: all 30 responses are already cached.
+    let p = pipeline(tmp.path(), &sim.url, 10, "    samples: 3\n");
+    let run = tmp.path().join("run_list");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT count(*), sum(array_length(response)) FROM ask",
+    );
+    assert_eq!(rows, vec![vec!["10", "30"]]);
+    assert_eq!(sim.requests(), 30);
+}
+
+#[test]
+fn faults_are_retried_or_dead_lettered_and_every_row_is_accounted_for() {
+    // 500s and 429s (with Retry-After) are retried until they succeed.
+    let sim = Sim::start(&[
+        "--slots",
+        "16",
+        "--base-ms",
+        "1",
+        "--fault-500",
+        "0.2",
+        "--fault-429",
+        "0.1",
+        "--seed",
+        "7",
+    ]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let p = pipeline(tmp.path(), &sim.url, 60, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 16\n    endpoints: ["),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "60"
+    );
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
+        "0"
+    );
+    assert!(sim.requests() > 60, "no fault was injected");
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("stages/ask/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(m["counters"]["retries"].as_i64().unwrap() > 0);
+
+    // Malformed bodies are row failures, kept with the raw body; the stage completes.
+    let bad = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-malformed", "1.0"]);
+    let tmp2 = tempdir();
+    let p = pipeline(tmp2.path(), &bad.url, 5, "");
+    let run = tmp2.path().join("run");
+    let o = run_env(tmp2.path(), &p, &run, &tmp2.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(tmp2.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "0"
+    );
+    let failed = sql_rows(
+        tmp2.path(),
+        &run,
+        "SELECT count(*), count(raw) FROM ask__failed",
+    );
+    assert_eq!(failed, vec![vec!["5", "5"]]);
+}
+
+#[test]
+fn hanging_server_times_out_into_the_dead_letter_table() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-hang", "1.0"]);
+    let tmp = tempdir();
+    let p = tmp.path().join("p.yaml");
+    pipeline(tmp.path(), &sim.url, 3, "");
+    std::fs::write(
+        &p,
+        format!(
+            "name: hang\nendpoints:\n  slow:\n    urls: [\"{}\"]\n    timeout_s: 0.3\n    max_retries: 1\n    backoff_ms: 10\ninputs:\n  src: data/in.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    endpoint: slow\n    model: sim-model\n    messages: [{{role: user, content: \"{{{{ prompt }}}}\"}}]\n",
+            sim.url
+        ),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let failed = sql_rows(tmp.path(), &run, "SELECT reason FROM ask__failed");
+    assert_eq!(failed.len(), 3);
+    assert!(
+        failed.iter().all(|r| r[0].contains("timed out")),
+        "{failed:?}"
+    );
+}
+
+#[test]
+fn a_down_endpoint_is_named_before_anything_is_sent() {
+    let tmp = tempdir();
+    // Nothing listens on this port (bound then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = pipeline(tmp.path(), &format!("http://127.0.0.1:{port}/v1"), 3, "");
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("http://127.0.0.1:{port}/v1 is down")),
+        "{e}"
+    );
+}
+
+#[test]
+fn api_key_never_reaches_run_dir_or_cache() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(
+        tmp.path(),
+        &sim.url,
+        5,
+        "    api_key_env: IFLOOM_TEST_KEY\n",
+    );
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let key = "sk-ifloom-test-4c9d1e-secret";
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache.join("c.sqlite")),
+        ])
+        .env("IFLOOM_TEST_KEY", key)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(key));
+    for dir in [&run, &cache] {
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    let b = std::fs::read(e.path()).unwrap();
+                    assert!(
+                        !b.windows(key.len()).any(|w| w == key.as_bytes()),
+                        "key in {}",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+    // Without the variable (and with work to do): a clear error naming it.
+    let fresh = tmp.path().join("run2");
+    let o = ifloom(
+        tmp.path(),
+        &[
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&fresh),
+            "--cache",
+            s(&cache.join("c2.sqlite")),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("IFLOOM_TEST_KEY"), "{}", stderr(&o));
+}
+
+#[test]
+fn template_errors_are_found_at_validate_time() {
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), "http://127.0.0.1:9/v1", 2, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("{{ prompt }}", "{{ promtp }}"),
+    )
+    .unwrap();
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(
+            "p.yaml:12:18: stage 'ask': template variable `promtp` is not a column of `src`"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("did you mean 'prompt'?"), "{e}");
+}
+
+#[test]
+fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
+    // Slow enough that the kill lands mid-stage: 4 slots × 20 ms → ~200 requests/s.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 300, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    // Ids whose response was committed to the cache before each kill.
+    let cached_ids = || -> std::collections::HashSet<String> {
+        let c = rusqlite::Connection::open(&cache).unwrap();
+        let mut st = c.prepare("SELECT id FROM responses").unwrap();
+        st.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // (id, times the server had seen it) for every response in the cache after each kill.
+    let mut snapshots: Vec<(String, u64)> = Vec::new();
+    for kill_at in [40u64, 150] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+            .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
+            .current_dir(tmp.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while sim.requests() < kill_at && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            sim.requests() < 300,
+            "the kill came after the stage finished"
+        );
+        let seen = sim.stats()["per_request"].clone();
+        for id in cached_ids() {
+            snapshots.push((id.clone(), seen[&id].as_u64().unwrap_or(0)));
+        }
+    }
+    assert!(
+        snapshots.len() >= 40,
+        "only {} responses cached",
+        snapshots.len()
+    );
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // No request whose response was already in the cache was sent again; only responses
+    // still in flight (or not yet committed) at a kill may have been asked for twice.
+    let stats = sim.stats();
+    let per = stats["per_request"].as_object().unwrap();
+    assert_eq!(per.len(), 300);
+    for (id, before) in &snapshots {
+        assert_eq!(
+            per[id].as_u64(),
+            Some(*before),
+            "{id} was in the cache, yet sent again"
+        );
+    }
+    let repeats: u64 = per.values().map(|v| v.as_u64().unwrap() - 1).sum();
+    eprintln!("requests sent twice (in flight or uncommitted at a kill): {repeats}");
+    // The result equals an uninterrupted run's.
+    let clean = tmp.path().join("clean");
+    let o = run_env(tmp.path(), &p, &clean, &tmp.path().join("fresh.sqlite"));
+    assert!(o.status.success());
+    let q = "SELECT prompt, response FROM ask ORDER BY prompt";
+    assert_eq!(
+        sql_rows(tmp.path(), &run, q),
+        sql_rows(tmp.path(), &clean, q)
+    );
+    ok(
+        tmp.path(),
+        &["sql", "--run", s(&run), "SELECT count(*) FROM ask"],
+    );
+}
