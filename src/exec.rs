@@ -17,6 +17,8 @@ use crate::store::{Manifest, RunDir, RunInfo, SideTable, now, schema_info};
 pub struct RunOptions {
     /// Recompute these tables and everything downstream.
     pub force: Vec<String>,
+    /// Run what sends no requests; for LLM stages, print what they would send.
+    pub dry_run: bool,
 }
 
 /// What happened to each table.
@@ -68,6 +70,13 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
         });
         pending = rest;
         if ready.is_empty() {
+            if opts.dry_run {
+                eprintln!(
+                    "  (dry run) not reached, downstream of an LLM stage: {}",
+                    pending.join(", ")
+                );
+                break;
+            }
             return Err(Error::Internal(
                 "no stage is ready; the plan has a cycle".into(),
             ));
@@ -78,7 +87,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             .iter()
             .filter_map(|i| done.get(&i.id).cloned())
             .collect();
-        let results: Vec<(String, Result<(Table, bool)>)> = std::thread::scope(|s| {
+        let results: Vec<(String, Result<Option<(Table, bool)>>)> = std::thread::scope(|s| {
             let handles: Vec<_> = ready
                 .iter()
                 .map(|id| {
@@ -87,7 +96,16 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                     let forced = forced.contains(id);
                     (
                         id.clone(),
-                        s.spawn(move || run_one(plan, dir, engine, id, done, inputs, forced)),
+                        s.spawn(move || {
+                            if opts.dry_run {
+                                if let Some(r) =
+                                    dry_run_one(plan, dir, engine, id, done, inputs.clone())
+                                {
+                                    return r.map(|_| None);
+                                }
+                            }
+                            run_one(plan, dir, engine, id, done, inputs, forced).map(Some)
+                        }),
                     )
                 })
                 .collect();
@@ -105,7 +123,8 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
         });
         for (id, r) in results {
             match r {
-                Ok((t, reused)) => {
+                Ok(None) => {}
+                Ok(Some((t, reused))) => {
                     if reused {
                         report.reused.push(id.clone());
                     } else {
@@ -135,6 +154,34 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             Ok(report)
         }
     }
+}
+
+/// A dry run of one stage: `None` when the kind sends nothing (it then runs normally).
+fn dry_run_one(
+    plan: &Plan,
+    dir: &RunDir,
+    engine: &Engine,
+    id: &str,
+    done: &HashMap<String, Table>,
+    inputs: Vec<Table>,
+) -> Option<Result<()>> {
+    let s = plan.pipeline.stage(id)?;
+    let deps = plan.deps.get(id).cloned().unwrap_or_default();
+    let parents: Vec<Table> = deps.iter().map(|d| done[d].clone()).collect();
+    let tmp = dir
+        .stages()
+        .join(format!(".dry-{id}-{}", std::process::id()));
+    let ctx = RunCtx {
+        id,
+        parents,
+        schema: plan.schemas[id].clone(),
+        out: &tmp,
+        engine,
+        inputs,
+        run_dir: &dir.path,
+    };
+    let report = s.stage.dry_run(&ctx)?;
+    Some(report.map(|text| eprintln!("  {id} ({}) dry run:\n{text}", s.kind)))
 }
 
 fn table_of(dir: &RunDir, id: &str, m: &Manifest) -> Result<Table> {

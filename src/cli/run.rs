@@ -22,6 +22,14 @@ pub struct Args {
     /// DataFusion memory limit in MiB (sorts and joins spill to disk beyond it).
     #[arg(long, default_value_t = 2048)]
     pub memory_mb: usize,
+    /// Send nothing: run the stages that need no LLM, and for each LLM stage show a few
+    /// rendered prompts, the request count, approximate prompt tokens and what is cached.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Re-send the requests of an LLM stage's dead-lettered rows (`<id>__failed`); its
+    /// other responses come from the cache.
+    #[arg(long)]
+    pub retry_failed: Vec<String>,
     /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -45,7 +53,22 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         plan.pipeline.name,
         dir.path.display()
     );
-    let report = exec::run(&plan, &dir, &engine, &RunOptions { force: a.force })?;
+    let mut force = a.force;
+    for s in a.retry_failed {
+        match plan.pipeline.stage(&s) {
+            Some(st) if st.kind == "llm" => force.push(s),
+            _ => {
+                return Err(crate::error::Error::usage(format!(
+                    "--retry-failed {s}: not an llm stage of this pipeline"
+                )));
+            }
+        }
+    }
+    let opts = RunOptions {
+        force,
+        dry_run: a.dry_run,
+    };
+    let report = exec::run(&plan, &dir, &engine, &opts)?;
     eprintln!(
         "ifloom: done in {:.2} s ({} computed, {} reused); query it with: ifloom sql --run {} \"SELECT ...\"",
         started.elapsed().as_secs_f64(),

@@ -601,6 +601,43 @@ impl Stage for LlmStage {
         }
     }
 
+    fn dry_run(&self, ctx: &RunCtx) -> Option<Result<String>> {
+        Some((|| {
+            let mut rows = Vec::new();
+            for b in read_batches(&ctx.parent().files) {
+                rows.extend(batch_rows(&b?)?);
+            }
+            let reqs = plan_requests(self, &rows)?;
+            let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
+            let cached = Cache::open(&ctx.engine.cache_path)?.get_many(&ids)?.len();
+            let tokens: usize = reqs.iter().map(|(_, c)| c.approx_prompt_tokens()).sum();
+            let mut out = format!(
+                "    {} rows x {} sample(s): {} distinct requests, {} already cached, {} to send; ~{} prompt words",
+                rows.len(),
+                self.samples,
+                reqs.len(),
+                cached,
+                reqs.len() - cached,
+                tokens
+            );
+            for (id, c) in reqs.iter().take(2) {
+                out.push_str(&format!("\n    request {id}:"));
+                for m in c.messages.iter().flatten() {
+                    let text: String = m.content.chars().take(400).collect();
+                    out.push_str(&format!(
+                        "\n      [{}] {}",
+                        m.role,
+                        text.replace('\n', "\n        ")
+                    ));
+                }
+                if let Some(p) = &c.prompt {
+                    out.push_str(&format!("\n      [prompt] {p}"));
+                }
+            }
+            Ok(out)
+        })())
+    }
+
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let group = self.group()?.clone();
         let pool = Arc::new(Pool::new(&group).map_err(|e| Error::stage(ctx.id, e))?);

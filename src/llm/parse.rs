@@ -1,31 +1,918 @@
-//! PLACEHOLDER while the real parse module is written (JSON repair, regex, choice).
-use serde::{Deserialize, Serialize};
+//! Turning messy LLM text into typed values.
+//!
+//! An `llm` stage may declare `parse:` to turn each answer into a typed column:
+//!
+//! ```yaml
+//! parse:
+//!   json:
+//!     fields:
+//!       - {name: question, type: string, required: true}
+//!       - {name: score, type: int}
+//!       - {name: tags, type: list_string}
+//!       - {name: cases, type: {list_object: [{name: input, type: string}, {name: output, type: bool}]}}
+//! # or: parse: {regex: {pattern: "Score: (?P<score>\\d+)"}}
+//! # or: parse: {choice: {choices: [yes, no], boolean: true}}
+//! ```
+//!
+//! JSON is found in real model output: inside ```` ``` ```` fences, after or before prose, as
+//! the first balanced `{…}` / `[…]` that parses. A strict parse is tried first; only when it
+//! fails is the text repaired (Python `True`/`False`/`None`, single-quoted strings, trailing
+//! commas, `//` and `/* */` comments, unquoted keys, raw newlines inside strings, invalid
+//! escapes such as `\'` or `\d` kept as a literal backslash) and the result marked
+//! `repaired`. Output cut off before the object closes is an error, never completed by guess.
+//!
+//! The value is then checked against the declared fields. Coercion only where lossless and
+//! obvious: an int where a float is declared, a float with no fractional part where an int is
+//! declared. A string is never taken for a number or a bool (`"3"`, `"yes"`, `"True"`).
+//! Extra keys are ignored; a missing (or null) optional field is null.
+//!
+//! Reasoning (`<think>…</think>`) is not handled by [`parse`]: callers strip it first with
+//! [`strip_reasoning`].
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, Field, Fields, Schema};
+use arrow::error::ArrowError;
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// How an answer is turned into a typed value (`parse: {json: …}`, `{regex: …}`,
+/// `{choice: …}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ParseSpec {
-    Json(serde_json::Value),
+    /// A JSON object with declared fields, found anywhere in the answer.
+    Json(JsonSpec),
+    /// A regular expression; each named group becomes a string field.
+    Regex(RegexSpec),
+    /// One of a fixed set of answers (case-insensitive), e.g. `yes` / `no`.
+    Choice(ChoiceSpec),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSpec {
+    pub fields: Vec<FieldSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// A missing or null required field makes the answer fail to parse.
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    String,
+    Int,
+    Float,
+    Bool,
+    ListString,
+    ListInt,
+    /// Any JSON value, kept as its JSON text (a string column).
+    Json,
+    /// A nested object: `type: {object: [fields…]}`.
+    Object(Vec<FieldSpec>),
+    /// A list of objects: `type: {list_object: [fields…]}`.
+    ListObject(Vec<FieldSpec>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegexSpec {
+    /// Searched for in the answer (first match); named groups `(?P<name>…)` become columns.
+    pub pattern: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceSpec {
+    pub choices: Vec<String>,
+    /// Two choices: the first becomes `true`, the second `false` (a bool column).
+    #[serde(default)]
+    pub boolean: bool,
+}
+
+/// What to do with `<think>…</think>` in an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reasoning {
+    /// Remove it from the answer (and keep it apart).
+    #[default]
+    Strip,
+    /// Keep the text exactly as the server sent it.
+    Keep,
+}
+
+impl Reasoning {
+    /// (answer, reasoning) for this setting.
+    pub fn apply(self, text: &str) -> (String, Option<String>) {
+        match self {
+            Reasoning::Strip => strip_reasoning(text),
+            Reasoning::Keep => (text.to_string(), None),
+        }
+    }
+}
+
+/// A parsed answer.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Parsed {
-    pub value: serde_json::Value,
+    /// Json / Regex: an object with every declared field (typed, null when absent);
+    /// Choice: the choice as declared (a string) or a bool.
+    pub value: Value,
+    /// The JSON only parsed after repair.
     pub repaired: bool,
 }
 
-pub fn strip_reasoning(text: &str) -> (String, Option<String>) {
-    (text.to_string(), None)
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    #[error("no JSON object found")]
+    NoJson,
+    #[error("expected a JSON object, found {0}")]
+    NotObject(&'static str),
+    #[error("unterminated JSON: `{0}` is never closed (output cut off?)")]
+    Unterminated(char),
+    #[error("invalid JSON: {0}")]
+    Invalid(String),
+    #[error("missing required field `{0}`")]
+    MissingField(String),
+    #[error("field `{path}`: expected {expected}, found {found}")]
+    Type {
+        path: String,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("no match for pattern `{0}`")]
+    NoMatch(String),
+    #[error("no choice found: expected one of {choices}, found {found}")]
+    NoChoice { choices: String, found: String },
+    #[error("ambiguous answer: {0} all appear")]
+    Ambiguous(String),
+    #[error("bad parse spec: {0}")]
+    Spec(String),
 }
 
-pub fn parse(_spec: &ParseSpec, text: &str) -> Result<Parsed, String> {
-    serde_json::from_str(text)
-        .map(|value| Parsed {
+impl ParseSpec {
+    /// Problems with the spec itself (bad regex, duplicate fields, …), for validation before
+    /// any request is sent.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            ParseSpec::Json(j) => check_fields(&j.fields, ""),
+            ParseSpec::Regex(r) => {
+                let re = compiled(&r.pattern)?;
+                if re.capture_names().flatten().next().is_none() {
+                    return Err(format!(
+                        "pattern `{}` has no named group; name the parts to keep, e.g. (?P<score>\\d+)",
+                        r.pattern
+                    ));
+                }
+                Ok(())
+            }
+            ParseSpec::Choice(c) => {
+                if c.choices.is_empty() {
+                    return Err("choice needs at least one choice".into());
+                }
+                if c.boolean && c.choices.len() != 2 {
+                    return Err(format!(
+                        "boolean choice needs exactly two choices (true, false), found {}",
+                        c.choices.len()
+                    ));
+                }
+                let mut seen = HashSet::new();
+                for ch in &c.choices {
+                    if ch.trim().is_empty() {
+                        return Err("a choice is empty".into());
+                    }
+                    if !seen.insert(ch.trim().to_lowercase()) {
+                        return Err(format!("choice `{ch}` is given twice (case-insensitive)"));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn check_fields(fields: &[FieldSpec], prefix: &str) -> Result<(), String> {
+    if fields.is_empty() {
+        return Err(if prefix.is_empty() {
+            "json needs at least one field".into()
+        } else {
+            format!("`{prefix}` needs at least one field")
+        });
+    }
+    let mut seen = HashSet::new();
+    for f in fields {
+        let path = join(prefix, &f.name);
+        if f.name.is_empty() {
+            return Err("a field has an empty name".into());
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("field `{path}` is declared twice"));
+        }
+        if let FieldType::Object(sub) | FieldType::ListObject(sub) = &f.ty {
+            check_fields(sub, &path)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reasoning
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+/// Split `<think>…</think>` blocks from an answer: (answer, reasoning).
+///
+/// - every closed block is removed; their contents (trimmed, joined by a blank line) are the
+///   reasoning, `Some("")` for an empty block;
+/// - a `</think>` with no opening tag (templates that put `<think>` in the prompt): all before
+///   it is reasoning;
+/// - an opening tag never closed (cut off while thinking): all after it is reasoning, so a
+///   leading one leaves the answer empty;
+/// - no tags: the text unchanged and `None`.
+///
+/// The answer is trimmed whenever a block was removed.
+pub fn strip_reasoning(text: &str) -> (String, Option<String>) {
+    if !text.contains(THINK_OPEN) && !text.contains(THINK_CLOSE) {
+        return (text.to_string(), None);
+    }
+    let mut answer = String::new();
+    let mut thoughts: Vec<&str> = Vec::new();
+    let mut rest = text;
+    // A close before any open: the opening tag was in the prompt.
+    if let Some(c) = rest.find(THINK_CLOSE)
+        && rest.find(THINK_OPEN).is_none_or(|o| c < o)
+    {
+        thoughts.push(rest[..c].trim());
+        rest = &rest[c + THINK_CLOSE.len()..];
+    }
+    while let Some(o) = rest.find(THINK_OPEN) {
+        answer.push_str(&rest[..o]);
+        let inner = &rest[o + THINK_OPEN.len()..];
+        match inner.find(THINK_CLOSE) {
+            Some(c) => {
+                thoughts.push(inner[..c].trim());
+                rest = &inner[c + THINK_CLOSE.len()..];
+            }
+            None => {
+                thoughts.push(inner.trim());
+                rest = "";
+            }
+        }
+    }
+    answer.push_str(rest);
+    let reasoning = thoughts
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    (answer.trim().to_string(), Some(reasoning))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+/// Parse one answer (reasoning already stripped) by `spec`.
+pub fn parse(spec: &ParseSpec, text: &str) -> Result<Parsed, ParseError> {
+    match spec {
+        ParseSpec::Json(j) => {
+            let (v, repaired) = find_json(text, true)?;
+            let Value::Object(obj) = v else {
+                return Err(ParseError::NotObject(kind(&v)));
+            };
+            Ok(Parsed {
+                value: Value::Object(check_object(&obj, &j.fields, "")?),
+                repaired,
+            })
+        }
+        ParseSpec::Regex(r) => parse_regex(r, text).map(|value| Parsed {
             value,
             repaired: false,
-        })
-        .map_err(|e| e.to_string())
+        }),
+        ParseSpec::Choice(c) => parse_choice(c, text).map(|value| Parsed {
+            value,
+            repaired: false,
+        }),
+    }
 }
 
-pub fn arrow_type(_spec: &ParseSpec) -> arrow::datatypes::DataType {
-    arrow::datatypes::DataType::Utf8
+/// The first JSON object or array in `text` (or the whole text if it is JSON), and whether it
+/// needed repair.
+pub fn extract_json(text: &str) -> Result<(Value, bool), ParseError> {
+    find_json(text, false)
+}
+
+/// Start positions tried at most (each costs a scan to its closing bracket).
+const MAX_CANDIDATES: usize = 64;
+
+fn find_json(text: &str, want_object: bool) -> Result<(Value, bool), ParseError> {
+    let trimmed = text.trim();
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed)
+        && (!want_object || v.is_object())
+    {
+        return Ok((v, false));
+    }
+    // Candidates in order: fenced blocks, then each balanced span by where it starts.
+    let mut candidates: Vec<&str> = fenced_blocks(text);
+    let mut first_err: Option<ParseError> = None;
+    let mut object_err: Option<ParseError> = None;
+    let mut starts = 0;
+    for (i, b) in text.bytes().enumerate() {
+        if b != b'{' && b != b'[' {
+            continue;
+        }
+        starts += 1;
+        if starts > MAX_CANDIDATES {
+            break;
+        }
+        match balanced_end(text, i) {
+            Ok(end) => candidates.push(&text[i..end]),
+            Err(e) => {
+                if b == b'{' && object_err.is_none() {
+                    object_err = Some(e.clone());
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut non_object: Option<&'static str> = None;
+    for c in candidates {
+        let c = c.trim();
+        if c.is_empty() || !seen.insert(c) {
+            continue;
+        }
+        let is_brace = c.starts_with('{');
+        let parsed = match serde_json::from_str::<Value>(c) {
+            Ok(v) => Ok((v, false)),
+            Err(strict) => match serde_json::from_str::<Value>(&repair(c)) {
+                Ok(v) => Ok((v, true)),
+                Err(_) => Err(ParseError::Invalid(strict.to_string())),
+            },
+        };
+        match parsed {
+            Ok((v, r)) if !want_object || v.is_object() => return Ok((v, r)),
+            Ok((v, _)) => {
+                non_object.get_or_insert(kind(&v));
+            }
+            Err(e) => {
+                if is_brace && object_err.is_none() {
+                    object_err = Some(e.clone());
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if want_object {
+        if let Some(e) = object_err {
+            return Err(e);
+        }
+        if let Some(k) = non_object {
+            return Err(ParseError::NotObject(k));
+        }
+    }
+    Err(first_err.unwrap_or(ParseError::NoJson))
+}
+
+/// The contents of ```` ``` ```` fenced blocks (any info string, e.g. `json`), in order; an
+/// unclosed last fence runs to the end.
+fn fenced_blocks(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(o) = rest.find("```") {
+        let after = &rest[o + 3..];
+        // Skip the info string (`json`, `JSON`, `python`…) up to the end of the line.
+        let body_start = after
+            .find('\n')
+            .filter(|&n| {
+                after[..n]
+                    .trim()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .map_or(0, |n| n + 1);
+        let body = &after[body_start..];
+        match body.find("```") {
+            Some(c) => {
+                out.push(&body[..c]);
+                rest = &body[c + 3..];
+            }
+            None => {
+                out.push(body);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// End (exclusive) of the balanced `{…}` / `[…]` starting at `start`, aware of double- and
+/// single-quoted strings, escapes and comments.
+fn balanced_end(text: &str, start: usize) -> Result<usize, ParseError> {
+    let b = text.as_bytes();
+    let mut stack: Vec<u8> = Vec::new();
+    let mut i = start;
+    while i < b.len() {
+        match b[i] {
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                if i >= b.len() {
+                    return Err(ParseError::Unterminated(stack[0] as char));
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => match text[i + 2..].find("*/") {
+                Some(e) => i += 2 + e + 1,
+                None => return Err(ParseError::Unterminated(stack[0] as char)),
+            },
+            b'{' => stack.push(b'}'),
+            b'[' => stack.push(b']'),
+            c @ (b'}' | b']') => {
+                if stack.pop() != Some(c) {
+                    return Err(ParseError::Invalid(format!(
+                        "mismatched `{}` at offset {i}",
+                        c as char
+                    )));
+                }
+                if stack.is_empty() {
+                    return Ok(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Err(ParseError::Unterminated(b[start] as char))
+}
+
+/// Rewrite near-JSON into JSON: Python literals, single-quoted strings, trailing commas,
+/// comments, unquoted keys, raw control characters and invalid escapes in strings.
+fn repair(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() + 16);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '"' | '\'' => i = repair_string(&chars, i, &mut out),
+            '/' if chars.get(i + 1) == Some(&'/') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if chars.get(i + 1) == Some(&'*') => {
+                i += 2;
+                while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                    i += 1;
+                }
+                i += 2;
+            }
+            '}' | ']' => {
+                let keep = out.trim_end().len();
+                out.truncate(keep);
+                if out.ends_with(',') {
+                    out.pop();
+                }
+                out.push(c);
+                i += 1;
+            }
+            c if c.is_ascii_digit() || c == '-' => {
+                // A number token, passed through (so `1e5` is not taken for a word).
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '.' | '+' | '-'))
+                {
+                    out.push(chars[i]);
+                    i += 1;
+                }
+            }
+            c if c.is_alphabetic() || c == '_' || c == '$' => {
+                let st = i;
+                while i < chars.len()
+                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
+                {
+                    i += 1;
+                }
+                let word: String = chars[st..i].iter().collect();
+                let mut j = i;
+                while j < chars.len() && chars[j].is_whitespace() {
+                    j += 1;
+                }
+                let prev = out.trim_end().chars().last();
+                if chars.get(j) == Some(&':') && matches!(prev, Some('{' | ',')) {
+                    out.push('"');
+                    out.push_str(&word);
+                    out.push('"');
+                } else {
+                    out.push_str(match word.as_str() {
+                        "True" => "true",
+                        "False" => "false",
+                        "None" => "null",
+                        w => w,
+                    });
+                }
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Copy the string starting at `chars[start]` (a `"` or `'`) as a JSON string; returns the
+/// index after its closing quote.
+fn repair_string(chars: &[char], start: usize, out: &mut String) -> usize {
+    let q = chars[start];
+    out.push('"');
+    let mut i = start + 1;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            c if c == q => {
+                out.push('"');
+                return i + 1;
+            }
+            '\\' => {
+                let n = chars.get(i + 1).copied();
+                match n {
+                    Some('\'') if q == '\'' => out.push('\''),
+                    Some('"' | '\\' | '/' | 'b' | 'f' | 'n' | 'r' | 't') => {
+                        out.push('\\');
+                        out.push(n.unwrap_or_default());
+                    }
+                    Some('u')
+                        if chars.len() >= i + 6
+                            && chars[i + 2..i + 6].iter().all(|h| h.is_ascii_hexdigit()) =>
+                    {
+                        out.push_str("\\u");
+                    }
+                    // An invalid escape (`\'`, `\d`, `\s`…): keep the backslash itself.
+                    Some(other) => {
+                        out.push_str("\\\\");
+                        push_str_char(out, other);
+                    }
+                    None => out.push_str("\\\\"),
+                }
+                i += 2;
+                continue;
+            }
+            '"' => out.push_str("\\\""),
+            c => push_str_char(out, c),
+        }
+        i += 1;
+    }
+    out.push('"');
+    i
+}
+
+fn push_str_char(out: &mut String, c: char) {
+    match c {
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        '\t' => out.push_str("\\t"),
+        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+        c => out.push(c),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation against declared fields
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "int",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "object",
+    }
+}
+
+/// How a found value is described in an error: `string "high"`, `int 3`, `list`, ….
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null | Value::Array(_) | Value::Object(_) => kind(v).to_string(),
+        Value::String(s) => {
+            let short: String = s.chars().take(40).collect();
+            let more = if short.len() < s.len() { "…" } else { "" };
+            format!("string {}{more}", Value::String(short))
+        }
+        v => format!("{} {v}", kind(v)),
+    }
+}
+
+fn type_err(path: &str, expected: &'static str, found: &Value) -> ParseError {
+    ParseError::Type {
+        path: path.to_string(),
+        expected,
+        found: describe(found),
+    }
+}
+
+fn check_object(
+    obj: &Map<String, Value>,
+    fields: &[FieldSpec],
+    prefix: &str,
+) -> Result<Map<String, Value>, ParseError> {
+    let mut out = Map::new();
+    for f in fields {
+        let path = join(prefix, &f.name);
+        let v = match obj.get(&f.name) {
+            None | Some(Value::Null) if f.required => {
+                return Err(ParseError::MissingField(path));
+            }
+            None | Some(Value::Null) => Value::Null,
+            Some(v) => check_value(v, &f.ty, &path)?,
+        };
+        out.insert(f.name.clone(), v);
+    }
+    Ok(out)
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            // A float with no fractional part (`4.0`) is an int, when exact.
+            n.as_f64()
+                .filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0)
+                .map(|f| f as i64)
+        }),
+        _ => None,
+    }
+}
+
+fn check_list<'v>(
+    v: &'v Value,
+    path: &str,
+    expected: &'static str,
+) -> Result<&'v Vec<Value>, ParseError> {
+    match v {
+        Value::Array(a) => Ok(a),
+        _ => Err(type_err(path, expected, v)),
+    }
+}
+
+fn check_value(v: &Value, ty: &FieldType, path: &str) -> Result<Value, ParseError> {
+    Ok(match ty {
+        FieldType::String => match v {
+            Value::String(_) => v.clone(),
+            _ => return Err(type_err(path, "string", v)),
+        },
+        FieldType::Int => match as_int(v) {
+            Some(i) => i.into(),
+            None => return Err(type_err(path, "int", v)),
+        },
+        FieldType::Float => match v.as_f64() {
+            Some(f) if v.is_number() => f.into(),
+            _ => return Err(type_err(path, "float", v)),
+        },
+        FieldType::Bool => match v {
+            Value::Bool(_) => v.clone(),
+            _ => return Err(type_err(path, "bool", v)),
+        },
+        FieldType::Json => Value::String(v.to_string()),
+        FieldType::ListString => {
+            let items = check_list(v, path, "list of strings")?;
+            for (i, x) in items.iter().enumerate() {
+                if !(x.is_string() || x.is_null()) {
+                    return Err(type_err(&format!("{path}[{i}]"), "string", x));
+                }
+            }
+            v.clone()
+        }
+        FieldType::ListInt => {
+            let items = check_list(v, path, "list of ints")?;
+            let mut out = Vec::with_capacity(items.len());
+            for (i, x) in items.iter().enumerate() {
+                out.push(match (x, as_int(x)) {
+                    (Value::Null, _) => Value::Null,
+                    (_, Some(n)) => n.into(),
+                    _ => return Err(type_err(&format!("{path}[{i}]"), "int", x)),
+                });
+            }
+            Value::Array(out)
+        }
+        FieldType::Object(fields) => match v {
+            Value::Object(o) => Value::Object(check_object(o, fields, path)?),
+            _ => return Err(type_err(path, "object", v)),
+        },
+        FieldType::ListObject(fields) => {
+            let items = check_list(v, path, "list of objects")?;
+            let mut out = Vec::with_capacity(items.len());
+            for (i, x) in items.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                out.push(match x {
+                    Value::Null => Value::Null,
+                    Value::Object(o) => Value::Object(check_object(o, fields, &p)?),
+                    _ => return Err(type_err(&p, "object", x)),
+                });
+            }
+            Value::Array(out)
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regex and choice
+
+/// Compiled patterns, shared across rows and threads.
+fn compiled(pattern: &str) -> Result<Regex, String> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Result<Regex, String>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = m.get(pattern) {
+        return r.clone();
+    }
+    let r = Regex::new(pattern).map_err(|e| format!("invalid regex `{pattern}`: {e}"));
+    if m.len() >= 256 {
+        m.clear();
+    }
+    m.insert(pattern.to_string(), r.clone());
+    r
+}
+
+fn parse_regex(spec: &RegexSpec, text: &str) -> Result<Value, ParseError> {
+    let re = compiled(&spec.pattern).map_err(ParseError::Spec)?;
+    let caps = re
+        .captures(text)
+        .ok_or_else(|| ParseError::NoMatch(spec.pattern.clone()))?;
+    let mut out = Map::new();
+    for name in re.capture_names().flatten() {
+        let v = caps
+            .name(name)
+            .map_or(Value::Null, |m| Value::String(m.as_str().to_string()));
+        out.insert(name.to_string(), v);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Markup and punctuation around a bare answer: `**Yes**`, `"no".`, `` `A` ``.
+fn strip_decoration(s: &str) -> &str {
+    s.trim_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '*' | '_' | '`' | '"' | '\'' | '.' | '!' | '(' | ')')
+    })
+}
+
+/// Whether `hay` has `needle` (both lowercased) at `at` with no letter or digit on either side.
+fn bounded(hay: &str, at: usize, needle: &str) -> bool {
+    let before = hay[..at].chars().next_back();
+    let after = hay[at + needle.len()..].chars().next();
+    !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+}
+
+fn parse_choice(spec: &ChoiceSpec, text: &str) -> Result<Value, ParseError> {
+    if spec.choices.is_empty() || (spec.boolean && spec.choices.len() != 2) {
+        let e = ParseSpec::Choice(spec.clone()).check().err();
+        return Err(ParseError::Spec(e.unwrap_or_default()));
+    }
+    let lowered: Vec<String> = spec
+        .choices
+        .iter()
+        .map(|c| c.trim().to_lowercase())
+        .collect();
+    let result = |i: usize| -> Value {
+        if spec.boolean {
+            Value::Bool(i == 0)
+        } else {
+            Value::String(spec.choices[i].clone())
+        }
+    };
+    let hay = text.to_lowercase();
+    // 1. The whole answer is a choice, give or take markup.
+    let bare = strip_decoration(&hay);
+    if let Some(i) = lowered.iter().position(|c| c == bare) {
+        return Ok(result(i));
+    }
+    // 2. The answer starts with a choice (`Yes, because …`); the longest wins.
+    let lead = hay.trim_start_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '*' | '_' | '`' | '"' | '\'' | '(')
+    });
+    let lead_at = hay.len() - lead.len();
+    if let Some(i) = (0..lowered.len())
+        .filter(|&i| lead.starts_with(&lowered[i]) && bounded(&hay, lead_at, &lowered[i]))
+        .max_by_key(|&i| lowered[i].len())
+    {
+        return Ok(result(i));
+    }
+    // 3. Exactly one choice appears anywhere as a word.
+    let found: Vec<usize> = (0..lowered.len())
+        .filter(|&i| {
+            hay.match_indices(lowered[i].as_str())
+                .any(|(at, m)| bounded(&hay, at, m))
+        })
+        .collect();
+    match found.as_slice() {
+        [i] => Ok(result(*i)),
+        [] => Err(ParseError::NoChoice {
+            choices: spec.choices.join(", "),
+            found: describe(&Value::String(text.trim().to_string())),
+        }),
+        many => Err(ParseError::Ambiguous(
+            many.iter()
+                .map(|&i| format!("`{}`", spec.choices[i]))
+                .collect::<Vec<_>>()
+                .join(" and "),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arrow
+
+fn field_type(ty: &FieldType) -> DataType {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+    match ty {
+        FieldType::String | FieldType::Json => DataType::Utf8,
+        FieldType::Int => DataType::Int64,
+        FieldType::Float => DataType::Float64,
+        FieldType::Bool => DataType::Boolean,
+        FieldType::ListString => list(DataType::Utf8),
+        FieldType::ListInt => list(DataType::Int64),
+        FieldType::Object(fs) => struct_type(fs),
+        FieldType::ListObject(fs) => list(struct_type(fs)),
+    }
+}
+
+fn struct_type(fields: &[FieldSpec]) -> DataType {
+    DataType::Struct(Fields::from(
+        fields
+            .iter()
+            .map(|f| Field::new(&f.name, field_type(&f.ty), true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// The Arrow type of a parsed column: a Struct of the declared fields (Json fields as Utf8
+/// JSON text); for regex a Struct of Utf8 per named group; for choice Utf8, or Boolean.
+pub fn arrow_type(spec: &ParseSpec) -> DataType {
+    match spec {
+        ParseSpec::Json(j) => struct_type(&j.fields),
+        ParseSpec::Regex(r) => DataType::Struct(Fields::from(
+            compiled(&r.pattern)
+                .map(|re| {
+                    re.capture_names()
+                        .flatten()
+                        .map(|n| Field::new(n, DataType::Utf8, true))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        )),
+        ParseSpec::Choice(c) if c.boolean => DataType::Boolean,
+        ParseSpec::Choice(_) => DataType::Utf8,
+    }
+}
+
+/// Build the parsed column from [`Parsed::value`]s (null for `None`).
+pub fn to_arrow(spec: &ParseSpec, values: &[Option<Value>]) -> Result<ArrayRef, ArrowError> {
+    let ty = arrow_type(spec);
+    if values.is_empty() {
+        return Ok(arrow::array::new_empty_array(&ty));
+    }
+    let schema = Arc::new(Schema::new(vec![Field::new("v", ty, true)]));
+    let rows: Vec<Value> = values
+        .iter()
+        .map(|v| {
+            let mut m = Map::new();
+            m.insert("v".into(), v.clone().unwrap_or(Value::Null));
+            Value::Object(m)
+        })
+        .collect();
+    let mut d = arrow::json::ReaderBuilder::new(schema)
+        .with_batch_size(rows.len())
+        .build_decoder()?;
+    d.serialize(&rows)?;
+    let batch = d
+        .flush()?
+        .ok_or_else(|| ArrowError::JsonError("no rows decoded".into()))?;
+    Ok(batch.column(0).clone())
 }

@@ -136,6 +136,12 @@ pub trait Stage: std::fmt::Debug + Send + Sync {
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
 
+    /// For `run --dry-run`: what the stage would send, without sending it. `None` for kinds
+    /// that send nothing (they run normally in a dry run).
+    fn dry_run(&self, _ctx: &RunCtx) -> Option<Result<String>> {
+        None
+    }
+
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput>;
 }
 

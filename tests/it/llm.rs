@@ -454,3 +454,87 @@ fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
         &["sql", "--run", s(&run), "SELECT count(*) FROM ask"],
     );
 }
+
+#[test]
+fn dry_run_sends_nothing_and_retry_failed_resends_only_the_dead_letters() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    // A server that answers every request with a malformed body: all rows dead-lettered.
+    let bad = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-malformed", "1.0"]);
+    let p = pipeline(tmp.path(), &bad.url, 6, "");
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache),
+            "--dry-run",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("6 distinct requests, 0 already cached, 6 to send"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("[user] Q: question number 0"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(bad.requests(), 0, "a dry run sent requests");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
+        "6"
+    );
+    drop(bad);
+
+    // The endpoint is operational config: pointing at a healthy server reuses the stage...
+    let good = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let url_line = text
+        .lines()
+        .find(|l| l.contains("endpoints: ["))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &p,
+        text.replace(&url_line, &format!("    endpoints: [\"{}\"]", good.url)),
+    )
+    .unwrap();
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(stderr(&o).contains("ask (llm): reused"), "{}", stderr(&o));
+    assert_eq!(good.requests(), 0);
+    // ...and --retry-failed sends exactly the dead-lettered requests.
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache),
+            "--retry-failed",
+            "ask",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(good.requests(), 6);
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "6"
+    );
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
+        "0"
+    );
+}
