@@ -21,6 +21,9 @@ pub struct RunOptions {
     pub dry_run: bool,
 }
 
+/// A finished table, and whether it was reused rather than computed.
+type Finished = (Table, bool);
+
 /// What happened to each table.
 #[derive(Debug, Default)]
 pub struct RunReport {
@@ -87,7 +90,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             .iter()
             .filter_map(|i| done.get(&i.id).cloned())
             .collect();
-        let results: Vec<(String, Result<Option<(Table, bool)>>)> = std::thread::scope(|s| {
+        let results: Vec<(String, Result<Option<Finished>>)> = std::thread::scope(|s| {
             let handles: Vec<_> = ready
                 .iter()
                 .map(|id| {
@@ -97,12 +100,11 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                     (
                         id.clone(),
                         s.spawn(move || {
-                            if opts.dry_run {
-                                if let Some(r) =
+                            if opts.dry_run
+                                && let Some(r) =
                                     dry_run_one(plan, dir, engine, id, done, inputs.clone())
-                                {
-                                    return r.map(|_| None);
-                                }
+                            {
+                                return r.map(|_| None);
                             }
                             run_one(plan, dir, engine, id, done, inputs, forced).map(Some)
                         }),
