@@ -9,6 +9,7 @@ use crate::compile::{self, Plan};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
+mod batch;
 mod cache;
 mod graph;
 mod run;
@@ -48,6 +49,8 @@ pub enum Command {
     Schema,
     /// Inspect or prune the LLM response cache.
     Cache(cache::Args),
+    /// Offline batch mode: export uncached LLM requests, import batch results.
+    Batch(batch::Args),
     /// Serve a simulated OpenAI-compatible LLM server (latency, queueing, faults) for tests.
     Sim(sim::Args),
 }
@@ -72,6 +75,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Runs(a) => runs::run(a),
         Command::Schema => schema::run(),
         Command::Cache(a) => cache::run(a),
+        Command::Batch(a) => batch::run(a, &engine),
         Command::Sim(a) => sim::run(a, &engine),
     };
     match result {

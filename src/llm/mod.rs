@@ -601,6 +601,10 @@ impl Stage for LlmStage {
         }
     }
 
+    fn llm(&self) -> Option<&LlmStage> {
+        Some(self)
+    }
+
     fn dry_run(&self, ctx: &RunCtx) -> Option<Result<String>> {
         Some((|| {
             let mut rows = Vec::new();
@@ -1189,6 +1193,18 @@ fn decode(schema: &SchemaRef, rows: &[serde_json::Value]) -> Result<RecordBatch>
     d.serialize(rows)?;
     Ok(d.flush()?
         .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+}
+
+impl LlmStage {
+    /// The model name requests are sent (and cached) under.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The dialect of the stage's servers.
+    pub fn profile(&self) -> Profile {
+        self.group.as_ref().map(|g| g.profile).unwrap_or_default()
+    }
 }
 
 /// Every distinct request id a stage would send for its input, for `--dry-run` and batch

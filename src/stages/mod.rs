@@ -136,6 +136,11 @@ pub trait Stage: std::fmt::Debug + Send + Sync {
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
 
+    /// The LLM stage behind this object, for the verbs that work on LLM requests.
+    fn llm(&self) -> Option<&crate::llm::LlmStage> {
+        None
+    }
+
     /// For `run --dry-run`: what the stage would send, without sending it. `None` for kinds
     /// that send nothing (they run normally in a dry run).
     fn dry_run(&self, _ctx: &RunCtx) -> Option<Result<String>> {

@@ -538,3 +538,65 @@ fn dry_run_sends_nothing_and_retry_failed_resends_only_the_dead_letters() {
         "0"
     );
 }
+
+#[test]
+fn batch_export_import_then_run_offline() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    // Nothing listens here: the run must not need the network after the import.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = pipeline(tmp.path(), &format!("http://127.0.0.1:{port}/v1"), 4, "");
+    let reqs = tmp.path().join("requests.jsonl");
+    let common = ["--stage", "ask", "--run-dir", s(&run), "--cache", s(&cache)];
+    let mut args = vec!["batch", "export", s(&p), "-o", s(&reqs)];
+    args.extend(common);
+    ok(tmp.path(), &args);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&reqs)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    // What vLLM's run-batch writes: one result per request, keyed by custom_id.
+    let results: String = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["method"], "POST");
+            assert_eq!(l["url"], "/v1/chat/completions");
+            let q = l["body"]["messages"][0]["content"].as_str().unwrap();
+            serde_json::json!({
+                "id": "batch-1",
+                "custom_id": l["custom_id"],
+                "response": {"status_code": 200, "body": {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("batched answer to {q}")}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 4}
+                }},
+                "error": null
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let res = tmp.path().join("results.jsonl");
+    std::fs::write(&res, results).unwrap();
+    let mut args = vec!["batch", "import", s(&p), s(&res)];
+    args.extend(common);
+    ok(tmp.path(), &args);
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sql_rows(tmp.path(), &run, "SELECT prompt, response FROM ask");
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert_eq!(r[1], format!("batched answer to Q: {}", r[0]));
+    }
+    // Nothing left to export.
+    let mut args = vec!["batch", "export", s(&p), "-o", s(&reqs)];
+    args.extend(common);
+    ok(tmp.path(), &args);
+    assert_eq!(std::fs::read_to_string(&reqs).unwrap(), "");
+}

@@ -1,0 +1,206 @@
+//! Offline batch mode for vLLM's `run-batch` (and the OpenAI Batch API): export every
+//! uncached request of an LLM stage in the batch format, run it elsewhere, import the results
+//! into the cache; the next `ifloom run` then completes the stage without network calls.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::exec::{self, RunOptions};
+use crate::llm::cache::{Cache, CachedResponse};
+use crate::llm::{self, client};
+use crate::stages::dedup::read_batches;
+use crate::store::RunDir;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// The LLM stage.
+    #[arg(long)]
+    pub stage: String,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    #[arg(long = "set", value_parser = super::parse_kv)]
+    pub set: Vec<(String, String)>,
+    /// The response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// Write the stage's uncached requests as batch JSONL (`custom_id` = request id).
+    Export {
+        #[command(flatten)]
+        common: Common,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Load batch results (JSONL) into the cache.
+    Import {
+        #[command(flatten)]
+        common: Common,
+        results: PathBuf,
+    },
+}
+
+pub fn run(a: Args, engine: &Engine) -> Result<()> {
+    match a.action {
+        Action::Export { common, out } => export(common, out, engine),
+        Action::Import { common, results } => import(common, results, engine),
+    }
+}
+
+fn setup(c: &Common, engine: &Engine) -> Result<(crate::compile::Plan, RunDir, Engine)> {
+    let plan = super::compile_file(&c.file, &c.set, engine)?;
+    let Some(stage) = plan.pipeline.stage(&c.stage) else {
+        return Err(Error::usage(format!(
+            "the pipeline has no stage `{}`",
+            c.stage
+        )));
+    };
+    if stage.stage.llm().is_none() {
+        return Err(Error::usage(format!(
+            "stage `{}` is a {} stage, not llm",
+            c.stage, stage.kind
+        )));
+    }
+    let dir = RunDir::new(
+        c.run_dir
+            .clone()
+            .unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)),
+    );
+    let mut engine = engine.clone();
+    if let Some(p) = &c.cache {
+        engine.cache_path = p.clone();
+    }
+    Ok((plan, dir, engine))
+}
+
+fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
+    let (plan, dir, engine) = setup(&c, engine)?;
+    // Materialize what needs no LLM (the stage's inputs, if they do not depend on one).
+    exec::run(
+        &plan,
+        &dir,
+        &engine,
+        &RunOptions {
+            force: vec![],
+            dry_run: true,
+        },
+    )?;
+    let def = plan.pipeline.stage(&c.stage).expect("checked");
+    let st = def.stage.llm().expect("checked");
+    let parent = &def.from[0].0;
+    let Some(m) = dir.manifest(parent) else {
+        return Err(Error::usage(format!(
+            "the input of `{}` (`{parent}`) is not computed yet: it depends on another LLM stage; run the pipeline up to it first",
+            c.stage
+        )));
+    };
+    let files: Vec<PathBuf> = m
+        .parts
+        .iter()
+        .map(|p| dir.stage_dir(parent).join(p))
+        .collect();
+    let mut rows = Vec::new();
+    for b in read_batches(&files) {
+        rows.extend(llm::batch_rows(&b?)?);
+    }
+    let reqs = llm::plan_requests(st, &rows)?;
+    let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
+    let cached = Cache::open(&engine.cache_path)?.get_many(&ids)?;
+    let f = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
+    let mut w = BufWriter::new(f);
+    let mut n = 0;
+    for (id, req) in &reqs {
+        if cached.contains_key(id) {
+            continue;
+        }
+        let (path, body) = req.to_body(st.profile(), 1);
+        let line = serde_json::json!({"custom_id": id, "method": "POST", "url": format!("/v1/{path}"), "body": body});
+        writeln!(w, "{line}").map_err(|e| Error::io(&out, e))?;
+        n += 1;
+    }
+    w.flush().map_err(|e| Error::io(&out, e))?;
+    eprintln!(
+        "wrote {n} requests to {} ({} already cached); run them with vLLM's run-batch, then: ifloom batch import {} --stage {} RESULTS.jsonl",
+        out.display(),
+        cached.len(),
+        c.file.display(),
+        c.stage
+    );
+    Ok(())
+}
+
+fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
+    let (plan, _dir, engine) = setup(&c, engine)?;
+    let st = plan
+        .pipeline
+        .stage(&c.stage)
+        .expect("checked")
+        .stage
+        .llm()
+        .expect("checked");
+    let f = std::fs::File::open(&results).map_err(|e| Error::io(&results, e))?;
+    let cache = Cache::open(&engine.cache_path)?;
+    let (mut ok, mut bad) = (0, 0);
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(&results, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("{}:{}: skipped, not JSON: {e}", results.display(), i + 1);
+                bad += 1;
+                continue;
+            }
+        };
+        let id = v["custom_id"].as_str().unwrap_or_default().to_string();
+        let status = v["response"]["status_code"].as_u64().unwrap_or(0);
+        let body = serde_json::to_vec(&v["response"]["body"])?;
+        match (id.is_empty(), status, client::parse_completion(&body, 1)) {
+            (false, 200, Ok(comp)) => {
+                let ch = comp.choices.into_iter().next().expect("one choice checked");
+                cache.put(
+                    id,
+                    st.model().to_string(),
+                    CachedResponse {
+                        text: ch.text,
+                        reasoning: ch.reasoning,
+                        finish_reason: ch.finish_reason,
+                        prompt_tokens: comp.prompt_tokens,
+                        completion_tokens: comp.completion_tokens,
+                        latency_ms: 0,
+                    },
+                );
+                ok += 1;
+            }
+            (_, _, r) => {
+                let why = match r {
+                    Err(e) => e,
+                    Ok(_) => format!("status {status}, custom_id `{id}`"),
+                };
+                eprintln!("{}:{}: skipped: {why}", results.display(), i + 1);
+                bad += 1;
+            }
+        }
+    }
+    let stored = cache.close()?;
+    eprintln!(
+        "imported {ok} responses into {} ({bad} skipped)",
+        engine.cache_path.display()
+    );
+    debug_assert_eq!(stored, ok as u64);
+    Ok(())
+}
