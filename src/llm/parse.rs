@@ -156,7 +156,7 @@ pub enum ParseError {
     NoMatch(String),
     #[error("no choice found: expected one of {choices}, found {found}")]
     NoChoice { choices: String, found: String },
-    #[error("ambiguous answer: {0} all appear")]
+    #[error("ambiguous answer: {0} appear")]
     Ambiguous(String),
     #[error("bad parse spec: {0}")]
     Spec(String),
@@ -314,47 +314,34 @@ pub fn extract_json(text: &str) -> Result<(Value, bool), ParseError> {
     find_json(text, false)
 }
 
-/// Start positions tried at most (each costs a scan to its closing bracket).
-const MAX_CANDIDATES: usize = 64;
+/// Bytes scanned and parsed while looking for JSON, at most this many per byte of answer (plus
+/// a floor): a broken answer full of brackets costs linear time, not quadratic.
+const WORK_PER_BYTE: usize = 32;
+const WORK_FLOOR: usize = 1 << 20;
 
-fn find_json(text: &str, want_object: bool) -> Result<(Value, bool), ParseError> {
-    let trimmed = text.trim();
-    if let Ok(v) = serde_json::from_str::<Value>(trimmed)
-        && (!want_object || v.is_object())
-    {
-        return Ok((v, false));
+/// Tried candidates and the errors worth reporting if none parses.
+struct Search<'t> {
+    want_object: bool,
+    seen: HashSet<&'t str>,
+    first_err: Option<ParseError>,
+    object_err: Option<ParseError>,
+    non_object: Option<&'static str>,
+}
+
+impl<'t> Search<'t> {
+    fn note_err(&mut self, e: ParseError, is_brace: bool) {
+        if is_brace && self.object_err.is_none() {
+            self.object_err = Some(e.clone());
+        }
+        self.first_err.get_or_insert(e);
     }
-    // Candidates in order: fenced blocks, then each balanced span by where it starts.
-    let mut candidates: Vec<&str> = fenced_blocks(text);
-    let mut first_err: Option<ParseError> = None;
-    let mut object_err: Option<ParseError> = None;
-    let mut starts = 0;
-    for (i, b) in text.bytes().enumerate() {
-        if b != b'{' && b != b'[' {
-            continue;
-        }
-        starts += 1;
-        if starts > MAX_CANDIDATES {
-            break;
-        }
-        match balanced_end(text, i) {
-            Ok(end) => candidates.push(&text[i..end]),
-            Err(e) => {
-                if b == b'{' && object_err.is_none() {
-                    object_err = Some(e.clone());
-                }
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    let mut seen = HashSet::new();
-    let mut non_object: Option<&'static str> = None;
-    for c in candidates {
+
+    /// Parse one candidate: strictly, then repaired. `Some` when it is what we look for.
+    fn try_candidate(&mut self, c: &'t str) -> Option<(Value, bool)> {
         let c = c.trim();
-        if c.is_empty() || !seen.insert(c) {
-            continue;
+        if c.is_empty() || !self.seen.insert(c) {
+            return None;
         }
-        let is_brace = c.starts_with('{');
         let parsed = match serde_json::from_str::<Value>(c) {
             Ok(v) => Ok((v, false)),
             Err(strict) => match serde_json::from_str::<Value>(&repair(c)) {
@@ -363,27 +350,74 @@ fn find_json(text: &str, want_object: bool) -> Result<(Value, bool), ParseError>
             },
         };
         match parsed {
-            Ok((v, r)) if !want_object || v.is_object() => return Ok((v, r)),
+            Ok((v, r)) if !self.want_object || v.is_object() => Some((v, r)),
             Ok((v, _)) => {
-                non_object.get_or_insert(kind(&v));
+                self.non_object.get_or_insert(kind(&v));
+                None
             }
             Err(e) => {
-                if is_brace && object_err.is_none() {
-                    object_err = Some(e.clone());
-                }
-                first_err.get_or_insert(e);
+                self.note_err(e, c.starts_with('{'));
+                None
             }
         }
     }
-    if want_object {
-        if let Some(e) = object_err {
-            return Err(e);
+
+    fn into_err(self) -> ParseError {
+        if self.want_object {
+            if let Some(e) = self.object_err {
+                return e;
+            }
+            if let Some(k) = self.non_object {
+                return ParseError::NotObject(k);
+            }
         }
-        if let Some(k) = non_object {
-            return Err(ParseError::NotObject(k));
+        self.first_err.unwrap_or(ParseError::NoJson)
+    }
+}
+
+fn find_json(text: &str, want_object: bool) -> Result<(Value, bool), ParseError> {
+    let trimmed = text.trim();
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed)
+        && (!want_object || v.is_object())
+    {
+        return Ok((v, false));
+    }
+    let mut search = Search {
+        want_object,
+        seen: HashSet::new(),
+        first_err: None,
+        object_err: None,
+        non_object: None,
+    };
+    // Fenced blocks first, then each balanced span in order of where it starts (spans inside
+    // a span that failed included, so `{reason: …, "result": {…}}` still finds the inner one).
+    for block in fenced_blocks(text) {
+        if let Some(found) = search.try_candidate(block) {
+            return Ok(found);
         }
     }
-    Err(first_err.unwrap_or(ParseError::NoJson))
+    let mut budget = text.len().saturating_mul(WORK_PER_BYTE).max(WORK_FLOOR);
+    for (i, b) in text.bytes().enumerate() {
+        if b != b'{' && b != b'[' {
+            continue;
+        }
+        let (end, result) = balanced_end(text, i);
+        budget = budget.saturating_sub(end - i);
+        match result {
+            Ok(()) => {
+                // Parsing costs about twice the span (strict, then repaired).
+                budget = budget.saturating_sub(2 * (end - i));
+                if let Some(found) = search.try_candidate(&text[i..end]) {
+                    return Ok(found);
+                }
+            }
+            Err(e) => search.note_err(e, b == b'{'),
+        }
+        if budget == 0 {
+            break;
+        }
+    }
+    Err(search.into_err())
 }
 
 /// The contents of ```` ``` ```` fenced blocks (any info string, e.g. `json`), in order; an
@@ -419,9 +453,10 @@ fn fenced_blocks(text: &str) -> Vec<&str> {
 }
 
 /// End (exclusive) of the balanced `{…}` / `[…]` starting at `start`, aware of double- and
-/// single-quoted strings, escapes and comments.
-fn balanced_end(text: &str, start: usize) -> Result<usize, ParseError> {
+/// single-quoted strings, escapes and comments; with where the scan stopped.
+fn balanced_end(text: &str, start: usize) -> (usize, Result<(), ParseError>) {
     let b = text.as_bytes();
+    let unterminated = || Err(ParseError::Unterminated(b[start] as char));
     let mut stack: Vec<u8> = Vec::new();
     let mut i = start;
     while i < b.len() {
@@ -432,7 +467,7 @@ fn balanced_end(text: &str, start: usize) -> Result<usize, ParseError> {
                     i += if b[i] == b'\\' { 2 } else { 1 };
                 }
                 if i >= b.len() {
-                    return Err(ParseError::Unterminated(b[start] as char));
+                    return (b.len(), unterminated());
                 }
             }
             b'/' if b.get(i + 1) == Some(&b'/') => {
@@ -442,26 +477,24 @@ fn balanced_end(text: &str, start: usize) -> Result<usize, ParseError> {
             }
             b'/' if b.get(i + 1) == Some(&b'*') => match text[i + 2..].find("*/") {
                 Some(e) => i += 2 + e + 1,
-                None => return Err(ParseError::Unterminated(b[start] as char)),
+                None => return (b.len(), unterminated()),
             },
             b'{' => stack.push(b'}'),
             b'[' => stack.push(b']'),
             c @ (b'}' | b']') => {
                 if stack.pop() != Some(c) {
-                    return Err(ParseError::Invalid(format!(
-                        "mismatched `{}` at offset {i}",
-                        c as char
-                    )));
+                    let msg = format!("mismatched `{}` at offset {}", c as char, i - start);
+                    return (i + 1, Err(ParseError::Invalid(msg)));
                 }
                 if stack.is_empty() {
-                    return Ok(i + 1);
+                    return (i + 1, Ok(()));
                 }
             }
             _ => {}
         }
         i += 1;
     }
-    Err(ParseError::Unterminated(b[start] as char))
+    (b.len(), unterminated())
 }
 
 /// Rewrite near-JSON into JSON: Python literals, single-quoted strings, trailing commas,
@@ -839,12 +872,18 @@ fn parse_choice(spec: &ChoiceSpec, text: &str) -> Result<Value, ParseError> {
             choices: spec.choices.join(", "),
             found: describe(&Value::String(text.trim().to_string())),
         }),
-        many => Err(ParseError::Ambiguous(
-            many.iter()
+        many => {
+            let names: Vec<String> = many
+                .iter()
                 .map(|&i| format!("`{}`", spec.choices[i]))
-                .collect::<Vec<_>>()
-                .join(" and "),
-        )),
+                .collect();
+            let (last, rest) = names.split_last().expect("two or more");
+            let quant = if rest.len() == 1 { "both" } else { "all" };
+            Err(ParseError::Ambiguous(format!(
+                "{} and {last} {quant}",
+                rest.join(", ")
+            )))
+        }
     }
 }
 
@@ -1316,7 +1355,7 @@ mod tests {
         );
         assert_eq!(
             err(&yes_no, "It could be yes or no."),
-            "ambiguous answer: `Yes` and `No` all appear"
+            "ambiguous answer: `Yes` and `No` both appear"
         );
         // The longest leading choice wins.
         let abc = ParseSpec::Choice(ChoiceSpec {
