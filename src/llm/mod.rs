@@ -481,6 +481,11 @@ impl Stage for LlmStage {
                 None
             }
         };
+        if let Some(p) = &self.parse
+            && let Err(e) = p.check()
+        {
+            errs.push(at(&["parse"], format!("parse: {e}")));
+        }
         if let Some(mut g) = group {
             if let Some(p) = self.profile {
                 g.profile = p;

@@ -346,6 +346,9 @@ impl<'t> Search<'t> {
             Ok(v) => Ok((v, false)),
             Err(strict) => match serde_json::from_str::<Value>(&repair(c)) {
                 Ok(v) => Ok((v, true)),
+                Err(_) if strict.is_eof() && (c.starts_with('{') || c.starts_with('[')) => {
+                    Err(ParseError::Unterminated(c.as_bytes()[0] as char))
+                }
                 Err(_) => Err(ParseError::Invalid(strict.to_string())),
             },
         };
@@ -1058,6 +1061,32 @@ mod tests {
         // An unclosed fence (cut off after the object).
         let (v, _) = ok("```json\n{\"x\": 1}\n");
         assert_eq!(v, json!({"x": 1}));
+        // An outer span that cannot be repaired gives way to a span inside it.
+        let (v, r) = ok("{verdict: looks fine to me, details: {\"score\": 9}}");
+        assert_eq!((v, r), (json!({"score": 9}), false));
+        // Many bracketed bits of prose before the JSON.
+        let prose = "see [note] and {that}; ".repeat(500);
+        let (v, _) = ok(&format!("{prose}\n{{\"late\": true}}"));
+        assert_eq!(v, json!({"late": true}));
+    }
+
+    #[test]
+    fn broken_input_is_linear() {
+        // 200 KB of unclosed, nested brackets: every start scans to the end; the work budget
+        // stops it long before that is quadratic.
+        let text = "{\"a\": [".repeat(25_000);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            extract_json(&text).unwrap_err(),
+            ParseError::Unterminated('{')
+        );
+        let text = "{'a': ".repeat(40_000);
+        assert!(extract_json(&text).is_err());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -600,3 +600,81 @@ fn batch_export_import_then_run_offline() {
     ok(tmp.path(), &args);
     assert_eq!(std::fs::read_to_string(&reqs).unwrap(), "");
 }
+
+#[test]
+fn messy_json_answers_are_repaired_parsed_or_dead_lettered() {
+    let tmp = tempdir();
+    let rules = tmp.path().join("rules.json");
+    std::fs::write(
+        &rules,
+        serde_json::json!({"rules": [
+            {"match": "number (\\d*[02468])$", "response": "Here you go:\n```json\n{'answer': 'even $1', 'ok': True,}\n```"},
+            {"match": "number (\\d*5)$", "response": "I cannot answer that."},
+            {"match": "number (\\d+)$", "response": "{\"answer\": \"odd $1\", \"ok\": false}"}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--rules", s(&rules)]);
+    let parse = "    parse:\n      json:\n        fields:\n          - {name: answer, type: string, required: true}\n          - {name: ok, type: bool}\n";
+    let p = pipeline(tmp.path(), &sim.url, 10, parse);
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Default on_parse_error: keep, with a null value and the reason.
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, response_parsed['answer'], response_parsed['ok'], response_repaired, response_parse_error IS NOT NULL FROM ask ORDER BY prompt",
+    );
+    assert_eq!(rows.len(), 10);
+    for r in &rows {
+        let i: u32 = r[0].rsplit(' ').next().unwrap().parse().unwrap();
+        match i {
+            5 => assert_eq!(&r[1..], ["", "", "", "true"], "{r:?}"),
+            i if i % 2 == 0 => assert_eq!(
+                &r[1..],
+                [format!("even {i}").as_str(), "true", "true", "false"],
+                "{r:?}"
+            ),
+            i => assert_eq!(
+                &r[1..],
+                [format!("odd {i}").as_str(), "false", "false", "false"],
+                "{r:?}"
+            ),
+        }
+    }
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("stages/ask/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["counters"]["parse_failures"], 1);
+    // on_parse_error: drop moves the unparseable row to the dead-letter table, raw text kept.
+    let p = pipeline(
+        tmp.path(),
+        &sim.url,
+        10,
+        &format!("{parse}    on_parse_error: drop\n"),
+    );
+    let run = tmp.path().join("run_drop");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "9"
+    );
+    let failed = sql_rows(tmp.path(), &run, "SELECT prompt, raw FROM ask__failed");
+    assert_eq!(
+        failed,
+        vec![vec![
+            "question number 5".to_string(),
+            "I cannot answer that.".to_string()
+        ]]
+    );
+    assert_eq!(
+        sim.requests(),
+        10,
+        "the second run's responses all came from the cache"
+    );
+}
