@@ -817,7 +817,7 @@ impl LlmStage {
             counters
                 .cache_hits
                 .fetch_add(hits.len() as u64, Ordering::Relaxed);
-            let misses: Vec<(String, Canonical)> = reqs
+            let mut misses: HashMap<String, Canonical> = reqs
                 .into_iter()
                 .filter(|(id, _)| !hits.contains_key(id))
                 .collect();
@@ -830,46 +830,89 @@ impl LlmStage {
                 *healthy = true;
             }
             let profile = pool.profile();
+            // Work units: the K samples of a row as one request with `n: K` where the server
+            // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
+            // sample, each with its own seed. Every choice is cached under its sample's id.
+            let mut units: Vec<(Vec<String>, Canonical)> = Vec::new();
+            if profile.honours_n() && self.samples > 1 {
+                let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
+                for (r, s, attempt, id) in &ids {
+                    if let Ok(id) = id {
+                        by_row
+                            .entry((*r, *attempt))
+                            .or_default()
+                            .push((*s, id.clone()));
+                    }
+                }
+                for (_, mut sample_ids) in by_row {
+                    sample_ids.sort();
+                    let all_missing = sample_ids.len() == self.samples as usize
+                        && sample_ids.iter().all(|(_, id)| misses.contains_key(id));
+                    let distinct: HashSet<&String> = sample_ids.iter().map(|(_, id)| id).collect();
+                    if all_missing && distinct.len() == sample_ids.len() {
+                        let group: Vec<String> = sample_ids.into_iter().map(|(_, id)| id).collect();
+                        let base = misses.remove(&group[0]).expect("checked missing");
+                        for id in &group[1..] {
+                            misses.remove(id);
+                        }
+                        units.push((group, base));
+                    }
+                }
+            }
+            units.extend(misses.into_iter().map(|(id, c)| (vec![id], c)));
             let sent: HashMap<String, std::result::Result<CachedResponse, CallError>> = {
                 let (pool, cache, counters) = (pool.clone(), cache.clone(), counters.clone());
                 let model = self.model.clone();
                 ctx.engine.block_on(async move {
-                    futures::stream::iter(misses.into_iter().map(|(id, c)| {
+                    futures::stream::iter(units.into_iter().map(|(ids, c)| {
                         let (pool, cache, counters, model) =
                             (pool.clone(), cache.clone(), counters.clone(), model.clone());
                         async move {
-                            let (path, body) = c.to_body(profile, 1);
+                            let n = ids.len() as u32;
+                            let (path, body) = c.to_body(profile, n);
                             counters.requests.fetch_add(1, Ordering::Relaxed);
-                            let r = pool.call(path, &body, &id, 1).await.map(|comp| {
-                                let ch =
-                                    comp.choices.into_iter().next().expect("one choice checked");
-                                let resp = CachedResponse {
-                                    text: ch.text,
-                                    reasoning: ch.reasoning,
-                                    finish_reason: ch.finish_reason,
-                                    prompt_tokens: comp.prompt_tokens,
-                                    completion_tokens: comp.completion_tokens,
-                                    latency_ms: comp.latency_ms,
-                                };
-                                // Persisted the moment it arrives: a crash after this loses nothing.
-                                cache.put(id.clone(), model, resp.clone());
-                                counters
-                                    .prompt_tokens
-                                    .fetch_add(resp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
-                                counters.completion_tokens.fetch_add(
-                                    resp.completion_tokens.max(0) as u64,
-                                    Ordering::Relaxed,
-                                );
-                                resp
-                            });
-                            counters.done.fetch_add(1, Ordering::Relaxed);
-                            (id, r)
+                            let r = pool.call(path, &body, &ids[0], n).await;
+                            counters.done.fetch_add(n as u64, Ordering::Relaxed);
+                            let comp = match r {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    return ids
+                                        .into_iter()
+                                        .map(|id| (id, Err(e.clone())))
+                                        .collect::<Vec<_>>();
+                                }
+                            };
+                            counters
+                                .prompt_tokens
+                                .fetch_add(comp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
+                            counters
+                                .completion_tokens
+                                .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
+                            // Usage covers all choices: share it out.
+                            let per_choice = comp.completion_tokens / n as i64;
+                            ids.into_iter()
+                                .zip(comp.choices)
+                                .map(|(id, ch)| {
+                                    let resp = CachedResponse {
+                                        text: ch.text,
+                                        reasoning: ch.reasoning,
+                                        finish_reason: ch.finish_reason,
+                                        prompt_tokens: comp.prompt_tokens,
+                                        completion_tokens: per_choice,
+                                        latency_ms: comp.latency_ms,
+                                    };
+                                    // Persisted the moment it arrives: a crash after this loses nothing.
+                                    cache.put(id.clone(), model.clone(), resp.clone());
+                                    (id, Ok(resp))
+                                })
+                                .collect::<Vec<_>>()
                         }
                     }))
                     .buffer_unordered(pool.capacity().max(1))
                     .collect::<Vec<_>>()
                     .await
                     .into_iter()
+                    .flatten()
                     .collect()
                 })
             };

@@ -162,7 +162,10 @@ fn samples_explode_or_list() {
             vec!["2", "10", "10"]
         ]
     );
-    assert_eq!(sim.requests(), 30);
+    // vLLM honours `n`: one request per row carries its 3 samples.
+    assert_eq!(sim.requests(), 10);
+    let distinct = sql_rows(tmp.path(), &run, "SELECT count(DISTINCT response) FROM ask");
+    assert_eq!(distinct[0][0], "30", "the samples of a row differ");
     // The same samples as list columns: all 30 responses are already cached.
     let p = pipeline(tmp.path(), &sim.url, 10, "    samples: 3\n");
     let run = tmp.path().join("run_list");
@@ -174,7 +177,24 @@ fn samples_explode_or_list() {
         "SELECT count(*), sum(array_length(response)) FROM ask",
     );
     assert_eq!(rows, vec![vec!["10", "30"]]);
-    assert_eq!(sim.requests(), 30);
+    assert_eq!(sim.requests(), 10);
+    // A llama.cpp server returns one choice whatever `n`: one request per sample instead.
+    let p = pipeline(
+        tmp.path(),
+        &sim.url,
+        10,
+        "    samples: 3\n    profile: llama-cpp\n",
+    );
+    let run = tmp.path().join("run_llama");
+    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("other.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 40);
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT count(*), sum(array_length(response)) FROM ask",
+    );
+    assert_eq!(rows, vec![vec!["10", "30"]]);
 }
 
 #[test]
