@@ -53,6 +53,19 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         plan.pipeline.name,
         dir.path.display()
     );
+    // Ctrl-C: stop sending, let requests in flight finish into the cache, exit non-zero.
+    // A second Ctrl-C exits at once (the cache then loses at most its last 50 ms).
+    engine.rt.spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            crate::llm::INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "ifloom: interrupted; finishing requests in flight (Ctrl-C again to quit now)"
+            );
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
     let mut force = a.force;
     for s in a.retry_failed {
         match plan.pipeline.stage(&s) {

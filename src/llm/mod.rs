@@ -44,6 +44,12 @@ pub const KIND: KindEntry = KindEntry {
     schema: |g| LlmStage::json_schema(g),
 };
 
+/// Set on Ctrl-C: no new request is sent; those in flight finish and are cached.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What an interrupted stage says.
+pub const INTERRUPTED_MSG: &str = "interrupted: requests in flight were finished and cached; run the same command again to resume";
+
 /// Rows rendered, sent and written together: bounds memory, keeps the servers busy.
 const CHUNK_ROWS: usize = 4096;
 
@@ -868,6 +874,13 @@ impl LlmStage {
                         let (pool, cache, counters, model) =
                             (pool.clone(), cache.clone(), counters.clone(), model.clone());
                         async move {
+                            if INTERRUPTED.load(Ordering::Relaxed) {
+                                let e = CallError::Abort(INTERRUPTED_MSG.into());
+                                return ids
+                                    .into_iter()
+                                    .map(|id| (id, Err(e.clone())))
+                                    .collect::<Vec<_>>();
+                            }
                             let n = ids.len() as u32;
                             let (path, body) = c.to_body(profile, n);
                             counters.requests.fetch_add(1, Ordering::Relaxed);

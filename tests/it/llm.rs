@@ -698,3 +698,56 @@ fn messy_json_answers_are_repaired_parsed_or_dead_lettered() {
         "the second run's responses all came from the cache"
     );
 }
+
+#[test]
+fn ctrl_c_stops_sending_keeps_what_arrived_and_the_rerun_resumes() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 200, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while sim.requests() < 30 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    let sent_before = sim.requests();
+    assert!(sent_before < 200, "the interrupt came too late");
+    // Everything the server answered before the interrupt is in the cache.
+    let c = rusqlite::Connection::open(&cache).unwrap();
+    let cached: i64 = c
+        .query_row("SELECT count(*) FROM responses", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        cached as u64, sent_before,
+        "responses in flight at Ctrl-C were lost"
+    );
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 200, "the rerun sent a request again");
+}

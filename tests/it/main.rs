@@ -6,5 +6,6 @@ mod common;
 mod bad_pipelines;
 mod engine;
 mod llm;
+mod real_model;
 mod sim;
 mod slt;
