@@ -198,6 +198,14 @@ impl Pool {
         self.group.profile
     }
 
+    /// Requests on the wire right now, over all endpoints.
+    pub fn in_flight(&self) -> usize {
+        self.endpoints
+            .iter()
+            .map(|e| e.outstanding.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn capacity(&self) -> usize {
         self.group.max_in_flight * self.endpoints.len()
     }

@@ -672,7 +672,7 @@ impl Stage for LlmStage {
         let failed_dir = ctx.side_dir("failed");
         std::fs::create_dir_all(&failed_dir).map_err(|e| Error::io(&failed_dir, e))?;
 
-        // Periodic progress lines (plain text: works in CI logs and terminals alike).
+        // Progress: a bar on a terminal, plain periodic lines otherwise (CI logs).
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {
             let (c, stop, pool, id) = (
@@ -682,32 +682,7 @@ impl Stage for LlmStage {
                 ctx.id.to_string(),
             );
             let total = total_rows * self.samples as u64;
-            std::thread::spawn(move || {
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                    if last.elapsed() >= Duration::from_secs(5) {
-                        last = Instant::now();
-                        let secs = started.elapsed().as_secs_f64().max(1e-3);
-                        let done = c.done.load(Ordering::Relaxed);
-                        let rate = done as f64 / secs;
-                        let eta = if rate > 0.0 {
-                            (total.saturating_sub(done)) as f64 / rate
-                        } else {
-                            f64::NAN
-                        };
-                        eprintln!(
-                            "  {id} (llm): {done}/{total} done, {:.1} req/s, {:.0} output tok/s, {} cached, {} retries, {} failed, ETA {:.0} s",
-                            c.requests.load(Ordering::Relaxed) as f64 / secs,
-                            c.completion_tokens.load(Ordering::Relaxed) as f64 / secs,
-                            c.cache_hits.load(Ordering::Relaxed),
-                            pool.retries.load(Ordering::Relaxed),
-                            c.failures.load(Ordering::Relaxed),
-                            eta
-                        );
-                    }
-                }
-            })
+            std::thread::spawn(move || progress(&id, total, started, &c, &pool, &stop))
         };
 
         let result = (|| -> Result<()> {
@@ -822,6 +797,9 @@ impl LlmStage {
             let hits = cache.get_many(&all)?;
             counters
                 .cache_hits
+                .fetch_add(hits.len() as u64, Ordering::Relaxed);
+            counters
+                .done
                 .fetch_add(hits.len() as u64, Ordering::Relaxed);
             let mut misses: HashMap<String, Canonical> = reqs
                 .into_iter()
@@ -1241,6 +1219,66 @@ impl LlmStage {
             m.insert("sample_index".into(), i.into());
         }
         serde_json::Value::Object(m)
+    }
+}
+
+/// Report a stage's progress until `stop` is set.
+fn progress(
+    id: &str,
+    total: u64,
+    started: Instant,
+    c: &Counters,
+    pool: &Pool,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::IsTerminal;
+    let line = || {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "{:.1} req/s, {:.0} output tok/s, {} in flight, {} cached, {} retries, {} failed",
+            c.requests.load(Ordering::Relaxed) as f64 / secs,
+            c.completion_tokens.load(Ordering::Relaxed) as f64 / secs,
+            pool.in_flight(),
+            c.cache_hits.load(Ordering::Relaxed),
+            pool.retries.load(Ordering::Relaxed),
+            c.failures.load(Ordering::Relaxed),
+        )
+    };
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{id} (llm)"));
+        while !stop.load(Ordering::Relaxed) {
+            bar.set_position(c.done.load(Ordering::Relaxed));
+            bar.set_message(line());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bar.finish_and_clear();
+        return;
+    }
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() >= Duration::from_secs(10) {
+            last = Instant::now();
+            let done = c.done.load(Ordering::Relaxed);
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let eta = if rate > 0.0 {
+                total.saturating_sub(done) as f64 / rate
+            } else {
+                f64::NAN
+            };
+            eprintln!(
+                "  {id} (llm): {done}/{total} done, {}, ETA {eta:.0} s",
+                line()
+            );
+        }
     }
 }
 
