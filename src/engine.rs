@@ -57,7 +57,9 @@ impl Engine {
         let config = SessionConfig::new()
             .with_target_partitions(self.target_partitions)
             .with_information_schema(true);
-        Ok(SessionContext::new_with_config_rt(config, runtime))
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        crate::udf::register_all(&ctx);
+        Ok(ctx)
     }
 
     /// Run a future to completion from a blocking (non-runtime) thread.

@@ -12,7 +12,8 @@
 //!   line:column, many errors per file).
 //! - [`spec`]: the pipeline file's types and parsing, `${params.x}` / `${ENV}` interpolation.
 //! - [`stages`]: the [`stages::Stage`] trait and one file per stage kind (`sql`, `transform`,
-//!   `dedup`, `output`); adding a kind is one file plus one line in [`stages::registry`].
+//!   `dedup`, `minhash`, `decontaminate`, `output`, `export`, `verdict`); adding a kind is one
+//!   file plus one line in [`stages::registry`].
 //! - [`compile`]: spec → plan: ids, references, cycles, inputs and each stage's output schema,
 //!   with all problems reported together.
 //! - [`input`]: reading Parquet / JSONL / JSON / CSV inputs and giving each row its `_id`.
@@ -24,6 +25,7 @@
 //! - [`query`]: `ifloom sql` over a run's tables.
 //! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
 //!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
+//! - [`udf`]: SQL functions ifloom adds to DataFusion (`to_json`).
 //! - [`cli`]: the command-line verbs, one file each.
 //! - [`error`]: typed errors and diagnostics.
 
@@ -39,4 +41,5 @@ pub mod sim;
 pub mod spec;
 pub mod stages;
 pub mod store;
+pub mod udf;
 pub mod yaml;

@@ -17,10 +17,14 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "name",
     "description",
     "params",
+    "profiles",
     "endpoints",
     "inputs",
     "stages",
 ];
+
+/// The override key that carries `--profile NAME` into [`load`].
+pub const PROFILE_KEY: &str = "@profile";
 
 /// Reserved row-identity column, added to every input row.
 pub const ID_COL: &str = "_id";
@@ -243,6 +247,93 @@ pub fn load(
             )),
         }
     }
+    // Profiles: named sets of param values (`--profile local`), checked whether used or not.
+    let mut profile_nodes: BTreeMap<String, Vec<(Node, Node)>> = BTreeMap::new();
+    if let Some(p) = root.get("profiles") {
+        match &p.value {
+            Value::Map(m) => {
+                for (name, body) in m {
+                    match &body.value {
+                        Value::Map(kv) => {
+                            for (k, _) in kv {
+                                let key = k.scalar_text();
+                                if !param_nodes.contains_key(&key) {
+                                    errs.push(
+                                        at(
+                                            k.pos,
+                                            format!(
+                                                "profile `{}` sets `{key}`, which is not a param",
+                                                name.scalar_text()
+                                            ),
+                                        )
+                                        .maybe_hint(did_you_mean(
+                                            &key,
+                                            param_nodes.keys().map(String::as_str),
+                                        ))
+                                        .hint_or("declare it under `params:` first".into()),
+                                    );
+                                }
+                            }
+                            profile_nodes.insert(name.scalar_text(), kv.clone());
+                        }
+                        _ => errs.push(
+                            at(
+                                body.pos,
+                                format!(
+                                    "profiles.{}: expected a mapping of params to values",
+                                    name.scalar_text()
+                                ),
+                            )
+                            .hint("profiles: {local: {rows: 8, samples: 2}}"),
+                        ),
+                    }
+                }
+            }
+            _ => errs.push(
+                at(
+                    p.pos,
+                    "profiles: expected a mapping of profile names".into(),
+                )
+                .hint("profiles: {local: {rows: 8}}"),
+            ),
+        }
+    }
+    let mut chosen_profile = None;
+    for (k, v) in overrides.iter().filter(|(k, _)| k == PROFILE_KEY) {
+        let _ = k;
+        match profile_nodes.get(v) {
+            Some(kv) => {
+                chosen_profile = Some(v.clone());
+                for (pk, pv) in kv {
+                    let key = pk.scalar_text();
+                    if param_nodes.contains_key(&key) {
+                        param_nodes.insert(key, pv.clone());
+                    }
+                }
+            }
+            None => errs.push(
+                at(
+                    start,
+                    format!("--profile {v}: the pipeline has no profile `{v}`"),
+                )
+                .maybe_hint(did_you_mean(v, profile_nodes.keys().map(String::as_str)))
+                .hint_or(format!(
+                    "profiles: {}",
+                    if profile_nodes.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        profile_nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                )),
+            ),
+        }
+    }
+    let overrides: Vec<(String, String)> = overrides
+        .iter()
+        .filter(|(k, _)| k != PROFILE_KEY)
+        .cloned()
+        .collect();
+    let overrides = &overrides[..];
     for (k, v) in overrides {
         if !param_nodes.contains_key(k) {
             let known: Vec<&str> = param_nodes.keys().map(String::as_str).collect();
@@ -281,6 +372,15 @@ pub fn load(
             literal_params.insert(k.scalar_text(), v.to_json());
         }
     }
+    if let Some(name) = &chosen_profile
+        && let Some(kv) = profile_nodes.get(name)
+    {
+        for (pk, pv) in kv {
+            if literal_params.contains_key(&pk.scalar_text()) {
+                literal_params.insert(pk.scalar_text(), pv.to_json());
+            }
+        }
+    }
     for (k, v) in overrides {
         if literal_params.contains_key(k) {
             literal_params.insert(
@@ -307,6 +407,11 @@ pub fn load(
                 }
                 (Some("endpoints"), _) => interpolate(v, &params, env, file, &mut errs),
                 (Some("stages"), Value::Seq(items)) => {
+                    // `repeat` blocks become their rounds' stages before anything else looks
+                    // at the list, so ids, references and columns of every round are checked
+                    // like hand-written stages.
+                    let taken = std::mem::take(items);
+                    *items = expand_repeats(taken, &params, env, file, &mut errs);
                     for item in items.iter_mut() {
                         let before = errs.len();
                         interpolate(item, &params, env, file, &mut errs);
@@ -699,6 +804,182 @@ fn unknown_name(message: &str) -> Option<(String, Vec<String>)> {
     Some((rest[..end].to_string(), expected))
 }
 
+/// The fields of a `repeat` block's header.
+const REPEAT_KEYS: &[&str] = &["times", "collect"];
+
+/// Expand every `repeat` item of the stage list into `times` copies of its `stages`, with
+/// `${repeat.round}` (1, 2, …), `${repeat.prev}` (0, 1, …) and `${repeat.last}` replaced in
+/// every string. Copies keep the template's positions, so an error in round 2 points at the
+/// line that wrote it (and names the stage id of that round). `collect: {id, from}` adds one
+/// `sql` stage that stacks the `from` table of every round (`UNION ALL`).
+///
+/// ```yaml
+/// - repeat: {times: 3, collect: {id: augmented, from: "query_r${repeat.round}"}}
+///   stages:
+///     - id: compose_r${repeat.round}
+///       from: query_r${repeat.prev}      # round 1 reads query_r0, a stage written before
+/// ```
+fn expand_repeats(
+    items: Vec<Node>,
+    params: &BTreeMap<String, serde_json::Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &Path,
+    errs: &mut Vec<Diagnostic>,
+) -> Vec<Node> {
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(header) = item.get("repeat") else {
+            out.push(item);
+            continue;
+        };
+        let mut header = header.clone();
+        for (k, _) in item.as_map().unwrap_or(&[]) {
+            let key = k.scalar_text();
+            if key != "repeat" && key != "stages" {
+                errs.push(
+                    at(k.pos, format!("unknown field `{key}` in a repeat block"))
+                        .hint("a repeat block has `repeat: {times, collect}` and `stages:`"),
+                );
+            }
+        }
+        // Only `times` takes params here: `collect.from` holds `${repeat.round}`, which is
+        // replaced per round below, not by the params/env interpolation.
+        if let Value::Map(m) = &mut header.value {
+            for (k, v) in m.iter_mut() {
+                if k.scalar_text() == "times" {
+                    interpolate(v, params, env, file, errs);
+                }
+            }
+        }
+        let Some(hmap) = header.as_map() else {
+            errs.push(
+                at(
+                    header.pos,
+                    format!(
+                        "repeat: invalid type: {}, expected a mapping",
+                        header.type_name()
+                    ),
+                )
+                .hint("repeat: {times: 3}"),
+            );
+            continue;
+        };
+        for (k, _) in hmap {
+            let key = k.scalar_text();
+            if !REPEAT_KEYS.contains(&key.as_str()) {
+                errs.push(
+                    at(k.pos, format!("unknown field `{key}` in repeat"))
+                        .maybe_hint(did_you_mean(&key, REPEAT_KEYS.iter().copied()))
+                        .hint_or(format!("expected one of {}", REPEAT_KEYS.join(", "))),
+                );
+            }
+        }
+        let times = match header.get("times").map(|t| &t.value) {
+            Some(Value::Int(n)) if (1..=1000).contains(n) => *n as usize,
+            Some(_) => {
+                let t = header.get("times").map_or(header.pos, |t| t.pos);
+                errs.push(
+                    at(t, "repeat.times must be an integer from 1 to 1000".into())
+                        .hint("e.g. times: ${params.rounds}"),
+                );
+                continue;
+            }
+            None => {
+                errs.push(at(header.pos, "repeat needs `times`".into()).hint("repeat: {times: 3}"));
+                continue;
+            }
+        };
+        let template = match item.get("stages").map(|s| &s.value) {
+            Some(Value::Seq(t)) if !t.is_empty() => t.clone(),
+            _ => {
+                errs.push(
+                    at(
+                        item.pos,
+                        "a repeat block needs a non-empty `stages:` list".into(),
+                    )
+                    .hint("list the stages of one round under `stages:`"),
+                );
+                continue;
+            }
+        };
+        for round in 1..=times {
+            let vars = [
+                ("${repeat.round}", round.to_string()),
+                ("${repeat.prev}", (round - 1).to_string()),
+                ("${repeat.last}", times.to_string()),
+            ];
+            for t in &template {
+                let mut n = t.clone();
+                substitute(&mut n, &vars);
+                out.push(n);
+            }
+        }
+        if let Some(c) = header.get("collect") {
+            let id = c.get("id").and_then(Node::as_str);
+            let from = c.get("from").and_then(Node::as_str);
+            let (Some(id), Some(from)) = (id, from) else {
+                errs.push(
+                    at(c.pos, "repeat.collect needs `id` and `from`".into())
+                        .hint("collect: {id: all_rounds, from: \"query_r${repeat.round}\"}"),
+                );
+                continue;
+            };
+            let tables: Vec<String> = (1..=times)
+                .map(|r| from.replace("${repeat.round}", &r.to_string()))
+                .collect();
+            let query = tables
+                .iter()
+                .map(|t| format!("SELECT * FROM {t}"))
+                .collect::<Vec<_>>()
+                .join("\nUNION ALL\n");
+            let s = |v: &str| Node::new(Value::Str(v.to_string()), c.pos);
+            let key = |k: &str| Node::new(Value::Str(k.to_string()), c.pos);
+            let entries = vec![
+                (key("id"), s(id)),
+                (key("kind"), s("sql")),
+                (
+                    key("from"),
+                    Node::new(Value::Seq(tables.iter().map(|t| s(t)).collect()), c.pos),
+                ),
+                (
+                    key("description"),
+                    s("every round of a repeat block, stacked"),
+                ),
+                (key("query"), s(&query)),
+            ];
+            out.push(Node::new(Value::Map(entries), c.pos));
+        }
+    }
+    out
+}
+
+/// Replace `${repeat.*}` in every string scalar (keys included) under `node`.
+fn substitute(node: &mut Node, vars: &[(&str, String)]) {
+    match &mut node.value {
+        Value::Seq(items) => items.iter_mut().for_each(|n| substitute(n, vars)),
+        Value::Map(m) => {
+            for (k, v) in m.iter_mut() {
+                substitute(k, vars);
+                substitute(v, vars);
+            }
+        }
+        Value::Str(s) if s.contains("${repeat.") => {
+            let mut t = s.clone();
+            for (k, v) in vars {
+                t = t.replace(k, v);
+            }
+            // A scalar that was only `${repeat.round}` is an integer, like `${params.n}`.
+            node.value = match t.parse::<i64>() {
+                Ok(i) if vars.iter().any(|(k, _)| s == k) => Value::Int(i),
+                _ => Value::Str(t.clone()),
+            };
+            node.raw = Some(t);
+        }
+        _ => {}
+    }
+}
+
 /// Replace `${params.x}`, `${VAR}` and `${VAR:-default}` in every string scalar under `node`.
 /// A scalar that is exactly one `${...}` takes the value's type (an integer param stays an
 /// integer). `$${` writes a literal `${`.
@@ -744,7 +1025,13 @@ fn interpolate(
                 };
                 let expr = &rest[i + 2..i + end];
                 rest = &rest[i + end + 1..];
-                let value = if let Some(p) = expr.strip_prefix("params.") {
+                let value = if expr.starts_with("repeat.") {
+                    errs.push(
+                        Diagnostic::new(file, pos, format!("`${{{expr}}}` outside a repeat block"))
+                            .hint("${repeat.round}, ${repeat.prev} and ${repeat.last} exist only in the stages of a `repeat:` block (round, round - 1, number of rounds)"),
+                    );
+                    serde_json::Value::Null
+                } else if let Some(p) = expr.strip_prefix("params.") {
                     match params.get(p) {
                         Some(v) => v.clone(),
                         None => {
@@ -840,6 +1127,24 @@ pub fn json_schema() -> serde_json::Value {
         }
         kinds.push(v);
     }
+    kinds.push(json!({
+        "type": "object",
+        "description": "A block of stages instantiated `times` times; ${repeat.round}, ${repeat.prev} and ${repeat.last} are replaced in each copy.",
+        "additionalProperties": false,
+        "required": ["repeat", "stages"],
+        "properties": {
+            "repeat": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["times"],
+                "properties": {
+                    "times": {"description": "Number of rounds (1..1000).", "oneOf": [{"type": "integer"}, {"type": "string"}]},
+                    "collect": {"type": "object", "description": "Adds a sql stage `id` stacking the `from` table of every round.", "properties": {"id": {"type": "string"}, "from": {"type": "string"}}, "required": ["id", "from"]}
+                }
+            },
+            "stages": {"type": "array", "description": "The stages of one round."}
+        }
+    }));
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ifloom pipeline",
@@ -850,6 +1155,7 @@ pub fn json_schema() -> serde_json::Value {
             "name": {"type": "string", "description": "Pipeline name; names the run directory."},
             "description": {"type": "string"},
             "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
+            "profiles": {"type": "object", "description": "Named sets of param values, applied with --profile NAME (before --set).", "additionalProperties": {"type": "object"}},
             "endpoints": {"type": "object", "description": "Named groups of OpenAI-compatible servers for llm stages.", "additionalProperties": group},
             "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
             "stages": {"type": "array", "items": {"oneOf": kinds}},

@@ -30,6 +30,9 @@ pub struct Common {
     pub run_dir: Option<PathBuf>,
     #[arg(long = "set", value_parser = super::parse_kv)]
     pub set: Vec<(String, String)>,
+    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
+    #[arg(long)]
+    pub profile: Option<String>,
     /// The response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -60,7 +63,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
 }
 
 fn setup(c: &Common, engine: &Engine) -> Result<(crate::compile::Plan, RunDir, Engine)> {
-    let plan = super::compile_file(&c.file, &c.set, engine)?;
+    let plan = super::compile_file(&c.file, &super::with_profile(&c.set, &c.profile), engine)?;
     let Some(stage) = plan.pipeline.stage(&c.stage) else {
         return Err(Error::usage(format!(
             "the pipeline has no stage `{}`",

@@ -12,10 +12,13 @@ pub struct Args {
     pub dot: bool,
     #[arg(long = "set", value_parser = super::parse_kv)]
     pub set: Vec<(String, String)>,
+    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
+    #[arg(long)]
+    pub profile: Option<String>,
 }
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
-    let plan = super::compile_file(&a.file, &a.set, engine)?;
+    let plan = super::compile_file(&a.file, &super::with_profile(&a.set, &a.profile), engine)?;
     let kind = |id: &str| {
         plan.pipeline
             .stage(id)

@@ -108,3 +108,14 @@ pub fn compile_file(file: &Path, set: &[(String, String)], engine: &Engine) -> R
 pub fn default_run_dir(name: &str) -> PathBuf {
     PathBuf::from("runs").join(name)
 }
+
+/// `--set` overrides with a `--profile` in front: the pipeline loader applies the profile's
+/// params first, so an explicit `--set` still wins.
+pub fn with_profile(set: &[(String, String)], profile: &Option<String>) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(set.len() + 1);
+    if let Some(p) = profile {
+        out.push((crate::spec::PROFILE_KEY.to_string(), p.clone()));
+    }
+    out.extend(set.iter().cloned());
+    out
+}

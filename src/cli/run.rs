@@ -16,6 +16,9 @@ pub struct Args {
     /// Override a param: key=value (repeatable).
     #[arg(long = "set", value_parser = super::parse_kv)]
     pub set: Vec<(String, String)>,
+    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
+    #[arg(long)]
+    pub profile: Option<String>,
     /// Recompute this stage and everything downstream (repeatable).
     #[arg(long)]
     pub force: Vec<String>,
@@ -37,7 +40,7 @@ pub struct Args {
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let started = Instant::now();
-    let plan = super::compile_file(&a.file, &a.set, engine)?;
+    let plan = super::compile_file(&a.file, &super::with_profile(&a.set, &a.profile), engine)?;
     let dir = RunDir::new(
         a.run_dir
             .unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)),

@@ -10,10 +10,13 @@ pub struct Args {
     /// Override a param: key=value (repeatable).
     #[arg(long = "set", value_parser = super::parse_kv)]
     pub set: Vec<(String, String)>,
+    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
+    #[arg(long)]
+    pub profile: Option<String>,
 }
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
-    let plan = super::compile_file(&a.file, &a.set, engine)?;
+    let plan = super::compile_file(&a.file, &super::with_profile(&a.set, &a.profile), engine)?;
     let stages = plan.pipeline.stages.len();
     let inputs = plan.pipeline.inputs.len();
     println!(

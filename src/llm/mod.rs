@@ -759,10 +759,23 @@ impl Stage for LlmStage {
 impl LlmStage {
     fn failed_schema(&self, parent: &SchemaRef) -> SchemaRef {
         let mut f: Vec<Field> = parent.fields().iter().map(|f| f.as_ref().clone()).collect();
-        f.push(Field::new("sample_index", DataType::UInt32, false));
-        f.push(Field::new("request_id", DataType::Utf8, false));
-        f.push(Field::new("reason", DataType::Utf8, false));
-        f.push(Field::new("raw", DataType::Utf8, true));
+        // The input may already carry one of these names (a judge stage over exploded samples
+        // has `sample_index`): the dead-letter column then becomes `failed_<name>`, so the
+        // input's value is kept and the table stays queryable.
+        for (name, ty, nullable) in [
+            ("sample_index", DataType::UInt32, false),
+            ("request_id", DataType::Utf8, false),
+            ("reason", DataType::Utf8, false),
+            ("raw", DataType::Utf8, true),
+        ] {
+            let taken = parent.fields().iter().any(|p| p.name() == name);
+            let name = if taken {
+                format!("failed_{name}")
+            } else {
+                name.to_string()
+            };
+            f.push(Field::new(name, ty, nullable));
+        }
         Arc::new(Schema::new(f))
     }
 

@@ -16,10 +16,14 @@ use crate::error::{Diagnostic, Result};
 use crate::spec::StageDef;
 use crate::yaml::Node;
 
+pub mod decontaminate;
 pub mod dedup;
+pub mod export;
+pub mod minhash;
 pub mod output;
 pub mod sql;
 pub mod transform;
+pub mod verdict;
 
 /// The registry of stage kinds.
 pub fn registry() -> &'static [KindEntry] {
@@ -27,7 +31,11 @@ pub fn registry() -> &'static [KindEntry] {
         sql::KIND,
         transform::KIND,
         dedup::KIND,
+        minhash::KIND,
+        decontaminate::KIND,
         output::KIND,
+        export::KIND,
+        verdict::KIND,
         crate::llm::KIND,
     ];
     KINDS

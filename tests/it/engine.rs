@@ -519,9 +519,21 @@ fn introspection_verbs() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|k| k["properties"]["kind"]["const"].as_str().unwrap())
+        .filter_map(|k| k["properties"]["kind"]["const"].as_str())
         .collect();
-    assert_eq!(kinds, ["sql", "transform", "dedup", "output", "llm"]);
+    for kind in [
+        "sql",
+        "transform",
+        "dedup",
+        "minhash",
+        "decontaminate",
+        "output",
+        "export",
+        "verdict",
+        "llm",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
     let tmp = tempdir();
     ok(
         tmp.path(),

@@ -6,6 +6,8 @@ mod common;
 mod bad_pipelines;
 mod engine;
 mod llm;
+mod near_dup;
 mod real_model;
 mod sim;
 mod slt;
+mod ultraif;

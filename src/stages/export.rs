@@ -1,0 +1,711 @@
+//! `kind: export` — write SFT and DPO tables in the formats trainers read, and check each file
+//! by reading it back.
+//!
+//! | format | one line | read by |
+//! |---|---|---|
+//! | `sft_messages` | `{"messages": [{role, content}, …]}` | TRL `SFTTrainer`, axolotl `chat_template`, LLaMA-Factory (sharegpt, openai tags) |
+//! | `sft_alpaca` | `{"instruction", "input", "output", "system"?, "history": [[q, a], …]}` | LLaMA-Factory alpaca, xtuner |
+//! | `dpo_pairs` | `{"prompt", "chosen", "rejected"}` strings | TRL `DPOTrainer` (standard) |
+//! | `dpo_trl` | `{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}` | TRL `DPOTrainer` (conversational) |
+//! | `dpo_sharegpt` | `{"conversations": [{from, value}], "chosen": {from, value}, "rejected": {…}}` | LLaMA-Factory ranking |
+//!
+//! Multi-turn history comes from an optional list column of `{role, content}` (or ShareGPT
+//! `{from, value}`) turns before the final prompt. The LLaMA-Factory formats also get their
+//! entry merged into `dataset_info.json` beside the file. Rows whose prompt or answers are null
+//! or empty are not written (counter `skipped`): an empty target teaches a trainer nothing.
+//! The stage's own table is its input, unchanged, so lineage columns stay queryable.
+
+use std::fs::File;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::dedup::read_batches;
+use super::output::OutFormat;
+use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column};
+use crate::error::{Diagnostic, Error, Result};
+
+pub const KIND: KindEntry = KindEntry {
+    name: "export",
+    about: "SFT/DPO datasets in trainer formats (messages, alpaca, TRL, LLaMA-Factory), read back to check",
+    build: super::build::<ExportStage>,
+    schema: |g| ExportStage::json_schema(g),
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    SftMessages,
+    SftAlpaca,
+    DpoPairs,
+    DpoTrl,
+    DpoSharegpt,
+}
+
+impl ExportFormat {
+    fn is_dpo(self) -> bool {
+        matches!(
+            self,
+            ExportFormat::DpoPairs | ExportFormat::DpoTrl | ExportFormat::DpoSharegpt
+        )
+    }
+}
+
+fn d_prompt() -> String {
+    "prompt".into()
+}
+fn d_formats() -> Vec<OutFormat> {
+    vec![OutFormat::Jsonl]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportStage {
+    pub format: ExportFormat,
+    /// File path without extension; relative paths are inside the run directory.
+    pub path: String,
+    /// Files to write (default: jsonl).
+    #[serde(default = "d_formats")]
+    pub formats: Vec<OutFormat>,
+    /// Column with the final user turn.
+    #[serde(default = "d_prompt")]
+    pub prompt: String,
+    /// Column with the answer (SFT formats; default `response`).
+    #[serde(default)]
+    pub response: Option<String>,
+    /// Columns with the preferred and the dispreferred answer (DPO formats; default
+    /// `chosen` / `rejected`).
+    #[serde(default)]
+    pub chosen: Option<String>,
+    #[serde(default)]
+    pub rejected: Option<String>,
+    /// Optional column with a system prompt.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Optional list column with the earlier turns (`{role, content}` or `{from, value}`).
+    #[serde(default)]
+    pub history: Option<String>,
+    /// Name of the dataset in `dataset_info.json` (default: the stage id).
+    #[serde(default)]
+    pub dataset_name: Option<String>,
+}
+
+/// Stages of one run write in parallel threads; `dataset_info.json` is read, merged and
+/// rewritten under this lock so two exports into one folder keep both entries.
+static DATASET_INFO: Mutex<()> = Mutex::new(());
+
+impl ExportStage {
+    fn response_col(&self) -> String {
+        self.response.clone().unwrap_or_else(|| "response".into())
+    }
+    fn chosen_col(&self) -> String {
+        self.chosen.clone().unwrap_or_else(|| "chosen".into())
+    }
+    fn rejected_col(&self) -> String {
+        self.rejected.clone().unwrap_or_else(|| "rejected".into())
+    }
+
+    fn targets(&self, run_dir: &Path) -> Vec<(OutFormat, PathBuf)> {
+        let base = Path::new(&self.path);
+        let base = if base.is_absolute() {
+            base.to_path_buf()
+        } else {
+            run_dir.join(base)
+        };
+        self.formats
+            .iter()
+            .map(|f| {
+                let ext = match f {
+                    OutFormat::Parquet => "parquet",
+                    OutFormat::Jsonl => "jsonl",
+                };
+                let mut p = base.clone().into_os_string();
+                p.push(".");
+                p.push(ext);
+                (*f, PathBuf::from(p))
+            })
+            .collect()
+    }
+
+    /// Columns the format reads, each with its YAML field.
+    fn columns(&self) -> Vec<(&'static str, String)> {
+        let mut c = vec![("prompt", self.prompt.clone())];
+        if self.format.is_dpo() {
+            c.push(("chosen", self.chosen_col()));
+            c.push(("rejected", self.rejected_col()));
+        } else {
+            c.push(("response", self.response_col()));
+        }
+        if let Some(s) = &self.system {
+            c.push(("system", s.clone()));
+        }
+        if let Some(h) = &self.history {
+            c.push(("history", h.clone()));
+        }
+        c
+    }
+
+    /// One output record for one row, or `None` when a needed text is missing.
+    pub fn record(&self, row: &Value) -> Option<Value> {
+        let text = |col: &str| {
+            row.get(col)
+                .and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .map(str::to_string)
+        };
+        let prompt = text(&self.prompt)?;
+        let system = self.system.as_deref().and_then(text);
+        let history = self
+            .history
+            .as_deref()
+            .map(|h| turns(row.get(h)))
+            .unwrap_or_default();
+        let msg = |role: &str, content: &str| json!({"role": role, "content": content});
+        let mut prompt_msgs = Vec::new();
+        if let Some(s) = &system {
+            prompt_msgs.push(msg("system", s));
+        }
+        for (role, content) in &history {
+            prompt_msgs.push(msg(role, content));
+        }
+        prompt_msgs.push(msg("user", &prompt));
+        let out = match self.format {
+            ExportFormat::SftMessages => {
+                let response = text(&self.response_col())?;
+                let mut m = prompt_msgs;
+                m.push(msg("assistant", &response));
+                json!({"messages": m})
+            }
+            ExportFormat::SftAlpaca => {
+                let response = text(&self.response_col())?;
+                let mut o = Map::new();
+                o.insert("instruction".into(), prompt.into());
+                o.insert("input".into(), "".into());
+                o.insert("output".into(), response.into());
+                if let Some(s) = system {
+                    o.insert("system".into(), s.into());
+                }
+                o.insert("history".into(), Value::Array(pairs(&history)));
+                Value::Object(o)
+            }
+            ExportFormat::DpoPairs => {
+                let mut o = Map::new();
+                o.insert("prompt".into(), prompt.into());
+                o.insert("chosen".into(), text(&self.chosen_col())?.into());
+                o.insert("rejected".into(), text(&self.rejected_col())?.into());
+                if let Some(s) = system {
+                    o.insert("system".into(), s.into());
+                }
+                Value::Object(o)
+            }
+            ExportFormat::DpoTrl => json!({
+                "prompt": prompt_msgs,
+                "chosen": [msg("assistant", &text(&self.chosen_col())?)],
+                "rejected": [msg("assistant", &text(&self.rejected_col())?)],
+            }),
+            ExportFormat::DpoSharegpt => {
+                let from = |role: &str| if role == "assistant" { "gpt" } else { "human" };
+                let mut conv: Vec<Value> = history
+                    .iter()
+                    .map(|(r, c)| json!({"from": from(r), "value": c}))
+                    .collect();
+                conv.push(json!({"from": "human", "value": prompt}));
+                let mut o = Map::new();
+                o.insert("conversations".into(), Value::Array(conv));
+                o.insert(
+                    "chosen".into(),
+                    json!({"from": "gpt", "value": text(&self.chosen_col())?}),
+                );
+                o.insert(
+                    "rejected".into(),
+                    json!({"from": "gpt", "value": text(&self.rejected_col())?}),
+                );
+                if let Some(s) = system {
+                    o.insert("system".into(), s.into());
+                }
+                Value::Object(o)
+            }
+        };
+        Some(out)
+    }
+
+    /// The LLaMA-Factory `dataset_info.json` entry for `file_name`, for formats it reads.
+    fn dataset_info(&self, file_name: &str) -> Option<Value> {
+        let mut e = match self.format {
+            ExportFormat::SftAlpaca => json!({
+                "file_name": file_name,
+                "columns": {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}
+            }),
+            ExportFormat::SftMessages => json!({
+                "file_name": file_name,
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system"}
+            }),
+            ExportFormat::DpoSharegpt => json!({
+                "file_name": file_name,
+                "formatting": "sharegpt",
+                "ranking": true,
+                "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
+            }),
+            ExportFormat::DpoPairs | ExportFormat::DpoTrl => return None,
+        };
+        if self.system.is_some()
+            && matches!(
+                self.format,
+                ExportFormat::SftAlpaca | ExportFormat::DpoSharegpt
+            )
+            && let Some(c) = e.get_mut("columns").and_then(Value::as_object_mut)
+        {
+            c.insert("system".into(), "system".into());
+        }
+        Some(e)
+    }
+}
+
+/// Earlier turns as (role, content), accepting `{role, content}` and ShareGPT `{from, value}`.
+fn turns(v: Option<&Value>) -> Vec<(String, String)> {
+    let Some(Value::Array(items)) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|t| {
+            let role = t.get("role").or_else(|| t.get("from"))?.as_str()?;
+            let content = t.get("content").or_else(|| t.get("value"))?.as_str()?;
+            let role = match role {
+                "human" | "user" => "user",
+                "gpt" | "assistant" | "model" => "assistant",
+                "system" => "system",
+                other => other,
+            };
+            Some((role.to_string(), content.to_string()))
+        })
+        .collect()
+}
+
+/// Alpaca history: consecutive (user, assistant) pairs.
+fn pairs(history: &[(String, String)]) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut pending: Option<&str> = None;
+    for (role, content) in history {
+        match role.as_str() {
+            "user" => pending = Some(content),
+            "assistant" => {
+                if let Some(q) = pending.take() {
+                    out.push(json!([q, content]));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Check one written record against its format: the keys, types and roles a trainer needs.
+pub fn check_record(format: ExportFormat, v: &Value) -> std::result::Result<(), String> {
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(|_| ())
+            .ok_or_else(|| format!("`{k}` is missing or not a non-empty string"))
+    };
+    let msgs = |k: &str| -> std::result::Result<Vec<(String, String)>, String> {
+        let a = v
+            .get(k)
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("`{k}` is not a list of messages"))?;
+        a.iter()
+            .map(|m| {
+                let r = m.get("role").and_then(Value::as_str);
+                let c = m.get("content").and_then(Value::as_str);
+                match (r, c) {
+                    (Some(r), Some(c)) => Ok((r.to_string(), c.to_string())),
+                    _ => Err(format!("a message of `{k}` lacks role or content")),
+                }
+            })
+            .collect()
+    };
+    match format {
+        ExportFormat::SftMessages => {
+            let m = msgs("messages")?;
+            if m.last().map(|x| x.0.as_str()) != Some("assistant") {
+                return Err("the last message is not the assistant's".into());
+            }
+            if !m.iter().any(|x| x.0 == "user") {
+                return Err("no user message".into());
+            }
+            Ok(())
+        }
+        ExportFormat::SftAlpaca => {
+            s("instruction")?;
+            s("output")?;
+            if !v.get("input").is_some_and(Value::is_string) {
+                return Err("`input` is not a string".into());
+            }
+            match v.get("history").and_then(Value::as_array) {
+                Some(h) if h.iter().all(|p| p.as_array().is_some_and(|p| p.len() == 2)) => Ok(()),
+                _ => Err("`history` is not a list of [instruction, response] pairs".into()),
+            }
+        }
+        ExportFormat::DpoPairs => {
+            s("prompt")?;
+            s("chosen")?;
+            s("rejected")
+        }
+        ExportFormat::DpoTrl => {
+            let p = msgs("prompt")?;
+            if p.last().map(|x| x.0.as_str()) != Some("user") {
+                return Err("the prompt does not end with a user message".into());
+            }
+            for k in ["chosen", "rejected"] {
+                let m = msgs(k)?;
+                if m.len() != 1 || m[0].0 != "assistant" {
+                    return Err(format!("`{k}` is not one assistant message"));
+                }
+            }
+            Ok(())
+        }
+        ExportFormat::DpoSharegpt => {
+            let c = v
+                .get("conversations")
+                .and_then(Value::as_array)
+                .ok_or("`conversations` is not a list")?;
+            if c.last().and_then(|t| t.get("from")).and_then(Value::as_str) != Some("human") {
+                return Err("the conversation does not end with a human turn".into());
+            }
+            for k in ["chosen", "rejected"] {
+                if v.get(k).and_then(|t| t.get("from")).and_then(Value::as_str) != Some("gpt") {
+                    return Err(format!("`{k}` is not a gpt turn"));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn tmp_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(format!(".tmp-{}", std::process::id()));
+    PathBuf::from(s)
+}
+
+impl Stage for ExportStage {
+    fn needs_id(&self) -> bool {
+        true
+    }
+
+    fn fingerprint(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn external_outputs(&self, run_dir: &Path) -> Vec<PathBuf> {
+        self.targets(run_dir).into_iter().map(|(_, p)| p).collect()
+    }
+
+    fn plan(&self, ctx: &PlanCtx) -> Result<arrow::datatypes::SchemaRef, Vec<Diagnostic>> {
+        let schema = ctx.parent();
+        let mut errs = Vec::new();
+        let dpo = self.format.is_dpo();
+        for (field, wrong) in [
+            ("response", dpo && self.response.is_some()),
+            ("chosen", !dpo && self.chosen.is_some()),
+            ("rejected", !dpo && self.rejected.is_some()),
+        ] {
+            if wrong {
+                errs.push(
+                    ctx.err(
+                        &[field],
+                        format!("`{field}` does not apply to format {:?}", self.format),
+                    )
+                    .hint("SFT formats take `response`; DPO formats take `chosen` and `rejected`"),
+                );
+            }
+        }
+        if self.formats.is_empty() {
+            errs.push(
+                ctx.err(&["formats"], "no file format given")
+                    .hint("formats: [jsonl, parquet]"),
+            );
+        }
+        for (field, col) in self.columns() {
+            if !has_col(schema, &col) {
+                // Defaulted columns have no YAML field of their own: point at `format`.
+                let path = if ctx.def.node.get(field).is_some() {
+                    field
+                } else {
+                    "format"
+                };
+                errs.push(
+                    unknown_column(ctx, &[path], &col, schema)
+                        .hint_if_none_else(format!("set `{field}:` to the column that holds it")),
+                );
+            }
+        }
+        if errs.is_empty() {
+            Ok(schema.clone())
+        } else {
+            Err(errs)
+        }
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
+        let targets = self.targets(ctx.run_dir);
+        for (_, p) in &targets {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+        }
+        // The stage's own table: the input as it is.
+        let table = ctx.out.join("part-00000.parquet");
+        let mut tw: Option<parquet::arrow::ArrowWriter<File>> = None;
+        let mut records: Vec<Value> = Vec::new();
+        let mut jsonl: Option<(PathBuf, BufWriter<File>)> = None;
+        if let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Jsonl) {
+            let t = tmp_path(p);
+            let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
+            jsonl = Some((t, BufWriter::new(f)));
+        }
+        let want_parquet = targets.iter().any(|(f, _)| *f == OutFormat::Parquet);
+        let (mut written, mut skipped) = (0i64, 0i64);
+        for b in read_batches(&ctx.parent().files) {
+            let b = b?;
+            let w = match &mut tw {
+                Some(w) => w,
+                None => {
+                    let f = File::create(&table).map_err(|e| Error::io(&table, e))?;
+                    tw.insert(parquet::arrow::ArrowWriter::try_new(f, b.schema(), None)?)
+                }
+            };
+            w.write(&b)?;
+            for row in crate::llm::batch_rows(&b)? {
+                let Some(rec) = self.record(&row) else {
+                    skipped += 1;
+                    continue;
+                };
+                written += 1;
+                if let Some((t, w)) = &mut jsonl {
+                    serde_json::to_writer(&mut *w, &rec)?;
+                    w.write_all(b"\n").map_err(|e| Error::io(&*t, e))?;
+                }
+                if want_parquet {
+                    records.push(rec);
+                }
+            }
+        }
+        match tw {
+            Some(w) => {
+                w.close()?;
+            }
+            None => crate::engine::write_empty(&table, &ctx.schema)?,
+        }
+        if let Some((t, w)) = jsonl.take() {
+            let f = w.into_inner().map_err(|e| Error::io(&t, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&t, e))?;
+        }
+        if want_parquet && let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Parquet)
+        {
+            write_parquet(&tmp_path(p), &records)?;
+        }
+        // Read every file back before it takes its final name: a file a trainer cannot load
+        // must not look finished.
+        for (fmt, p) in &targets {
+            let t = tmp_path(p);
+            let n = match fmt {
+                OutFormat::Jsonl => self.read_back_jsonl(&t)?,
+                OutFormat::Parquet => crate::engine::count_rows(std::slice::from_ref(&t))? as i64,
+            };
+            if n != written {
+                return Err(Error::Stage {
+                    stage: ctx.id.to_string(),
+                    message: format!("{} holds {n} records after writing {written}", t.display()),
+                });
+            }
+            std::fs::rename(&t, p).map_err(|e| Error::io(p, e))?;
+        }
+        if let Some((_, p)) = targets.first() {
+            let file_name = targets
+                .iter()
+                .find(|(f, _)| *f == OutFormat::Jsonl)
+                .unwrap_or(&targets[0])
+                .1
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let (Some(entry), Some(dir)) = (self.dataset_info(&file_name), p.parent()) {
+                let name = self
+                    .dataset_name
+                    .clone()
+                    .unwrap_or_else(|| ctx.id.to_string());
+                merge_dataset_info(&dir.join("dataset_info.json"), &name, entry)?;
+            }
+        }
+        let mut out = RunOutput::default();
+        out.counters.insert("written".into(), written);
+        out.counters.insert("skipped".into(), skipped);
+        Ok(out)
+    }
+}
+
+impl ExportStage {
+    fn read_back_jsonl(&self, path: &Path) -> Result<i64> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut n = 0i64;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|e| Error::io(path, e))?;
+            let v: Value = serde_json::from_str(&line)?;
+            check_record(self.format, &v)
+                .map_err(|e| Error::Internal(format!("{} line {}: {e}", path.display(), i + 1)))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Nested JSON records to Parquet, with the Arrow schema inferred from the records.
+fn write_parquet(path: &Path, records: &[Value]) -> Result<()> {
+    use arrow::json::reader::{ReaderBuilder, infer_json_schema_from_iterator};
+    let f = File::create(path).map_err(|e| Error::io(path, e))?;
+    if records.is_empty() {
+        let schema = std::sync::Arc::new(arrow::datatypes::Schema::empty());
+        parquet::arrow::ArrowWriter::try_new(f, schema, None)?.close()?;
+        return Ok(());
+    }
+    let schema = std::sync::Arc::new(infer_json_schema_from_iterator(
+        records.iter().map(|r| Ok(r.clone())),
+    )?);
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)?;
+    for chunk in records.chunks(8192) {
+        let mut d = ReaderBuilder::new(schema.clone()).build_decoder()?;
+        d.serialize(chunk)?;
+        if let Some(b) = d.flush()? {
+            w.write(&b)?;
+        }
+    }
+    w.close()?;
+    Ok(())
+}
+
+fn merge_dataset_info(path: &Path, name: &str, entry: Value) -> Result<()> {
+    let _guard = DATASET_INFO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut info: Map<String, Value> = match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(_) => Map::new(),
+    };
+    info.insert(name.to_string(), entry);
+    let t = tmp_path(path);
+    std::fs::write(&t, serde_json::to_vec_pretty(&Value::Object(info))?)
+        .map_err(|e| Error::io(&t, e))?;
+    std::fs::rename(&t, path).map_err(|e| Error::io(path, e))
+}
+
+trait HintElse {
+    fn hint_if_none_else(self, h: String) -> Self;
+}
+
+impl HintElse for Diagnostic {
+    fn hint_if_none_else(self, h: String) -> Self {
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(h)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(format: ExportFormat) -> ExportStage {
+        ExportStage {
+            format,
+            path: "x".into(),
+            formats: d_formats(),
+            prompt: "prompt".into(),
+            response: None,
+            chosen: None,
+            rejected: None,
+            system: Some("system".into()),
+            history: Some("history".into()),
+            dataset_name: None,
+        }
+    }
+
+    fn row() -> Value {
+        json!({
+            "prompt": "Now in French, in 3 bullet points.",
+            "response": "- a\n- b\n- c",
+            "chosen": "- a\n- b\n- c",
+            "rejected": "a, b and c",
+            "system": "Be brief.",
+            "history": [{"from": "human", "value": "List three colours."},
+                        {"from": "gpt", "value": "Red, green, blue."}],
+        })
+    }
+
+    #[test]
+    fn every_format_keeps_history_and_passes_its_check() {
+        for f in [
+            ExportFormat::SftMessages,
+            ExportFormat::SftAlpaca,
+            ExportFormat::DpoPairs,
+            ExportFormat::DpoTrl,
+            ExportFormat::DpoSharegpt,
+        ] {
+            let r = stage(f).record(&row()).unwrap();
+            check_record(f, &r).unwrap_or_else(|e| panic!("{f:?}: {e}: {r}"));
+        }
+        let m = stage(ExportFormat::SftMessages).record(&row()).unwrap();
+        let roles: Vec<&str> = m["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
+        let a = stage(ExportFormat::SftAlpaca).record(&row()).unwrap();
+        assert_eq!(
+            a["history"],
+            json!([["List three colours.", "Red, green, blue."]])
+        );
+        let s = stage(ExportFormat::DpoSharegpt).record(&row()).unwrap();
+        assert_eq!(s["conversations"].as_array().unwrap().len(), 3);
+        assert_eq!(s["rejected"]["value"], "a, b and c");
+    }
+
+    #[test]
+    fn empty_texts_are_skipped_and_bad_records_rejected() {
+        let mut r = row();
+        r["chosen"] = json!("  ");
+        assert!(stage(ExportFormat::DpoPairs).record(&r).is_none());
+        assert!(stage(ExportFormat::SftMessages).record(&r).is_some());
+        assert!(
+            check_record(
+                ExportFormat::DpoPairs,
+                &json!({"prompt": "p", "chosen": "c"})
+            )
+            .is_err()
+        );
+        assert!(
+            check_record(
+                ExportFormat::SftMessages,
+                &json!({"messages": [{"role": "user", "content": "q"}]})
+            )
+            .is_err()
+        );
+        assert!(
+            check_record(
+                ExportFormat::SftAlpaca,
+                &json!({"instruction": "i", "input": "", "output": "o", "history": [["only one"]]})
+            )
+            .is_err()
+        );
+    }
+}
