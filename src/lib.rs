@@ -25,6 +25,8 @@
 //! - [`query`]: `ifloom sql` over a run's tables.
 //! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
 //!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
+//! - [`stats`]: `ifloom stats`: funnel, LLM accounting, pass rates and dataset figures, each
+//!   from one canned query of `sql/`; `--compare` pairs two runs.
 //! - [`udf`]: SQL functions ifloom adds to DataFusion (`to_json`).
 //! - [`cli`]: the command-line verbs, one file each.
 //! - [`error`]: typed errors and diagnostics.
@@ -40,6 +42,7 @@ pub mod query;
 pub mod sim;
 pub mod spec;
 pub mod stages;
+pub mod stats;
 pub mod store;
 pub mod udf;
 pub mod yaml;

@@ -81,6 +81,40 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
     )?)
 }
 
+/// Name of the virtual table of every stage's counters (`stage`, `name`, `value`): requests,
+/// cache hits, tokens of llm stages, rows removed by dedup, pass/fail of verdicts, ...
+pub const COUNTERS_TABLE: &str = "ifloom_counters";
+
+fn counters_batch(
+    tables: &[(crate::stages::Table, crate::store::Manifest)],
+) -> Result<RecordBatch> {
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let (mut stage, mut name, mut value) = (Vec::new(), Vec::new(), Vec::new());
+    // Side tables share their stage's manifest: count each stage once.
+    for (_, m) in tables.iter().filter(|(t, _)| !t.id.contains("__")) {
+        for (k, v) in &m.counters {
+            stage.push(m.id.clone());
+            name.push(k.clone());
+            value.push(*v);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("value", DataType::Int64, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(stage)),
+            Arc::new(StringArray::from(name)),
+            Arc::new(Int64Array::from(value)),
+        ],
+    )?)
+}
+
 /// Replace `${name}` placeholders of a canned query with `--param name=value` values.
 pub fn substitute(sql: &str, params: &[(String, String)]) -> Result<String> {
     let mut out = sql.to_string();
@@ -104,6 +138,7 @@ pub async fn session(engine: &Engine, dir: &RunDir) -> Result<SessionContext> {
         engine::register(&ctx, t).await?;
     }
     ctx.register_batch(STAGES_TABLE, stages_batch(&tables)?)?;
+    ctx.register_batch(COUNTERS_TABLE, counters_batch(&tables)?)?;
     Ok(ctx)
 }
 

@@ -17,6 +17,7 @@ mod runs;
 mod schema;
 mod sim;
 mod sql;
+mod stats;
 mod validate;
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,8 @@ pub enum Command {
     Batch(batch::Args),
     /// Serve a simulated OpenAI-compatible LLM server (latency, queueing, faults) for tests.
     Sim(sim::Args),
+    /// Funnel, LLM accounting, pass rates and dataset statistics of a run (or two, compared).
+    Stats(stats::Args),
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
@@ -77,6 +80,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Cache(a) => cache::run(a),
         Command::Batch(a) => batch::run(a, &engine),
         Command::Sim(a) => sim::run(a, &engine),
+        Command::Stats(a) => stats::run(a, &engine),
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -28,7 +28,7 @@ pub struct Args {
     pub max_width: usize,
 }
 
-fn pick_run() -> Result<PathBuf> {
+pub(crate) fn pick_run() -> Result<PathBuf> {
     let runs: Vec<PathBuf> = std::fs::read_dir("runs")
         .map(|rd| {
             rd.flatten()

@@ -10,4 +10,5 @@ mod near_dup;
 mod real_model;
 mod sim;
 mod slt;
+mod stats;
 mod ultraif;

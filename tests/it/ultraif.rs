@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 use crate::common::{ok, root, tempdir};
 use crate::llm::Sim;
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// Rows of a query as JSON objects (`ifloom sql --format jsonl`).
-fn query(run: &Path, sql: &str) -> Vec<Value> {
+pub(crate) fn query(run: &Path, sql: &str) -> Vec<Value> {
     ok(&root(), &["sql", "--run", s(run), "--format", "jsonl", sql])
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -57,7 +57,7 @@ fn ultraif_rules() -> Value {
         {"match": r"(?s)<query>\nName a fruit\.", "response": composed("Name a fruit.", "Answer in JSON for the human evaluator.", "Is it JSON?", "format")},
         {"match": r"(?s)<query>\nTell me a joke\.", "response": "I would rather not add anything."},
         {"match": r"(?s)<query>\nSay hello\.", "response": r#"{"augmented_query": "Say hello.", "eval_question": "Does it say hello?", "category": "content"}"#},
-        {"match": r"(?s)<query>\n(?P<q>[^\n]*Use bullet points\.)\n</query>", "response": composed("${q}", "End with a question.", "Does the response end with a question?", "format")},
+        {"match": r"(?s)<query>\n(?P<q>[^\n]*Use bullet points\.)\n</query>", "response": composed("${q}", "End with a question.", "Does the response end with a question?", "stylistic")},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*)\n</query>", "response": composed("${q}", "Use bullet points.", "Does the response use bullet points?", "format")},
         // The responder: K = 3 choices per augmented instruction.
         {"match": "^Describe a sunrise", "responses": ["GOOD: gold light over the hills?", "BAD: it is morning", "BAD2: no"]},
@@ -82,13 +82,13 @@ fn instructions() -> Vec<Value> {
     .collect()
 }
 
-struct Fixture {
+pub(crate) struct Fixture {
     _tmp: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    sim: Sim,
+    pub dir: std::path::PathBuf,
+    pub sim: Sim,
 }
 
-fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let tmp = tempdir();
     let dir = tmp.path().to_path_buf();
     write_jsonl(&dir.join("in.jsonl"), &instructions());
@@ -110,7 +110,7 @@ fn fixture() -> Fixture {
     }
 }
 
-fn run_ultraif(f: &Fixture, run: &str, extra: &[&str]) -> std::path::PathBuf {
+pub(crate) fn run_ultraif(f: &Fixture, run: &str, extra: &[&str]) -> std::path::PathBuf {
     let run_dir = f.dir.join(run);
     let data = format!("data={}", s(&f.dir.join("in.jsonl")));
     let url = format!("url={}", f.sim.url);

@@ -1,0 +1,36 @@
+-- The funnel: for every stage (side tables left out) the rows it read, the rows it wrote, the
+-- share kept and why rows went. A stage reading several tables (a join, a union of rounds)
+-- shows the tables it combines instead of a ratio.
+-- Usage: ifloom sql --run runs/NAME -f sql/funnel.sql
+WITH c AS (
+  SELECT stage,
+         sum(CASE WHEN name = 'removed' THEN value ELSE 0 END)        AS removed,
+         sum(CASE WHEN name = 'failures' THEN value ELSE 0 END)       AS failures,
+         sum(CASE WHEN name = 'parse_failures' THEN value ELSE 0 END) AS parse_failures,
+         sum(CASE WHEN name = 'unjudged' THEN value ELSE 0 END)       AS unjudged
+  FROM ifloom_counters
+  GROUP BY stage),
+s AS (SELECT * FROM ifloom_stages WHERE kind NOT LIKE '%:%')
+SELECT s.id                                                   AS stage,
+       s.kind,
+       CASE WHEN s.parents = '' THEN '' ELSE s.parents END     AS from_tables,
+       p.rows                                                 AS rows_in,
+       s.rows                                                 AS rows_out,
+       CASE WHEN p.rows > 0 THEN round(CAST(s.rows AS DOUBLE) / p.rows, 4) END AS kept,
+       CASE
+         WHEN s.kind = 'input' THEN 'input'
+         WHEN p.rows IS NULL THEN 'combines ' || s.parents
+         WHEN s.kind = 'dedup' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' exact duplicates removed'
+         WHEN s.kind = 'minhash' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' near duplicates removed'
+         WHEN s.kind = 'decontaminate' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' removed by decontamination'
+         WHEN s.kind = 'llm' THEN CAST(coalesce(c.failures, 0) AS VARCHAR) || ' request failures (dead-lettered), '
+                                  || CAST(coalesce(c.parse_failures, 0) AS VARCHAR) || ' parse failures (kept, unparsed)'
+         WHEN s.kind = 'verdict' THEN CAST(coalesce(c.unjudged, 0) AS VARCHAR) || ' unjudged (kept, in neither SFT nor DPO)'
+         WHEN s.rows < p.rows THEN CAST(p.rows - s.rows AS VARCHAR) || ' filtered out by the stage''s query'
+         WHEN s.rows > p.rows THEN 'one input row became several'
+         ELSE ''
+       END                                                    AS reason
+FROM s
+LEFT JOIN ifloom_stages p ON p.id = s.parents
+LEFT JOIN c ON c.stage = s.id
+ORDER BY s.finished_at, s.id;

@@ -1,0 +1,33 @@
+-- LLM accounting per llm stage: HTTP requests sent, rows answered from the response cache,
+-- retries, failures after every retry, replies that did not parse, tokens, the stage's wall time,
+-- throughput, and GPU-seconds (wall time x the GPUs behind the endpoints; 0 = not given).
+-- Usage: ifloom sql --run runs/NAME -f sql/llm_accounting.sql --param gpus=8
+WITH c AS (
+  SELECT stage,
+         sum(CASE WHEN name = 'requests' THEN value ELSE 0 END)          AS requests,
+         sum(CASE WHEN name = 'cache_hits' THEN value ELSE 0 END)        AS cache_hits,
+         sum(CASE WHEN name = 'retries' THEN value ELSE 0 END)           AS retries,
+         sum(CASE WHEN name = 'failures' THEN value ELSE 0 END)          AS failures,
+         sum(CASE WHEN name = 'parse_failures' THEN value ELSE 0 END)    AS parse_failures,
+         sum(CASE WHEN name = 'prompt_tokens' THEN value ELSE 0 END)     AS prompt_tokens,
+         sum(CASE WHEN name = 'completion_tokens' THEN value ELSE 0 END) AS completion_tokens
+  FROM ifloom_counters
+  GROUP BY stage)
+SELECT s.id AS stage,
+       s.rows,
+       c.requests,
+       c.cache_hits,
+       c.retries,
+       c.failures,
+       c.parse_failures,
+       c.prompt_tokens,
+       c.completion_tokens,
+       round(s.duration_ms / 1000.0, 3) AS seconds,
+       CASE WHEN s.duration_ms > 0 THEN round(c.requests * 1000.0 / s.duration_ms, 2) END AS requests_per_s,
+       CASE WHEN s.duration_ms > 0 THEN round(c.completion_tokens * 1000.0 / s.duration_ms, 1) END
+         AS completion_tokens_per_s,
+       CASE WHEN ${gpus} > 0 THEN round(s.duration_ms / 1000.0 * ${gpus}, 1) END AS gpu_seconds
+FROM ifloom_stages s
+JOIN c ON c.stage = s.id
+WHERE s.kind = 'llm'
+ORDER BY s.finished_at, s.id;

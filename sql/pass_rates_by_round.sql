@@ -1,0 +1,23 @@
+-- sql/pass_rates.sql per augmentation round (the verdict table needs a `round` column).
+-- Usage: ifloom sql --run runs/NAME -f sql/pass_rates_by_round.sql --param table=judged \
+--          --param "instruction=source_id || '/' || CAST(round AS VARCHAR)"
+WITH per AS (
+  SELECT round,
+         ${instruction}                                          AS instruction,
+         sum(CASE WHEN verdict = 'pass' THEN 1 ELSE 0 END)       AS n_pass,
+         sum(CASE WHEN verdict = 'fail' THEN 1 ELSE 0 END)       AS n_fail,
+         sum(CASE WHEN verdict = 'unjudged' THEN 1 ELSE 0 END)   AS n_unjudged
+  FROM ${table}
+  GROUP BY 1, 2)
+SELECT '${table}'                                                                 AS "table",
+       round,
+       count(*)                                                                  AS instructions,
+       sum(n_pass + n_fail + n_unjudged)                                         AS responses,
+       round(avg(CASE WHEN n_pass > 0 THEN 1.0 ELSE 0.0 END), 4)                 AS sft_pass_rate,
+       round(avg(CASE WHEN n_pass > 0 AND n_fail > 0 THEN 1.0 ELSE 0.0 END), 4)  AS dpo_pass_rate,
+       round(CAST(sum(n_pass) AS DOUBLE) / nullif(sum(n_pass + n_fail), 0), 4)   AS response_pass_rate,
+       round(CAST(sum(n_unjudged) AS DOUBLE) / nullif(sum(n_pass + n_fail + n_unjudged), 0), 4)
+                                                                                 AS judge_parse_failure_rate
+FROM per
+GROUP BY round
+ORDER BY round;
