@@ -25,6 +25,7 @@
 //! - [`query`]: `ifloom sql` over a run's tables.
 //! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
 //!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
+//! - [`report`]: `ifloom report`: one self-contained HTML page, inline SVG charts, sample rows.
 //! - [`stats`]: `ifloom stats`: funnel, LLM accounting, pass rates and dataset figures, each
 //!   from one canned query of `sql/`; `--compare` pairs two runs.
 //! - [`udf`]: SQL functions ifloom adds to DataFusion (`to_json`).
@@ -39,6 +40,7 @@ pub mod exec;
 pub mod input;
 pub mod llm;
 pub mod query;
+pub mod report;
 pub mod sim;
 pub mod spec;
 pub mod stages;

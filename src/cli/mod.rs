@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 mod batch;
 mod cache;
 mod graph;
+mod report;
 mod run;
 mod runs;
 mod schema;
@@ -56,6 +57,8 @@ pub enum Command {
     Sim(sim::Args),
     /// Funnel, LLM accounting, pass rates and dataset statistics of a run (or two, compared).
     Stats(stats::Args),
+    /// Write a self-contained HTML report (charts, figures, sample rows) of a run.
+    Report(report::Args),
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
@@ -81,6 +84,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Batch(a) => batch::run(a, &engine),
         Command::Sim(a) => sim::run(a, &engine),
         Command::Stats(a) => stats::run(a, &engine),
+        Command::Report(a) => report::run(a, &engine),
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

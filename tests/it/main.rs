@@ -8,6 +8,7 @@ mod engine;
 mod llm;
 mod near_dup;
 mod real_model;
+mod report;
 mod sim;
 mod slt;
 mod stats;
