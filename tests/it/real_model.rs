@@ -71,10 +71,9 @@ fn count(dir: &Path, run: &Path, query: &str) -> i64 {
     sql_rows(dir, run, query)[0][0].parse().unwrap()
 }
 
-#[test]
-fn llama_cpp_smollm2_answers_an_llm_stage_with_samples_and_a_schema() {
-    let tmp = tempdir();
-    let model = local_llm(tmp.path(), &["model-path"]);
+/// Whether the model is installed; a missing install fails under IFLOOM_REQUIRE_REAL_MODEL.
+fn model_installed(dir: &Path) -> bool {
+    let model = local_llm(dir, &["model-path"]);
     if !model.status.success() {
         assert!(
             std::env::var_os("IFLOOM_REQUIRE_REAL_MODEL").is_none(),
@@ -85,9 +84,125 @@ fn llama_cpp_smollm2_answers_an_llm_stage_with_samples_and_a_schema() {
             "skipping: the real model is not installed; run scripts/local-llm.sh install \
              (set IFLOOM_REQUIRE_REAL_MODEL=1 to make this a failure)"
         );
-        return;
+        return false;
     }
     eprintln!("model: {}", stdout(&model).trim());
+    true
+}
+
+/// The README's first run: pipelines/ultraif.yaml with the `local` profile (8 instructions of
+/// data/, one round, K = 2, 256 tokens) on the real model, then `ifloom stats` and the report.
+/// A 135M model writes messy JSON and odd judgements: the test checks that the run completes,
+/// that at least one instruction reaches a judged response, and that the figures add up.
+#[test]
+fn first_run_ultraif_local_profile_on_the_real_model() {
+    let tmp = tempdir();
+    if !model_installed(tmp.path()) {
+        return;
+    }
+    let server = Server::start(tmp.path());
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("cache.sqlite");
+    let (url, curl) = (
+        format!("url={}", server.url),
+        format!("composer_url={}", server.url),
+    );
+    let t = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            "pipelines/ultraif.yaml",
+            "--profile",
+            "local",
+            "--run-dir",
+        ])
+        .args([s(&run), "--cache", s(&cache), "--set", &url, "--set", &curl])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    eprintln!("ultraif --profile local took {:.1?}", t.elapsed());
+    assert!(o.status.success(), "ifloom run failed:\n{}", stderr(&o));
+    let judged = count(&root(), &run, "SELECT count(*) FROM judged");
+    assert!(judged >= 1, "no instruction reached a judged response");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["stats", "--json", s(&run)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let section = |id: &str| {
+        st["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} section"))
+            .clone()
+    };
+    let cols = |sec: &serde_json::Value| -> Vec<String> {
+        sec["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect()
+    };
+    let pr = section("pass_rates");
+    let c = cols(&pr);
+    let r = &pr["rows"][0];
+    let v = |name: &str| {
+        r[c.iter().position(|x| x == name).unwrap()]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(v("responses"), judged);
+    assert_eq!(v("pass") + v("fail") + v("unjudged"), judged);
+    // The 8 instructions of the profile went through the composer, on a fresh cache.
+    let llm = section("llm");
+    let c = cols(&llm);
+    let compose = llm["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[0] == "compose_r1")
+        .unwrap();
+    let at = |name: &str| {
+        compose[c.iter().position(|x| x == name).unwrap()]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!((at("rows"), at("requests"), at("cache_hits")), (8, 8, 0));
+    eprintln!(
+        "{}",
+        stdout(
+            &Command::new(env!("CARGO_BIN_EXE_ifloom"))
+                .args(["stats", s(&run)])
+                .output()
+                .unwrap()
+        )
+    );
+
+    let page = tmp.path().join("report.html");
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["report", s(&run), "-o", s(&page)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        std::fs::read_to_string(&page)
+            .unwrap()
+            .contains("<svg class=\"chart\"")
+    );
+    drop(server);
+}
+
+#[test]
+fn llama_cpp_smollm2_answers_an_llm_stage_with_samples_and_a_schema() {
+    let tmp = tempdir();
+    if !model_installed(tmp.path()) {
+        return;
+    }
     let server = Server::start(tmp.path());
 
     let dir = tmp.path();
