@@ -118,9 +118,21 @@ fn canned_queries_sqllogictest() {
             run.to_str().unwrap(),
         ],
     );
+    // `ultraif_*.slt` run over a run of pipelines/ultraif.yaml against the simulator rules of
+    // tests/it/ultraif.rs; the others over the sample dedup run.
+    let uf = crate::ultraif::fixture();
+    let ultraif_run = crate::ultraif::run_ultraif(&uf, "run", &[]);
     let files = slt_files(&root.join("tests/slt"));
-    assert!(!files.is_empty());
+    assert!(files.len() >= 2);
     for f in files {
+        let is_ultraif = f
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ultraif_"));
+        let run = if is_ultraif {
+            ultraif_run.clone()
+        } else {
+            run.clone()
+        };
         let (r, rr) = (root.clone(), run.clone());
         let mut runner = sqllogictest::Runner::new(move || {
             let db = IfloomSql {
