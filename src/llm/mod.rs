@@ -251,7 +251,9 @@ impl LlmStage {
                 true,
             ));
         }
-        if self.samples > 1 && self.explode {
+        // With `explode`, `sample_index` is there whatever K is, so downstream SQL written
+        // for K = 5 still plans when a run sets K = 1.
+        if self.explode {
             f.push(Field::new("sample_index", DataType::UInt32, false));
         }
         f
@@ -660,7 +662,14 @@ impl Stage for LlmStage {
         let group = self.group()?.clone();
         let pool = Arc::new(Pool::new(&group).map_err(|e| Error::stage(ctx.id, e))?);
         let total_rows = crate::engine::count_rows(&ctx.parent().files)?;
+        let failed_dir = ctx.side_dir("failed");
+        std::fs::create_dir_all(&failed_dir).map_err(|e| Error::io(&failed_dir, e))?;
         if total_rows == 0 {
+            // Nothing to send; the dead-letter table still exists (empty) so SQL over it plans.
+            crate::engine::write_empty(
+                &failed_dir.join("part-00000.parquet"),
+                &self.failed_schema(&ctx.parent().schema),
+            )?;
             return Ok(RunOutput::default());
         }
         let cache = Arc::new(Cache::open(&ctx.engine.cache_path)?);
@@ -672,8 +681,6 @@ impl Stage for LlmStage {
         let new_schema = Arc::new(Schema::new(self.new_fields()));
         let mut main_w: Option<ArrowWriter<File>> = None;
         let mut failed_w: Option<ArrowWriter<File>> = None;
-        let failed_dir = ctx.side_dir("failed");
-        std::fs::create_dir_all(&failed_dir).map_err(|e| Error::io(&failed_dir, e))?;
 
         // Progress: a bar on a terminal, plain periodic lines otherwise (CI logs).
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1067,7 +1074,7 @@ impl LlmStage {
                     json_rows.push(self.row_json(
                         std::slice::from_ref(o),
                         false,
-                        (self.samples > 1).then_some(s as u32),
+                        self.explode.then_some(s as u32),
                     ));
                 }
             }

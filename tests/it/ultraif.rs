@@ -400,3 +400,118 @@ fn composer_data_counts_and_targets() {
     assert_eq!(sft.len(), 3);
     assert_eq!(sft[0]["messages"][0]["role"], "user");
 }
+
+/// Both pipelines read each shared dataset named by a profile (Arena-Hard, OASST, InfoBench)
+/// and the project's conversations sample: 3 rows each, against an echoing simulator (whose
+/// answers never parse, so the run stops early by design), and every seed has a non-empty
+/// instruction taken from the right column.
+#[test]
+fn data_profiles_read_the_shared_datasets() {
+    let tmp = tempdir();
+    let sim = Sim::start(&["--slots", "16", "--base-ms", "1", "--per-token-ms", "0"]);
+    let url = format!("url={}", sim.url);
+    let curl = format!("composer_url={}", sim.url);
+    for pipeline in ["ultraif", "ultraif_composer_data"] {
+        for profile in ["arena_hard", "oasst", "infobench", "conversations"] {
+            let run = tmp.path().join(format!("{pipeline}-{profile}"));
+            let file = format!("pipelines/{pipeline}.yaml");
+            let cache = tmp.path().join("cache.sqlite");
+            let mut args = vec![
+                "run",
+                &file,
+                "--profile",
+                profile,
+                "--run-dir",
+                s(&run),
+                "--cache",
+                s(&cache),
+                "--set",
+                "rows=3",
+                "--set",
+                &url,
+                "--set",
+                "model=sim-model",
+            ];
+            if pipeline == "ultraif" {
+                args.extend([
+                    "--set",
+                    &curl,
+                    "--set",
+                    "composer_model=sim-model",
+                    "--set",
+                    "rounds=1",
+                    "--set",
+                    "samples=1",
+                ]);
+            }
+            ok(&root(), &args);
+            let seeds = query(&run, "SELECT query FROM seeds");
+            assert!(
+                !seeds.is_empty(),
+                "{pipeline} --profile {profile}: no seeds"
+            );
+            for r in &seeds {
+                let q = r["query"].as_str().unwrap_or_default();
+                assert!(q.trim().len() >= 10, "{pipeline} --profile {profile}: {r}");
+            }
+        }
+    }
+    // The conversations profile of ultraif.yaml takes the last human turn as the instruction
+    // and keeps the turns before it as history (checked against the file read here).
+    let run = tmp.path().join("ultraif-conversations-all");
+    let cache = tmp.path().join("cache.sqlite");
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/ultraif.yaml",
+            "--profile",
+            "conversations",
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache),
+            "--set",
+            &url,
+            "--set",
+            &curl,
+            "--set",
+            "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+            "--set",
+            "rounds=1",
+            "--set",
+            "samples=1",
+        ],
+    );
+    let mut expected: Vec<(String, usize)> =
+        std::fs::read_to_string(root().join("data/conversations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let c: Value = serde_json::from_str(l).unwrap();
+                let turns = c["conversations"].as_array().unwrap();
+                let n = turns.len();
+                (turns[n - 2]["value"].as_str().unwrap().to_string(), n - 2)
+            })
+            .filter(|(q, _)| (10..=2000).contains(&q.chars().count()))
+            .collect();
+    expected.sort();
+    let mut got: Vec<(String, usize)> =
+        query(&run, "SELECT query, cardinality(history) AS h FROM seeds")
+            .iter()
+            .map(|r| {
+                (
+                    r["query"].as_str().unwrap().to_string(),
+                    r["h"].as_u64().unwrap() as usize,
+                )
+            })
+            .collect();
+    got.sort();
+    assert_eq!(got, expected);
+    assert!(
+        got.iter().any(|(_, h)| *h > 0),
+        "the sample has multi-turn conversations"
+    );
+}
