@@ -123,6 +123,46 @@ pub fn write_empty(path: &Path, schema: &SchemaRef) -> Result<()> {
     Ok(())
 }
 
+/// A Parquet part written batch by batch (ZSTD), created with the first batch's schema, so
+/// a stage whose output or side table stays empty still ends with a valid empty file.
+pub struct LazyPart {
+    path: PathBuf,
+    w: Option<ArrowWriter<File>>,
+}
+
+impl LazyPart {
+    pub fn new(path: PathBuf) -> Self {
+        LazyPart { path, w: None }
+    }
+
+    pub fn write(&mut self, b: &arrow::array::RecordBatch) -> Result<()> {
+        let w = match &mut self.w {
+            Some(w) => w,
+            None => {
+                let f = File::create(&self.path).map_err(|e| Error::io(&self.path, e))?;
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                    .build();
+                self.w
+                    .insert(ArrowWriter::try_new(f, b.schema(), Some(props))?)
+            }
+        };
+        w.write(b)?;
+        Ok(())
+    }
+
+    /// Close the file, or write an empty one with `schema` when no batch came.
+    pub fn finish(self, schema: &SchemaRef) -> Result<()> {
+        match self.w {
+            Some(w) => {
+                w.close()?;
+                Ok(())
+            }
+            None => write_empty(&self.path, schema),
+        }
+    }
+}
+
 /// Read the Arrow schema stored in a Parquet file.
 pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;

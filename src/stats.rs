@@ -145,6 +145,32 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// Append rows to section `id`, creating it on first use.
+    fn push(
+        &mut self,
+        id: &str,
+        title: &str,
+        keys: usize,
+        columns: Vec<String>,
+        rows: Vec<Vec<Value>>,
+        how: String,
+    ) {
+        match self.stats.sections.iter_mut().find(|s| s.id == id) {
+            Some(s) => {
+                s.rows.extend(rows);
+                s.queries.push(how);
+            }
+            None => self.stats.sections.push(Section {
+                id: id.into(),
+                title: title.into(),
+                queries: vec![how],
+                keys,
+                columns,
+                rows,
+            }),
+        }
+    }
+
     async fn rows(
         &self,
         file: &str,
@@ -178,20 +204,7 @@ impl Runner<'_> {
             .chain(params.iter().map(|(k, v)| format!("{k}={v}")))
             .collect::<Vec<_>>()
             .join(" ");
-        match self.stats.sections.iter_mut().find(|s| s.id == id) {
-            Some(s) => {
-                s.rows.extend(rows);
-                s.queries.push(how);
-            }
-            None => self.stats.sections.push(Section {
-                id: id.into(),
-                title: title.into(),
-                queries: vec![how],
-                keys,
-                columns,
-                rows,
-            }),
-        }
+        self.push(id, title, keys, columns, rows, how);
         Ok(())
     }
 
@@ -278,20 +291,7 @@ impl Runner<'_> {
             })
             .collect();
         let how = format!("sql/{file} table={table} column={column}");
-        match self.stats.sections.iter_mut().find(|s| s.id == id) {
-            Some(s) => {
-                s.rows.extend(rows);
-                s.queries.push(how);
-            }
-            None => self.stats.sections.push(Section {
-                id: id.into(),
-                title: title.into(),
-                queries: vec![how],
-                keys: 2,
-                columns: cols,
-                rows,
-            }),
-        }
+        self.push(id, title, 2, cols, rows, how);
         self.histogram(table, column, &expr, unit, max).await
     }
 }
@@ -410,20 +410,14 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
                 t.id,
                 lat.name()
             );
-            match r.stats.sections.iter_mut().find(|s| s.id == "latency") {
-                Some(s) => {
-                    s.rows.extend(rows);
-                    s.queries.push(how);
-                }
-                None => r.stats.sections.push(Section {
-                    id: "latency".into(),
-                    title: "LLM latency per stage (ms; requests sent, cache hits left out)".into(),
-                    queries: vec![how],
-                    keys: 1,
-                    columns,
-                    rows,
-                }),
-            }
+            r.push(
+                "latency",
+                "LLM latency per stage (ms; requests sent, cache hits left out)",
+                1,
+                columns,
+                rows,
+                how,
+            );
             if max > 0.0 {
                 let expr = lat.name().clone();
                 let filtered =

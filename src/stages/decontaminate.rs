@@ -19,16 +19,16 @@ use std::sync::Arc;
 use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, SchemaRef};
-use parquet::arrow::ArrowWriter;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{read_batches, string_col};
-use super::minhash::{is_string_type, parquet_writer, with_fields};
+use super::minhash::{is_string_type, with_fields};
 use super::{
     BuildCtx, HintIfNone, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column,
 };
+use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
 use crate::spec::Format;
 use crate::yaml::Node;
@@ -421,8 +421,8 @@ impl Stage for DecontaminateStage {
 
         let side_dir = ctx.side_dir("removed");
         std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
-        let mut kept_w: Option<ArrowWriter<File>> = None;
-        let mut side_w: Option<ArrowWriter<File>> = None;
+        let mut kept_w = LazyPart::new(ctx.out.join("part-00000.parquet"));
+        let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
         let mut removed = 0i64;
         let mut kept = 0i64;
         let mut hits = vec![0i64; self.loaded.len()];
@@ -449,14 +449,7 @@ impl Stage for DecontaminateStage {
             let keep_mask: BooleanArray = found.iter().map(|h| Some(h.is_none())).collect();
             let kb = filter_record_batch(&b, &keep_mask)?;
             kept += kb.num_rows() as i64;
-            let w = match &mut kept_w {
-                Some(w) => w,
-                None => kept_w.insert(parquet_writer(
-                    &ctx.out.join("part-00000.parquet"),
-                    b.schema(),
-                )?),
-            };
-            w.write(&kb)?;
+            kept_w.write(&kb)?;
             let gone: Vec<&Hit> = found.iter().flatten().collect();
             if gone.is_empty() {
                 continue;
@@ -474,27 +467,10 @@ impl Stage for DecontaminateStage {
             let sb =
                 RecordBatch::try_new(with_fields(&gb.schema(), &Self::removed_fields()), cols)?;
             removed += sb.num_rows() as i64;
-            let w = match &mut side_w {
-                Some(w) => w,
-                None => side_w.insert(parquet_writer(
-                    &side_dir.join("part-00000.parquet"),
-                    sb.schema(),
-                )?),
-            };
-            w.write(&sb)?;
+            side_w.write(&sb)?;
         }
-        if let Some(w) = kept_w {
-            w.close()?;
-        }
-        match side_w {
-            Some(w) => {
-                w.close()?;
-            }
-            None => crate::engine::write_empty(
-                &side_dir.join("part-00000.parquet"),
-                &with_fields(&ctx.parent().schema, &Self::removed_fields()),
-            )?,
-        }
+        kept_w.finish(&ctx.parent().schema)?;
+        side_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
         out.counters.insert("kept".into(), kept);

@@ -6,13 +6,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use regex::Regex;
@@ -20,6 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, Table, has_col, unknown_column};
+use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
 use crate::spec::ID_COL;
 
@@ -152,14 +151,6 @@ pub fn input_ordinals(inputs: &[Table], wanted: &HashSet<String>) -> Result<Hash
     Ok(out)
 }
 
-fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
-    let f = File::create(path).map_err(|e| Error::io(path, e))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    Ok(ArrowWriter::try_new(f, schema, Some(props))?)
-}
-
 impl Stage for DedupStage {
     fn needs_id(&self) -> bool {
         true
@@ -251,8 +242,8 @@ impl Stage for DedupStage {
             fields.push(Arc::new(Field::new(DUP_OF, DataType::Utf8, false)));
             Arc::new(Schema::new(fields))
         };
-        let mut kept_w: Option<ArrowWriter<File>> = None;
-        let mut side_w: Option<ArrowWriter<File>> = None;
+        let mut kept_w = LazyPart::new(ctx.out.join("part-00000.parquet"));
+        let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
         let mut row = 0usize;
         let mut removed = 0i64;
         for b in read_batches(files) {
@@ -262,11 +253,7 @@ impl Stage for DedupStage {
             row += len;
             let keep_mask: BooleanArray = slice.iter().map(|d| Some(d.is_none())).collect();
             let kept = filter_record_batch(&b, &keep_mask)?;
-            let w = match &mut kept_w {
-                Some(w) => w,
-                None => kept_w.insert(writer(&ctx.out.join("part-00000.parquet"), b.schema())?),
-            };
-            w.write(&kept)?;
+            kept_w.write(&kept)?;
             let drop_mask: BooleanArray = slice.iter().map(|d| Some(d.is_some())).collect();
             let gone = filter_record_batch(&b, &drop_mask)?;
             if gone.num_rows() == 0 {
@@ -280,24 +267,10 @@ impl Stage for DedupStage {
             cols.push(Arc::new(of));
             let sb = RecordBatch::try_new(with_dup_of(&gone.schema()), cols)?;
             removed += sb.num_rows() as i64;
-            let w = match &mut side_w {
-                Some(w) => w,
-                None => side_w.insert(writer(&side_dir.join("part-00000.parquet"), sb.schema())?),
-            };
-            w.write(&sb)?;
+            side_w.write(&sb)?;
         }
-        if let Some(w) = kept_w {
-            w.close()?;
-        }
-        match side_w {
-            Some(w) => {
-                w.close()?;
-            }
-            None => crate::engine::write_empty(
-                &side_dir.join("part-00000.parquet"),
-                &with_dup_of(&ctx.schema),
-            )?,
-        }
+        kept_w.finish(&ctx.schema)?;
+        side_w.finish(&with_dup_of(&ctx.schema))?;
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
         out.counters.insert("kept".into(), (n as i64) - removed);

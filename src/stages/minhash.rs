@@ -14,20 +14,18 @@
 //! with `_duplicate_of` (the kept row's `_id`) and `_similarity` (estimated Jaccard with it).
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{DUP_OF, input_ordinals, read_batches, string_col};
 use super::{BuildCtx, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column};
+use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
 use crate::spec::ID_COL;
 use crate::yaml::Node;
@@ -292,14 +290,6 @@ impl UnionFind {
             self.parent[hi as usize] = lo;
         }
     }
-}
-
-pub(crate) fn parquet_writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
-    let f = File::create(path).map_err(|e| Error::io(path, e))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    Ok(ArrowWriter::try_new(f, schema, Some(props))?)
 }
 
 /// `schema` with extra fields appended.
@@ -603,8 +593,8 @@ impl Stage for MinHashStage {
         let side_dir = ctx.side_dir("removed");
         std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
         let cluster_id = |k: u32| xxhash_rust::xxh3::xxh3_64(ids[k as usize].as_bytes());
-        let mut kept_w: Option<ArrowWriter<File>> = None;
-        let mut side_w: Option<ArrowWriter<File>> = None;
+        let mut kept_w = LazyPart::new(ctx.out.join("part-00000.parquet"));
+        let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
         let mut row = 0usize;
         let mut removed = 0i64;
         for b in read_batches(files) {
@@ -628,14 +618,7 @@ impl Stage for MinHashStage {
                 with_fields(&b.schema(), &[Field::new(CLUSTER, DataType::UInt64, false)]),
                 cols,
             )?;
-            let w = match &mut kept_w {
-                Some(w) => w,
-                None => kept_w.insert(parquet_writer(
-                    &ctx.out.join("part-00000.parquet"),
-                    kb.schema(),
-                )?),
-            };
-            w.write(&kb)?;
+            kept_w.write(&kb)?;
 
             let gone: Vec<u32> = rows
                 .iter()
@@ -670,27 +653,13 @@ impl Stage for MinHashStage {
             let sb =
                 RecordBatch::try_new(with_fields(&gb.schema(), &Self::removed_fields()), cols)?;
             removed += sb.num_rows() as i64;
-            let w = match &mut side_w {
-                Some(w) => w,
-                None => side_w.insert(parquet_writer(
-                    &side_dir.join("part-00000.parquet"),
-                    sb.schema(),
-                )?),
-            };
-            w.write(&sb)?;
+            side_w.write(&sb)?;
         }
-        if let Some(w) = kept_w {
-            w.close()?;
-        }
-        match side_w {
-            Some(w) => {
-                w.close()?;
-            }
-            None => crate::engine::write_empty(
-                &side_dir.join("part-00000.parquet"),
-                &with_fields(&ctx.parent().schema, &Self::removed_fields()),
-            )?,
-        }
+        kept_w.finish(&with_fields(
+            &ctx.parent().schema,
+            &[Field::new(CLUSTER, DataType::UInt64, false)],
+        ))?;
+        side_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
         out.counters.insert("kept".into(), n as i64 - removed);
