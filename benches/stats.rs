@@ -38,9 +38,30 @@ const SEED: u64 = 20_261_124;
 const TARGET_S: f64 = 2.0;
 const CATEGORIES: [&str; 5] = ["content", "numerical", "stylistic", "format", "linguistic"];
 const WORDS: [&str; 24] = [
-    "the", "answer", "is", "a", "list", "of", "three", "points", "about", "water", "and",
-    "light", "with", "short", "sentences", "in", "plain", "english", "for", "readers", "who",
-    "want", "clear", "steps",
+    "the",
+    "answer",
+    "is",
+    "a",
+    "list",
+    "of",
+    "three",
+    "points",
+    "about",
+    "water",
+    "and",
+    "light",
+    "with",
+    "short",
+    "sentences",
+    "in",
+    "plain",
+    "english",
+    "for",
+    "readers",
+    "who",
+    "want",
+    "clear",
+    "steps",
 ];
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -96,7 +117,8 @@ fn generate(path: &Path, rows: usize) -> usize {
             let nq = r as usize;
             let mut answers = Vec::new();
             for q in 0..nq {
-                qs.values().append_value(format!("Does the response satisfy constraint {q}?"));
+                qs.values()
+                    .append_value(format!("Does the response satisfy constraint {q}?"));
                 cats.values()
                     .append_value(CATEGORIES[(instr + q) % CATEGORIES.len()]);
                 let yes = rng.random_bool(0.8 - 0.1 * q as f64);
@@ -244,8 +266,15 @@ fn main() {
     let _ = writeln!(
         md,
         "| `ifloom stats --json --column judged.response` (whole process) | {ifloom_s:.3} | {} | ≤ {TARGET_S} | {} |",
-        all.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", "),
-        if ifloom_s <= TARGET_S { "met" } else { "missed" }
+        all.iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if ifloom_s <= TARGET_S {
+            "met"
+        } else {
+            "missed"
+        }
     );
     if let Some(d) = &duck_res {
         let ds = d["best_s"].as_f64().unwrap();
@@ -259,7 +288,8 @@ fn main() {
         let _ = writeln!(
             md,
             "\nDuckDB's SFT pass rate {} vs ifloom's {} (same data, same definition).",
-            d["sft_pass_rate"], get("sft_pass_rate")
+            d["sft_pass_rate"],
+            get("sft_pass_rate")
         );
     }
     println!("{md}");

@@ -375,6 +375,11 @@ struct Counters {
 }
 
 impl Stage for LlmStage {
+    /// 2: `explode` adds `sample_index` for K = 1 too.
+    fn version(&self) -> u32 {
+        2
+    }
+
     fn needs_id(&self) -> bool {
         true
     }

@@ -4,14 +4,17 @@
 //! space) and cut into word or character shingles, each hashed with xxh3. `num_perm`
 //! universal hashes `(a·x + b) mod (2^61 − 1)` with fixed seeds give every row a signature of
 //! minima (rows are signed in parallel). Rows whose signatures agree on a whole band of
-//! `rows` values become candidates; a candidate pair is a duplicate when the share of equal
-//! signature values (the estimated Jaccard similarity of the shingle sets) reaches the
-//! threshold. Duplicates are joined into clusters (union-find, so similarity is transitive)
+//! `rows` values become candidates; a candidate pair is a duplicate when the exact Jaccard
+//! similarity of the two shingle sets reaches the threshold. The signature's estimate would
+//! be cheaper, but its noise (sqrt(J(1−J)/num_perm), 0.04 at 128) throws away true pairs
+//! near the threshold and lets false ones in: checking the sets (kept as sorted 32-bit
+//! shingle hashes, 4 bytes a shingle) makes LSH banding the only source of missed pairs.
+//! Duplicates are joined into clusters (union-find, so similarity is transitive)
 //! and each cluster keeps the row that comes first in the inputs, never whichever row a
 //! thread saw first, so reruns keep the same rows.
 //!
 //! The main table holds the kept rows plus `_cluster`; removed rows go to `<id>__removed`
-//! with `_duplicate_of` (the kept row's `_id`) and `_similarity` (estimated Jaccard with it).
+//! with `_duplicate_of` (the kept row's `_id`) and `_similarity` (exact Jaccard with it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,7 +42,7 @@ pub const KIND: KindEntry = KindEntry {
 
 /// Column of the main table: the cluster a kept row heads.
 pub const CLUSTER: &str = "_cluster";
-/// Column of the side table: estimated Jaccard similarity with the kept row.
+/// Column of the side table: exact Jaccard similarity (of the shingle sets) with the kept row.
 pub const SIMILARITY: &str = "_similarity";
 
 /// The Mersenne prime 2^61 − 1, modulus of the universal hashes.
@@ -81,7 +84,7 @@ pub struct MinHashStage {
     /// Signature values per band. Give together with `bands`.
     #[serde(default)]
     pub rows: Option<usize>,
-    /// Estimated Jaccard similarity (0–1) at which two rows are duplicates. Default 0.8.
+    /// Jaccard similarity of the shingle sets (0–1) at which two rows are duplicates. Default 0.8.
     /// With explicit `bands`/`rows` and no `threshold`, the LSH curve's own threshold
     /// (1/bands)^(1/rows) is used.
     #[serde(default)]
@@ -251,6 +254,28 @@ pub fn signature(shingles: &[u64], perms: &[(u64, u64)]) -> Option<Vec<u32>> {
     Some(sig)
 }
 
+/// Exact Jaccard similarity of two sorted, deduplicated sets.
+pub fn set_jaccard(a: &[u32], b: &[u32]) -> f64 {
+    let (mut i, mut j, mut inter) = (0, 0, 0usize);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                inter += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    let union = a.len() + b.len() - inter;
+    if union == 0 {
+        0.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
 /// Share of equal positions: the estimated Jaccard similarity of two signatures.
 pub fn similarity(a: &[u32], b: &[u32]) -> f64 {
     let eq = a.iter().zip(b).filter(|(x, y)| x == y).count();
@@ -316,7 +341,10 @@ impl MinHashStage {
     }
 
     /// The signature of every row of a batch (`None` for a null or empty text).
-    fn sign(&self, texts: &StringArray, perms: &[(u64, u64)]) -> Vec<Option<Vec<u32>>> {
+    /// Per row: its signature and its shingle set as sorted 32-bit hashes (`None` for a
+    /// null or empty text).
+    #[allow(clippy::type_complexity)]
+    fn sign(&self, texts: &StringArray, perms: &[(u64, u64)]) -> Vec<Option<(Vec<u32>, Vec<u32>)>> {
         let p = &self.params;
         (0..texts.len())
             .into_par_iter()
@@ -325,13 +353,23 @@ impl MinHashStage {
                     return None;
                 }
                 let norm = normalize(texts.value(i), self.lowercase);
-                signature(&shingle_hashes(&norm, self.shingle, p.shingle_size), perms)
+                let sh = shingle_hashes(&norm, self.shingle, p.shingle_size);
+                let sig = signature(&sh, perms)?;
+                let mut set: Vec<u32> = sh.iter().map(|h| *h as u32).collect();
+                set.sort_unstable();
+                set.dedup();
+                Some((sig, set))
             })
             .collect()
     }
 }
 
 impl Stage for MinHashStage {
+    /// 2: candidates verified on exact Jaccard of the shingle sets (was the estimate).
+    fn version(&self) -> u32 {
+        2
+    }
+
     fn needs_id(&self) -> bool {
         true
     }
@@ -483,10 +521,22 @@ impl Stage for MinHashStage {
 
         // Pass 1: a signature per row, in file order.
         let mut sigs: Vec<Option<Vec<u32>>> = Vec::new();
+        let mut sets: Vec<Vec<u32>> = Vec::new();
         let mut ids: Vec<String> = Vec::new();
         for b in read_batches(files) {
             let b = b?;
-            sigs.extend(self.sign(&string_col(&b, &self.column)?, &perms));
+            for s in self.sign(&string_col(&b, &self.column)?, &perms) {
+                match s {
+                    Some((sig, set)) => {
+                        sigs.push(Some(sig));
+                        sets.push(set);
+                    }
+                    None => {
+                        sigs.push(None);
+                        sets.push(Vec::new());
+                    }
+                }
+            }
             let id = string_col(&b, ID_COL)?;
             ids.extend((0..id.len()).map(|i| id.value(i).to_string()));
         }
@@ -495,13 +545,8 @@ impl Stage for MinHashStage {
             return Err(Error::stage(ctx.id, "minhash handles at most 2^32 rows"));
         }
         let is_dup = |a: u32, b: u32| -> bool {
-            match (&sigs[a as usize], &sigs[b as usize]) {
-                (Some(x), Some(y)) => {
-                    let eq = x.iter().zip(y).filter(|(u, v)| u == v).count();
-                    eq as f64 >= p.threshold * p.num_perm as f64 - 1e-9
-                }
-                _ => false,
-            }
+            let (x, y) = (&sets[a as usize], &sets[b as usize]);
+            !x.is_empty() && !y.is_empty() && set_jaccard(x, y) >= p.threshold - 1e-9
         };
 
         // LSH: rows agreeing on a whole band are candidates. Inside a bucket (ascending row
@@ -552,6 +597,9 @@ impl Stage for MinHashStage {
                 start = end;
             }
         }
+
+        // Signatures were only for banding; the sets stay for `_similarity`.
+        drop(sigs);
 
         // Clusters with more than one row; each keeps the row first in the inputs.
         let mut members: HashMap<u32, Vec<u32>> = HashMap::new();
@@ -641,10 +689,7 @@ impl Stage for MinHashStage {
                 .iter()
                 .map(|&r| {
                     let k = keeper[r as usize] as usize;
-                    match (&sigs[r as usize], &sigs[k]) {
-                        (Some(x), Some(y)) => Some(similarity(x, y)),
-                        _ => Some(0.0),
-                    }
+                    Some(set_jaccard(&sets[r as usize], &sets[k]))
                 })
                 .collect();
             let mut cols = gb.columns().to_vec();

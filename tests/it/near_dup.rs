@@ -213,7 +213,7 @@ fn measure(
     };
     eprintln!(
         "{stage} at threshold {threshold}: {} pairs with exact Jaccard >= {threshold}, {} \
-         reported; recall {:.3}, precision {:.3}, mean |estimate - exact| {:.3}",
+         reported; recall {:.3}, precision {:.3}, mean |_similarity - exact| {:.3}",
         q.truth, q.reported, q.recall, q.precision, q.mean_error
     );
     (q, reported)
@@ -221,10 +221,10 @@ fn measure(
 
 /// MinHash against exact word 3-shingle Jaccard on planted near duplicates. The planted
 /// pairs crowd around the threshold (one substituted word in a 20-word text is Jaccard
-/// 0.71), where the signature estimate's noise, sqrt(J(1-J)/num_perm) = 0.04 at 128
-/// permutations, decides: the 0.9 bar is asserted for 256 permutations (noise 0.029), and
-/// the default 128 is held to 0.85 (it measures about 0.92 here; over other corpus seeds
-/// 0.87-0.94).
+/// 0.71). Candidates are verified on the shingle sets, so every reported pair is a true one
+/// and only LSH banding can miss a pair: measured here, recall 0.989 at 128 permutations and
+/// 0.994 at 256, precision 1.0 (when candidates were verified on the signature estimate,
+/// whose noise is 0.04 at 128, recall was about 0.92 and precision about 0.9).
 #[test]
 fn minhash_recall_and_precision_against_exact_jaccard() {
     const THRESHOLD: f64 = 0.7;
@@ -268,13 +268,17 @@ fn minhash_recall_and_precision_against_exact_jaccard() {
     assert!(truth.len() >= 100, "too few true pairs: {}", truth.len());
 
     let (q256, _) = measure(&run, "near256", THRESHOLD, &exact, &truth);
-    assert!(q256.recall >= 0.9, "recall {:.3}", q256.recall);
-    assert!(q256.precision >= 0.9, "precision {:.3}", q256.precision);
-    assert!(q256.mean_error < 0.03, "mean error {:.3}", q256.mean_error);
+    assert!(q256.recall >= 0.97, "recall {:.3}", q256.recall);
+    assert!(q256.precision >= 0.99, "precision {:.3}", q256.precision);
     let (q, reported) = measure(&run, "near", THRESHOLD, &exact, &truth);
-    assert!(q.recall >= 0.85, "recall {:.3}", q.recall);
-    assert!(q.precision >= 0.85, "precision {:.3}", q.precision);
-    assert!(q.mean_error < 0.04, "mean error {:.3}", q.mean_error);
+    assert!(q.recall >= 0.95, "recall {:.3}", q.recall);
+    assert!(q.precision >= 0.99, "precision {:.3}", q.precision);
+    // `_similarity` is the exact Jaccard (of 32-bit shingle hashes: collisions are rare).
+    assert!(
+        q.mean_error < 0.001,
+        "mean |_similarity - exact| {:.4}",
+        q.mean_error
+    );
 
     // The kept row of each pair is the one earlier in the input (row n is line n).
     for &(removed, kept, _) in &reported {
