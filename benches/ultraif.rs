@@ -16,8 +16,10 @@
 //! a stage in less than Σ(slots held × hold time) ÷ slots. The llm stages depend on each other
 //! (round 1 → 2 → 3 → responses → judge), so the run's bound is the sum of the stages' bounds;
 //! the SQL, verdict, dedup and export stages add time no server bound accounts for, and they
-//! are in the measured wall time. Every request's tokens come from the run's own tables
-//! (`<output>_completion_tokens`).
+//! are in the measured wall time. Every request's tokens come from the run's own tables:
+//! `<output>_completion_tokens` for single-choice requests; for the responses stage (K choices
+//! in one request) the longest choice's length in words (the simulator's tokens), because the
+//! server reports usage for all choices together and the per-sample column is that total ÷ K.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -213,11 +215,12 @@ fn main() {
             v["work"].as_f64().unwrap_or(0.0),
         ));
     }
-    // K samples go as one request with n = K: K slots for the longest choice.
+    // K samples go as one request with n = K: K slots for the longest choice. Usage covers
+    // all K choices together, so the longest is measured on the text (sim tokens = words).
     let v = &sql(
         &run,
         &format!(
-            "SELECT count(*) AS n, sum(k * {}) AS work FROM (SELECT _id, count(*) AS k, max(response_completion_tokens) AS longest FROM responses WHERE NOT coalesce(response_cached, false) GROUP BY _id)",
+            "SELECT count(*) AS n, sum(k * {}) AS work FROM (SELECT _id, count(*) AS k, max(word_count(response)) AS longest FROM responses WHERE NOT coalesce(response_cached, false) GROUP BY _id)",
             hold("longest")
         ),
     )[0];

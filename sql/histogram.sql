@@ -1,5 +1,5 @@
 -- Histogram of a numeric expression over a table, in buckets of width ${bucket}; `from` is
--- the bucket's lower bound. E.g. expr=character_length(response), regexp_count(prompt, '\S+'),
+-- the bucket's lower bound. E.g. expr=character_length(response), word_count(prompt),
 -- cardinality(questions), response_latency_ms.
 -- Usage: ifloom sql --run runs/NAME -f sql/histogram.sql --param table=T \
 --          --param "expr=character_length(C)" --param bucket=50

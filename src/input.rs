@@ -11,7 +11,6 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::spec::{Format, ID_COL, InputDef};
@@ -636,10 +635,7 @@ pub fn materialize(def: &InputDef, scan: &InputScan, out: &Path) -> Result<u64, 
 
     let path = out.join("part-00000.parquet");
     let file = File::create(&path).map_err(|e| ierr(format!("{}: {e}", path.display()), None))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
+    let mut w = crate::engine::parquet_writer(file, schema.clone())
         .map_err(|e| ierr(e.to_string(), None))?;
     let mut written = 0u64;
     let limit = def.spec.limit.unwrap_or(u64::MAX);

@@ -254,7 +254,7 @@ pub fn write(batches: &[RecordBatch], format: OutFormat, out: Option<&Path>) -> 
                 .map(|b| b.schema())
                 .unwrap_or_else(|| std::sync::Arc::new(arrow::datatypes::Schema::empty()));
             let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
-            let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, None)?;
+            let mut w = crate::engine::parquet_writer(f, schema)?;
             for b in batches {
                 w.write(b)?;
             }

@@ -28,7 +28,8 @@
 //!   slot; a hang sleeps `hang_ms` (600 s by default) without a slot, then answers normally;
 //!   malformed and drop happen after the request was served: malformed sends a 200 whose JSON
 //!   body is cut in half, drop closes the TCP connection without writing any response (the
-//!   connection's socket wrapper refuses the write, so hyper closes it).
+//!   connection's socket wrapper refuses the write, so hyper closes it). With `max_queue`, a
+//!   request that finds every slot busy and the queue full is shed with a 429 (`Retry-After: 1`).
 //! - **Counters.** Per request key: the `x-ifloom-request-id` header if present, otherwise the
 //!   xxh3 of the body's canonical JSON ([`request_key`]). `GET /sim/stats` also reports
 //!   `in_flight` (sequences holding slots, so `max_in_flight_seen <= slots`), `queued`
@@ -94,6 +95,10 @@ pub struct SimConfig {
     pub fault_drop: f64,
     /// How long a hanging request sleeps; long enough for any client timeout to fire.
     pub hang_ms: u64,
+    /// Shed load instead of queueing: a request that finds every slot busy and this many
+    /// requests already waiting gets a 429 with `Retry-After: 1` (a server behind a
+    /// rate-limiting gateway). `None`: queue without bound, as vLLM does.
+    pub max_queue: Option<usize>,
     /// Deterministic answers; the first match wins.
     pub rules: Vec<Rule>,
 }
@@ -112,6 +117,7 @@ impl Default for SimConfig {
             fault_malformed: 0.0,
             fault_drop: 0.0,
             hang_ms: 600_000,
+            max_queue: None,
             rules: Vec::new(),
         }
     }
@@ -409,6 +415,15 @@ impl Sim {
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
+            _ if self.shed() => {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "simulated overload: every slot is busy and the queue is full",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
             _ => {
                 if fault == Some(Fault::Hang) {
                     tokio::time::sleep(Duration::from_millis(self.config.hang_ms)).await;
@@ -453,6 +468,14 @@ impl Sim {
                 outcome.record(response.status().as_str());
                 response
             }
+        }
+    }
+
+    /// Whether `max_queue` turns this request away.
+    fn shed(&self) -> bool {
+        match self.config.max_queue {
+            Some(q) => self.slots.available_permits() == 0 && self.stats().queued >= q,
+            None => false,
         }
     }
 

@@ -4,6 +4,8 @@
 //!   and exports that are JSON documents (an UltraComposer target is
 //!   `{"augmented_query": …, "eval_question": …}`), and string concatenation cannot escape
 //!   quotes and newlines correctly.
+//! - `word_count(text)`: the number of whitespace-separated words (as `regexp_count(text,
+//!   '\S+')`, several times faster: the statistics count words of every response).
 
 use std::sync::Arc;
 
@@ -18,6 +20,57 @@ use datafusion::prelude::SessionContext;
 /// Register every ifloom function with a session.
 pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(ToJson::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(WordCount {
+        signature: Signature::string(1, Volatility::Immutable),
+    }));
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct WordCount {
+    signature: Signature,
+}
+
+/// Words in `s`: maximal runs of non-whitespace (Unicode White_Space, as regex `\S+`).
+pub fn word_count(s: &str) -> i64 {
+    if s.is_ascii() {
+        let mut n = 0;
+        let mut in_word = false;
+        for &b in s.as_bytes() {
+            let space = matches!(b, b' ' | b'\t'..=b'\r');
+            n += (!space && !in_word) as i64;
+            in_word = !space;
+        }
+        return n;
+    }
+    s.split_whitespace().count() as i64
+}
+
+impl ScalarUDFImpl for WordCount {
+    fn name(&self) -> &str {
+        "word_count"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("word_count takes one argument".into()))?;
+        let a = arrow::compute::cast(a, &DataType::Utf8)?;
+        let a = a
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| DataFusionError::Internal("word_count: not text".into()))?;
+        let out: arrow::array::Int64Array = a.iter().map(|v| v.map(word_count)).collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -105,5 +158,29 @@ mod tests {
         assert_eq!(v, serde_json::json!({"q": "say \"hi\"\n", "n": 2}));
         assert_eq!(s(1).unwrap(), "[1,2]");
         assert_eq!(s(2), None);
+    }
+
+    #[tokio::test]
+    async fn word_count_agrees_with_regexp_count() {
+        let ctx = SessionContext::new();
+        register_all(&ctx);
+        let df = ctx
+            .sql(r#"SELECT t, word_count(t) AS w, regexp_count(t, '\S+') AS r FROM (VALUES ('  two  words '), (''), ('one'), ('a' || chr(11) || 'b' || chr(10) || 'c'), ('naïve café' || chr(12288) || 'x'), (NULL)) AS v(t)"#)
+            .await
+            .unwrap();
+        let b = &df.collect().await.unwrap()[0];
+        let w = b
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let r = b
+            .column(2)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let got: Vec<Option<i64>> = w.iter().collect();
+        assert_eq!(got, vec![Some(2), Some(0), Some(1), Some(3), Some(3), None]);
+        assert_eq!(got, r.iter().collect::<Vec<_>>());
     }
 }

@@ -51,6 +51,10 @@ pub struct Args {
     /// How long a hanging request sleeps [default: 600000].
     #[arg(long)]
     pub hang_ms: Option<u64>,
+    /// Answer 429 (Retry-After: 1) instead of queueing when every slot is busy and this many
+    /// requests wait [default: queue without bound].
+    #[arg(long)]
+    pub max_queue: Option<usize>,
 }
 
 impl Args {
@@ -75,6 +79,9 @@ impl Args {
         set(&mut c.fault_malformed, &self.fault_malformed);
         set(&mut c.fault_drop, &self.fault_drop);
         set(&mut c.hang_ms, &self.hang_ms);
+        if self.max_queue.is_some() {
+            c.max_queue = self.max_queue;
+        }
         if let Some(path) = &self.rules {
             c.rules = sim::rules_from_file(path)?;
         }

@@ -50,11 +50,54 @@ pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 /// What an interrupted stage says.
 pub const INTERRUPTED_MSG: &str = "interrupted: requests in flight were finished and cached; run the same command again to resume";
 
-/// Rows rendered, sent and written together. A chunk's requests all finish before the next
-/// chunk starts, so the servers drain for about one request time per chunk: chunks are sized at
-/// 64 × the in-flight capacity to keep that loss near 1.5%, within these bounds on memory.
+/// Rows rendered, sent and written together: 64 × the in-flight capacity, within these bounds
+/// on memory. Chunks overlap (see [`PIPELINE_DEPTH`]), so their size no longer decides how
+/// long the servers wait between chunks.
 const MIN_CHUNK_ROWS: usize = 4096;
 const MAX_CHUNK_ROWS: usize = 65536;
+
+/// Chunks between "requests handed to the runtime" and "written". With 2, the next chunk is
+/// rendered, looked up and on the wire while the current one's last requests (and their
+/// retries) finish and its rows are parsed and written: the servers never drain between
+/// chunks, and the per-row CPU work overlaps the sending instead of adding to it.
+const PIPELINE_DEPTH: usize = 2;
+
+/// Responses (or errors) of one round of sends, by request id.
+type Sent = HashMap<String, std::result::Result<CachedResponse, CallError>>;
+
+/// What the send tasks share.
+#[derive(Clone)]
+struct Shared {
+    pool: Arc<Pool>,
+    cache: Arc<Cache>,
+    counters: Arc<Counters>,
+    model: String,
+    /// Set when the stage fails: chunks still queued send nothing more.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
+/// being sent by a task on the runtime.
+struct Round {
+    ids: Vec<(usize, usize, u32, std::result::Result<String, String>)>,
+    hits: HashMap<String, CachedResponse>,
+    sending: Option<tokio::task::JoinHandle<Sent>>,
+}
+
+/// A chunk between its first send and its write.
+struct InFlight {
+    chunk: RecordBatch,
+    rows: Vec<serde_json::Value>,
+    outcomes: Vec<Vec<Option<Outcome>>>,
+    round: Round,
+}
+
+/// How one sample of a round resolved.
+enum Resolved {
+    Done(usize, usize, Outcome),
+    Retry(usize, usize, u32),
+    Abort(String),
+}
 
 /// A message; `content` is a Jinja template over the row's columns, inline or from `file`
 /// (relative to the pipeline file, e.g. `prompts/judge.j2`).
@@ -268,6 +311,29 @@ impl LlmStage {
         Ok(env)
     }
 
+    /// The columns a row's request depends on: template variables and per-row params.
+    fn context_columns(&self, env: &minijinja::Environment) -> Vec<String> {
+        let mut cols: std::collections::BTreeSet<String> = Default::default();
+        for i in 0..self.templates.len() {
+            if let Ok(t) = env.get_template(&format!("m{i}")) {
+                cols.extend(t.undeclared_variables(false));
+            }
+        }
+        for p in [
+            &self.params.temperature,
+            &self.params.top_p,
+            &self.params.max_tokens,
+            &self.params.seed,
+            &self.params.presence_penalty,
+            &self.params.frequency_penalty,
+        ] {
+            if let Some(ParamValue::Column { column }) = p {
+                cols.insert(column.clone());
+            }
+        }
+        cols.into_iter().collect()
+    }
+
     fn resolve(
         &self,
         v: &Option<ParamValue>,
@@ -336,6 +402,22 @@ impl LlmStage {
             sample: sample + 1000 * attempt,
         })
     }
+}
+
+/// The template context of each row: the `columns` of `batch` (those the templates and the
+/// per-row params read; turning the rest into JSON would be wasted work).
+fn context_rows(batch: &RecordBatch, columns: &[String]) -> Result<Vec<serde_json::Value>> {
+    let idx: Vec<usize> = columns
+        .iter()
+        .filter_map(|c| batch.schema().index_of(c).ok())
+        .collect();
+    if idx.is_empty() {
+        return Ok(vec![
+            serde_json::Value::Object(Default::default());
+            batch.num_rows()
+        ]);
+    }
+    batch_rows(&batch.project(&idx)?)
 }
 
 /// Turn a batch into one JSON object per row (the template context).
@@ -701,34 +783,74 @@ impl Stage for LlmStage {
         };
 
         let chunk_rows = (pool.capacity() * 64).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
+        let shared = Shared {
+            pool: pool.clone(),
+            cache: cache.clone(),
+            counters: counters.clone(),
+            model: self.model.clone(),
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let k = self.samples as usize;
+        let context = self.context_columns(&env);
+        let mut queue: std::collections::VecDeque<InFlight> = Default::default();
         let result = (|| -> Result<()> {
             for batch in read_batches(&ctx.parent().files) {
                 let batch = batch?;
                 for start in (0..batch.num_rows()).step_by(chunk_rows) {
                     let chunk = batch.slice(start, chunk_rows.min(batch.num_rows() - start));
-                    let rows = batch_rows(&chunk)?;
-                    let outcomes = self.process_chunk(
-                        ctx,
-                        &env,
-                        &rows,
-                        &pool,
-                        &cache,
-                        &counters,
-                        &mut healthy,
-                    )?;
-                    self.write_chunk(
-                        ctx,
-                        &chunk,
-                        &outcomes,
-                        &new_schema,
-                        &mut main_w,
-                        &mut failed_w,
-                        &counters,
-                    )?;
+                    let rows = context_rows(&chunk, &context)?;
+                    let pending: Vec<(usize, usize, u32)> = (0..rows.len())
+                        .flat_map(|r| (0..k).map(move |s| (r, s, 0u32)))
+                        .collect();
+                    let round =
+                        self.start_round(ctx, &env, &rows, &pending, &shared, &mut healthy)?;
+                    queue.push_back(InFlight {
+                        chunk,
+                        outcomes: vec![vec![None; k]; rows.len()],
+                        rows,
+                        round,
+                    });
+                    while queue.len() >= PIPELINE_DEPTH {
+                        let c = queue.pop_front().expect("non-empty");
+                        self.complete(
+                            ctx,
+                            &env,
+                            c,
+                            &shared,
+                            &mut healthy,
+                            &new_schema,
+                            &mut main_w,
+                            &mut failed_w,
+                        )?;
+                    }
                 }
+            }
+            while let Some(c) = queue.pop_front() {
+                self.complete(
+                    ctx,
+                    &env,
+                    c,
+                    &shared,
+                    &mut healthy,
+                    &new_schema,
+                    &mut main_w,
+                    &mut failed_w,
+                )?;
             }
             Ok(())
         })();
+        if result.is_err() {
+            // Chunks still queued send nothing more; what is on the wire is dropped (its
+            // responses were not written anywhere yet, so the rerun asks again).
+            shared.stop.store(true, Ordering::Relaxed);
+            for c in queue.drain(..) {
+                if let Some(h) = c.round.sending {
+                    h.abort();
+                    let _ = ctx.engine.block_on(h);
+                }
+            }
+        }
+        drop(shared);
         stop.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         // Flush the cache even when the stage failed: finished responses must survive.
@@ -791,236 +913,240 @@ impl LlmStage {
         Arc::new(Schema::new(f))
     }
 
-    /// Render, look up, send and parse one chunk of rows; returns outcomes[row][sample].
-    #[allow(clippy::too_many_arguments)]
-    fn process_chunk(
+    /// Render `pending` samples (in parallel), look them up in the cache and hand the misses
+    /// to a task on the runtime; the caller collects them with [`Self::finish_round`].
+    fn start_round(
         &self,
         ctx: &RunCtx,
         env: &minijinja::Environment,
         rows: &[serde_json::Value],
-        pool: &Arc<Pool>,
-        cache: &Arc<Cache>,
-        counters: &Arc<Counters>,
+        pending: &[(usize, usize, u32)],
+        sh: &Shared,
         healthy: &mut bool,
-    ) -> Result<Vec<Vec<Outcome>>> {
-        let k = self.samples as usize;
-        let mut outcomes: Vec<Vec<Option<Outcome>>> = vec![vec![None; k]; rows.len()];
-        let mut pending: Vec<(usize, usize, u32)> = (0..rows.len())
-            .flat_map(|r| (0..k).map(move |s| (r, s, 0u32)))
+    ) -> Result<Round> {
+        use rayon::prelude::*;
+        let rendered: Vec<_> = pending
+            .par_iter()
+            .map(|&(r, s, attempt)| {
+                let c = self.canonical(env, &rows[r], s as u32, attempt);
+                (r, s, attempt, c.map(|c| (c.id(), c)))
+            })
             .collect();
-        while !pending.is_empty() {
-            // Render every pending request; identical ones (same id) are sent once.
-            let mut reqs: HashMap<String, Canonical> = HashMap::new();
-            let mut ids: Vec<(usize, usize, u32, std::result::Result<String, String>)> = Vec::new();
-            for &(r, s, attempt) in &pending {
-                match self.canonical(env, &rows[r], s as u32, attempt) {
-                    Ok(c) => {
-                        let id = c.id();
-                        reqs.entry(id.clone()).or_insert(c);
-                        ids.push((r, s, attempt, Ok(id)));
-                    }
-                    Err(e) => ids.push((r, s, attempt, Err(e))),
+        // Identical requests (same id) are sent once.
+        let mut reqs: HashMap<String, Canonical> = HashMap::new();
+        let mut ids = Vec::with_capacity(rendered.len());
+        for (r, s, attempt, c) in rendered {
+            match c {
+                Ok((id, c)) => {
+                    reqs.entry(id.clone()).or_insert(c);
+                    ids.push((r, s, attempt, Ok(id)));
+                }
+                Err(e) => ids.push((r, s, attempt, Err(e))),
+            }
+        }
+        let all: Vec<String> = reqs.keys().cloned().collect();
+        let hits = sh.cache.get_many(&all)?;
+        let counters = &sh.counters;
+        counters
+            .cache_hits
+            .fetch_add(hits.len() as u64, Ordering::Relaxed);
+        counters
+            .done
+            .fetch_add(hits.len() as u64, Ordering::Relaxed);
+        let mut misses: HashMap<String, Canonical> = reqs
+            .into_iter()
+            .filter(|(id, _)| !hits.contains_key(id))
+            .collect();
+        if !misses.is_empty() && !*healthy {
+            let model = self.model.clone();
+            let p = sh.pool.clone();
+            ctx.engine
+                .block_on(async move { p.health_check(&model).await })
+                .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
+            *healthy = true;
+        }
+        let profile = sh.pool.profile();
+        // Work units: the K samples of a row as one request with `n: K` where the server
+        // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
+        // sample, each with its own seed. Every choice is cached under its sample's id.
+        let mut units: Vec<(Vec<String>, Canonical)> = Vec::new();
+        if profile.honours_n() && self.samples > 1 {
+            let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
+            for (r, s, attempt, id) in &ids {
+                if let Ok(id) = id {
+                    by_row
+                        .entry((*r, *attempt))
+                        .or_default()
+                        .push((*s, id.clone()));
                 }
             }
-            let all: Vec<String> = reqs.keys().cloned().collect();
-            let hits = cache.get_many(&all)?;
-            counters
-                .cache_hits
-                .fetch_add(hits.len() as u64, Ordering::Relaxed);
-            counters
-                .done
-                .fetch_add(hits.len() as u64, Ordering::Relaxed);
-            let mut misses: HashMap<String, Canonical> = reqs
-                .into_iter()
-                .filter(|(id, _)| !hits.contains_key(id))
-                .collect();
-            if !misses.is_empty() && !*healthy {
-                let model = self.model.clone();
-                let p = pool.clone();
-                ctx.engine
-                    .block_on(async move { p.health_check(&model).await })
-                    .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
-                *healthy = true;
-            }
-            let profile = pool.profile();
-            // Work units: the K samples of a row as one request with `n: K` where the server
-            // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
-            // sample, each with its own seed. Every choice is cached under its sample's id.
-            let mut units: Vec<(Vec<String>, Canonical)> = Vec::new();
-            if profile.honours_n() && self.samples > 1 {
-                let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
-                for (r, s, attempt, id) in &ids {
-                    if let Ok(id) = id {
-                        by_row
-                            .entry((*r, *attempt))
-                            .or_default()
-                            .push((*s, id.clone()));
+            for (_, mut sample_ids) in by_row {
+                sample_ids.sort();
+                let all_missing = sample_ids.len() == self.samples as usize
+                    && sample_ids.iter().all(|(_, id)| misses.contains_key(id));
+                let distinct: HashSet<&String> = sample_ids.iter().map(|(_, id)| id).collect();
+                if all_missing && distinct.len() == sample_ids.len() {
+                    let group: Vec<String> = sample_ids.into_iter().map(|(_, id)| id).collect();
+                    let base = misses.remove(&group[0]).expect("checked missing");
+                    for id in &group[1..] {
+                        misses.remove(id);
                     }
-                }
-                for (_, mut sample_ids) in by_row {
-                    sample_ids.sort();
-                    let all_missing = sample_ids.len() == self.samples as usize
-                        && sample_ids.iter().all(|(_, id)| misses.contains_key(id));
-                    let distinct: HashSet<&String> = sample_ids.iter().map(|(_, id)| id).collect();
-                    if all_missing && distinct.len() == sample_ids.len() {
-                        let group: Vec<String> = sample_ids.into_iter().map(|(_, id)| id).collect();
-                        let base = misses.remove(&group[0]).expect("checked missing");
-                        for id in &group[1..] {
-                            misses.remove(id);
-                        }
-                        units.push((group, base));
-                    }
+                    units.push((group, base));
                 }
             }
-            units.extend(misses.into_iter().map(|(id, c)| (vec![id], c)));
-            let sent: HashMap<String, std::result::Result<CachedResponse, CallError>> = {
-                let (pool, cache, counters) = (pool.clone(), cache.clone(), counters.clone());
-                let model = self.model.clone();
-                ctx.engine.block_on(async move {
-                    futures::stream::iter(units.into_iter().map(|(ids, c)| {
-                        let (pool, cache, counters, model) =
-                            (pool.clone(), cache.clone(), counters.clone(), model.clone());
-                        async move {
-                            if INTERRUPTED.load(Ordering::Relaxed) {
-                                let e = CallError::Abort(INTERRUPTED_MSG.into());
-                                return ids
-                                    .into_iter()
-                                    .map(|id| (id, Err(e.clone())))
-                                    .collect::<Vec<_>>();
-                            }
-                            let n = ids.len() as u32;
-                            let (path, body) = c.to_body(profile, n);
-                            counters.requests.fetch_add(1, Ordering::Relaxed);
-                            let r = pool.call(path, &body, &ids[0], n).await;
-                            counters.done.fetch_add(n as u64, Ordering::Relaxed);
-                            let comp = match r {
-                                Ok(c) => c,
-                                Err(e) => {
-                                    return ids
-                                        .into_iter()
-                                        .map(|id| (id, Err(e.clone())))
-                                        .collect::<Vec<_>>();
-                                }
-                            };
-                            counters
-                                .prompt_tokens
-                                .fetch_add(comp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
-                            counters
-                                .completion_tokens
-                                .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
-                            // Usage covers all choices: share it out.
-                            let per_choice = comp.completion_tokens / n as i64;
-                            ids.into_iter()
-                                .zip(comp.choices)
-                                .map(|(id, ch)| {
-                                    let resp = CachedResponse {
-                                        text: ch.text,
-                                        reasoning: ch.reasoning,
-                                        finish_reason: ch.finish_reason,
-                                        prompt_tokens: comp.prompt_tokens,
-                                        completion_tokens: per_choice,
-                                        latency_ms: comp.latency_ms,
-                                    };
-                                    // Persisted the moment it arrives: a crash after this loses nothing.
-                                    cache.put(id.clone(), model.clone(), resp.clone());
-                                    (id, Ok(resp))
-                                })
-                                .collect::<Vec<_>>()
-                        }
-                    }))
-                    .buffer_unordered(pool.capacity().max(1))
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .flatten()
-                    .collect()
-                })
-            };
-            let mut next = Vec::new();
-            for (r, s, attempt, id) in ids {
-                let outcome = match id {
-                    Err(e) => Outcome {
-                        request_id: String::new(),
-                        response: Err((e, None)),
-                        parsed: None,
-                    },
-                    Ok(id) => {
-                        let response = match (hits.get(&id), sent.get(&id)) {
-                            (Some(h), _) => Ok((h.clone(), true)),
-                            (None, Some(Ok(x))) => Ok((x.clone(), false)),
-                            (None, Some(Err(CallError::Abort(m)))) => {
-                                return Err(Error::stage(ctx.id, m));
-                            }
-                            (None, Some(Err(CallError::Row { message, raw, .. }))) => {
-                                Err((message.clone(), raw.clone()))
-                            }
-                            (None, None) => Err(("no response".to_string(), None)),
-                        };
-                        let response = response.map(|(mut resp, cached)| {
-                            if self.reasoning == Reasoning::Strip {
-                                let (answer, thought) = parse::strip_reasoning(&resp.text);
-                                if thought.is_some() {
-                                    resp.text = answer;
-                                    resp.reasoning = resp.reasoning.or(thought);
-                                }
-                            }
-                            (resp, cached)
-                        });
-                        let parsed = match (&self.parse, &response) {
-                            (Some(spec), Ok((resp, _))) => {
-                                Some(parse::parse(spec, &resp.text).map_err(|e| e.to_string()))
-                            }
-                            _ => None,
-                        };
-                        if matches!(parsed, Some(Err(_))) && attempt < self.retry_on_parse_error {
-                            next.push((r, s, attempt + 1));
-                            continue;
-                        }
-                        Outcome {
-                            request_id: id,
-                            response,
-                            parsed,
-                        }
+        }
+        units.extend(misses.into_iter().map(|(id, c)| (vec![id], c)));
+        let sending = (!units.is_empty())
+            .then(|| ctx.engine.rt.spawn(send_units(units, profile, sh.clone())));
+        Ok(Round { ids, hits, sending })
+    }
+
+    /// Resolve a round whose sends finished: parse (in parallel), apply the error policies,
+    /// fill `outcomes`; returns the samples to ask again (`retry_on_parse_error`).
+    fn finish_round(
+        &self,
+        ctx: &RunCtx,
+        round: Round,
+        sent: Sent,
+        outcomes: &mut [Vec<Option<Outcome>>],
+        counters: &Counters,
+    ) -> Result<Vec<(usize, usize, u32)>> {
+        use rayon::prelude::*;
+        let Round { ids, hits, .. } = round;
+        let resolved: Vec<Resolved> = ids
+            .into_par_iter()
+            .map(|(r, s, attempt, id)| {
+                let id = match id {
+                    Err(e) => {
+                        return Resolved::Done(
+                            r,
+                            s,
+                            Outcome {
+                                request_id: String::new(),
+                                response: Err((e, None)),
+                                parsed: None,
+                            },
+                        );
                     }
+                    Ok(id) => id,
                 };
-                if outcome.response.is_err() {
-                    counters.failures.fetch_add(1, Ordering::Relaxed);
-                }
-                if matches!(outcome.parsed, Some(Err(_))) {
-                    counters.parse_failures.fetch_add(1, Ordering::Relaxed);
-                    if self.on_parse_error == OnParseError::Fail {
-                        let msg = outcome
-                            .parsed
-                            .as_ref()
-                            .and_then(|p| p.as_ref().err())
-                            .cloned()
-                            .unwrap_or_default();
-                        return Err(Error::stage(
-                            ctx.id,
-                            format!("response does not parse (on_parse_error: fail): {msg}"),
-                        ));
+                let response = match (hits.get(&id), sent.get(&id)) {
+                    (Some(h), _) => Ok((h.clone(), true)),
+                    (None, Some(Ok(x))) => Ok((x.clone(), false)),
+                    (None, Some(Err(CallError::Abort(m)))) => return Resolved::Abort(m.clone()),
+                    (None, Some(Err(CallError::Row { message, raw, .. }))) => {
+                        Err((message.clone(), raw.clone()))
                     }
+                    (None, None) => Err(("no response".to_string(), None)),
+                };
+                let response = response.map(|(mut resp, cached)| {
+                    if self.reasoning == Reasoning::Strip {
+                        let (answer, thought) = parse::strip_reasoning(&resp.text);
+                        if thought.is_some() {
+                            resp.text = answer;
+                            resp.reasoning = resp.reasoning.or(thought);
+                        }
+                    }
+                    (resp, cached)
+                });
+                let parsed = match (&self.parse, &response) {
+                    (Some(spec), Ok((resp, _))) => {
+                        Some(parse::parse(spec, &resp.text).map_err(|e| e.to_string()))
+                    }
+                    _ => None,
+                };
+                if matches!(parsed, Some(Err(_))) && attempt < self.retry_on_parse_error {
+                    return Resolved::Retry(r, s, attempt + 1);
                 }
-                if self.on_error == OnError::Fail
-                    && let Err((m, _)) = &outcome.response
-                {
+                Resolved::Done(
+                    r,
+                    s,
+                    Outcome {
+                        request_id: id,
+                        response,
+                        parsed,
+                    },
+                )
+            })
+            .collect();
+        let mut next = Vec::new();
+        for res in resolved {
+            let (r, s, outcome) = match res {
+                Resolved::Abort(m) => return Err(Error::stage(ctx.id, m)),
+                Resolved::Retry(r, s, attempt) => {
+                    next.push((r, s, attempt));
+                    continue;
+                }
+                Resolved::Done(r, s, o) => (r, s, o),
+            };
+            if outcome.response.is_err() {
+                counters.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(Err(msg)) = &outcome.parsed {
+                counters.parse_failures.fetch_add(1, Ordering::Relaxed);
+                if self.on_parse_error == OnParseError::Fail {
                     return Err(Error::stage(
                         ctx.id,
-                        format!("request failed (on_error: fail): {m}"),
+                        format!("response does not parse (on_parse_error: fail): {msg}"),
                     ));
                 }
-                outcomes[r][s] = Some(outcome);
             }
-            pending = next;
+            if self.on_error == OnError::Fail
+                && let Err((m, _)) = &outcome.response
+            {
+                return Err(Error::stage(
+                    ctx.id,
+                    format!("request failed (on_error: fail): {m}"),
+                ));
+            }
+            outcomes[r][s] = Some(outcome);
         }
-        Ok(outcomes
+        Ok(next)
+    }
+
+    /// Wait for a chunk's sends, resolve them (re-asking parse failures as configured) and
+    /// write its rows.
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        ctx: &RunCtx,
+        env: &minijinja::Environment,
+        c: InFlight,
+        sh: &Shared,
+        healthy: &mut bool,
+        new_schema: &SchemaRef,
+        main_w: &mut Option<ArrowWriter<File>>,
+        failed_w: &mut Option<ArrowWriter<File>>,
+    ) -> Result<()> {
+        let InFlight {
+            chunk,
+            rows,
+            mut outcomes,
+            mut round,
+        } = c;
+        loop {
+            let sent = match round.sending.take() {
+                Some(h) => ctx
+                    .engine
+                    .block_on(h)
+                    .map_err(|e| Error::Internal(format!("send task: {e}")))?,
+                None => Sent::new(),
+            };
+            let next = self.finish_round(ctx, round, sent, &mut outcomes, &sh.counters)?;
+            if next.is_empty() {
+                break;
+            }
+            round = self.start_round(ctx, env, &rows, &next, sh, healthy)?;
+        }
+        let outcomes: Vec<Vec<Outcome>> = outcomes
             .into_iter()
             .map(|v| {
                 v.into_iter()
                     .map(|o| o.expect("every sample resolved"))
                     .collect()
             })
-            .collect())
+            .collect();
+        self.write_chunk(ctx, &chunk, &outcomes, new_schema, main_w, failed_w)
     }
 
     /// Append one chunk's rows to the main table and the dead-letter table.
@@ -1033,7 +1159,6 @@ impl LlmStage {
         new_schema: &SchemaRef,
         main_w: &mut Option<ArrowWriter<File>>,
         failed_w: &mut Option<ArrowWriter<File>>,
-        counters: &Counters,
     ) -> Result<()> {
         let list = self.samples > 1 && !self.explode;
         let mut take: Vec<u32> = Vec::new();
@@ -1045,7 +1170,6 @@ impl LlmStage {
             o.response.is_err()
                 || (self.on_parse_error == OnParseError::Drop && matches!(o.parsed, Some(Err(_))))
         };
-        let _ = counters;
         for (r, samples) in outcomes.iter().enumerate() {
             // Dead-letter what failed.
             for (s, o) in samples.iter().enumerate() {
@@ -1105,7 +1229,7 @@ impl LlmStage {
             None => {
                 let p = ctx.out.join("part-00000.parquet");
                 let f = File::create(&p).map_err(|e| Error::io(&p, e))?;
-                main_w.insert(ArrowWriter::try_new(f, out.schema(), None)?)
+                main_w.insert(crate::engine::parquet_writer(f, out.schema())?)
             }
         };
         w.write(&out)?;
@@ -1127,7 +1251,7 @@ impl LlmStage {
                 None => {
                     let p = ctx.side_dir("failed").join("part-00000.parquet");
                     let f = File::create(&p).map_err(|e| Error::io(&p, e))?;
-                    failed_w.insert(ArrowWriter::try_new(f, schema, None)?)
+                    failed_w.insert(crate::engine::parquet_writer(f, schema)?)
                 }
             };
             w.write(&b)?;
@@ -1249,6 +1373,69 @@ impl LlmStage {
         }
         serde_json::Value::Object(m)
     }
+}
+
+/// Send one round's work units (at most the pool's capacity at once; the pool's own in-flight
+/// limits decide what is on the wire) and cache every choice the moment it arrives.
+async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: Shared) -> Sent {
+    let cap = sh.pool.capacity().max(1);
+    futures::stream::iter(units.into_iter().map(|(ids, c)| {
+        let sh = sh.clone();
+        async move {
+            if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
+                let e = CallError::Abort(INTERRUPTED_MSG.into());
+                return ids
+                    .into_iter()
+                    .map(|id| (id, Err(e.clone())))
+                    .collect::<Vec<_>>();
+            }
+            let n = ids.len() as u32;
+            let (path, body) = c.to_body(profile, n);
+            sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let r = sh.pool.call(path, &body, &ids[0], n).await;
+            sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
+            let comp = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    return ids
+                        .into_iter()
+                        .map(|id| (id, Err(e.clone())))
+                        .collect::<Vec<_>>();
+                }
+            };
+            sh.counters
+                .prompt_tokens
+                .fetch_add(comp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
+            sh.counters
+                .completion_tokens
+                .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
+            // OpenAI-compatible servers report usage for all choices together: each sample
+            // gets an equal share (so per-sample figures add up to the request's total).
+            let per_choice = comp.completion_tokens / n as i64;
+            ids.into_iter()
+                .zip(comp.choices)
+                .map(|(id, ch)| {
+                    let resp = CachedResponse {
+                        text: ch.text,
+                        reasoning: ch.reasoning,
+                        finish_reason: ch.finish_reason,
+                        prompt_tokens: comp.prompt_tokens,
+                        completion_tokens: per_choice,
+                        latency_ms: comp.latency_ms,
+                    };
+                    // Persisted the moment it arrives: a crash after this loses nothing.
+                    sh.cache.put(id.clone(), sh.model.clone(), resp.clone());
+                    (id, Ok(resp))
+                })
+                .collect::<Vec<_>>()
+        }
+    }))
+    .buffer_unordered(cap)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Report a stage's progress until `stop` is set.

@@ -49,8 +49,62 @@ pub struct DedupStage {
 
 static PUNCT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{P}+").expect("static regex"));
 
+/// ASCII bytes in Unicode category P (`$+<=>^`|~` are symbols, category S, and stay).
+static ASCII_PUNCT: LazyLock<[bool; 128]> = LazyLock::new(|| {
+    let mut t = [false; 128];
+    for (b, slot) in t.iter_mut().enumerate() {
+        *slot = PUNCT.is_match(&(b as u8 as char).to_string());
+    }
+    t
+});
+
+/// `char::is_whitespace` restricted to ASCII (it includes the vertical tab, which
+/// `u8::is_ascii_whitespace` does not).
+fn ascii_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t'..=b'\r')
+}
+
 impl DedupStage {
     pub fn normalize(&self, s: &str) -> String {
+        let mut out = Vec::new();
+        self.normalize_into(s, &mut out);
+        String::from_utf8(out).expect("normalized text stays UTF-8")
+    }
+
+    /// Append the normalized text to `out`: lowercase, then strip punctuation, then collapse
+    /// whitespace. ASCII text (most of it) goes through a byte loop with no allocation; other
+    /// text takes the general path, which `str::to_lowercase` needs (a final sigma lowercases
+    /// differently from one inside a word).
+    fn normalize_into(&self, s: &str, out: &mut Vec<u8>) {
+        if s.is_ascii() {
+            let punct = &*ASCII_PUNCT;
+            let start = out.len();
+            let mut pending_space = false;
+            for &b in s.as_bytes() {
+                let b = if self.lowercase {
+                    b.to_ascii_lowercase()
+                } else {
+                    b
+                };
+                if self.strip_punctuation && punct[b as usize] {
+                    continue;
+                }
+                if self.collapse_whitespace && ascii_space(b) {
+                    pending_space = out.len() > start;
+                    continue;
+                }
+                if pending_space {
+                    out.push(b' ');
+                    pending_space = false;
+                }
+                out.push(b);
+            }
+            return;
+        }
+        self.normalize_general(s, out);
+    }
+
+    fn normalize_general(&self, s: &str, out: &mut Vec<u8>) {
         let mut t = if self.lowercase {
             s.to_lowercase()
         } else {
@@ -60,9 +114,15 @@ impl DedupStage {
             t = PUNCT.replace_all(&t, "").into_owned();
         }
         if self.collapse_whitespace {
-            t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            for (i, w) in t.split_whitespace().enumerate() {
+                if i > 0 {
+                    out.push(b' ');
+                }
+                out.extend_from_slice(w.as_bytes());
+            }
+        } else {
+            out.extend_from_slice(t.as_bytes());
         }
-        t
     }
 
     /// 128-bit hash of the normalized key of every row of a batch.
@@ -87,21 +147,45 @@ impl DedupStage {
             .collect();
         Ok((0..batch.num_rows())
             .into_par_iter()
-            .map(|row| {
-                let mut key = Vec::new();
+            .map_init(Vec::new, |key, row| {
+                key.clear();
                 for a in &strs {
                     if a.is_null(row) {
                         key.push(0u8);
                     } else {
                         key.push(1u8);
-                        key.extend_from_slice(self.normalize(a.value(row)).as_bytes());
+                        self.normalize_into(a.value(row), key);
                     }
                     key.push(0x1f);
                 }
-                xxhash_rust::xxh3::xxh3_128(&key)
+                xxhash_rust::xxh3::xxh3_128(key)
             })
             .collect())
     }
+}
+
+/// Read only the named top-level columns of Parquet files (a dedup key and `_id` are a small
+/// share of a table's bytes).
+pub fn read_columns<'a>(
+    files: &'a [std::path::PathBuf],
+    names: &'a [&'a str],
+) -> impl Iterator<Item = Result<RecordBatch>> + 'a {
+    files.iter().flat_map(move |p| {
+        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> =
+            match File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
+                let b = ParquetRecordBatchReaderBuilder::try_new(f)?;
+                let roots: Vec<usize> = names
+                    .iter()
+                    .filter_map(|n| b.schema().index_of(n).ok())
+                    .collect();
+                let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), roots);
+                Ok(b.with_projection(mask).with_batch_size(65536).build()?)
+            }) {
+                Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+        it
+    })
 }
 
 pub fn read_batches(
@@ -137,7 +221,7 @@ pub fn input_ordinals(inputs: &[Table], wanted: &HashSet<String>) -> Result<Hash
     let mut out = HashMap::new();
     let mut ord = 0u64;
     for t in inputs {
-        for b in read_batches(&t.files) {
+        for b in read_columns(&t.files, &[ID_COL]) {
             let b = b?;
             let ids = string_col(&b, ID_COL)?;
             for i in 0..ids.len() {
@@ -187,15 +271,27 @@ impl Stage for DedupStage {
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let files = &ctx.parent().files;
-        // Pass 1: key of every row, in file order.
+        // Pass 1: key of every row, in file order, reading only the key columns and `_id`.
+        let mut wanted_cols: Vec<&str> = self.columns.iter().map(String::as_str).collect();
+        wanted_cols.push(ID_COL);
         let mut keys: Vec<u128> = Vec::new();
-        let mut ids: Vec<String> = Vec::new();
-        for b in read_batches(files) {
+        let mut id_parts: Vec<ArrayRef> = Vec::new();
+        for b in read_columns(files, &wanted_cols) {
             let b = b?;
             keys.extend(self.keys(&b)?);
-            let id = string_col(&b, ID_COL)?;
-            ids.extend((0..id.len()).map(|i| id.value(i).to_string()));
+            id_parts.push(Arc::new(string_col(&b, ID_COL)?));
         }
+        let ids: StringArray = if id_parts.is_empty() {
+            StringArray::from(Vec::<&str>::new())
+        } else {
+            let parts: Vec<&dyn Array> = id_parts.iter().map(|a| a.as_ref()).collect();
+            let all = arrow::compute::concat(&parts)?;
+            all.as_any()
+                .downcast_ref::<StringArray>()
+                .expect("concat of Utf8")
+                .clone()
+        };
+        drop(id_parts);
         let n = keys.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.par_sort_unstable_by_key(|&i| (keys[i as usize], i));
@@ -213,14 +309,14 @@ impl Stage for DedupStage {
         }
         let wanted: HashSet<String> = groups
             .iter()
-            .flat_map(|g| g.iter().map(|&r| ids[r as usize].clone()))
+            .flat_map(|g| g.iter().map(|&r| ids.value(r as usize).to_string()))
             .collect();
         let ords = input_ordinals(&ctx.inputs, &wanted)?;
         let mut dup_of: Vec<Option<u32>> = vec![None; n];
         for g in &groups {
             let rank = |r: u32| {
-                let id = &ids[r as usize];
-                (ords.get(id).copied().unwrap_or(u64::MAX), id.clone(), r)
+                let id = ids.value(r as usize);
+                (ords.get(id).copied().unwrap_or(u64::MAX), id, r)
             };
             let keep = g
                 .iter()
@@ -261,7 +357,7 @@ impl Stage for DedupStage {
             }
             let of: StringArray = slice
                 .iter()
-                .filter_map(|d| d.map(|k| Some(ids[k as usize].as_str())))
+                .filter_map(|d| d.map(|k| Some(ids.value(k as usize))))
                 .collect();
             let mut cols = gone.columns().to_vec();
             cols.push(Arc::new(of));
@@ -302,5 +398,42 @@ mod tests {
             strip_punctuation: false,
         };
         assert_eq!(exact.normalize(" A  b "), " A  b ");
+    }
+
+    #[test]
+    fn ascii_fast_path_equals_the_general_path() {
+        // Every option combination over strings drawn from all 128 ASCII bytes.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut texts = vec![
+            String::new(),
+            " ".into(),
+            "\x0b a\x0c".into(),
+            "$a+b<c>^d`|~e".into(),
+        ];
+        for _ in 0..2000 {
+            let len = (x % 24) as usize;
+            let mut t = String::new();
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                t.push((x % 128) as u8 as char);
+            }
+            texts.push(t);
+        }
+        for bits in 0..8 {
+            let d = DedupStage {
+                columns: vec![],
+                lowercase: bits & 1 != 0,
+                collapse_whitespace: bits & 2 != 0,
+                strip_punctuation: bits & 4 != 0,
+            };
+            for t in &texts {
+                let (mut fast, mut slow) = (Vec::new(), Vec::new());
+                d.normalize_into(t, &mut fast);
+                d.normalize_general(t, &mut slow);
+                assert_eq!(fast, slow, "{bits:03b} {t:?}");
+            }
+        }
     }
 }

@@ -480,7 +480,7 @@ impl Stage for ExportStage {
                 Some(w) => w,
                 None => {
                     let f = File::create(&table).map_err(|e| Error::io(&table, e))?;
-                    tw.insert(parquet::arrow::ArrowWriter::try_new(f, b.schema(), None)?)
+                    tw.insert(crate::engine::parquet_writer(f, b.schema())?)
                 }
             };
             w.write(&b)?;
@@ -574,13 +574,13 @@ fn write_parquet(path: &Path, records: &[Value]) -> Result<()> {
     let f = File::create(path).map_err(|e| Error::io(path, e))?;
     if records.is_empty() {
         let schema = std::sync::Arc::new(arrow::datatypes::Schema::empty());
-        parquet::arrow::ArrowWriter::try_new(f, schema, None)?.close()?;
+        crate::engine::parquet_writer(f, schema)?.close()?;
         return Ok(());
     }
     let schema = std::sync::Arc::new(infer_json_schema_from_iterator(
         records.iter().map(|r| Ok(r.clone())),
     )?);
-    let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)?;
+    let mut w = crate::engine::parquet_writer(f, schema.clone())?;
     for chunk in records.chunks(8192) {
         let mut d = ReaderBuilder::new(schema.clone()).build_decoder()?;
         d.serialize(chunk)?;

@@ -195,7 +195,7 @@ impl Stage for OutputStage {
                 Some(w) => w,
                 None => {
                     let f = File::create(&table_path).map_err(|e| Error::io(&table_path, e))?;
-                    table_w.insert(ArrowWriter::try_new(f, b.schema(), None)?)
+                    table_w.insert(crate::engine::parquet_writer(f, b.schema())?)
                 }
             };
             tw.write(&b)?;
@@ -207,7 +207,7 @@ impl Stage for OutputStage {
                             Some(w) => w,
                             None => {
                                 let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
-                                pq_w.insert(ArrowWriter::try_new(f, b.schema(), None)?)
+                                pq_w.insert(crate::engine::parquet_writer(f, b.schema())?)
                             }
                         };
                         w.write(&b)?;

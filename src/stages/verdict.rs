@@ -340,7 +340,7 @@ impl Stage for VerdictStage {
                 Some(w) => w,
                 None => {
                     let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                    w.insert(ArrowWriter::try_new(f, ctx.schema.clone(), None)?)
+                    w.insert(crate::engine::parquet_writer(f, ctx.schema.clone())?)
                 }
             };
             w.write(&out)?;
