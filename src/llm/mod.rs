@@ -311,6 +311,18 @@ impl LlmStage {
         Ok(env)
     }
 
+    /// The params that may come from a column per row, by name.
+    fn column_params(&self) -> [(&'static str, &Option<ParamValue>); 6] {
+        [
+            ("temperature", &self.params.temperature),
+            ("top_p", &self.params.top_p),
+            ("max_tokens", &self.params.max_tokens),
+            ("seed", &self.params.seed),
+            ("presence_penalty", &self.params.presence_penalty),
+            ("frequency_penalty", &self.params.frequency_penalty),
+        ]
+    }
+
     /// The columns a row's request depends on: template variables and per-row params.
     fn context_columns(&self, env: &minijinja::Environment) -> Vec<String> {
         let mut cols: std::collections::BTreeSet<String> = Default::default();
@@ -319,14 +331,7 @@ impl LlmStage {
                 cols.extend(t.undeclared_variables(false));
             }
         }
-        for p in [
-            &self.params.temperature,
-            &self.params.top_p,
-            &self.params.max_tokens,
-            &self.params.seed,
-            &self.params.presence_penalty,
-            &self.params.frequency_penalty,
-        ] {
+        for (_, p) in self.column_params() {
             if let Some(ParamValue::Column { column }) = p {
                 cols.insert(column.clone());
             }
@@ -665,14 +670,7 @@ impl Stage for LlmStage {
                 }
             }
         }
-        for (name, p) in [
-            ("temperature", &self.params.temperature),
-            ("top_p", &self.params.top_p),
-            ("max_tokens", &self.params.max_tokens),
-            ("seed", &self.params.seed),
-            ("presence_penalty", &self.params.presence_penalty),
-            ("frequency_penalty", &self.params.frequency_penalty),
-        ] {
+        for (name, p) in self.column_params() {
             if let Some(ParamValue::Column { column }) = p
                 && !cols.contains(&column.as_str())
             {
@@ -793,11 +791,22 @@ impl Stage for LlmStage {
         let k = self.samples as usize;
         let context = self.context_columns(&env);
         let mut queue: std::collections::VecDeque<InFlight> = Default::default();
+        // Chunks in input order; `None` at the end drains the queue.
+        let mut chunks = read_batches(&ctx.parent().files).flat_map(|b| {
+            let pieces: Vec<Result<RecordBatch>> = match b {
+                Ok(b) => (0..b.num_rows())
+                    .step_by(chunk_rows)
+                    .map(|start| Ok(b.slice(start, chunk_rows.min(b.num_rows() - start))))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            pieces
+        });
         let result = (|| -> Result<()> {
-            for batch in read_batches(&ctx.parent().files) {
-                let batch = batch?;
-                for start in (0..batch.num_rows()).step_by(chunk_rows) {
-                    let chunk = batch.slice(start, chunk_rows.min(batch.num_rows() - start));
+            loop {
+                let next = chunks.next().transpose()?;
+                let end = next.is_none();
+                if let Some(chunk) = next {
                     let rows = context_rows(&chunk, &context)?;
                     let pending: Vec<(usize, usize, u32)> = (0..rows.len())
                         .flat_map(|r| (0..k).map(move |s| (r, s, 0u32)))
@@ -810,34 +819,25 @@ impl Stage for LlmStage {
                         rows,
                         round,
                     });
-                    while queue.len() >= PIPELINE_DEPTH {
-                        let c = queue.pop_front().expect("non-empty");
-                        self.complete(
-                            ctx,
-                            &env,
-                            c,
-                            &shared,
-                            &mut healthy,
-                            &new_schema,
-                            &mut main_w,
-                            &mut failed_w,
-                        )?;
-                    }
+                }
+                let keep = if end { 0 } else { PIPELINE_DEPTH - 1 };
+                while queue.len() > keep {
+                    let c = queue.pop_front().expect("non-empty");
+                    self.complete(
+                        ctx,
+                        &env,
+                        c,
+                        &shared,
+                        &mut healthy,
+                        &new_schema,
+                        &mut main_w,
+                        &mut failed_w,
+                    )?;
+                }
+                if end {
+                    return Ok(());
                 }
             }
-            while let Some(c) = queue.pop_front() {
-                self.complete(
-                    ctx,
-                    &env,
-                    c,
-                    &shared,
-                    &mut healthy,
-                    &new_schema,
-                    &mut main_w,
-                    &mut failed_w,
-                )?;
-            }
-            Ok(())
         })();
         if result.is_err() {
             // Chunks still queued send nothing more; what is on the wire is dropped (its
@@ -1382,12 +1382,12 @@ async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: 
     futures::stream::iter(units.into_iter().map(|(ids, c)| {
         let sh = sh.clone();
         async move {
+            // Every sample of the unit gets the same error.
+            let fail = |ids: Vec<String>, e: CallError| -> Vec<_> {
+                ids.into_iter().map(|id| (id, Err(e.clone()))).collect()
+            };
             if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
-                let e = CallError::Abort(INTERRUPTED_MSG.into());
-                return ids
-                    .into_iter()
-                    .map(|id| (id, Err(e.clone())))
-                    .collect::<Vec<_>>();
+                return fail(ids, CallError::Abort(INTERRUPTED_MSG.into()));
             }
             let n = ids.len() as u32;
             let (path, body) = c.to_body(profile, n);
@@ -1396,12 +1396,7 @@ async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: 
             sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
             let comp = match r {
                 Ok(c) => c,
-                Err(e) => {
-                    return ids
-                        .into_iter()
-                        .map(|id| (id, Err(e.clone())))
-                        .collect::<Vec<_>>();
-                }
+                Err(e) => return fail(ids, e),
             };
             sh.counters
                 .prompt_tokens

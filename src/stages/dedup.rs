@@ -170,33 +170,33 @@ pub fn read_columns<'a>(
     files: &'a [std::path::PathBuf],
     names: &'a [&'a str],
 ) -> impl Iterator<Item = Result<RecordBatch>> + 'a {
-    files.iter().flat_map(move |p| {
-        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> =
-            match File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
-                let b = ParquetRecordBatchReaderBuilder::try_new(f)?;
-                let roots: Vec<usize> = names
-                    .iter()
-                    .filter_map(|n| b.schema().index_of(n).ok())
-                    .collect();
-                let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), roots);
-                Ok(b.with_projection(mask).with_batch_size(65536).build()?)
-            }) {
-                Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
-                Err(e) => Box::new(std::iter::once(Err(e))),
-            };
-        it
-    })
+    read_parquet(files, Some(names))
 }
 
 pub fn read_batches(
     files: &[std::path::PathBuf],
 ) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
-    files.iter().flat_map(|p| {
+    read_parquet(files, None)
+}
+
+/// Batches of Parquet files in order: all columns, or only `names` (top-level) when given.
+fn read_parquet<'a>(
+    files: &'a [std::path::PathBuf],
+    names: Option<&'a [&'a str]>,
+) -> impl Iterator<Item = Result<RecordBatch>> + 'a {
+    files.iter().flat_map(move |p| {
         let it: Box<dyn Iterator<Item = Result<RecordBatch>>> =
             match File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
-                Ok(ParquetRecordBatchReaderBuilder::try_new(f)?
-                    .with_batch_size(65536)
-                    .build()?)
+                let mut b = ParquetRecordBatchReaderBuilder::try_new(f)?;
+                if let Some(names) = names {
+                    let roots: Vec<usize> = names
+                        .iter()
+                        .filter_map(|n| b.schema().index_of(n).ok())
+                        .collect();
+                    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), roots);
+                    b = b.with_projection(mask);
+                }
+                Ok(b.with_batch_size(65536).build()?)
             }) {
                 Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
                 Err(e) => Box::new(std::iter::once(Err(e))),
