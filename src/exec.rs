@@ -337,14 +337,25 @@ fn run_one(
     }
 }
 
-/// Remove a failed stage's temporary folder. A query engine's writer tasks can still be
-/// closing files for a moment after the error surfaced, so try again briefly.
+/// Temporary folders of failed stages, removed once more by [`sweep_abandoned`].
+static ABANDONED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Remove a failed stage's temporary folder. A query engine's writer tasks (DataFusion writes
+/// through blocking tasks that create missing parent folders) can still be closing files after
+/// the error surfaced and may bring the folder back, so the path is also remembered for
+/// [`sweep_abandoned`], which the command line calls after the async runtime has shut down.
 fn remove_tmp(tmp: &std::path::Path) {
-    for _ in 0..20 {
-        let _ = std::fs::remove_dir_all(tmp);
-        if !tmp.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let _ = std::fs::remove_dir_all(tmp);
+    if let Ok(mut a) = ABANDONED.lock() {
+        a.push(tmp.to_path_buf());
+    }
+}
+
+/// Remove the temporary folders of this process's failed stages for good. Call it when no
+/// task can write any more (after the runtime's shutdown).
+pub fn sweep_abandoned() {
+    let paths = ABANDONED.lock().map(|mut a| std::mem::take(&mut *a));
+    for p in paths.unwrap_or_default() {
+        let _ = std::fs::remove_dir_all(&p);
     }
 }

@@ -86,6 +86,10 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Stats(a) => stats::run(a, &engine),
         Command::Report(a) => report::run(a, &engine),
     };
+    // Writer tasks of a failed stage may still be finishing: wait for them (bounded), then
+    // remove what they left in the failed stages' temporary folders.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    crate::exec::sweep_abandoned();
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(Error::Invalid(d)) => {

@@ -169,6 +169,10 @@ const MIN_WINDOW: usize = 32;
 /// rejects far more than this. Cutting on every single 429 (the textbook rule) never lets the
 /// limit grow past a few dozen at a 0.5% stray rate (measured: at most 39 of 256 in flight).
 const OVERLOAD_RATE: f64 = 0.05;
+/// And at least this many overload answers: in a window of 32, two stray 429s at a 1% rate
+/// happen once in 25 windows (enough to stall slow start in a few hundred responses, seen on a
+/// busy CI machine), three once in 220.
+const MIN_OVERLOADS: usize = 3;
 
 /// Failures in a row before an endpoint is benched for a while.
 const TRIP_AFTER: u32 = 8;
@@ -362,7 +366,7 @@ impl Pool {
     }
 
     /// AIMD over windows of responses: after each window, halve the limit when more than
-    /// `OVERLOAD_RATE` of it were overload answers; otherwise double it (slow start, until the
+    /// `OVERLOAD_RATE` of it (and at least `MIN_OVERLOADS`) were overload answers; otherwise double it (slow start, until the
     /// first overloaded window) or add 1/16 (at least 1). Never above `max_in_flight`.
     /// Returns whether the limit grew.
     fn adapt(&self, ep: &Endpoint, overload: bool) -> bool {
@@ -376,7 +380,7 @@ impl Pool {
             return false;
         }
         let rate = w.overloads as f64 / w.responses as f64;
-        let next = if rate > OVERLOAD_RATE {
+        let next = if rate > OVERLOAD_RATE && w.overloads >= MIN_OVERLOADS {
             w.slow_start = false;
             lim.div_ceil(2)
         } else if w.slow_start {
@@ -667,5 +671,10 @@ mod tests {
         assert_eq!(window(&p, 128, 0), 136, "additive: +1/16 per clean window");
         assert_eq!(window(&p, 136, 6), 144, "6 of 136 (4.4%) is under the rate");
         assert_eq!(window(&p, 144, 8), 72, "8 of 144 (5.6%) halves again");
+
+        // Small windows: 2 of 32 (6.3%) could be two stray 429s; 3 of 32 is an overload.
+        let p = adaptive_pool(256);
+        assert_eq!(window(&p, 32, 2), 16, "two overloads in 32 do not halve");
+        assert_eq!(window(&p, 32, 3), 8, "three do");
     }
 }
