@@ -34,7 +34,9 @@
 //!   xxh3 of the body's canonical JSON ([`request_key`]). `GET /sim/stats` also reports
 //!   `in_flight` (sequences holding slots, so `max_in_flight_seen <= slots`), `queued`
 //!   (requests waiting for slots), `by_status` (HTTP statuses sent, plus `dropped`, and
-//!   `cancelled` when the client gave up first, e.g. on a hang) and `faults` (faults drawn).
+//!   `cancelled` when the client gave up first, e.g. on a hang), `faults` (faults drawn), and
+//!   `slot_seconds` / `late_seconds` (slot time held, and its sum of differences from the
+//!   planned holds: positive when timers fire late).
 //!   Only completion requests are counted.
 
 use std::collections::BTreeMap;
@@ -315,6 +317,11 @@ struct Stats {
     max_in_flight_seen: usize,
     /// Requests waiting for slots.
     queued: usize,
+    /// Slot-seconds held (permits x time), and by how much the holds differed from the planned
+    /// ones in sum (positive: timers fired late): with `slot_seconds / (slots x wall)` a benchmark tells a client that left
+    /// slots idle from a simulator whose timers fire late on a busy machine.
+    slot_seconds: f64,
+    late_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -655,9 +662,22 @@ impl Sim {
         };
         drop(queued);
         let _running = Gauge::new(self, permits, |s| &mut s.in_flight);
-        tokio::time::sleep(Duration::from_millis(per_round) * rounds).await;
+        let planned = Duration::from_millis(per_round) * rounds;
+        let started = std::time::Instant::now();
+        // tokio's timer rounds a deadline up to its next 1 ms tick (0.5 ms late on average);
+        // asking for half a tick less centres that error on zero, so the simulator's capacity
+        // is its nominal `slots / base_ms` and not ~1% below it.
+        tokio::time::sleep(planned.saturating_sub(HALF_TICK)).await;
+        let held = started.elapsed().as_secs_f64();
+        let mut st = self.stats();
+        st.slot_seconds += permits as f64 * held;
+        st.late_seconds += permits as f64 * (held - planned.as_secs_f64());
+        // Before `_running` drops: its Drop takes the same lock.
+        drop(st);
     }
 }
+
+const HALF_TICK: Duration = Duration::from_micros(500);
 
 /// Adds to a stats gauge while alive; the drop side runs also when the client disconnects and
 /// hyper drops the handler's future.
@@ -787,6 +807,8 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
         "in_flight": st.in_flight,
         "queued": st.queued,
         "max_in_flight_seen": st.max_in_flight_seen,
+        "slot_seconds": st.slot_seconds,
+        "late_seconds": st.late_seconds,
         "per_request": st.per_request,
         "slots": sim.config.slots,
         "model": sim.config.model,

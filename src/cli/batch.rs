@@ -128,8 +128,8 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
         if cached.contains_key(id) {
             continue;
         }
-        let (path, body) = req.to_body(st.profile(), 1);
-        let line = serde_json::json!({"custom_id": id, "method": "POST", "url": format!("/v1/{path}"), "body": body});
+        let body = req.body_value(st.profile(), 1);
+        let line = serde_json::json!({"custom_id": id, "method": "POST", "url": format!("/v1/{}", req.path()), "body": body});
         writeln!(w, "{line}").map_err(|e| Error::io(&out, e))?;
         n += 1;
     }
@@ -177,7 +177,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
                 let ch = comp.choices.into_iter().next().expect("one choice checked");
                 cache.put(
                     id,
-                    st.model().to_string(),
+                    st.model().into(),
                     CachedResponse {
                         text: ch.text,
                         reasoning: ch.reasoning,

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -99,7 +99,7 @@ fn decompress(b: &[u8]) -> Option<CachedResponse> {
 pub struct Cache {
     path: PathBuf,
     reader: std::sync::Mutex<Connection>,
-    tx: Option<mpsc::Sender<(String, String, CachedResponse)>>,
+    tx: Option<mpsc::Sender<(String, Arc<str>, CachedResponse)>>,
     writer: Option<JoinHandle<Result<u64>>>,
 }
 
@@ -107,7 +107,7 @@ impl Cache {
     pub fn open(path: &Path) -> Result<Cache> {
         let reader = open(path)?;
         let wconn = open(path)?;
-        let (tx, rx) = mpsc::channel::<(String, String, CachedResponse)>();
+        let (tx, rx) = mpsc::channel::<(String, Arc<str>, CachedResponse)>();
         let wpath = path.to_path_buf();
         let writer = std::thread::spawn(move || write_loop(wconn, rx, &wpath));
         Ok(Cache {
@@ -150,7 +150,7 @@ impl Cache {
     }
 
     /// Queue a response for the writer (committed within ~50 ms).
-    pub fn put(&self, id: String, model: String, r: CachedResponse) {
+    pub fn put(&self, id: String, model: Arc<str>, r: CachedResponse) {
         if let Some(tx) = &self.tx {
             let _ = tx.send((id, model, r));
         }
@@ -179,7 +179,7 @@ impl Drop for Cache {
 
 fn write_loop(
     mut conn: Connection,
-    rx: mpsc::Receiver<(String, String, CachedResponse)>,
+    rx: mpsc::Receiver<(String, Arc<str>, CachedResponse)>,
     path: &Path,
 ) -> Result<u64> {
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
@@ -187,16 +187,32 @@ fn write_loop(
     let mut batch = Vec::new();
     let mut z =
         zstd::bulk::Compressor::new(3).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-    // Block for the first item, then gather for up to 100 ms or 256 items.
-    while let Ok(item) = rx.recv() {
-        batch.push(item);
+    // Block for the first item, then gather for up to 50 ms, polling the channel every few
+    // milliseconds: a receiver blocked in `recv_timeout` is woken (a futex call on each side)
+    // for every single item, ~8% of a sending run's CPU at 7k responses/s.
+    let mut open = true;
+    while open {
+        match rx.recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
         let deadline = Instant::now() + Duration::from_millis(50);
-        while batch.len() < 256 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !open || left.is_zero() || batch.len() >= 4096 {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(5)));
         }
         let tx = conn.transaction().map_err(sql)?;
         {
@@ -207,7 +223,7 @@ fn write_loop(
                 .map_err(sql)?;
             let now = chrono::Utc::now().timestamp();
             for (id, model, r) in batch.drain(..) {
-                stmt.execute(params![id, model, compress(&mut z, &r)?, now])
+                stmt.execute(params![id, &*model, compress(&mut z, &r)?, now])
                     .map_err(sql)?;
                 written += 1;
             }

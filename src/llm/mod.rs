@@ -71,7 +71,7 @@ struct Shared {
     pool: Arc<Pool>,
     cache: Arc<Cache>,
     counters: Arc<Counters>,
-    model: String,
+    model: Arc<str>,
     /// Set when the stage fails: chunks still queued send nothing more.
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -785,7 +785,7 @@ impl Stage for LlmStage {
             pool: pool.clone(),
             cache: cache.clone(),
             counters: counters.clone(),
-            model: self.model.clone(),
+            model: self.model.as_str().into(),
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let k = self.samples as usize;
@@ -1377,52 +1377,21 @@ impl LlmStage {
 
 /// Send one round's work units (at most the pool's capacity at once; the pool's own in-flight
 /// limits decide what is on the wire) and cache every choice the moment it arrives.
+///
+/// Each request is its own task: driven from one task (a plain `buffer_unordered`), a chunk's
+/// body serialization, response parsing and cache hand-off all ran on one worker thread at a
+/// time, and a response that arrived while that task was busy held its in-flight permit until
+/// the task came round to it (measured: the simulator's slots idle ~10% of a 100k-row run).
 async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: Shared) -> Sent {
     let cap = sh.pool.capacity().max(1);
     futures::stream::iter(units.into_iter().map(|(ids, c)| {
-        let sh = sh.clone();
+        let mut task = AbortOnDrop(tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone())));
         async move {
-            // Every sample of the unit gets the same error.
-            let fail = |ids: Vec<String>, e: CallError| -> Vec<_> {
-                ids.into_iter().map(|id| (id, Err(e.clone()))).collect()
-            };
-            if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
-                return fail(ids, CallError::Abort(INTERRUPTED_MSG.into()));
+            match (&mut task.0).await {
+                Ok(done) => done,
+                // A panic in a request task (a bug): its samples fail like a lost request.
+                Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
             }
-            let n = ids.len() as u32;
-            let (path, body) = c.to_body(profile, n);
-            sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let r = sh.pool.call(path, &body, &ids[0], n).await;
-            sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
-            let comp = match r {
-                Ok(c) => c,
-                Err(e) => return fail(ids, e),
-            };
-            sh.counters
-                .prompt_tokens
-                .fetch_add(comp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
-            sh.counters
-                .completion_tokens
-                .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
-            // OpenAI-compatible servers report usage for all choices together: each sample
-            // gets an equal share (so per-sample figures add up to the request's total).
-            let per_choice = comp.completion_tokens / n as i64;
-            ids.into_iter()
-                .zip(comp.choices)
-                .map(|(id, ch)| {
-                    let resp = CachedResponse {
-                        text: ch.text,
-                        reasoning: ch.reasoning,
-                        finish_reason: ch.finish_reason,
-                        prompt_tokens: comp.prompt_tokens,
-                        completion_tokens: per_choice,
-                        latency_ms: comp.latency_ms,
-                    };
-                    // Persisted the moment it arrives: a crash after this loses nothing.
-                    sh.cache.put(id.clone(), sh.model.clone(), resp.clone());
-                    (id, Ok(resp))
-                })
-                .collect::<Vec<_>>()
         }
     }))
     .buffer_unordered(cap)
@@ -1431,6 +1400,63 @@ async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: 
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// Aborts its task when dropped, so a stopped round (the stage failed) ends its requests too.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type UnitResult = Vec<(String, std::result::Result<CachedResponse, CallError>)>;
+
+/// Every sample of a unit gets the same error.
+fn fail(ids: Vec<String>, e: CallError) -> UnitResult {
+    ids.into_iter().map(|id| (id, Err(e.clone()))).collect()
+}
+
+/// Send one work unit (one request for `ids.len()` samples) and cache its choices.
+async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared) -> UnitResult {
+    if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
+        return fail(ids, CallError::Abort(INTERRUPTED_MSG.into()));
+    }
+    let n = ids.len() as u32;
+    let body = bytes::Bytes::from(c.to_body(profile, n));
+    sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let r = sh.pool.call(c.path(), body, &ids[0], n).await;
+    sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
+    let comp = match r {
+        Ok(c) => c,
+        Err(e) => return fail(ids, e),
+    };
+    sh.counters
+        .prompt_tokens
+        .fetch_add(comp.prompt_tokens.max(0) as u64, Ordering::Relaxed);
+    sh.counters
+        .completion_tokens
+        .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
+    // OpenAI-compatible servers report usage for all choices together: each sample gets an
+    // equal share (so per-sample figures add up to the request's total).
+    let per_choice = comp.completion_tokens / n as i64;
+    ids.into_iter()
+        .zip(comp.choices)
+        .map(|(id, ch)| {
+            let resp = CachedResponse {
+                text: ch.text,
+                reasoning: ch.reasoning,
+                finish_reason: ch.finish_reason,
+                prompt_tokens: comp.prompt_tokens,
+                completion_tokens: per_choice,
+                latency_ms: comp.latency_ms,
+            };
+            // Persisted the moment it arrives: a crash after this loses nothing.
+            sh.cache.put(id.clone(), sh.model.clone(), resp.clone());
+            (id, Ok(resp))
+        })
+        .collect()
 }
 
 /// Report a stage's progress until `stop` is set.
