@@ -402,16 +402,23 @@ impl Pool {
         next > lim
     }
 
-    /// Send one request body (to `path` under each base URL), with retries.
+    /// Send one request body (to `path` under each base URL), with retries until `stopped()`.
     pub async fn call(
         &self,
         path: &str,
         body: bytes::Bytes,
         request_id: &str,
         n: u32,
+        stopped: impl Fn() -> bool,
     ) -> Result<Completion, CallError> {
         let mut attempt = 0u32;
         loop {
+            // A stopping stage finishes what is on the wire but starts no retry.
+            if attempt > 0 && stopped() {
+                return Err(CallError::Abort(
+                    "the stage stopped before this request's retry".into(),
+                ));
+            }
             let i = self.acquire().await?;
             let started = Instant::now();
             let result = self.attempt(i, path, body.clone(), request_id, n).await;
