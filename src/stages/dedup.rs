@@ -366,14 +366,12 @@ impl Stage for DedupStage {
                     let len = b.num_rows();
                     let slice = &dup_of[row..row + len];
                     row += len;
-                    let keep_mask: BooleanArray =
-                        slice.iter().map(|d| Some(d.is_none())).collect();
+                    let keep_mask: BooleanArray = slice.iter().map(|d| Some(d.is_none())).collect();
                     if kept_tx.send(filter_record_batch(&b, &keep_mask)?).is_err() {
                         // The writer stopped on an error; it is reported below.
                         break;
                     }
-                    let drop_mask: BooleanArray =
-                        slice.iter().map(|d| Some(d.is_some())).collect();
+                    let drop_mask: BooleanArray = slice.iter().map(|d| Some(d.is_some())).collect();
                     let gone = filter_record_batch(&b, &drop_mask)?;
                     if gone.num_rows() == 0 {
                         continue;
