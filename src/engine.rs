@@ -148,8 +148,9 @@ pub fn write_empty(path: &Path, schema: &SchemaRef) -> Result<()> {
     Ok(())
 }
 
-/// A Parquet part written batch by batch (see [`writer_props`]), created with the first batch's schema, so
-/// a stage whose output or side table stays empty still ends with a valid empty file.
+/// A Parquet part written batch by batch (see [`writer_props`]), created with the first
+/// batch's schema, so a stage whose output or side table stays empty still ends with a valid
+/// empty file.
 pub struct LazyPart {
     path: PathBuf,
     w: Option<ArrowWriter<File>>,

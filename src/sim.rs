@@ -318,8 +318,9 @@ struct Stats {
     /// Requests waiting for slots.
     queued: usize,
     /// Slot-seconds held (permits x time), and by how much the holds differed from the planned
-    /// ones in sum (positive: timers fired late): with `slot_seconds / (slots x wall)` a benchmark tells a client that left
-    /// slots idle from a simulator whose timers fire late on a busy machine.
+    /// ones in sum (positive: timers fired late). With `slot_seconds / (slots x wall)` a
+    /// benchmark tells a client that left slots idle from a simulator whose timers fire late
+    /// on a busy machine.
     slot_seconds: f64,
     late_seconds: f64,
 }

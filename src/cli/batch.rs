@@ -129,7 +129,7 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
             continue;
         }
         let body = req.body_value(st.profile(), 1);
-        let line = serde_json::json!({"custom_id": id, "method": "POST", "url": format!("/v1/{}", req.path()), "body": body});
+        let line = serde_json::json!({"custom_id": id, "method": "POST", "url": format!("/v1/{}", req.api.path()), "body": body});
         writeln!(w, "{line}").map_err(|e| Error::io(&out, e))?;
         n += 1;
     }

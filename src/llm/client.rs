@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::request::Profile;
+use super::request::{Api, Profile};
 
 fn d_in_flight() -> usize {
     256
@@ -134,10 +134,10 @@ enum Attempt {
 
 struct Endpoint {
     url: String,
-    /// `{url}/chat/completions` and `{url}/completions`, parsed once: reqwest parses a string
-    /// URL on every request (~3% of a sending run's CPU).
-    chat_url: Option<reqwest::Url>,
-    completions_url: Option<reqwest::Url>,
+    /// `{url}/{api.path()}` for each of [`Api::ALL`], parsed once: reqwest parses a string URL
+    /// on every request (~3% of a sending run's CPU). `None` when it does not parse; the
+    /// request then fails with reqwest's own message.
+    api_urls: [Option<reqwest::Url>; 2],
     outstanding: AtomicUsize,
     /// Current in-flight limit (changes only in adaptive mode).
     limit: AtomicUsize,
@@ -206,8 +206,8 @@ impl Pool {
             .map(|u| u.trim_end_matches('/'))
             .map(|u| Endpoint {
                 url: u.to_string(),
-                chat_url: reqwest::Url::parse(&format!("{u}/chat/completions")).ok(),
-                completions_url: reqwest::Url::parse(&format!("{u}/completions")).ok(),
+                api_urls: Api::ALL
+                    .map(|api| reqwest::Url::parse(&format!("{u}/{}", api.path())).ok()),
                 outstanding: AtomicUsize::new(0),
                 limit: AtomicUsize::new(start.max(1)),
                 aimd: Mutex::new(Window {
@@ -373,8 +373,9 @@ impl Pool {
     }
 
     /// AIMD over windows of responses: after each window, halve the limit when more than
-    /// `OVERLOAD_RATE` of it (and at least `MIN_OVERLOADS`) were overload answers; otherwise double it (slow start, until the
-    /// first overloaded window) or add 1/16 (at least 1). Never above `max_in_flight`.
+    /// `OVERLOAD_RATE` of it (and at least `MIN_OVERLOADS`) were overload answers; otherwise
+    /// double it (slow start, until the first overloaded window) or add 1/16 (at least 1).
+    /// Never above `max_in_flight`.
     /// Returns whether the limit grew.
     fn adapt(&self, ep: &Endpoint, overload: bool) -> bool {
         let Ok(mut w) = ep.aimd.lock() else {
@@ -402,10 +403,11 @@ impl Pool {
         next > lim
     }
 
-    /// Send one request body (to `path` under each base URL), with retries until `stopped()`.
+    /// Send one request body (to `api`'s path under each base URL), with retries until
+    /// `stopped()`.
     pub async fn call(
         &self,
-        path: &str,
+        api: Api,
         body: bytes::Bytes,
         request_id: &str,
         n: u32,
@@ -421,7 +423,7 @@ impl Pool {
             }
             let i = self.acquire().await?;
             let started = Instant::now();
-            let result = self.attempt(i, path, body.clone(), request_id, n).await;
+            let result = self.attempt(i, api, body.clone(), request_id, n).await;
             match result {
                 Attempt::Ok(mut c) => {
                     self.release(i, true, false);
@@ -467,20 +469,15 @@ impl Pool {
     async fn attempt(
         &self,
         i: usize,
-        path: &str,
+        api: Api,
         body: bytes::Bytes,
         request_id: &str,
         n: u32,
     ) -> Attempt {
         let ep = &self.endpoints[i];
-        let parsed = match path {
-            "chat/completions" => ep.chat_url.clone(),
-            "completions" => ep.completions_url.clone(),
-            _ => None,
-        };
-        let req = match parsed {
-            Some(url) => self.http.post(url),
-            None => self.http.post(format!("{}/{path}", ep.url)),
+        let req = match &ep.api_urls[api as usize] {
+            Some(url) => self.http.post(url.clone()),
+            None => self.http.post(format!("{}/{}", ep.url, api.path())),
         };
         let mut req = req
             .timeout(Duration::from_secs_f64(self.group.timeout_s))

@@ -1405,9 +1405,9 @@ async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: 
     // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
     let cap = sh.pool.capacity().max(1) * 4;
     futures::stream::iter(units.into_iter().map(|(ids, c)| {
-        let mut task = AbortOnDrop(tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone())));
+        let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone()));
         async move {
-            match (&mut task.0).await {
+            match task.await {
                 Ok(done) => done,
                 // A panic in a request task (a bug): its samples fail like a lost request.
                 Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
@@ -1420,15 +1420,6 @@ async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: 
     .into_iter()
     .flatten()
     .collect()
-}
-
-/// Aborts its task when dropped, so a stopped round (the stage failed) ends its requests too.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 type UnitResult = Vec<(String, std::result::Result<CachedResponse, CallError>)>;
@@ -1447,7 +1438,7 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
     let body = bytes::Bytes::from(c.to_body(profile, n));
     sh.counters.requests.fetch_add(1, Ordering::Relaxed);
     let stopped = || INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed);
-    let r = sh.pool.call(c.path(), body, &ids[0], n, stopped).await;
+    let r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
     sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
     let comp = match r {
         Ok(c) => c,

@@ -38,6 +38,18 @@ pub enum Api {
     Completions,
 }
 
+impl Api {
+    pub const ALL: [Api; 2] = [Api::Chat, Api::Completions];
+
+    /// The request path under a `/v1` base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "chat/completions",
+            Api::Completions => "completions",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
@@ -98,17 +110,7 @@ impl Canonical {
         }
     }
 
-    /// The HTTP path (relative to a `/v1` base URL) and JSON body in `profile`'s dialect,
-    /// asking for `n` choices.
-    /// The request's path under the base URL.
-    pub fn path(&self) -> &'static str {
-        match self.api {
-            Api::Chat => "chat/completions",
-            Api::Completions => "completions",
-        }
-    }
-
-    /// The HTTP body for `profile`, serialized. Without `extra_body` (the common case) it is
+    /// The HTTP body for `profile` asking for `n` choices, serialized. Without `extra_body` (the common case) it is
     /// written straight from borrowed fields: building a `serde_json::Value` tree per request
     /// and dropping it again was ~5% of a sending run's CPU. With `extra_body`, whose keys may
     /// override any other, it goes through [`Canonical::body_value`].
