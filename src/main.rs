@@ -16,8 +16,12 @@ fn main() -> ExitCode {
     // Return freed memory to the OS after 1 s instead of 10 ms: a stage frees and reallocates
     // chunk-sized buffers all the time, and with the default the kernel zeroed fresh pages for
     // ~18% of a cached rerun's CPU (perf; 0.83-1.33 s -> 0.65-0.70 s sys over 100k rows).
-    // SAFETY: sets one integer option; mimalloc reads options lazily and allows this anytime.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+    // `MIMALLOC_PURGE_DELAY` in the environment still wins (mimalloc reads it itself).
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc reads options lazily and allows this
+        // anytime.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+    }
     let cli = ifloom::cli::Cli::parse();
     match ifloom::cli::main(cli) {
         Ok(code) => code,

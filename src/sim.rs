@@ -18,6 +18,9 @@
 //! - **Latency.** `slots` concurrent sequences (a FIFO semaphore, like vLLM's running batch);
 //!   requests beyond that queue. A request holds its slots for
 //!   `base_ms + per_token_ms * completion_tokens`, so capacity is `slots / mean service time`.
+//!   The slots run on a planned clock like a GPU engine's: a queued request starts when the
+//!   previous sequence in its slot was planned to end, so late timers on a busy machine delay
+//!   responses without lowering the capacity.
 //!   A request with `n` choices (or several prompts) is that many sequences: it holds
 //!   `min(sequences, slots)` permits, for as many rounds as it needs to run all its sequences,
 //!   each round as long as its longest choice (sequences of a batch decode in parallel).
@@ -35,11 +38,12 @@
 //!   `in_flight` (sequences holding slots, so `max_in_flight_seen <= slots`), `queued`
 //!   (requests waiting for slots), `by_status` (HTTP statuses sent, plus `dropped`, and
 //!   `cancelled` when the client gave up first, e.g. on a hang), `faults` (faults drawn), and
-//!   `slot_seconds` / `late_seconds` (slot time held, and its sum of differences from the
-//!   planned holds: positive when timers fire late).
+//!   `slot_seconds` / `late_seconds` (planned slot time, and the summed delay of responses past
+//!   their planned end: positive when timers fire late), `active_seconds` (from the first
+//!   planned start to the last planned end).
 //!   Only completion requests are counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,7 +51,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -267,6 +271,9 @@ pub async fn serve(config: SimConfig, listener: TcpListener) -> Result<()> {
     let sim = Arc::new(Sim {
         rules: config.compile_rules()?,
         slots: Semaphore::new(config.slots),
+        free_at: Mutex::new(
+            std::iter::repeat_n(std::cmp::Reverse(Instant::now()), config.slots).collect(),
+        ),
         stats: Mutex::new(Stats::default()),
         next_id: AtomicU64::new(0),
         config,
@@ -301,6 +308,8 @@ struct Sim {
     config: SimConfig,
     rules: Vec<CompiledRule>,
     slots: Semaphore,
+    /// When each slot's last sequence is planned to end (earliest first); see `occupy_slots`.
+    free_at: Mutex<BinaryHeap<std::cmp::Reverse<Instant>>>,
     stats: Mutex<Stats>,
     next_id: AtomicU64,
 }
@@ -323,6 +332,12 @@ struct Stats {
     /// on a busy machine.
     slot_seconds: f64,
     late_seconds: f64,
+    /// Slot time left unused because no request was waiting when the slot became free.
+    idle_seconds: f64,
+    /// The first planned start and the last planned end: slots × their distance is the
+    /// capacity offered while the client was sending, without its start-up and tail.
+    first_start: Option<Instant>,
+    last_end: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +371,10 @@ impl Sim {
     fn stats(&self) -> MutexGuard<'_, Stats> {
         // A panic while holding the lock leaves plain counters behind; keep serving.
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot_free_at(&self) -> MutexGuard<'_, BinaryHeap<std::cmp::Reverse<Instant>>> {
+        self.free_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn draw_fault(&self, key: &str, attempt: u64) -> Option<Fault> {
@@ -656,25 +675,85 @@ impl Sim {
             .config
             .base_ms
             .saturating_add(self.config.per_token_ms.saturating_mul(longest as u64));
+        let arrived = Instant::now();
         let queued = Gauge::new(self, 1, |s| &mut s.queued);
         // `permits <= slots` and the semaphore is never closed, so this cannot fail.
-        let Ok(_permit) = self.slots.acquire_many(permits as u32).await else {
+        let Ok(permit) = self.slots.acquire_many(permits as u32).await else {
             return;
         };
         drop(queued);
-        let _running = Gauge::new(self, permits, |s| &mut s.in_flight);
         let planned = Duration::from_millis(per_round) * rounds;
-        let started = std::time::Instant::now();
+        // The slots keep their own clock, as a GPU engine does: a sequence starts when its
+        // request arrived or when the sequence before it in the slot was planned to end,
+        // whichever is later, not when that sequence's timer happened to fire. A late timer
+        // or a slow hand-off through the semaphore then delays a response but does not make
+        // the server slower than its nominal `slots / base_ms`; no request is ever served in
+        // less than `planned` after it arrived.
+        let (start, free_since) = {
+            let mut free = self.slot_free_at();
+            let mut latest = None;
+            for _ in 0..permits {
+                // The lease below pushes its deadlines back before it releases its permits,
+                // so there are at least as many entries as available permits.
+                if let Some(std::cmp::Reverse(t)) = free.pop() {
+                    latest = latest.max(Some(t));
+                }
+            }
+            (latest.map_or(arrived, |t| t.max(arrived)), latest)
+        };
+        let lease = Lease {
+            sim: self,
+            n: permits,
+            start,
+            deadline: start + planned,
+            _permit: permit,
+        };
+        // After `lease`, so it drops first: `in_flight` never counts a released slot.
+        let _running = Gauge::new(self, permits, |s| &mut s.in_flight);
+        {
+            let mut st = self.stats();
+            st.first_start = Some(st.first_start.map_or(start, |t| t.min(start)));
+            st.last_end = Some(
+                st.last_end
+                    .map_or(lease.deadline, |t| t.max(lease.deadline)),
+            );
+        }
         // tokio's timer rounds a deadline up to its next 1 ms tick (0.5 ms late on average);
-        // asking for half a tick less centres that error on zero, so the simulator's capacity
-        // is its nominal `slots / base_ms` and not ~1% below it.
-        tokio::time::sleep(planned.saturating_sub(HALF_TICK)).await;
-        let held = started.elapsed().as_secs_f64();
+        // asking for half a tick less centres the delivery error on zero.
+        tokio::time::sleep_until((lease.deadline - HALF_TICK).into()).await;
+        let now = Instant::now();
+        let late = now.saturating_duration_since(lease.deadline).as_secs_f64()
+            - lease.deadline.saturating_duration_since(now).as_secs_f64();
         let mut st = self.stats();
-        st.slot_seconds += permits as f64 * held;
-        st.late_seconds += permits as f64 * (held - planned.as_secs_f64());
+        if let Some(f) = free_since {
+            st.idle_seconds += permits as f64 * arrived.saturating_duration_since(f).as_secs_f64();
+        }
+        st.slot_seconds += permits as f64 * planned.as_secs_f64();
+        st.late_seconds += permits as f64 * late;
         // Before `_running` drops: its Drop takes the same lock.
         drop(st);
+    }
+}
+
+/// Slots held by one request; gives them back (their planned end into the slot clock, then
+/// the permits) when the request is served or its client went away.
+struct Lease<'a> {
+    sim: &'a Sim,
+    n: usize,
+    start: Instant,
+    deadline: Instant,
+    /// Dropped after `drop` below pushed the deadlines: fields drop after the body.
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        // A cancelled request frees its slots now (vLLM aborts the sequence).
+        let end = self.deadline.min(Instant::now().max(self.start));
+        let mut free = self.sim.slot_free_at();
+        for _ in 0..self.n {
+            free.push(std::cmp::Reverse(end));
+        }
     }
 }
 
@@ -810,6 +889,11 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
         "max_in_flight_seen": st.max_in_flight_seen,
         "slot_seconds": st.slot_seconds,
         "late_seconds": st.late_seconds,
+        "idle_seconds": st.idle_seconds,
+        "active_seconds": match (st.first_start, st.last_end) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        },
         "per_request": st.per_request,
         "slots": sim.config.slots,
         "model": sim.config.model,

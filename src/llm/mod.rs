@@ -72,6 +72,8 @@ struct Shared {
     cache: Arc<Cache>,
     counters: Arc<Counters>,
     model: Arc<str>,
+    /// When the stage started (for its debug log).
+    started: Instant,
     /// Set when the stage fails: chunks still queued send nothing more.
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -744,6 +746,7 @@ impl Stage for LlmStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
+        let started = Instant::now();
         let group = self.group()?.clone();
         let pool = Arc::new(Pool::new(&group).map_err(|e| Error::stage(ctx.id, e))?);
         let total_rows = crate::engine::count_rows(&ctx.parent().files)?;
@@ -760,7 +763,11 @@ impl Stage for LlmStage {
         let cache = Arc::new(Cache::open(&ctx.engine.cache_path)?);
         let env = self.env().map_err(|e| Error::stage(ctx.id, e))?;
         let counters = Arc::new(Counters::default());
-        let started = Instant::now();
+        tracing::debug!(
+            "{}: client and cache ready at {:.3} s",
+            ctx.id,
+            started.elapsed().as_secs_f64()
+        );
         let mut healthy = false;
 
         let new_schema = Arc::new(Schema::new(self.new_fields()));
@@ -786,6 +793,7 @@ impl Stage for LlmStage {
             cache: cache.clone(),
             counters: counters.clone(),
             model: self.model.as_str().into(),
+            started,
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let k = self.samples as usize;
@@ -795,16 +803,23 @@ impl Stage for LlmStage {
         // The first chunk is one in-flight window and each next one twice the last, up to
         // `chunk_rows`: requests start after rendering a few hundred rows, not tens of
         // thousands (measured: ~0.5 s before the first request of a 10k-row stage).
-        let mut size = pool.capacity().clamp(1, chunk_rows);
+        // Towards the end they halve again: the last chunk's responses are parsed and written
+        // after the servers finished, so a small last chunk keeps that tail short (measured:
+        // 0.4 s for a last chunk of 32768 rows).
+        let floor = pool.capacity().clamp(1, chunk_rows);
+        let mut size = floor;
+        let mut remaining = total_rows as usize;
         let mut chunks = read_batches(&ctx.parent().files).flat_map(move |b| {
             let mut pieces: Vec<Result<RecordBatch>> = Vec::new();
             match b {
                 Ok(b) => {
                     let mut start = 0;
                     while start < b.num_rows() {
-                        let len = size.min(b.num_rows() - start);
+                        let want = size.min(remaining.div_ceil(2).max(floor));
+                        let len = want.min(b.num_rows() - start);
                         pieces.push(Ok(b.slice(start, len)));
                         start += len;
+                        remaining = remaining.saturating_sub(len);
                         size = (size * 2).min(chunk_rows);
                     }
                 }
@@ -841,6 +856,12 @@ impl Stage for LlmStage {
                         break;
                     }
                     let c = queue.pop_front().expect("non-empty");
+                    tracing::debug!(
+                        "{}: completing a chunk of {} rows at {:.3} s",
+                        ctx.id,
+                        c.rows.len(),
+                        started.elapsed().as_secs_f64()
+                    );
                     self.complete(
                         ctx,
                         &env,
@@ -853,6 +874,11 @@ impl Stage for LlmStage {
                     )?;
                 }
                 if end {
+                    tracing::debug!(
+                        "{}: every chunk written at {:.3} s",
+                        ctx.id,
+                        started.elapsed().as_secs_f64()
+                    );
                     return Ok(());
                 }
             }
@@ -874,6 +900,11 @@ impl Stage for LlmStage {
         let cache =
             Arc::try_unwrap(cache).map_err(|_| Error::Internal("cache still shared".into()))?;
         cache.close()?;
+        tracing::debug!(
+            "{}: cache closed at {:.3} s",
+            ctx.id,
+            started.elapsed().as_secs_f64()
+        );
         result?;
         if let Some(w) = main_w {
             w.close()?;
@@ -1013,6 +1044,12 @@ impl LlmStage {
             }
         }
         units.extend(misses.into_iter().map(|(id, c)| (vec![id], c)));
+        tracing::debug!(
+            "{}: {} requests handed to the runtime at {:.3} s",
+            ctx.id,
+            units.len(),
+            sh.started.elapsed().as_secs_f64()
+        );
         let sending = (!units.is_empty())
             .then(|| ctx.engine.rt.spawn(send_units(units, profile, sh.clone())));
         Ok(Round { ids, hits, sending })
@@ -1149,6 +1186,11 @@ impl LlmStage {
                     .map_err(|e| Error::Internal(format!("send task: {e}")))?,
                 None => Sent::new(),
             };
+            tracing::debug!(
+                "{}: a chunk's sends done at {:.3} s",
+                ctx.id,
+                sh.started.elapsed().as_secs_f64()
+            );
             let next = self.finish_round(ctx, round, sent, &mut outcomes, &sh.counters)?;
             if next.is_empty() {
                 break;

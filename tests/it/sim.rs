@@ -240,11 +240,11 @@ fn sim_latency_is_bounded_by_slots() {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_micros(298_500), "{elapsed:?}");
         let stats = get(&c, &sim.url("/sim/stats")).await;
-        // Slot time: 6 holds of ~100 ms, and their summed error from the plan is small.
+        // Slot time: 6 planned holds of 100 ms; responses left at most half a tick early.
         let held = stats["slot_seconds"].as_f64().unwrap();
-        assert!((0.597..0.75).contains(&held), "{stats}");
+        assert!((held - 0.6).abs() < 1e-6, "{stats}");
         let late = stats["late_seconds"].as_f64().unwrap();
-        assert!((held - 0.6 - late).abs() < 1e-6, "{stats}");
+        assert!(late >= -0.003, "{stats}");
         assert_eq!(stats["requests_total"], 6);
         assert_eq!(stats["by_status"]["200"], 6);
         let max = stats["max_in_flight_seen"].as_u64().unwrap();
