@@ -5,6 +5,11 @@ use clap::Parser;
 /// mimalloc instead of glibc's malloc: a sending run allocates and frees small buffers on
 /// many threads (HTTP, JSON, Arrow), and glibc's arenas spent ~20% of its CPU in
 /// malloc/free/consolidate (perf, 100k requests).
+///
+/// Built with libmimalloc-sys's `no_thp` feature: by default mimalloc `madvise`s its arenas
+/// for transparent huge pages, and every first touch of a fresh (or purged) 2 MiB region made
+/// the kernel zero all of it: `clear_page_erms` under `do_huge_pmd_anonymous_page` was 17.5%
+/// of a zero-latency 20k-request run's CPU (perf), for memory the stage mostly never used.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -131,7 +131,10 @@ impl Cache {
             .map_err(|_| Error::Internal("cache lock poisoned".into()))?;
         let sql = |e: rusqlite::Error| Error::Internal(format!("cache read: {e}"));
         let mut bodies: Vec<(&String, Vec<u8>)> = Vec::new();
-        let mut stmt = conn
+        // One read transaction for the whole batch: in autocommit mode every lookup takes
+        // and drops its own WAL read lock (shared-memory traffic per row).
+        let txn = conn.unchecked_transaction().map_err(sql)?;
+        let mut stmt = txn
             .prepare_cached("SELECT body FROM responses WHERE id = ?1")
             .map_err(sql)?;
         for id in ids {
@@ -143,6 +146,8 @@ impl Cache {
                 bodies.push((id, b));
             }
         }
+        drop(stmt);
+        txn.commit().map_err(sql)?;
         Ok(bodies
             .into_par_iter()
             .filter_map(|(id, b)| decompress(&b).map(|r| (id.clone(), r)))
