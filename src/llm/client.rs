@@ -594,48 +594,171 @@ fn snippet(b: &[u8]) -> String {
 /// Parse an OpenAI-style response body (chat or completions). A body serde rejects (for
 /// example a lone surrogate escape) is an error for the row, never a crashed stage.
 pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("response is not valid JSON: {e}"))?;
-    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+    let v: RawCompletion = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => format!("response is not a completion: {e}"),
+        _ => format!("response is not valid JSON: {e}"),
+    })?;
+    if let Some(err) = v.error {
         return Err(format!(
             "server returned an error object: {}",
             snippet(err.to_string().as_bytes())
         ));
     }
-    let choices = v["choices"]
-        .as_array()
+    let choices = v
+        .choices
         .ok_or_else(|| "response has no `choices` list".to_string())?;
-    let mut out = Vec::new();
-    for c in choices {
-        let msg = &c["message"];
-        let text = if msg.is_object() {
-            msg["content"].as_str().unwrap_or("").to_string()
-        } else {
-            c["text"].as_str().unwrap_or("").to_string()
-        };
-        let reasoning = msg["reasoning_content"]
-            .as_str()
-            .or_else(|| msg["reasoning"].as_str())
-            .map(str::to_string);
-        out.push(Choice {
-            text,
-            reasoning,
-            finish_reason: c["finish_reason"].as_str().unwrap_or("unknown").to_string(),
-        });
-    }
+    let out: Vec<Choice> = choices
+        .into_iter()
+        .map(|c| {
+            let (text, reasoning) = match c.message {
+                Some(m) => (m.content, m.reasoning_content.or(m.reasoning)),
+                None => (c.text, None),
+            };
+            Choice {
+                text: text.unwrap_or_default(),
+                reasoning,
+                finish_reason: c.finish_reason.unwrap_or_else(|| "unknown".into()),
+            }
+        })
+        .collect();
     if out.len() != n as usize {
         return Err(format!(
             "asked for {n} choice(s), the server returned {}; use a profile that matches the server (llama-cpp returns one choice)",
             out.len()
         ));
     }
+    let usage = v.usage.unwrap_or_default();
     Ok(Completion {
         choices: out,
-        prompt_tokens: v["usage"]["prompt_tokens"].as_i64().unwrap_or(0),
-        completion_tokens: v["usage"]["completion_tokens"].as_i64().unwrap_or(0),
+        prompt_tokens: usage.prompt_tokens.unwrap_or(0),
+        completion_tokens: usage.completion_tokens.unwrap_or(0),
         latency_ms: 0,
         retries: 0,
     })
+}
+
+// The fields of a completion body the client reads; serde skips the rest without building
+// them (parsing into a `serde_json::Value` tree allocated a map per object). Fields of an
+// unexpected type read as absent, as servers differ (`content: null` beside tool calls).
+#[derive(Deserialize)]
+struct RawCompletion {
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    choices: Option<Vec<RawChoice>>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+#[derive(Deserialize)]
+struct RawChoice {
+    #[serde(default, deserialize_with = "loose_message")]
+    message: Option<RawMessage>,
+    #[serde(default, deserialize_with = "loose_str")]
+    text: Option<String>,
+    #[serde(default, deserialize_with = "loose_str")]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    #[serde(default, deserialize_with = "loose_str")]
+    content: Option<String>,
+    #[serde(default, deserialize_with = "loose_str")]
+    reasoning_content: Option<String>,
+    #[serde(default, deserialize_with = "loose_str")]
+    reasoning: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawUsage {
+    #[serde(default, deserialize_with = "loose_i64")]
+    prompt_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "loose_i64")]
+    completion_tokens: Option<i64>,
+}
+
+/// Any JSON value; a string is kept, anything else reads as absent.
+fn loose_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(Some(s.to_string()))
+        }
+        fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+            Ok(Some(s))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            serde::de::IgnoredAny.visit_seq(a).map(|_| None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            serde::de::IgnoredAny.visit_map(a).map(|_| None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// An object is read as a message; anything else (null, a string) reads as absent.
+fn loose_message<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawMessage>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<RawMessage>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a message object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            RawMessage::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Some)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            serde::de::IgnoredAny.visit_seq(a).map(|_| None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// An integer is kept, anything else reads as absent.
+fn loose_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 #[cfg(test)]
@@ -666,6 +789,29 @@ mod tests {
         let r = parse_completion(REASONING.as_bytes(), 1).unwrap();
         assert_eq!(r.choices[0].reasoning.as_deref(), Some("Let me think."));
         assert_eq!(r.choices[0].text, "42");
+    }
+
+    #[test]
+    fn odd_field_types_read_as_absent() {
+        // `content: null` beside tool calls, a completions-API choice, a non-numeric count.
+        let body = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"},{"text":"hi","message":null,"finish_reason":null,"logprobs":{"tokens":["hi"]}}],"usage":{"prompt_tokens":3,"completion_tokens":"7"}}"#;
+        let c = parse_completion(body, 2).unwrap();
+        assert_eq!(c.choices[0].text, "");
+        assert_eq!(c.choices[0].finish_reason, "tool_calls");
+        assert_eq!(c.choices[1].text, "hi");
+        assert_eq!(c.choices[1].finish_reason, "unknown");
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (3, 0));
+        // A body of the wrong shape is a row error that says so.
+        assert!(
+            parse_completion(br#"{"choices":{"a":1}}"#, 1)
+                .unwrap_err()
+                .contains("not a completion")
+        );
+        assert!(
+            parse_completion(br#"{"usage":{}}"#, 1)
+                .unwrap_err()
+                .contains("no `choices`")
+        );
     }
 
     #[test]

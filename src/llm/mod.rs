@@ -355,28 +355,65 @@ impl LlmStage {
         }
     }
 
-    /// The canonical request for one row and one sample (`attempt` > 0 re-asks after a parse
-    /// failure, with another seed and so another id).
-    fn canonical(
+    /// The messages' templates, fetched from `env` once per stage. A template that reads no
+    /// variable is rendered here, once, instead of once per row.
+    fn renderer<'e>(
         &self,
-        env: &minijinja::Environment,
-        row: &serde_json::Value,
-        sample: u32,
-        attempt: u32,
-    ) -> std::result::Result<Canonical, String> {
-        let mut rendered = Vec::new();
+        env: &'e minijinja::Environment<'static>,
+    ) -> std::result::Result<Renderer<'e>, String> {
+        let mut messages = Vec::new();
         for (i, (role, _)) in self.templates.iter().enumerate() {
             let t = env
                 .get_template(&format!("m{i}"))
                 .map_err(|e| e.to_string())?;
-            let text = t
-                .render(row)
-                .map_err(|e| format!("template for message {}: {e}", i + 1))?;
+            let text = if t.undeclared_variables(false).is_empty() {
+                t.render(minijinja::context! {}).ok()
+            } else {
+                None
+            };
+            let m = match text {
+                Some(text) => Template::Fixed(text),
+                // Rendered per row; errors then surface per row, with the row's context.
+                None => Template::PerRow(t),
+            };
+            messages.push((role.clone(), m));
+        }
+        Ok(Renderer { messages })
+    }
+
+    /// Render one row's messages (the same for all its samples).
+    fn render(
+        &self,
+        renderer: &Renderer,
+        row: &serde_json::Value,
+    ) -> std::result::Result<Vec<Message>, String> {
+        // Converted once for all of the row's templates (`render(row)` converts per call).
+        let mut context = None;
+        let mut rendered = Vec::with_capacity(renderer.messages.len());
+        for (i, (role, t)) in renderer.messages.iter().enumerate() {
+            let content = match t {
+                Template::Fixed(text) => text.clone(),
+                Template::PerRow(t) => t
+                    .render(context.get_or_insert_with(|| minijinja::Value::from_serialize(row)))
+                    .map_err(|e| format!("template for message {}: {e}", i + 1))?,
+            };
             rendered.push(Message {
                 role: role.clone(),
-                content: text,
+                content,
             });
         }
+        Ok(rendered)
+    }
+
+    /// The canonical request for one row and one sample from the row's rendered messages
+    /// (`attempt` > 0 re-asks after a parse failure, with another seed and so another id).
+    fn canonical(
+        &self,
+        mut rendered: Vec<Message>,
+        row: &serde_json::Value,
+        sample: u32,
+        attempt: u32,
+    ) -> Canonical {
         let f = |v: &Option<ParamValue>| self.resolve(v, row).and_then(|x| x.as_f64());
         let i = |v: &Option<ParamValue>| self.resolve(v, row).and_then(|x| x.as_i64());
         let mut seed = i(&self.params.seed);
@@ -399,7 +436,7 @@ impl LlmStage {
             Api::Chat => (Some(rendered), None),
             Api::Completions => (None, rendered.pop().map(|m| m.content)),
         };
-        Ok(Canonical {
+        Canonical {
             model: self.model.clone(),
             api: self.api,
             messages,
@@ -407,8 +444,19 @@ impl LlmStage {
             sampling,
             response_schema: self.response_format.clone(),
             sample: sample + 1000 * attempt,
-        })
+        }
     }
+}
+
+/// A stage's message templates, ready to render rows.
+struct Renderer<'e> {
+    messages: Vec<(String, Template<'e>)>,
+}
+
+enum Template<'e> {
+    /// Reads no variable: rendered once.
+    Fixed(String),
+    PerRow(minijinja::Template<'e, 'e>),
 }
 
 /// The template context of each row: the `columns` of `batch` (those the templates and the
@@ -762,6 +810,7 @@ impl Stage for LlmStage {
         }
         let cache = Arc::new(Cache::open(&ctx.engine.cache_path)?);
         let env = self.env().map_err(|e| Error::stage(ctx.id, e))?;
+        let renderer = self.renderer(&env).map_err(|e| Error::stage(ctx.id, e))?;
         let counters = Arc::new(Counters::default());
         tracing::debug!(
             "{}: client and cache ready at {:.3} s",
@@ -837,7 +886,7 @@ impl Stage for LlmStage {
                         .flat_map(|r| (0..k).map(move |s| (r, s, 0u32)))
                         .collect();
                     let round =
-                        self.start_round(ctx, &env, &rows, &pending, &shared, &mut healthy)?;
+                        self.start_round(ctx, &renderer, &rows, &pending, &shared, &mut healthy)?;
                     queue.push_back(InFlight {
                         chunk,
                         outcomes: vec![vec![None; k]; rows.len()],
@@ -864,7 +913,7 @@ impl Stage for LlmStage {
                     );
                     self.complete(
                         ctx,
-                        &env,
+                        &renderer,
                         c,
                         &shared,
                         &mut healthy,
@@ -966,18 +1015,26 @@ impl LlmStage {
     fn start_round(
         &self,
         ctx: &RunCtx,
-        env: &minijinja::Environment,
+        renderer: &Renderer,
         rows: &[serde_json::Value],
         pending: &[(usize, usize, u32)],
         sh: &Shared,
         healthy: &mut bool,
     ) -> Result<Round> {
         use rayon::prelude::*;
-        let rendered: Vec<_> = pending
+        // A row's samples are adjacent in `pending`: render its messages once for all.
+        let by_row: Vec<&[(usize, usize, u32)]> = pending.chunk_by(|a, b| a.0 == b.0).collect();
+        let rendered: Vec<_> = by_row
             .par_iter()
-            .map(|&(r, s, attempt)| {
-                let c = self.canonical(env, &rows[r], s as u32, attempt);
-                (r, s, attempt, c.map(|c| (c.id(), c)))
+            .flat_map_iter(|same_row| {
+                let row = &rows[same_row[0].0];
+                let messages = self.render(renderer, row);
+                same_row.iter().map(move |&(r, s, attempt)| {
+                    let c = messages
+                        .clone()
+                        .map(|m| self.canonical(m, row, s as u32, attempt));
+                    (r, s, attempt, c.map(|c| (c.id(), c)))
+                })
             })
             .collect();
         // Identical requests (same id) are sent once.
@@ -1164,7 +1221,7 @@ impl LlmStage {
     fn complete(
         &self,
         ctx: &RunCtx,
-        env: &minijinja::Environment,
+        renderer: &Renderer,
         c: InFlight,
         sh: &Shared,
         healthy: &mut bool,
@@ -1195,7 +1252,7 @@ impl LlmStage {
             if next.is_empty() {
                 break;
             }
-            round = self.start_round(ctx, env, &rows, &next, sh, healthy)?;
+            round = self.start_round(ctx, renderer, &rows, &next, sh, healthy)?;
         }
         let outcomes: Vec<Vec<Outcome>> = outcomes
             .into_iter()
@@ -1572,11 +1629,13 @@ pub fn plan_requests(
     rows: &[serde_json::Value],
 ) -> Result<Vec<(String, Canonical)>> {
     let env = stage.env().map_err(|e| Error::Internal(e.to_string()))?;
+    let renderer = stage.renderer(&env).map_err(Error::Internal)?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for row in rows {
+        let messages = stage.render(&renderer, row).map_err(Error::Internal)?;
         for s in 0..stage.samples {
-            let c = stage.canonical(&env, row, s, 0).map_err(Error::Internal)?;
+            let c = stage.canonical(messages.clone(), row, s, 0);
             let id = c.id();
             if seen.insert(id.clone()) {
                 out.push((id, c));
