@@ -11,8 +11,11 @@
 //!   capacity` is a lower bound on the time of the stage. Reported: capacity ÷ achieved rate
 //!   of the llm stage (`duration_ms` in its manifest) and of the whole command, at 10k and
 //!   100k requests, then with `adaptive: true` and 1% injected faults (0.5% HTTP 500, 0.5%
-//!   HTTP 429), plus variants that tell the causes apart (faults alone, adaptive alone, a
-//!   4x in-flight window which makes the chunks 4x longer, a slower server).
+//!   HTTP 429), plus variants that tell the causes apart (faults alone, adaptive alone, an
+//!   in-flight window equal to the slots, a 1024 window, a slower server). The default window
+//!   is 512 (2x the slots). The simulator plans each slot's next start on its own clock, so
+//!   late timers on the shared 2 cores delay responses, not capacity; its `active_seconds`
+//!   (first planned start to last planned end) is reported beside the bound.
 //! * **b. client CPU per request**: a zero-latency simulator; the `ifloom run` process's
 //!   user+sys time (`/usr/bin/time`) ÷ requests, and the same minus a fully cached rerun
 //!   (which reads the input, renders, looks up and writes Parquet but sends nothing).
