@@ -807,9 +807,11 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
         assert!(st["max_in_flight_seen"].as_u64().unwrap() <= 4);
         st["by_status"]["429"].as_u64().unwrap_or(0)
     };
-    // Measured here: about 300-350 shed answers for the fixed window, 90-100 adaptive.
+    // Measured here (2026-11-27, debug build): 1776-1914 shed answers for the fixed window,
+    // 158-166 adaptive (starting at 32 in flight; 90-100 when it started at 8).
     let fixed = sheds(false);
     let adaptive = sheds(true);
+    eprintln!("shed answers: fixed window {fixed}, adaptive {adaptive}");
     assert!(fixed >= 200, "the fixed window was shed only {fixed} times");
     assert!(
         adaptive * 2 < fixed,
