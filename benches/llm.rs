@@ -25,9 +25,12 @@
 //! * **e. a Python baseline**: `benches/openai_asyncio.py` (AsyncOpenAI, a semaphore of
 //!   `max_in_flight`, gather) on the same prompts against the same simulator settings, when
 //!   `python3 -c "import openai"` works.
+//! * **f. the HTTP floor**: the same 100k request bodies sent by a bare reqwest client (built
+//!   as the stage's pool builds it) and by hyper-util's client (what reqwest wraps), in this
+//!   process, nothing else: what the HTTP client alone costs per request beside part b.
 //!
 //! Progress goes to stderr; the Markdown report to stdout. Needs `/usr/bin/time` (Debian
-//! package `time`). Environment: `IFLOOM_LLM_BENCH_PARTS` (default `abcde`),
+//! package `time`). Environment: `IFLOOM_LLM_BENCH_PARTS` (default `abcdef`),
 //! `IFLOOM_LLM_BENCH_BIG` (default 1000000), `IFLOOM_LLM_BENCH_PY` (Python requests per run,
 //! default 10000), `IFLOOM_BENCH_KEEP=1` keeps the temporary folder.
 
@@ -219,14 +222,10 @@ const WORDS: [&str; 48] = [
 ];
 
 /// `rows` unique prompts: "Question i: " and 8-30 words; as Parquet, and as JSONL for Python.
-fn generate(dir: &Path, rows: usize, jsonl: bool) -> (PathBuf, Option<PathBuf>) {
-    let pq = dir.join(format!("prompts_{rows}.parquet"));
-    let js = dir.join(format!("prompts_{rows}.jsonl"));
-    if pq.exists() && (!jsonl || js.exists()) {
-        return (pq, jsonl.then_some(js));
-    }
+/// The seeded prompts every part sends.
+fn prompts(rows: usize) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(SEED);
-    let prompts: Vec<String> = (0..rows)
+    (0..rows)
         .map(|i| {
             let n = rng.random_range(8..=30);
             let mut s = format!("Question {i}:");
@@ -237,7 +236,16 @@ fn generate(dir: &Path, rows: usize, jsonl: bool) -> (PathBuf, Option<PathBuf>) 
             s.push('?');
             s
         })
-        .collect();
+        .collect()
+}
+
+fn generate(dir: &Path, rows: usize, jsonl: bool) -> (PathBuf, Option<PathBuf>) {
+    let pq = dir.join(format!("prompts_{rows}.parquet"));
+    let js = dir.join(format!("prompts_{rows}.jsonl"));
+    if pq.exists() && (!jsonl || js.exists()) {
+        return (pq, jsonl.then_some(js));
+    }
+    let prompts = prompts(rows);
     let schema = Arc::new(Schema::new(vec![Field::new(
         "prompt",
         DataType::Utf8,
@@ -460,6 +468,118 @@ fn python(sim: &Sim, jsonl: &Path, mif: usize) -> (PyResult, f64) {
     (PyResult { v }, sim_cpu)
 }
 
+// ---------------------------------------------------------------------------------------------
+// f. The HTTP floor: the HTTP client alone, with nothing of the stage around it.
+
+/// User + system CPU seconds of this process so far (all threads).
+fn self_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / clk_tck()
+}
+
+/// POST one chat body per prompt (the llm stage's system + user messages and params) to
+/// `url`, `in_flight` at once, one task per request, on a fresh 2-worker tokio runtime, by
+/// `client`: "reqwest" built and called as the llm stage's pool does, or "hyper-util", the
+/// client reqwest wraps. Each response is read whole and its status checked; nothing else
+/// (no rendering, cache, parsing or Parquet). Bodies are serialized before the clock starts.
+/// Returns (wall s, CPU s of this process).
+fn http_floor(client: &str, url: &str, prompts: &[String], in_flight: usize) -> (f64, f64) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bodies: Vec<bytes::Bytes> = prompts
+        .iter()
+        .map(|p| {
+            let b = serde_json::json!({
+                "model": "sim-model",
+                "messages": [
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": p}
+                ],
+                "temperature": 0.7,
+                "max_tokens": 256
+            });
+            serde_json::to_vec(&b).unwrap().into()
+        })
+        .collect();
+    let endpoint = format!("{url}/chat/completions");
+    let id = "0123456789abcdef0123456789abcdef";
+    let timeout = std::time::Duration::from_secs(600);
+    let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let cpu0 = self_cpu_s();
+    let t = Instant::now();
+    let ok: usize = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(bodies.len());
+        if client == "reqwest" {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(in_flight.max(8))
+                .tcp_nodelay(true)
+                .tls_certs_only([])
+                .build()
+                .unwrap();
+            let u = reqwest::Url::parse(&endpoint).unwrap();
+            for body in bodies {
+                let (http, u, sem) = (http.clone(), u.clone(), sem.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = sem.acquire_owned().await.unwrap();
+                    let r = http
+                        .post(u)
+                        .timeout(timeout)
+                        .header("x-ifloom-request-id", id)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let ok = r.status().is_success();
+                    let _ = r.bytes().await.unwrap();
+                    ok as usize
+                }));
+            }
+        } else {
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_nodelay(true);
+            let http: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(in_flight.max(8))
+                    .build(connector);
+            let u: hyper::Uri = endpoint.parse().unwrap();
+            for body in bodies {
+                let (http, u, sem) = (http.clone(), u.clone(), sem.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = sem.acquire_owned().await.unwrap();
+                    let req = hyper::Request::post(u)
+                        .header("x-ifloom-request-id", id)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(body))
+                        .unwrap();
+                    let r = tokio::time::timeout(timeout, http.request(req))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let ok = r.status().is_success();
+                    let _ = r.into_body().collect().await.unwrap().to_bytes();
+                    ok as usize
+                }));
+            }
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap();
+        }
+        ok
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = self_cpu_s() - cpu0;
+    assert_eq!(ok, prompts.len(), "{client}: not every request succeeded");
+    (wall, cpu)
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -512,7 +632,7 @@ fn main() {
         Path::new(TIME).exists(),
         "{TIME} is missing: apt-get install time"
     );
-    let parts = std::env::var("IFLOOM_LLM_BENCH_PARTS").unwrap_or_else(|_| "abcde".into());
+    let parts = std::env::var("IFLOOM_LLM_BENCH_PARTS").unwrap_or_else(|_| "abcdef".into());
     let big = env_num("IFLOOM_LLM_BENCH_BIG", 1_000_000);
     let py_n = env_num("IFLOOM_LLM_BENCH_PY", 10_000);
     let keep = std::env::var("IFLOOM_BENCH_KEEP").is_ok_and(|v| v == "1");
@@ -841,6 +961,52 @@ fn main() {
             }
             md.push('\n');
         }
+    }
+
+    // ----------------------------------------------------------------------------- f
+    if parts.contains('f') {
+        eprintln!("f: the HTTP floor: bare reqwest and hyper-util clients, 100k requests");
+        let n = 100_000;
+        let prompts = prompts(n);
+        let _ = writeln!(
+            md,
+            "### f. HTTP floor: the HTTP client alone (zero-latency simulator, {n} requests, 256 in flight)\n\n\
+             The llm stage's request bodies (serialized before the clock starts), one task per request on a \
+             2-worker tokio runtime, each response read whole; nothing else. `reqwest` is built and called as \
+             the stage's pool does; `hyper-util` is the client reqwest wraps. CPU is this process's user+sys \
+             (`/proc/self/stat`) over the requests, compared with part b's ≤ {TARGET_CPU_US} µs target for the \
+             whole stage.\n\n\
+             | rep | client | wall s | CPU s | µs/request | simulator CPU µs/request |\n\
+             |---|---|---|---|---|---|"
+        );
+        let mut per: Vec<(&str, f64)> = Vec::new();
+        for rep in 1..=2 {
+            for client in ["reqwest", "hyper-util"] {
+                let sim = Sim::start(1024, 0, false);
+                let sim0 = sim.cpu_s();
+                let (wall, cpu) = http_floor(client, &sim.url, &prompts, 256);
+                let sim_cpu = sim.cpu_s() - sim0;
+                eprintln!("  #{rep} {client}: wall {wall:.2} s, cpu {cpu:.2} s");
+                let _ = writeln!(
+                    md,
+                    "| {rep} | {client} | {wall:.2} | {cpu:.2} | {:.1} | {:.1} |",
+                    cpu / n as f64 * 1e6,
+                    sim_cpu / n as f64 * 1e6
+                );
+                per.push((client, cpu / n as f64 * 1e6));
+            }
+        }
+        let mean = |c: &str| {
+            let v: Vec<f64> = per.iter().filter(|p| p.0 == c).map(|p| p.1).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        let _ = writeln!(
+            md,
+            "\nMean µs/request: reqwest {:.1}, hyper-util {:.1} (reqwest ÷ hyper-util = {:.2}).\n",
+            mean("reqwest"),
+            mean("hyper-util"),
+            mean("reqwest") / mean("hyper-util").max(1e-9)
+        );
     }
 
     let _ = writeln!(
