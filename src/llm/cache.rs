@@ -5,7 +5,8 @@
 //! SQLite in WAL mode: readers never block the writer and a second ifloom process can use the
 //! same file at once (an embedded store that locks out other processes would not do). Bodies
 //! are zstd-compressed JSON (below 512 bytes plain JSON, where zstd saves little and costs
-//! more than the request); big runs hold tens of GB of responses otherwise. One writer thread
+//! more than the request); big runs hold tens of GB of responses otherwise. An ifloom from
+//! before plain bodies (2026-11-27) reads them as misses and asks again: nothing is lost. One writer thread
 //! commits small batches (at most 50 ms apart), so a `kill -9` loses at most the responses of
 //! the last 50 ms, which the rerun asks for again.
 

@@ -613,6 +613,11 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
     let out: Vec<Choice> = choices
         .into_iter()
         .map(|c| {
+            let c = c.0.unwrap_or(RawChoice {
+                message: None,
+                text: None,
+                finish_reason: None,
+            });
             let (text, reasoning) = match c.message {
                 Some(m) => (m.content, m.reasoning_content.or(m.reasoning)),
                 None => (c.text, None),
@@ -648,14 +653,23 @@ struct RawCompletion {
     #[serde(default)]
     error: Option<serde_json::Value>,
     #[serde(default)]
-    choices: Option<Vec<RawChoice>>,
-    #[serde(default)]
+    choices: Option<Vec<MaybeChoice>>,
+    #[serde(default, deserialize_with = "loose_object")]
     usage: Option<RawUsage>,
+}
+
+/// A choice that is not an object (`null`) reads as an empty one, as it always did.
+struct MaybeChoice(Option<RawChoice>);
+
+impl<'de> Deserialize<'de> for MaybeChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        loose_object(d).map(MaybeChoice)
+    }
 }
 
 #[derive(Deserialize)]
 struct RawChoice {
-    #[serde(default, deserialize_with = "loose_message")]
+    #[serde(default, deserialize_with = "loose_object")]
     message: Option<RawMessage>,
     #[serde(default, deserialize_with = "loose_str")]
     text: Option<String>,
@@ -723,16 +737,20 @@ fn loose_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
     d.deserialize_any(V)
 }
 
-/// An object is read as a message; anything else (null, a string) reads as absent.
-fn loose_message<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawMessage>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Option<RawMessage>;
+/// An object is read as a `T`; anything else (null, a string, a list) reads as absent.
+fn loose_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Option<T>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a message object")
+            f.write_str("an object")
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
-            RawMessage::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Some)
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Some)
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
             serde::de::IgnoredAny.visit_seq(a).map(|_| None)
@@ -756,7 +774,7 @@ fn loose_message<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawMes
             Ok(None)
         }
     }
-    d.deserialize_any(V)
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 /// An integer is kept, anything else reads as absent.
@@ -804,6 +822,18 @@ mod tests {
         assert_eq!(c.choices[1].text, "hi");
         assert_eq!(c.choices[1].finish_reason, "unknown");
         assert_eq!((c.prompt_tokens, c.completion_tokens), (3, 0));
+        // `usage` of another type reads as absent; a choice that is null reads as empty.
+        let c = parse_completion(
+            br#"{"choices":[null,{"message":{"content":"x"},"finish_reason":"stop"}],"usage":"n/a"}"#,
+            2,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.choices[0].text.as_str(), c.choices[1].text.as_str()),
+            ("", "x")
+        );
+        assert_eq!(c.choices[0].finish_reason, "unknown");
+        assert_eq!(c.prompt_tokens, 0);
         // A body of the wrong shape is a row error that says so.
         assert!(
             parse_completion(br#"{"choices":{"a":1}}"#, 1)

@@ -362,11 +362,15 @@ impl LlmStage {
         env: &'e minijinja::Environment<'static>,
     ) -> std::result::Result<Renderer<'e>, String> {
         let mut messages = Vec::new();
-        for (i, (role, _)) in self.templates.iter().enumerate() {
+        for (i, (role, src)) in self.templates.iter().enumerate() {
             let t = env
                 .get_template(&format!("m{i}"))
                 .map_err(|e| e.to_string())?;
-            let text = if t.undeclared_variables(false).is_empty() {
+            // `undeclared_variables` does not look into included templates.
+            let pulls_in = ["include", "import", "extends"]
+                .iter()
+                .any(|w| src.contains(w));
+            let text = if !pulls_in && t.undeclared_variables(false).is_empty() {
                 t.render(minijinja::context! {}).ok()
             } else {
                 None
