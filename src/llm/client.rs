@@ -53,7 +53,7 @@ pub struct EndpointGroup {
     /// `max_num_seqs`, so that its queue hides each request's round trip).
     #[serde(default = "d_in_flight")]
     pub max_in_flight: usize,
-    /// Start low (8) and find the capacity: double per window of responses until overloads
+    /// Start low (32) and find the capacity: double per window of responses until overloads
     /// (429, 503, timeouts) pass 5% of a window, halve then, grow by 1/16 per clean window.
     #[serde(default)]
     pub adaptive: bool,
@@ -613,11 +613,7 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
     let out: Vec<Choice> = choices
         .into_iter()
         .map(|c| {
-            let c = c.0.unwrap_or(RawChoice {
-                message: None,
-                text: None,
-                finish_reason: None,
-            });
+            let c = c.0.unwrap_or_default();
             let (text, reasoning) = match c.message {
                 Some(m) => (m.content, m.reasoning_content.or(m.reasoning)),
                 None => (c.text, None),
@@ -654,7 +650,7 @@ struct RawCompletion {
     error: Option<serde_json::Value>,
     #[serde(default)]
     choices: Option<Vec<MaybeChoice>>,
-    #[serde(default, deserialize_with = "loose_object")]
+    #[serde(default, deserialize_with = "loose")]
     usage: Option<RawUsage>,
 }
 
@@ -663,62 +659,97 @@ struct MaybeChoice(Option<RawChoice>);
 
 impl<'de> Deserialize<'de> for MaybeChoice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        loose_object(d).map(MaybeChoice)
+        loose(d).map(MaybeChoice)
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RawChoice {
-    #[serde(default, deserialize_with = "loose_object")]
+    #[serde(default, deserialize_with = "loose")]
     message: Option<RawMessage>,
-    #[serde(default, deserialize_with = "loose_str")]
+    #[serde(default, deserialize_with = "loose")]
     text: Option<String>,
-    #[serde(default, deserialize_with = "loose_str")]
+    #[serde(default, deserialize_with = "loose")]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct RawMessage {
-    #[serde(default, deserialize_with = "loose_str")]
+    #[serde(default, deserialize_with = "loose")]
     content: Option<String>,
-    #[serde(default, deserialize_with = "loose_str")]
+    #[serde(default, deserialize_with = "loose")]
     reasoning_content: Option<String>,
-    #[serde(default, deserialize_with = "loose_str")]
+    #[serde(default, deserialize_with = "loose")]
     reasoning: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 struct RawUsage {
-    #[serde(default, deserialize_with = "loose_i64")]
+    #[serde(default, deserialize_with = "loose")]
     prompt_tokens: Option<i64>,
-    #[serde(default, deserialize_with = "loose_i64")]
+    #[serde(default, deserialize_with = "loose")]
     completion_tokens: Option<i64>,
 }
 
-/// Any JSON value; a string is kept, anything else reads as absent.
-fn loose_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Option<String>;
+/// What a lenient field keeps of a JSON value: a string for `String`, an integer for `i64`,
+/// an object for the structs above. A value of any other type reads as absent (the defaults).
+trait Loose<'de>: Sized {
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
+    fn from_i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn from_map<A: serde::de::MapAccess<'de>>(a: A) -> Result<Option<Self>, A::Error> {
+        serde::de::Visitor::visit_map(serde::de::IgnoredAny, a).map(|_| None)
+    }
+}
+
+impl Loose<'_> for String {
+    fn from_str(s: &str) -> Option<Self> {
+        Some(s.to_string())
+    }
+}
+
+impl Loose<'_> for i64 {
+    fn from_i64(v: i64) -> Option<Self> {
+        Some(v)
+    }
+}
+
+/// The structs read from a JSON object.
+macro_rules! loose_object {
+    ($($t:ty),*) => {$(
+        impl<'de> Loose<'de> for $t {
+            fn from_map<A: serde::de::MapAccess<'de>>(a: A) -> Result<Option<Self>, A::Error> {
+                <$t>::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Some)
+            }
+        }
+    )*};
+}
+loose_object!(RawChoice, RawMessage, RawUsage);
+
+/// Read any JSON value as `T` when it has `T`'s type, as absent otherwise.
+fn loose<'de, D: serde::Deserializer<'de>, T: Loose<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Loose<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Option<T>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("any JSON value")
         }
         fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-            Ok(Some(s.to_string()))
+            Ok(T::from_str(s))
         }
-        fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
-            Ok(Some(s))
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(T::from_i64(v))
         }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(i64::try_from(v).ok().and_then(T::from_i64))
         }
         fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok(None)
         }
         fn visit_unit<E>(self) -> Result<Self::Value, E> {
@@ -731,55 +762,10 @@ fn loose_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
             serde::de::IgnoredAny.visit_seq(a).map(|_| None)
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
-            serde::de::IgnoredAny.visit_map(a).map(|_| None)
-        }
-    }
-    d.deserialize_any(V)
-}
-
-/// An object is read as a `T`; anything else (null, a string, a list) reads as absent.
-fn loose_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct V<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
-        type Value = Option<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Some)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
-            serde::de::IgnoredAny.visit_seq(a).map(|_| None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
+            T::from_map(a)
         }
     }
     d.deserialize_any(V(std::marker::PhantomData))
-}
-
-/// An integer is kept, anything else reads as absent.
-fn loose_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 #[cfg(test)]
