@@ -33,6 +33,8 @@
 //!   body is cut in half, drop closes the TCP connection without writing any response (the
 //!   connection's socket wrapper refuses the write, so hyper closes it). With `max_queue`, a
 //!   request that finds every slot busy and the queue full is shed with a 429 (`Retry-After: 1`).
+//! - **Context length.** With `max_model_len`, a prompt (in words) that does not fit, or whose
+//!   `max_tokens` does not fit beside it, gets a 400 worded as vLLM words it.
 //! - **Counters.** Per request key: the `x-ifloom-request-id` header if present, otherwise the
 //!   xxh3 of the body's canonical JSON ([`request_key`]). `GET /sim/stats` also reports
 //!   `in_flight` (sequences holding slots, so `max_in_flight_seen <= slots`), `queued`
@@ -105,6 +107,10 @@ pub struct SimConfig {
     /// requests already waiting gets a 429 with `Retry-After: 1` (a server behind a
     /// rate-limiting gateway). `None`: queue without bound, as vLLM does.
     pub max_queue: Option<usize>,
+    /// The model's context length in tokens (vLLM's `max_model_len`). A prompt that does not
+    /// fit, or whose `max_tokens` does not fit beside it, gets vLLM's 400; without
+    /// `max_tokens` the answer is cut to the room left. `None`: no limit.
+    pub max_model_len: Option<usize>,
     /// Deterministic answers; the first match wins.
     pub rules: Vec<Rule>,
 }
@@ -124,6 +130,7 @@ impl Default for SimConfig {
             fault_drop: 0.0,
             hang_ms: 600_000,
             max_queue: None,
+            max_model_len: None,
             rules: Vec::new(),
         }
     }
@@ -522,8 +529,8 @@ impl Sim {
                 );
             }
         }
-        // The text rules match against, and the prompt token count.
-        let (targets, prompt_tokens) = match api {
+        // The text rules match against, the prompt token count, and the longest prompt.
+        let (targets, prompt_tokens, longest) = match api {
             Api::Chat => {
                 let Some(messages) = req.get("messages").and_then(Value::as_array) else {
                     return bad("`messages` must be an array");
@@ -537,7 +544,7 @@ impl Sim {
                         last_user = text;
                     }
                 }
-                (vec![last_user], words)
+                (vec![last_user], words, words)
             }
             Api::Completions => {
                 let prompts = match req.get("prompt") {
@@ -550,7 +557,8 @@ impl Sim {
                     _ => return bad("`prompt` must be a string or a non-empty array of strings"),
                 };
                 let words = prompts.iter().map(|p| word_count(p)).sum();
-                (prompts, words)
+                let longest = prompts.iter().map(|p| word_count(p)).max().unwrap_or(0);
+                (prompts, words, longest)
             }
         };
         let n = match req.get("n") {
@@ -569,6 +577,21 @@ impl Sim {
                 Some(m) => Some(m as usize),
                 None => return bad("`max_tokens` must be a non-negative integer"),
             },
+        };
+        // vLLM's checks and wording (0.8 and later) when the request does not fit the context.
+        let max_tokens = match (self.config.max_model_len, max_tokens) {
+            (None, m) => m,
+            (Some(len), _) if longest >= len => {
+                return bad(&format!(
+                    "This model's maximum context length is {len} tokens. However, your request has {longest} input tokens. Please reduce the length of the input messages."
+                ));
+            }
+            (Some(len), Some(m)) if longest + m > len => {
+                return bad(&format!(
+                    "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum context length is {len} tokens and your request has {longest} input tokens ({m} > {len} - {longest})."
+                ));
+            }
+            (Some(len), m) => Some(m.unwrap_or(len - longest)),
         };
         let json_mode = matches!(
             req.pointer("/response_format/type").and_then(Value::as_str),
@@ -855,7 +878,8 @@ async fn models(State(sim): State<Arc<Sim>>) -> Response {
         StatusCode::OK,
         &json!({
             "object": "list",
-            "data": [{"id": sim.config.model, "object": "model", "created": 0, "owned_by": "ifloom-sim"}],
+            "data": [{"id": sim.config.model, "object": "model", "created": 0, "owned_by": "ifloom-sim",
+                      "max_model_len": sim.config.max_model_len}],
         }),
     )
 }

@@ -55,6 +55,10 @@ pub struct Args {
     /// requests wait [default: queue without bound].
     #[arg(long)]
     pub max_queue: Option<usize>,
+    /// The model's context length in tokens (words): longer requests get vLLM's 400
+    /// [default: no limit].
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
 }
 
 impl Args {
@@ -81,6 +85,9 @@ impl Args {
         set(&mut c.hang_ms, &self.hang_ms);
         if self.max_queue.is_some() {
             c.max_queue = self.max_queue;
+        }
+        if self.max_model_len.is_some() {
+            c.max_model_len = self.max_model_len;
         }
         if let Some(path) = &self.rules {
             c.rules = sim::rules_from_file(path)?;

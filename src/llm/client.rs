@@ -768,6 +768,59 @@ fn loose<'de, D: serde::Deserializer<'de>, T: Loose<'de>>(d: D) -> Result<Option
     d.deserialize_any(V(std::marker::PhantomData))
 }
 
+/// What a server said about a request that does not fit the model's context window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimit {
+    /// The model's context length in tokens.
+    pub context: i64,
+    /// The prompt's length in tokens.
+    pub prompt: i64,
+}
+
+impl ContextLimit {
+    /// Tokens left for the answer (zero or less: the prompt alone does not fit).
+    pub fn room(&self) -> i64 {
+        self.context - self.prompt
+    }
+}
+
+/// Read the context length and the prompt's length out of a 400 body, as the servers write
+/// them: llama.cpp's server in fields (`n_ctx`, `n_prompt_tokens`), vLLM and llama-cpp-python
+/// only in the message, whose wording changed across vLLM versions (all three are matched).
+/// `None` when the body is not about the context length or does not give both numbers.
+pub fn context_limit(raw: &str) -> Option<ContextLimit> {
+    use std::sync::LazyLock;
+    static CONTEXT: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"maximum context length is (\d+) tokens").expect("valid regex")
+    });
+    // vLLM >= 0.8: "... and your request has 2778 input tokens (8000 > 4096 - 2778)";
+    // vLLM, prompt alone too long: "However, your request has 4176 input tokens.";
+    // older vLLM and llama-cpp-python: "(4000 in the messages, 1000 in the completion)",
+    // completions API: "(4000 in your prompt; 1000 for the completion)".
+    static PROMPT: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"has (\d+) input tokens|\((\d+) in the messages|\((\d+) in your prompt")
+            .expect("valid regex")
+    });
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let err = v.get("error").filter(|e| e.is_object()).unwrap_or(&v);
+    let field = |k: &str| err.get(k).and_then(serde_json::Value::as_i64);
+    if let (Some(context), Some(prompt)) = (field("n_ctx"), field("n_prompt_tokens")) {
+        return Some(ContextLimit { context, prompt });
+    }
+    let message = err.get("message")?.as_str()?;
+    let context = CONTEXT.captures(message)?[1].parse().ok()?;
+    let caps = PROMPT.captures(message)?;
+    let prompt = caps
+        .iter()
+        .skip(1)
+        .flatten()
+        .next()?
+        .as_str()
+        .parse()
+        .ok()?;
+    Some(ContextLimit { context, prompt })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,6 +831,50 @@ mod tests {
     const LLAMA_CPP_CHAT: &str = r#"{"id":"chatcmpl-3f0c","object":"chat.completion","created":1732000001,"model":"SmolLM2-135M-Instruct.Q4_1.gguf","choices":[{"index":0,"message":{"content":"Hello! How can I help you today?","role":"assistant"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":31,"completion_tokens":9,"total_tokens":40}}"#;
     const VLLM_ERROR: &str = r#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.","type":"BadRequestError","param":null,"code":400}"#;
     const REASONING: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"42","reasoning_content":"Let me think."},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#;
+
+    #[test]
+    fn context_limits_as_each_server_words_them() {
+        let cases = [
+            // vLLM >= 0.8, max_tokens too large for what is left.
+            (
+                r#"{"error":{"message":"'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's maximum context length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778). None","type":"BadRequestError","param":null,"code":400}}"#,
+                Some((4096, 2778)),
+            ),
+            // vLLM, the prompt alone is too long.
+            (
+                r#"{"error":{"message":"This model's maximum context length is 1536 tokens. However, your request has 4176 input tokens. Please reduce the length of the input messages.","type":"BadRequestError","param":null,"code":400}}"#,
+                Some((1536, 4176)),
+            ),
+            // Older vLLM (top-level error object) and llama-cpp-python's chat wording.
+            (
+                r#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the messages, 1000 in the completion). Please reduce the length of the messages or completion.","type":"BadRequestError","param":null,"code":400}"#,
+                Some((4096, 4000)),
+            ),
+            // llama-cpp-python, completions API.
+            (
+                r#"{"error":{"message":"This model's maximum context length is 2048 tokens, however you requested 2100 tokens (2090 in your prompt; 10 for the completion). Please reduce your prompt; or completion length.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                Some((2048, 2090)),
+            ),
+            // llama.cpp's server: the numbers are fields.
+            (
+                r#"{"error":{"code":400,"message":"request (4476 tokens) exceeds the available context size (4096 tokens)","type":"exceed_context_size_error","n_prompt_tokens":4476,"n_ctx":4096}}"#,
+                Some((4096, 4476)),
+            ),
+            // Not enough to go on, or not about the context at all.
+            (VLLM_ERROR, None),
+            (
+                r#"{"error":{"message":"The model `x` does not exist.","code":404}}"#,
+                None,
+            ),
+            ("not json", None),
+        ];
+        for (body, want) in cases {
+            let got = context_limit(body).map(|l| (l.context, l.prompt));
+            assert_eq!(got, want, "{body}");
+        }
+        let l = context_limit(cases[0].0).unwrap();
+        assert_eq!(l.room(), 4096 - 2778);
+    }
 
     #[test]
     fn reads_vllm_and_llama_cpp_bodies() {

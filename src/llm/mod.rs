@@ -76,6 +76,8 @@ struct Shared {
     started: Instant,
     /// Set when the stage fails: chunks still queued send nothing more.
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// `clamp_max_tokens`.
+    clamp: bool,
 }
 
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
@@ -215,6 +217,10 @@ pub struct LlmStage {
     pub retry_on_parse_error: u32,
     #[serde(default)]
     pub on_error: OnError,
+    /// When the server answers that prompt + `max_tokens` exceeds the model's context and says
+    /// how long the prompt is, ask once more with `max_tokens` set to the room left.
+    #[serde(default)]
+    pub clamp_max_tokens: bool,
     #[serde(default)]
     pub reasoning: Reasoning,
     /// Name of the response column; the others are `<output>_finish_reason`, ...
@@ -510,6 +516,8 @@ struct Counters {
     cache_hits: AtomicU64,
     failures: AtomicU64,
     parse_failures: AtomicU64,
+    /// Requests asked again with `max_tokens` clamped to the context left.
+    clamped: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     done: AtomicU64,
@@ -673,6 +681,7 @@ impl Stage for LlmStage {
             "on_parse_error": self.on_parse_error,
             "retry_on_parse_error": self.retry_on_parse_error,
             "on_error": self.on_error,
+            "clamp_max_tokens": self.clamp_max_tokens,
             "reasoning": self.reasoning,
             "output": self.output,
         })
@@ -845,6 +854,7 @@ impl Stage for LlmStage {
             model: self.model.as_str().into(),
             started,
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            clamp: self.clamp_max_tokens,
         };
         let k = self.samples as usize;
         let context = self.context_columns(&env);
@@ -975,6 +985,7 @@ impl Stage for LlmStage {
             ("cache_hits", c.cache_hits.load(Ordering::Relaxed)),
             ("failures", c.failures.load(Ordering::Relaxed)),
             ("parse_failures", c.parse_failures.load(Ordering::Relaxed)),
+            ("clamped", c.clamped.load(Ordering::Relaxed)),
             ("retries", pool.retries.load(Ordering::Relaxed) as u64),
             ("prompt_tokens", c.prompt_tokens.load(Ordering::Relaxed)),
             (
@@ -1518,7 +1529,36 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
     let body = bytes::Bytes::from(c.to_body(profile, n));
     sh.counters.requests.fetch_add(1, Ordering::Relaxed);
     let stopped = || INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed);
-    let r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+    let mut r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+    if let Err(CallError::Row {
+        message,
+        raw: Some(raw),
+        ..
+    }) = &mut r
+        && let Some(limit) = client::context_limit(raw)
+    {
+        let room = limit.room();
+        let asked = c.max_tokens();
+        if room < 1 {
+            message.push_str(&format!(
+                " (the prompt alone is {} tokens and the model's context {}: shorten the prompt)",
+                limit.prompt, limit.context
+            ));
+        } else if !sh.clamp {
+            message.push_str(&format!(
+                " ({} tokens are left after the {}-token prompt: `clamp_max_tokens: true` on the stage asks again with max_tokens {room})",
+                room, limit.prompt
+            ));
+        } else if asked.is_none_or(|m| room < m) {
+            // The response is cached under the request as written: the rerun (same prompt,
+            // same server) would be clamped the same way, so it sends nothing.
+            let clamped = c.with_max_tokens(room);
+            sh.counters.clamped.fetch_add(1, Ordering::Relaxed);
+            sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let body = bytes::Bytes::from(clamped.to_body(profile, n));
+            r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+        }
+    }
     sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
     let comp = match r {
         Ok(c) => c,

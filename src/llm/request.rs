@@ -145,6 +145,27 @@ impl Canonical {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
+    /// The answer's token limit as sent: `extra_body` may set it too, and wins.
+    pub fn max_tokens(&self) -> Option<i64> {
+        let extra = &self.sampling.extra_body;
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| extra.get(*k).and_then(serde_json::Value::as_i64))
+            .or(self.sampling.max_tokens)
+    }
+
+    /// The same request with its answer limited to `max` tokens, wherever the limit was set.
+    pub fn with_max_tokens(&self, max: i64) -> Canonical {
+        let mut c = self.clone();
+        c.sampling.max_tokens = Some(max);
+        for k in ["max_completion_tokens", "max_tokens"] {
+            if let Some(v) = c.sampling.extra_body.get_mut(k) {
+                *v = max.into();
+            }
+        }
+        c
+    }
+
     /// The HTTP body for `profile` as a JSON value (batch files embed it).
     pub fn body_value(&self, profile: Profile, n: u32) -> serde_json::Value {
         let mut body = serde_json::Map::new();

@@ -855,3 +855,73 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
         st["by_status"]
     );
 }
+
+#[test]
+fn max_tokens_past_the_context_fails_clearly_or_is_clamped_to_the_room_left() {
+    // A 7-token context (the simulator counts words): "Q: question number i" is 4 tokens, so
+    // max_tokens 64 does not fit beside it; room is 3. One prompt is too long on its own.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--max-model-len", "7"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let p = pipeline(tmp.path(), &sim.url, 5, "");
+    let mut rows = std::fs::read_to_string(tmp.path().join("data/in.jsonl")).unwrap();
+    rows.push_str("{\"prompt\": \"a prompt far too long for this tiny model\", \"temp\": 0.5}\n");
+    std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
+
+    // Without clamping: every row is dead-lettered with what to do, and nothing is retried.
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 6, "a 400 is not retried");
+    // (sql_rows splits on commas, which the reasons contain: test them in SQL.)
+    let failed = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, strpos(reason, 'the prompt alone is 10 tokens and the model''s context 7: shorten the prompt') > 0, \
+         strpos(reason, '3 tokens are left after the 4-token prompt: `clamp_max_tokens: true`') > 0 \
+         FROM ask__failed ORDER BY prompt",
+    );
+    assert_eq!(failed.len(), 6);
+    assert_eq!(failed[0][1..], ["true", "false"], "{:?}", failed[0]);
+    for r in &failed[1..] {
+        assert_eq!(r[1..], ["false", "true"], "{r:?}");
+    }
+
+    // With clamp_max_tokens: each row that has room is asked once more with max_tokens 3.
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p).unwrap() + "    clamp_max_tokens: true\n",
+    )
+    .unwrap();
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 6 + 6 + 5);
+    let answered = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, response, response_finish_reason, response_completion_tokens FROM ask ORDER BY prompt",
+    );
+    assert_eq!(answered.len(), 5);
+    for (i, r) in answered.iter().enumerate() {
+        assert_eq!(r[0], format!("question number {i}"));
+        // The echo "echo: Q: question number i" cut to its first 3 words.
+        assert_eq!(r[1], "echo: Q: question");
+        assert_eq!((r[2].as_str(), r[3].as_str()), ("length", "3"));
+    }
+    let failed = sql_rows(tmp.path(), &run, "SELECT prompt FROM ask__failed");
+    assert_eq!(
+        failed,
+        vec![vec!["a prompt far too long for this tiny model"]]
+    );
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("stages/ask/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["counters"]["clamped"], 5);
+
+    // The clamped answers are cached under the requests as written: a rerun sends only the
+    // row that can never fit.
+    let o = run_env(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 6 + 6 + 5 + 1);
+}
