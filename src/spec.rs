@@ -522,10 +522,17 @@ pub fn load(
                                 .hint("urls: [\"http://127.0.0.1:8000/v1\"]"),
                         ),
                         Ok(g) => {
+                            for p in g.problems() {
+                                // `field: problem`: point at the field.
+                                let field = p.split(':').next().unwrap_or_default();
+                                let pos = v.get(field).map_or(v.pos, |f| f.pos);
+                                errs.push(at(pos, format!("endpoint group `{name}`: {p}")));
+                            }
+                            // Kept even when wrong: its stages then report nothing more.
                             endpoints.insert(name, g);
                         }
                         Err(e) => errs.push(at(e.pos.unwrap_or(v.pos), e.to_string()).hint(
-                            "an endpoint group takes urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries",
+                            "an endpoint group takes urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s",
                         )),
                     }
                 }

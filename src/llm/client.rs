@@ -4,7 +4,7 @@
 //! `Retry-After`, and a circuit breaker so a dead server stops eating every row's retries.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -35,6 +35,9 @@ fn d_backoff_max() -> u64 {
 }
 fn d_all_down() -> f64 {
     120.0
+}
+fn d_bench() -> f64 {
+    5.0
 }
 
 /// One group of interchangeable servers (replicas of the same model). Operational settings
@@ -70,6 +73,10 @@ pub struct EndpointGroup {
     /// Stop the stage (resumably) when every URL has failed for this many seconds.
     #[serde(default = "d_all_down")]
     pub all_down_s: f64,
+    /// A URL that failed 8 requests in a row is benched for this many seconds; then one probe
+    /// request at a time goes to it until one succeeds. A failed probe costs its row no retry.
+    #[serde(default = "d_bench")]
+    pub bench_s: f64,
 }
 
 impl EndpointGroup {
@@ -85,7 +92,35 @@ impl EndpointGroup {
             backoff_ms: d_backoff(),
             backoff_max_ms: d_backoff_max(),
             all_down_s: d_all_down(),
+            bench_s: d_bench(),
         }
+    }
+
+    /// What is wrong with the numbers (all of it), as `field: problem`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_in_flight == 0 {
+            out.push("max_in_flight: must be at least 1".to_string());
+        }
+        for (name, v, min_exclusive) in [
+            ("timeout_s", self.timeout_s, true),
+            ("all_down_s", self.all_down_s, false),
+            ("bench_s", self.bench_s, false),
+        ] {
+            // Durations are built from these: a negative or infinite one would panic there.
+            let ok = v.is_finite() && v < 1e9 && if min_exclusive { v > 0.0 } else { v >= 0.0 };
+            if !ok {
+                let bound = if min_exclusive {
+                    "above 0"
+                } else {
+                    "0 or more"
+                };
+                out.push(format!(
+                    "{name}: must be a number of seconds {bound}, got {v}"
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -148,7 +183,11 @@ struct Endpoint {
     limit: AtomicUsize,
     aimd: Mutex<Window>,
     consecutive_failures: AtomicU32,
+    /// The circuit breaker: `None` closed (in use); a time in the future open (benched); a
+    /// time past half-open: one probe request at a time until one succeeds.
     down_until: Mutex<Option<Instant>>,
+    /// A probe is on the wire to this half-open endpoint.
+    probing: AtomicBool,
 }
 
 pub struct Pool {
@@ -190,7 +229,6 @@ const MIN_OVERLOADS: usize = 3;
 
 /// Failures in a row before an endpoint is benched for a while.
 const TRIP_AFTER: u32 = 8;
-const BENCH_FOR: Duration = Duration::from_secs(5);
 
 impl Pool {
     pub fn new(group: &EndpointGroup) -> Result<Pool, String> {
@@ -241,6 +279,7 @@ impl Pool {
                 }),
                 consecutive_failures: AtomicU32::new(0),
                 down_until: Mutex::new(None),
+                probing: AtomicBool::new(false),
             })
             .collect();
         Ok(Pool {
@@ -314,8 +353,9 @@ impl Pool {
         }
     }
 
-    /// Wait (in arrival order) for a slot on the least busy usable endpoint.
-    async fn acquire(&self) -> Result<usize, CallError> {
+    /// Wait (in arrival order) for a slot on the least busy usable endpoint. `Ok((i, probe))`:
+    /// endpoint `i`; `probe` when it is half-open and this request is its one probe.
+    async fn acquire(&self) -> Result<(usize, bool), CallError> {
         // Only the head of the line waits for a release; the others wait for their turn.
         let _turn = self.line.lock().await;
         loop {
@@ -327,17 +367,25 @@ impl Pool {
             notified.as_mut().enable();
             let now = Instant::now();
             let mut best: Option<(usize, usize)> = None;
-            let mut any_up = false;
+            let mut any_closed = false;
+            let mut probe = None;
+            // When the first bench ends (a bench ends by the clock, not by a release).
+            let mut wake = Duration::from_millis(200);
             for (i, ep) in self.endpoints.iter().enumerate() {
-                let down = ep
-                    .down_until
-                    .lock()
-                    .map(|d| d.is_some_and(|t| t > now))
-                    .unwrap_or(false);
-                if down {
-                    continue;
+                match ep.down_until.lock().map(|d| *d).unwrap_or(None) {
+                    Some(t) if t > now => {
+                        wake = wake.min(t - now);
+                        continue;
+                    }
+                    Some(_) => {
+                        if probe.is_none() && !ep.probing.load(Ordering::Acquire) {
+                            probe = Some(i);
+                        }
+                        continue;
+                    }
+                    None => {}
                 }
-                any_up = true;
+                any_closed = true;
                 let out = ep.outstanding.load(Ordering::Acquire);
                 if out < ep.limit.load(Ordering::Acquire) && best.is_none_or(|(_, b)| out < b) {
                     best = Some((i, out));
@@ -348,47 +396,82 @@ impl Pool {
                 // Another task may have taken the slot meanwhile: check again after claiming.
                 let prev = ep.outstanding.fetch_add(1, Ordering::AcqRel);
                 if prev < ep.limit.load(Ordering::Acquire) {
-                    return Ok(i);
+                    return Ok((i, false));
                 }
                 ep.outstanding.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            if !any_up {
-                let t = {
-                    let mut since = self
-                        .all_down_since
-                        .lock()
-                        .map_err(|_| CallError::Abort("lock".into()))?;
-                    *since.get_or_insert(now)
-                };
-                if now.duration_since(t).as_secs_f64() > self.group.all_down_s {
-                    return Err(CallError::Abort(format!(
-                        "every endpoint has failed for {:.0} s ({}): stopping; rerun the same command to resume",
-                        self.group.all_down_s,
-                        self.group.urls.join(", ")
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if any_closed {
+                notified.await;
                 continue;
             }
-            notified.await;
+            // Every endpoint is benched or being probed: the stage stops (resumable) once
+            // this has lasted `all_down_s`, instead of spending every row's retries.
+            let t = {
+                let mut since = self
+                    .all_down_since
+                    .lock()
+                    .map_err(|_| CallError::Abort("lock".into()))?;
+                *since.get_or_insert(now)
+            };
+            if now.duration_since(t).as_secs_f64() > self.group.all_down_s {
+                return Err(CallError::Abort(format!(
+                    "every endpoint has failed for {:.0} s ({}): stopping; rerun the same command to resume",
+                    self.group.all_down_s,
+                    self.group.urls.join(", ")
+                )));
+            }
+            if let Some(i) = probe {
+                let ep = &self.endpoints[i];
+                if ep
+                    .probing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    ep.outstanding.fetch_add(1, Ordering::AcqRel);
+                    return Ok((i, true));
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(wake) => {}
+            }
         }
     }
 
-    fn release(&self, i: usize, ok: bool, overload: bool) {
+    /// Give back a slot that was not used (the stage stopped before sending).
+    fn unclaim(&self, i: usize, probe: bool) {
         let ep = &self.endpoints[i];
+        if probe {
+            ep.probing.store(false, Ordering::Release);
+        }
+        ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    fn release(&self, i: usize, probe: bool, ok: bool, overload: bool) {
+        let ep = &self.endpoints[i];
+        if probe {
+            ep.probing.store(false, Ordering::Release);
+        }
         ep.outstanding.fetch_sub(1, Ordering::AcqRel);
         if ok {
-            ep.consecutive_failures.store(0, Ordering::Release);
+            // Closing the circuit takes its lock only when it may be open.
+            if (ep.consecutive_failures.swap(0, Ordering::AcqRel) >= TRIP_AFTER || probe)
+                && let Ok(mut d) = ep.down_until.lock()
+            {
+                *d = None;
+            }
             if let Ok(mut s) = self.all_down_since.lock() {
                 *s = None;
             }
         } else {
             let n = ep.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-            if n >= TRIP_AFTER
+            // A failed probe benches the endpoint again at once.
+            if (n >= TRIP_AFTER || probe)
                 && let Ok(mut d) = ep.down_until.lock()
             {
-                *d = Some(Instant::now() + BENCH_FOR);
+                *d = Some(Instant::now() + Duration::from_secs_f64(self.group.bench_s));
             }
         }
         if self.group.adaptive && self.adapt(ep, overload) {
@@ -444,22 +527,26 @@ impl Pool {
         loop {
             // A stopping stage finishes what is on the wire but starts no retry.
             if attempt > 0 && stopped() {
-                return Err(CallError::Abort(
-                    "the stage stopped before this request's retry".into(),
-                ));
+                return Err(stopped_error("before this request's retry"));
             }
-            let i = self.acquire().await?;
+            let (i, probe) = self.acquire().await?;
+            // Checked again after the wait for a slot: a stage stopped by Ctrl-C sends
+            // nothing more, however many requests were queued for slots.
+            if stopped() {
+                self.unclaim(i, probe);
+                return Err(stopped_error("before this request was sent"));
+            }
             let started = Instant::now();
             let result = self.attempt(i, api, body.clone(), request_id, n).await;
             match result {
                 Attempt::Ok(mut c) => {
-                    self.release(i, true, false);
+                    self.release(i, probe, true, false);
                     c.latency_ms = started.elapsed().as_millis() as i64;
                     c.retries = attempt;
                     return Ok(c);
                 }
                 Attempt::Fatal { message, raw } => {
-                    self.release(i, true, false);
+                    self.release(i, probe, true, false);
                     return Err(CallError::Row {
                         message,
                         raw,
@@ -472,8 +559,12 @@ impl Pool {
                     overload,
                     alive,
                 } => {
-                    self.release(i, alive, overload);
-                    if attempt >= self.group.max_retries {
+                    self.release(i, probe, alive, overload);
+                    // A failed probe of a benched endpoint is the endpoint's failure, not
+                    // this row's: it costs the row no retry (all endpoints down ends in a
+                    // resumable stop after `all_down_s`, not in dead-lettered rows).
+                    let charged = !probe || alive;
+                    if charged && attempt >= self.group.max_retries {
                         return Err(CallError::Row {
                             message: format!("{message} (gave up after {} attempts)", attempt + 1),
                             raw: None,
@@ -569,6 +660,15 @@ impl Pool {
                 raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
             },
         }
+    }
+}
+
+/// Why a request was not sent: Ctrl-C (with how to resume), or the stage failed elsewhere.
+fn stopped_error(when: &str) -> CallError {
+    if super::INTERRUPTED.load(Ordering::Relaxed) {
+        CallError::Abort(super::INTERRUPTED_MSG.into())
+    } else {
+        CallError::Abort(format!("the stage stopped {when}"))
     }
 }
 
@@ -954,13 +1054,13 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let order = std::sync::Arc::new(Mutex::new(Vec::new()));
-            assert_eq!(pool.acquire().await.unwrap(), 0);
+            assert_eq!(pool.acquire().await.unwrap(), (0, false));
             let waiter = |name: &'static str| {
                 let (pool, order) = (pool.clone(), order.clone());
                 tokio::spawn(async move {
-                    let i = pool.acquire().await.unwrap();
+                    let (i, _) = pool.acquire().await.unwrap();
                     order.lock().unwrap().push(name);
-                    pool.release(i, true, false);
+                    pool.release(i, false, true, false);
                 })
             };
             let early = waiter("early");
@@ -969,12 +1069,72 @@ mod tests {
             // Free the slot and ask for it again at once, before the early waiter ran: this
             // newcomer must queue behind it instead of taking the slot (it did, before the
             // line).
-            pool.release(0, true, false);
-            let i = pool.acquire().await.unwrap();
+            pool.release(0, false, true, false);
+            let (i, _) = pool.acquire().await.unwrap();
             order.lock().unwrap().push("late");
-            pool.release(i, true, false);
+            pool.release(i, false, true, false);
             early.await.unwrap();
             assert_eq!(*order.lock().unwrap(), ["early", "late"]);
+        });
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_benched_then_probed_one_request_at_a_time() {
+        let mut g = EndpointGroup::new(vec!["http://127.0.0.1:9/v1".into()]);
+        g.max_in_flight = 4;
+        // Benches long enough that a stalled test thread does not see one end early.
+        g.bench_s = 0.3;
+        g.all_down_s = 2.0;
+        let pool = Pool::new(&g).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let soon = Duration::from_millis(20);
+        rt.block_on(async {
+            // Eight failures in a row (two rounds of four) bench it.
+            for _ in 0..2 {
+                for _ in 0..4 {
+                    assert_eq!(pool.acquire().await.unwrap(), (0, false));
+                }
+                for _ in 0..4 {
+                    pool.release(0, false, false, false);
+                }
+            }
+            assert!(tokio::time::timeout(soon, pool.acquire()).await.is_err());
+            // After the bench: one probe, and nothing else while it is out.
+            let (i, probe) = pool.acquire().await.unwrap();
+            assert_eq!((i, probe), (0, true));
+            assert!(tokio::time::timeout(soon, pool.acquire()).await.is_err());
+            // A failed probe benches it again; the next probe succeeds and closes it.
+            pool.release(0, true, false, false);
+            assert!(tokio::time::timeout(soon, pool.acquire()).await.is_err());
+            assert_eq!(pool.acquire().await.unwrap(), (0, true));
+            pool.release(0, true, true, false);
+            for _ in 0..4 {
+                assert_eq!(pool.acquire().await.unwrap(), (0, false));
+            }
+            for _ in 0..4 {
+                pool.release(0, false, false, false);
+            }
+            // Down for good: probes keep failing until `all_down_s` stops the stage.
+            for _ in 0..4 {
+                assert_eq!(pool.acquire().await.unwrap(), (0, false));
+            }
+            for _ in 0..4 {
+                pool.release(0, false, false, false);
+            }
+            let stopped = loop {
+                match pool.acquire().await {
+                    Ok((0, true)) => pool.release(0, true, false, false),
+                    Ok(other) => panic!("only probes while benched, got {other:?}"),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            assert!(
+                stopped.contains("rerun the same command to resume"),
+                "{stopped}"
+            );
         });
     }
 

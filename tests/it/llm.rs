@@ -925,3 +925,130 @@ fn max_tokens_past_the_context_fails_clearly_or_is_clamped_to_the_room_left() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 6 + 6 + 5 + 1);
 }
+
+/// Rewrite the pipeline's inline URL as a named group `g` with these URLs and settings.
+fn group_of(p: &Path, url: &str, urls: &[&str], settings: &str) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let text = text
+        .replace(
+            &format!("    endpoints: [\"{url}\"]\n"),
+            "    endpoint: g\n",
+        )
+        .replace(
+            "inputs:",
+            &format!(
+                "endpoints:\n  g:\n    urls: [{}]\n    {settings}\ninputs:",
+                urls.join(", ")
+            ),
+        );
+    std::fs::write(p, text).unwrap();
+}
+
+/// Start `ifloom run` and return it once the simulators together have seen `n` requests.
+fn run_until(dir: &Path, p: &Path, run: &Path, cache: &Path, sims: &[&Sim], n: u64) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while sims.iter().map(|s| s.requests()).sum::<u64>() < n
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+#[test]
+fn a_replica_dying_mid_stage_costs_no_row() {
+    let a = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let b = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &a.url, 300, "");
+    group_of(
+        &p,
+        &a.url,
+        &[&a.url, &b.url],
+        "max_in_flight: 4\n    max_retries: 3\n    backoff_ms: 10\n    bench_s: 0.2",
+    );
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&a, &b], 60);
+    // Both replicas were in use (least outstanding), then one dies.
+    assert!(a.requests() > 0 && b.requests() > 0);
+    drop(a);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every row answered: the dead replica was benched, then only probed (a failed probe
+    // costs its row no retry), and the live one took the rest.
+    assert_eq!(
+        sql_rows(
+            tmp.path(),
+            &run,
+            "SELECT count(*), count(DISTINCT prompt) FROM ask"
+        ),
+        vec![vec!["300", "300"]]
+    );
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
+        "0"
+    );
+}
+
+#[test]
+fn every_endpoint_down_stops_resumably_instead_of_failing_rows() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 200, "");
+    group_of(
+        &p,
+        &sim.url,
+        &[&sim.url],
+        "max_in_flight: 4\n    max_retries: 2\n    backoff_ms: 10\n    bench_s: 0.1\n    all_down_s: 1",
+    );
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&sim], 40);
+    let url = sim.url.clone();
+    drop(sim);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("every endpoint has failed for 1 s")
+            && err.contains("rerun the same command to resume"),
+        "{err}"
+    );
+    let c = rusqlite::Connection::open(&cache).unwrap();
+    let cached: i64 = c
+        .query_row("SELECT count(*) FROM responses", [], |r| r.get(0))
+        .unwrap();
+    // (The last few of the 40 were on the wire when the server died.)
+    assert!((30..200).contains(&cached), "{cached}");
+    // The server is back (on another port: endpoints are not part of the fingerprint). The
+    // rerun sends exactly the rows that were not answered, and none is dead-lettered.
+    let back = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&url, &back.url);
+    std::fs::write(&p, text).unwrap();
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(back.requests(), 200 - cached as u64);
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "200"
+    );
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
+        "0"
+    );
+}
