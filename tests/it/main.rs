@@ -6,6 +6,7 @@ mod common;
 mod bad_pipelines;
 mod engine;
 mod llm;
+mod llm_features;
 mod near_dup;
 mod real_model;
 mod report;

@@ -1,0 +1,595 @@
+//! More of the llm stage end to end: several endpoints, re-asks on parse errors, `on_error:
+//! fail`, the completions API, reasoning, per-row params, the cache CLI and two processes on
+//! one cache. Real processes, real HTTP on 127.0.0.1 against `ifloom sim`, real Parquet read
+//! back with `ifloom sql`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::common::{ifloom, ok, sql_rows, stderr, tempdir};
+use crate::llm::Sim;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `{"prompt": "question number i", "temp": 0.(i % 10)}` for i in `range`.
+fn numbered(range: std::ops::Range<usize>) -> Vec<Value> {
+    range
+        .map(|i| json!({"prompt": format!("question number {i}"), "temp": (i % 10) as f64 / 10.0}))
+        .collect()
+}
+
+/// A pipeline `<name>.yaml` over `data/<name>.jsonl` (`rows`) with one llm stage `ask` from
+/// `src`; `stage` holds the stage's further keys, indented by four spaces.
+fn pipeline_named(dir: &Path, name: &str, rows: &[Value], stage: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join(format!("data/{name}.jsonl")), data).unwrap();
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name: llmfeat\ninputs:\n  src: data/{name}.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    model: sim-model\n{stage}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn pipeline(dir: &Path, rows: &[Value], stage: &str) -> PathBuf {
+    pipeline_named(dir, "p", rows, stage)
+}
+
+/// The usual chat stage keys: one endpoint, "Q: {{ prompt }}", temperature from `temp`.
+fn chat_stage(url: &str, extra: &str) -> String {
+    format!(
+        "    endpoints: [\"{url}\"]\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: 64\n{extra}"
+    )
+}
+
+fn run_cmd(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ifloom"));
+    c.args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
+        .current_dir(dir);
+    c
+}
+
+fn run(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Output {
+    run_cmd(dir, p, run, cache).output().unwrap()
+}
+
+fn run_ok(dir: &Path, p: &Path, run_dir: &Path, cache: &Path) {
+    let o = run(dir, p, run_dir, cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// One value of a one-row, one-column query.
+fn scalar(dir: &Path, run: &Path, q: &str) -> String {
+    let rows = sql_rows(dir, run, q);
+    assert_eq!(rows.len(), 1, "{q}: {rows:?}");
+    rows[0][0].clone()
+}
+
+fn counters(run: &Path) -> Value {
+    let m: Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("stages/ask/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    m["counters"].clone()
+}
+
+fn rules_file(dir: &Path, rules: Value) -> PathBuf {
+    let p = dir.join("rules.json");
+    std::fs::write(&p, json!({ "rules": rules }).to_string()).unwrap();
+    p
+}
+
+/// The request ids the simulator saw (the `x-ifloom-request-id` header), with their counts.
+fn seen(sim: &Sim) -> HashMap<String, u64> {
+    sim.stats()["per_request"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect()
+}
+
+fn column_set(dir: &Path, run: &Path, q: &str) -> BTreeSet<String> {
+    sql_rows(dir, run, q)
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+/// `ifloom batch export` of the stage's uncached requests, one JSON value per line.
+fn export(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Vec<Value> {
+    let out = dir.join("requests.jsonl");
+    ok(
+        dir,
+        &[
+            "batch",
+            "export",
+            s(p),
+            "--stage",
+            "ask",
+            "--run-dir",
+            s(run),
+            "--cache",
+            s(cache),
+            "-o",
+            s(&out),
+        ],
+    );
+    std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn two_endpoints_share_the_rows_and_the_faster_one_gets_more() {
+    // The slow server is listed first: the first request (both idle) goes to it.
+    let slow = Sim::start(&["--slots", "8", "--base-ms", "50", "--per-token-ms", "0"]);
+    let fast = Sim::start(&["--slots", "8", "--base-ms", "1", "--per-token-ms", "0"]);
+    let tmp = tempdir();
+    let n = 100;
+    let stage = chat_stage(&slow.url, "    max_in_flight: 2\n").replace(
+        &format!("[\"{}\"]", slow.url),
+        &format!("[\"{}\", \"{}\"]", slow.url, fast.url),
+    );
+    let p = pipeline(tmp.path(), &numbered(0..n), &stage);
+    let r = tmp.path().join("run");
+    run_ok(tmp.path(), &p, &r, &tmp.path().join("c.sqlite"));
+    let (a, b) = (slow.requests(), fast.requests());
+    eprintln!("slow endpoint: {a} requests, fast endpoint: {b}");
+    assert!(a > 0, "the slow endpoint got nothing");
+    assert!(b > 0, "the fast endpoint got nothing");
+    assert_eq!(a + b, n as u64, "no faults: one request per row");
+    // Least outstanding: the slow server is at its limit of 2 most of the time, so the
+    // fast one takes the bulk (measured about 10:1 and more).
+    assert!(b > a, "least-outstanding balancing: fast {b}, slow {a}");
+    // Every row answered, in order, each request sent to exactly one server.
+    let rows = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, response, response_error IS NULL, response_request_id FROM ask",
+    );
+    assert_eq!(rows.len(), n);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], format!("question number {i}"));
+        assert_eq!(row[1], format!("echo: Q: question number {i}"));
+        assert_eq!(row[2], "true");
+    }
+    let (sa, sb) = (seen(&slow), seen(&fast));
+    assert!(
+        sa.keys().all(|k| !sb.contains_key(k)),
+        "a request went to both"
+    );
+    let ids: BTreeSet<String> = rows.iter().map(|r| r[3].clone()).collect();
+    let sent: BTreeSet<String> = sa.keys().chain(sb.keys()).cloned().collect();
+    assert_eq!(ids, sent);
+    assert_eq!(
+        scalar(tmp.path(), &r, "SELECT count(*) FROM ask__failed"),
+        "0"
+    );
+}
+
+#[test]
+fn a_failed_parse_is_asked_again_and_the_re_ask_can_succeed() {
+    // With `samples: 2` on vLLM the first ask is one request with n = 2: sample 1 is choice 1,
+    // which this rule answers with prose. Its re-ask (another seed) is a request of its own
+    // with n = 1, answered by choice 0: valid JSON.
+    let tmp = tempdir();
+    let rules = rules_file(
+        tmp.path(),
+        json!([{"match": "number (\\d+)$", "responses": ["{\"a\": ${1}}", "no JSON for ${1}"]}]),
+    );
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1", "--rules", s(&rules)]);
+    let n = 8;
+    let parse = "    samples: 2\n    explode: true\n    retry_on_parse_error: 2\n    parse:\n      json:\n        fields:\n          - {name: a, type: int, required: true}\n";
+    let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
+    let r = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    run_ok(tmp.path(), &p, &r, &cache);
+    // One request with n = 2 per row, plus one re-ask of sample 1.
+    assert_eq!(sim.requests(), 2 * n as u64);
+    let rows = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, sample_index, response_parsed['a'], response_parse_error IS NULL FROM ask ORDER BY prompt, sample_index",
+    );
+    assert_eq!(rows.len(), 2 * n, "{rows:?}");
+    for row in &rows {
+        let i = row[0].rsplit(' ').next().unwrap();
+        assert_eq!(row[2], i, "{row:?}");
+        assert_eq!(row[3], "true", "{row:?}");
+    }
+    assert_eq!(counters(&r)["parse_failures"], 0);
+    // The ids the rows carry are those the server was asked: sample 0 under the request with
+    // n = 2, sample 1 under its re-ask (a distinct id).
+    let ids = column_set(tmp.path(), &r, "SELECT response_request_id FROM ask");
+    assert_eq!(ids.len(), 2 * n);
+    let sent: BTreeSet<String> = seen(&sim).into_keys().collect();
+    assert_eq!(ids, sent);
+    assert_eq!(
+        scalar(tmp.path(), &r, "SELECT count(*) FROM ask__failed"),
+        "0"
+    );
+    // The re-asks are cached too: a fresh run directory sends nothing.
+    run_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    assert_eq!(sim.requests(), 2 * n as u64);
+}
+
+#[test]
+fn an_answer_that_never_parses_is_asked_one_plus_k_times_then_dropped_or_kept() {
+    let tmp = tempdir();
+    let rules = rules_file(
+        tmp.path(),
+        json!([{"match": "number", "response": "I would rather not."}]),
+    );
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1", "--rules", s(&rules)]);
+    let n = 6;
+    let parse = "    retry_on_parse_error: 2\n    parse:\n      json:\n        fields:\n          - {name: a, type: int, required: true}\n";
+    let cache = tmp.path().join("c.sqlite");
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..n),
+        &chat_stage(&sim.url, &format!("{parse}    on_parse_error: drop\n")),
+    );
+    let r = tmp.path().join("run_drop");
+    run_ok(tmp.path(), &p, &r, &cache);
+    // 1 + 2 asks per row, each a distinct request sent once.
+    let sent = seen(&sim);
+    assert_eq!(sim.requests(), 3 * n as u64);
+    assert_eq!(sent.len(), 3 * n);
+    assert!(sent.values().all(|&c| c == 1), "{sent:?}");
+    assert_eq!(scalar(tmp.path(), &r, "SELECT count(*) FROM ask"), "0");
+    let failed = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, starts_with(reason, 'parse:'), raw = 'I would rather not.', request_id FROM ask__failed ORDER BY prompt",
+    );
+    assert_eq!(failed.len(), n);
+    for (i, f) in failed.iter().enumerate() {
+        assert_eq!(f[0], format!("question number {i}"));
+        assert_eq!(f[1..3], ["true", "true"], "{f:?}");
+        assert!(sent.contains_key(&f[3]), "{f:?}");
+    }
+    assert_eq!(counters(&r)["parse_failures"], n as i64);
+    // on_parse_error: keep (a new fingerprint, the same requests): every ask comes from the
+    // cache and the rows are kept with the parse error.
+    let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
+    let r = tmp.path().join("run_keep");
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(sim.requests(), 3 * n as u64, "a cached ask was sent again");
+    let kept = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, response = 'I would rather not.', response_parsed IS NULL, response_parse_error IS NOT NULL, response_cached, response_request_id FROM ask",
+    );
+    assert_eq!(kept.len(), n);
+    for (i, k) in kept.iter().enumerate() {
+        assert_eq!(k[0], format!("question number {i}"));
+        assert_eq!(k[1..5], ["true", "true", "true", "true"], "{k:?}");
+        assert!(sent.contains_key(&k[5]), "{k:?}");
+    }
+    assert_eq!(
+        scalar(tmp.path(), &r, "SELECT count(*) FROM ask__failed"),
+        "0"
+    );
+}
+
+#[test]
+fn on_error_fail_stops_the_run_where_the_default_dead_letters() {
+    let bad = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-malformed", "1.0"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("c.sqlite");
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..4),
+        &chat_stage(&bad.url, "    on_error: fail\n"),
+    );
+    let o = run(tmp.path(), &p, &tmp.path().join("run_fail"), &cache);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "on_error: fail succeeded:\n{e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("(on_error: fail)"), "{e}");
+    assert!(e.contains("not valid JSON"), "{e}");
+    assert!(bad.requests() >= 1);
+    // The default (dead_letter): the same requests, the run succeeds, all rows dead-lettered.
+    let p = pipeline(tmp.path(), &numbered(0..4), &chat_stage(&bad.url, ""));
+    let r = tmp.path().join("run");
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(scalar(tmp.path(), &r, "SELECT count(*) FROM ask"), "0");
+    let failed = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, strpos(reason, 'not valid JSON') > 0, raw IS NOT NULL FROM ask__failed ORDER BY prompt",
+    );
+    assert_eq!(failed.len(), 4);
+    for (i, f) in failed.iter().enumerate() {
+        assert_eq!(f[0], format!("question number {i}"));
+        assert_eq!(f[1..], ["true", "true"], "{f:?}");
+    }
+}
+
+#[test]
+fn completions_api_sends_the_rendered_prompt_and_answers_in_order() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let n = 12;
+    let stage = format!(
+        "    endpoints: [\"{}\"]\n    api: completions\n    prompt: \"Complete: {{{{ prompt | upper }}}}\"\n    params: {{max_tokens: 64}}\n",
+        sim.url
+    );
+    let p = pipeline(tmp.path(), &numbered(0..n), &stage);
+    let r = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    // What would go on the wire: the completions path and body, with the rendered prompt.
+    let lines = export(tmp.path(), &p, &r, &cache);
+    assert_eq!(lines.len(), n);
+    let prompts: BTreeSet<String> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["url"], "/v1/completions", "{l}");
+            assert!(l["body"].get("messages").is_none(), "{l}");
+            l["body"]["prompt"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let want: BTreeSet<String> = (0..n)
+        .map(|i| format!("Complete: QUESTION NUMBER {i}"))
+        .collect();
+    assert_eq!(prompts, want);
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(sim.requests(), n as u64);
+    let rows = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, response, response_finish_reason FROM ask",
+    );
+    assert_eq!(rows.len(), n);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], format!("question number {i}"), "input order kept");
+        assert_eq!(row[1], format!("echo: Complete: QUESTION NUMBER {i}"));
+        assert_eq!(row[2], "stop");
+    }
+}
+
+#[test]
+fn think_blocks_go_to_the_reasoning_column_or_stay_with_reasoning_keep() {
+    let tmp = tempdir();
+    let rules = rules_file(
+        tmp.path(),
+        json!([{"match": "number", "response": "<think>secret plan</think>{\"a\": 1}"}]),
+    );
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--rules", s(&rules)]);
+    let n = 3;
+    let parse = "    parse:\n      json:\n        fields:\n          - {name: a, type: int}\n";
+    let cache = tmp.path().join("c.sqlite");
+    let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
+    let r = tmp.path().join("run");
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(sim.requests(), n as u64);
+    let q = "SELECT response = '{\"a\": 1}', strpos(response, 'secret') = 0, response_reasoning = 'secret plan', response_parsed['a'], response_parse_error IS NULL FROM ask";
+    let rows = sql_rows(tmp.path(), &r, q);
+    assert_eq!(rows.len(), n);
+    for row in &rows {
+        assert_eq!(row, &["true", "true", "true", "1", "true"]);
+    }
+    // reasoning: keep, a new fingerprint but the same requests: from the cache, the text as
+    // the server sent it.
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..n),
+        &chat_stage(&sim.url, &format!("{parse}    reasoning: keep\n")),
+    );
+    let r = tmp.path().join("run_keep");
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(sim.requests(), n as u64, "a cached request was sent again");
+    let q = "SELECT response = '<think>secret plan</think>{\"a\": 1}', response_reasoning IS NULL, response_parsed['a'], response_cached FROM ask";
+    let rows = sql_rows(tmp.path(), &r, q);
+    assert_eq!(rows.len(), n);
+    for row in &rows {
+        assert_eq!(row, &["true", "true", "1", "true"]);
+    }
+}
+
+#[test]
+fn params_from_columns_reach_the_server_per_row() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1"]);
+    let tmp = tempdir();
+    // Rows i and i + 6 share prompt and max_tokens but not temperature.
+    let rows: Vec<Value> = (0..12)
+        .map(|i| {
+            json!({
+                "prompt": format!("tell me about topic {}", i % 6),
+                "temp": if i < 6 { 0.2 } else { 0.7 },
+                "mt": 1 + i % 6,
+            })
+        })
+        .collect();
+    let stage = format!(
+        "    endpoints: [\"{}\"]\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: {{column: mt}}\n",
+        sim.url
+    );
+    let p = pipeline(tmp.path(), &rows, &stage);
+    let r = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    // The request bodies carry each row's own values.
+    let lines = export(tmp.path(), &p, &r, &cache);
+    assert_eq!(
+        lines.len(),
+        12,
+        "distinct temperatures make distinct requests"
+    );
+    let got: BTreeSet<(String, String, i64)> = lines
+        .iter()
+        .map(|l| {
+            let b = &l["body"];
+            (
+                b["messages"][0]["content"].as_str().unwrap().to_string(),
+                format!("{:.2}", b["temperature"].as_f64().unwrap()),
+                b["max_tokens"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("Q: {}", r["prompt"].as_str().unwrap()),
+                format!("{:.2}", r["temp"].as_f64().unwrap()),
+                r["mt"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    run_ok(tmp.path(), &p, &r, &cache);
+    assert_eq!(sim.requests(), 12);
+    assert_eq!(seen(&sim).len(), 12);
+    // The server honoured each row's max_tokens: the echo cut to that many words.
+    let out = sql_rows(
+        tmp.path(),
+        &r,
+        "SELECT prompt, mt, response, response_finish_reason, response_completion_tokens FROM ask",
+    );
+    assert_eq!(out.len(), 12);
+    for (i, row) in out.iter().enumerate() {
+        let mt = 1 + i % 6;
+        assert_eq!(row[1], mt.to_string());
+        let full = format!("echo: Q: tell me about topic {}", i % 6);
+        let cut: Vec<&str> = full.split_whitespace().take(mt).collect();
+        assert_eq!(row[2], cut.join(" "), "{row:?}");
+        assert_eq!(row[3], "length", "{row:?}");
+        assert_eq!(row[4], mt.to_string(), "{row:?}");
+    }
+}
+
+#[test]
+fn cache_stats_counts_and_gc_keeps_or_removes() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("c.sqlite");
+    let n = 7;
+    let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, ""));
+    run_ok(tmp.path(), &p, &tmp.path().join("run1"), &cache);
+    assert_eq!(sim.requests(), n as u64);
+    let stats = |tmp: &Path| -> Value {
+        serde_json::from_str(&ok(
+            tmp,
+            &["cache", "stats", "--json", "--cache", s(&cache)],
+        ))
+        .unwrap()
+    };
+    let st = stats(tmp.path());
+    assert_eq!(st["responses"], n as i64, "{st}");
+    assert_eq!(st["models"], json!([["sim-model", n]]), "{st}");
+    let text = ok(tmp.path(), &["cache", "stats", "--cache", s(&cache)]);
+    assert!(text.contains(&format!("responses: {n}\n")), "{text}");
+    // A cutoff of a day keeps responses written just now.
+    let out = ok(
+        tmp.path(),
+        &[
+            "cache",
+            "gc",
+            "--older-than-days",
+            "1",
+            "--cache",
+            s(&cache),
+        ],
+    );
+    assert!(out.starts_with("removed 0 responses"), "{out}");
+    assert_eq!(stats(tmp.path())["responses"], n as i64);
+    run_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    assert_eq!(sim.requests(), n as u64, "gc removed a recent response");
+    // 0 days: everything goes, and the next run asks again.
+    let out = ok(
+        tmp.path(),
+        &[
+            "cache",
+            "gc",
+            "--older-than-days",
+            "0",
+            "--cache",
+            s(&cache),
+        ],
+    );
+    assert!(out.starts_with(&format!("removed {n} responses")), "{out}");
+    assert_eq!(stats(tmp.path())["responses"], 0);
+    let r3 = tmp.path().join("run3");
+    run_ok(tmp.path(), &p, &r3, &cache);
+    assert_eq!(sim.requests(), 2 * n as u64);
+    assert_eq!(
+        scalar(
+            tmp.path(),
+            &r3,
+            "SELECT count(*) FROM ask WHERE NOT response_cached"
+        ),
+        n.to_string()
+    );
+    assert_eq!(stats(tmp.path())["responses"], n as i64);
+}
+
+#[test]
+fn two_processes_share_one_cache_file() {
+    // Slow enough that the two runs overlap: 4 slots x 20 ms for both.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "20", "--per-token-ms", "0"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("shared.sqlite");
+    let stage = chat_stage(&sim.url, "    max_in_flight: 4\n");
+    // Overlapping inputs: rows 60..120 are in both.
+    let pa = pipeline_named(tmp.path(), "a", &numbered(0..120), &stage);
+    let pb = pipeline_named(tmp.path(), "b", &numbered(60..180), &stage);
+    let (ra, rb) = (tmp.path().join("run_a"), tmp.path().join("run_b"));
+    let spawn = |p: &Path, r: &Path| {
+        run_cmd(tmp.path(), p, r, &cache)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(&pa, &ra), spawn(&pb, &rb));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    let sent = sim.requests();
+    eprintln!("two processes sent {sent} requests for 180 distinct ones");
+    assert!((180..=240).contains(&sent), "{sent}");
+    for (r, range) in [(&ra, 0..120), (&rb, 60..180)] {
+        let rows = sql_rows(tmp.path(), r, "SELECT prompt, response FROM ask");
+        assert_eq!(rows.len(), 120);
+        for (row, i) in rows.iter().zip(range) {
+            assert_eq!(row[0], format!("question number {i}"));
+            assert_eq!(row[1], format!("echo: Q: question number {i}"));
+        }
+    }
+    let st: Value = serde_json::from_str(&ok(
+        tmp.path(),
+        &["cache", "stats", "--json", "--cache", s(&cache)],
+    ))
+    .unwrap();
+    assert_eq!(st["responses"], 180, "{st}");
+    // A third run over all of it, into a fresh run directory: everything is cached.
+    let pc = pipeline_named(tmp.path(), "c", &numbered(0..180), &stage);
+    let rc = tmp.path().join("run_c");
+    run_ok(tmp.path(), &pc, &rc, &cache);
+    assert_eq!(sim.requests(), sent, "the third run sent requests");
+    assert_eq!(
+        scalar(
+            tmp.path(),
+            &rc,
+            "SELECT count(*) FROM ask WHERE response_cached"
+        ),
+        "180"
+    );
+    let o = ifloom(
+        tmp.path(),
+        &["sql", "--run", s(&rc), "SELECT count(*) FROM ask__failed"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
