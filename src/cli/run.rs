@@ -36,6 +36,17 @@ pub struct Args {
     /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// After Ctrl-C, how long requests in flight may finish (into the cache) before they are
+    /// abandoned; abandoned requests are sent again when the run resumes.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_grace)]
+    pub grace_s: f64,
+}
+
+fn parse_grace(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds (0 or more)")),
+    }
 }
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
@@ -56,16 +67,27 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         plan.pipeline.name,
         dir.path.display()
     );
-    // Ctrl-C: stop sending, let requests in flight finish into the cache, exit non-zero.
+    // Ctrl-C: stop sending, let requests in flight finish into the cache for `grace_s`, then
+    // abandon the rest; the stage then stops, the cache is flushed, and the exit is non-zero.
     // A second Ctrl-C exits at once (the cache then loses at most its last 50 ms).
-    engine.rt.spawn(async {
+    let grace = std::time::Duration::from_secs_f64(a.grace_s);
+    engine.rt.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             crate::llm::INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
-                "ifloom: interrupted; finishing requests in flight (Ctrl-C again to quit now)"
+                "ifloom: interrupted; finishing requests in flight for up to {:.0} s (Ctrl-C again to quit now)",
+                grace.as_secs_f64()
             );
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => {
+                    if r.is_ok() {
+                        std::process::exit(130);
+                    }
+                }
+                _ = tokio::time::sleep(grace) => {
+                    eprintln!("ifloom: grace period over; abandoning requests still in flight");
+                    crate::llm::abandon();
+                }
             }
         }
     });

@@ -537,7 +537,24 @@ impl Pool {
                 return Err(stopped_error("before this request was sent"));
             }
             let started = Instant::now();
-            let result = self.attempt(i, api, body.clone(), request_id, n).await;
+            // Raced against the end of the Ctrl-C grace period. Registered before the flag is
+            // read, so an abandon between the two is not missed.
+            let abandon = super::ABANDON.notified();
+            tokio::pin!(abandon);
+            abandon.as_mut().enable();
+            let result = if super::ABANDONED.load(Ordering::SeqCst) {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    r = self.attempt(i, api, body.clone(), request_id, n) => Some(r),
+                    _ = abandon => None,
+                }
+            };
+            let Some(result) = result else {
+                self.unclaim(i, probe);
+                return Err(stopped_error("before this request was answered"));
+            };
             match result {
                 Attempt::Ok(mut c) => {
                     self.release(i, probe, true, false);

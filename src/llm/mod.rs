@@ -47,6 +47,17 @@ pub const KIND: KindEntry = KindEntry {
 /// Set on Ctrl-C: no new request is sent; those in flight finish and are cached.
 pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set when the Ctrl-C grace period is over (with [`ABANDON`] notified): requests still on the
+/// wire are dropped, and resuming sends them again.
+pub static ABANDONED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub static ABANDON: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Abandon the requests in flight (the Ctrl-C grace period is over).
+pub fn abandon() {
+    ABANDONED.store(true, Ordering::SeqCst);
+    ABANDON.notify_waiters();
+}
+
 /// What an interrupted stage says.
 pub const INTERRUPTED_MSG: &str = "interrupted: requests in flight were finished and cached; run the same command again to resume";
 

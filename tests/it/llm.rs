@@ -1052,3 +1052,55 @@ fn every_endpoint_down_stops_resumably_instead_of_failing_rows() {
         "0"
     );
 }
+
+#[test]
+fn ctrl_c_grace_period_abandons_requests_that_do_not_finish() {
+    // Every request hangs (10 minutes, within the 600 s timeout): only the grace period ends
+    // the run.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-hang", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 20, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
+        .args(["--grace-s", "0.5"])
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while sim.requests() < 4 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Not a timing assertion: without a grace period the run would wait out the hang.
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the run did not stop after the grace period");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("grace period over") && err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    assert_eq!(sim.requests(), 4, "nothing more was sent after Ctrl-C");
+}
