@@ -1176,9 +1176,14 @@ impl LlmStage {
                 let response = response.map(|(mut resp, cached)| {
                     if self.reasoning == Reasoning::Strip {
                         let (answer, thought) = parse::strip_reasoning(&resp.text);
-                        if thought.is_some() {
+                        if let Some(t) = thought {
                             resp.text = answer;
-                            resp.reasoning = resp.reasoning.or(thought);
+                            // A server may send both (`reasoning_content` and a `<think>`
+                            // block in the text): keep both.
+                            resp.reasoning = Some(match resp.reasoning.take() {
+                                Some(r) if !r.is_empty() => format!("{r}\n\n{t}"),
+                                _ => t,
+                            });
                         }
                     }
                     (resp, cached)
@@ -1581,18 +1586,24 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
     sh.counters
         .completion_tokens
         .fetch_add(comp.completion_tokens.max(0) as u64, Ordering::Relaxed);
-    // OpenAI-compatible servers report usage for all choices together: each sample gets an
-    // equal share (so per-sample figures add up to the request's total).
-    let per_choice = comp.completion_tokens / n as i64;
+    // OpenAI-compatible servers report usage for all choices together: each sample gets a
+    // share in proportion to its text, and the shares add up to the request's total.
+    let lengths: Vec<usize> = comp
+        .choices
+        .iter()
+        .map(|c| c.text.len() + c.reasoning.as_ref().map_or(0, String::len))
+        .collect();
+    let shares = apportion(comp.completion_tokens, &lengths);
     ids.into_iter()
         .zip(comp.choices)
-        .map(|(id, ch)| {
+        .zip(shares)
+        .map(|((id, ch), tokens)| {
             let resp = CachedResponse {
                 text: ch.text,
                 reasoning: ch.reasoning,
                 finish_reason: ch.finish_reason,
                 prompt_tokens: comp.prompt_tokens,
-                completion_tokens: per_choice,
+                completion_tokens: tokens,
                 latency_ms: comp.latency_ms,
             };
             // Persisted the moment it arrives: a crash after this loses nothing.
@@ -1600,6 +1611,30 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
             (id, Ok(resp))
         })
         .collect()
+}
+
+/// Split `total` into integer shares proportional to `weights` (equal shares when they are all
+/// zero) that add up to `total`: the largest remainders get the leftover units.
+fn apportion(total: i64, weights: &[usize]) -> Vec<i64> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let sum: u128 = weights.iter().map(|&w| w as u128).sum();
+    let (weights, sum): (Vec<u128>, u128) = if sum == 0 {
+        (vec![1; weights.len()], weights.len() as u128)
+    } else {
+        (weights.iter().map(|&w| w as u128).collect(), sum)
+    };
+    let t = total.max(0) as u128;
+    let mut shares: Vec<i64> = weights.iter().map(|w| (t * w / sum) as i64).collect();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    // Largest remainder first; ties to the earlier choice, so the split is deterministic.
+    order.sort_by_key(|&i| (std::cmp::Reverse(t * weights[i] % sum), i));
+    let left = total.max(0) - shares.iter().sum::<i64>();
+    for &i in order.iter().take(left as usize) {
+        shares[i] += 1;
+    }
+    shares
 }
 
 /// Report a stage's progress until the sender of `stop` is dropped.
@@ -1716,5 +1751,22 @@ impl HintOr for Diagnostic {
     }
     fn hint_if_none(self, h: String) -> Self {
         self.hint_or(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::apportion;
+
+    #[test]
+    fn token_shares_follow_the_text_and_add_up() {
+        assert_eq!(apportion(10, &[1, 1, 1]), [4, 3, 3]);
+        assert_eq!(apportion(100, &[30, 10]), [75, 25]);
+        assert_eq!(apportion(7, &[0, 0]), [4, 3]);
+        assert_eq!(apportion(0, &[5, 5]), [0, 0]);
+        assert_eq!(apportion(5, &[]), Vec::<i64>::new());
+        for (total, w) in [(1001, vec![3usize, 7, 11, 0]), (3, vec![1, 1, 1, 1, 1])] {
+            assert_eq!(apportion(total, &w).iter().sum::<i64>(), total);
+        }
     }
 }

@@ -212,11 +212,50 @@ impl Canonical {
         let schema = self.response_schema.as_ref()?;
         Some(match profile {
             Profile::LlamaCpp => serde_json::json!({"type": "json_object", "schema": schema}),
-            Profile::Vllm | Profile::Openai => serde_json::json!({
+            // vLLM enforces any schema by structured decoding.
+            Profile::Vllm => serde_json::json!({
                 "type": "json_schema",
                 "json_schema": {"name": "response", "schema": schema, "strict": true}
             }),
+            // OpenAI rejects `strict: true` unless every object closes its properties and
+            // requires all of them: ask for strict mode only when the schema allows it.
+            Profile::Openai => serde_json::json!({
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": schema, "strict": strict_ok(schema)}
+            }),
         })
+    }
+}
+
+/// Does `schema` meet OpenAI's strict structured-output rules: every object with
+/// `properties` has `additionalProperties: false` and lists all of them in `required`?
+fn strict_ok(schema: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match schema {
+        Value::Object(m) => {
+            if let Some(Value::Object(props)) = m.get("properties") {
+                let closed = m.get("additionalProperties") == Some(&Value::Bool(false));
+                let required: Vec<&str> = m
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if !closed || !props.keys().all(|k| required.contains(&k.as_str())) {
+                    return false;
+                }
+            }
+            m.iter().all(|(k, v)| match k.as_str() {
+                // A map of names to schemas: a property may be called `required` or `enum`.
+                "properties" | "$defs" | "definitions" => v
+                    .as_object()
+                    .is_none_or(|props| props.values().all(strict_ok)),
+                // Values, not schemas.
+                "required" | "enum" | "const" | "default" | "examples" => true,
+                _ => strict_ok(v),
+            })
+        }
+        Value::Array(a) => a.iter().all(strict_ok),
+        _ => true,
     }
 }
 
@@ -308,5 +347,33 @@ mod tests {
         assert!(l.get("n").is_none());
         let n = req().body_value(Profile::Vllm, 3);
         assert_eq!(n["n"], 3);
+        // OpenAI: strict only for schemas its strict mode accepts.
+        let strict = |schema: serde_json::Value| {
+            let mut r = req();
+            r.response_schema = Some(schema);
+            r.body_value(Profile::Openai, 1)["response_format"]["json_schema"]["strict"].clone()
+        };
+        let closed = serde_json::json!({"type": "object", "additionalProperties": false,
+            "required": ["a", "b"], "properties": {"a": {"type": "string"},
+            "b": {"type": "array", "items": {"type": "object", "additionalProperties": false,
+                  "required": ["c"], "properties": {"c": {"type": "integer"}}}}}});
+        assert_eq!(strict(closed.clone()), true);
+        let mut open_inner = closed.clone();
+        open_inner["properties"]["b"]["items"]
+            .as_object_mut()
+            .unwrap()
+            .remove("additionalProperties");
+        assert_eq!(strict(open_inner), false);
+        let mut optional = closed;
+        optional["required"] = serde_json::json!(["a"]);
+        assert_eq!(strict(optional), false);
+        // A property may itself be called `required`: it is a schema, checked as one.
+        let named = serde_json::json!({"type": "object", "additionalProperties": false,
+            "required": ["required"], "properties": {"required": {"type": "boolean"}}});
+        assert_eq!(strict(named.clone()), true);
+        let mut named_open = named;
+        named_open["properties"]["required"] =
+            serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}});
+        assert_eq!(strict(named_open), false);
     }
 }
