@@ -89,7 +89,20 @@ struct Shared {
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// `clamp_max_tokens`.
     clamp: bool,
+    /// Requests on the wire, by id, with where their answer will appear: a later round (the
+    /// next chunk, or a parse retry) with the same request waits for it instead of sending
+    /// it again.
+    inflight: Arc<std::sync::Mutex<HashMap<String, Answer>>>,
 }
+
+/// Where a work unit's answers appear once it finishes.
+type Answer = tokio::sync::watch::Receiver<Option<Arc<UnitResult>>>;
+/// A round's work units: the samples' ids, the request, and where to announce the answers.
+type Unit = (
+    Vec<String>,
+    Canonical,
+    tokio::sync::watch::Sender<Option<Arc<UnitResult>>>,
+);
 
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
 /// being sent by a task on the runtime.
@@ -97,6 +110,8 @@ struct Round {
     ids: Vec<(usize, usize, u32, std::result::Result<String, String>)>,
     hits: HashMap<String, CachedResponse>,
     sending: Option<tokio::task::JoinHandle<Sent>>,
+    /// Ids this round sends (registered in [`Shared::inflight`] until the round finishes).
+    leaders: Vec<String>,
 }
 
 /// A chunk between its first send and its write.
@@ -866,6 +881,7 @@ impl Stage for LlmStage {
             started,
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             clamp: self.clamp_max_tokens,
+            inflight: Default::default(),
         };
         let k = self.samples as usize;
         let context = self.context_columns(&env);
@@ -1093,6 +1109,20 @@ impl LlmStage {
                 .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
             *healthy = true;
         }
+        // Requests an earlier round is still sending (the previous chunk, or the first ask
+        // before a parse retry) are not sent again: they wait for that answer.
+        let mut follow: Vec<(String, Canonical, Answer)> = Vec::new();
+        if let Ok(map) = sh.inflight.lock()
+            && !map.is_empty()
+        {
+            misses.retain(|id, c| match map.get(id) {
+                Some(rx) => {
+                    follow.push((id.clone(), c.clone(), rx.clone()));
+                    false
+                }
+                None => true,
+            });
+        }
         let profile = sh.pool.profile();
         // Work units: the K samples of a row as one request with `n: K` where the server
         // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
@@ -1130,9 +1160,33 @@ impl LlmStage {
             units.len(),
             sh.started.elapsed().as_secs_f64()
         );
-        let sending = (!units.is_empty())
-            .then(|| ctx.engine.rt.spawn(send_units(units, profile, sh.clone())));
-        Ok(Round { ids, hits, sending })
+        // Registered before the next round is built (on this thread), so it sees them.
+        let mut leaders = Vec::new();
+        let units: Vec<Unit> = match sh.inflight.lock() {
+            Ok(mut map) => units
+                .into_iter()
+                .map(|(ids, c)| {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    for id in &ids {
+                        map.insert(id.clone(), rx.clone());
+                        leaders.push(id.clone());
+                    }
+                    (ids, c, tx)
+                })
+                .collect(),
+            Err(_) => return Err(Error::Internal("in-flight map poisoned".into())),
+        };
+        let sending = (!units.is_empty() || !follow.is_empty()).then(|| {
+            ctx.engine
+                .rt
+                .spawn(send_units(units, follow, profile, sh.clone()))
+        });
+        Ok(Round {
+            ids,
+            hits,
+            sending,
+            leaders,
+        })
     }
 
     /// Resolve a round whose sends finished: parse (in parallel), apply the error policies,
@@ -1143,10 +1197,20 @@ impl LlmStage {
         round: Round,
         sent: Sent,
         outcomes: &mut [Vec<Option<Outcome>>],
-        counters: &Counters,
+        sh: &Shared,
     ) -> Result<Vec<(usize, usize, u32)>> {
         use rayon::prelude::*;
-        let Round { ids, hits, .. } = round;
+        let counters = &sh.counters;
+        let Round {
+            ids, hits, leaders, ..
+        } = round;
+        if !leaders.is_empty()
+            && let Ok(mut map) = sh.inflight.lock()
+        {
+            for id in &leaders {
+                map.remove(id);
+            }
+        }
         let resolved: Vec<Resolved> = ids
             .into_par_iter()
             .map(|(r, s, attempt, id)| {
@@ -1276,7 +1340,7 @@ impl LlmStage {
                 ctx.id,
                 sh.started.elapsed().as_secs_f64()
             );
-            let next = self.finish_round(ctx, round, sent, &mut outcomes, &sh.counters)?;
+            let next = self.finish_round(ctx, round, sent, &mut outcomes, sh)?;
             if next.is_empty() {
                 break;
             }
@@ -1506,27 +1570,56 @@ impl LlmStage {
 /// body serialization, response parsing and cache hand-off all ran on one worker thread at a
 /// time, and a response that arrived while that task was busy held its in-flight permit until
 /// the task came round to it (measured: the simulator's slots idle ~10% of a 100k-row run).
-async fn send_units(units: Vec<(Vec<String>, Canonical)>, profile: Profile, sh: Shared) -> Sent {
+async fn send_units(
+    units: Vec<Unit>,
+    follow: Vec<(String, Canonical, Answer)>,
+    profile: Profile,
+    sh: Shared,
+) -> Sent {
     // Four times the pool's capacity: a request sleeping out a retry backoff (a 429's
     // Retry-After is often a whole second) holds no in-flight permit but does hold a place
     // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
     let cap = sh.pool.capacity().max(1) * 4;
-    futures::stream::iter(units.into_iter().map(|(ids, c)| {
+    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, tx)| {
         let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone()));
         async move {
-            match task.await {
+            let done = match task.await {
                 Ok(done) => done,
                 // A panic in a request task (a bug): its samples fail like a lost request.
                 Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
+            };
+            // The in-flight map holds one receiver per id; more means a later round waits
+            // for this answer (copied only then).
+            if tx.receiver_count() > done.len() {
+                let _ = tx.send(Some(Arc::new(done.clone())));
             }
+            done
         }
     }))
     .buffer_unordered(cap)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .flatten()
-    .collect()
+    .collect::<Vec<_>>();
+    let followers = futures::future::join_all(follow.into_iter().map(|(id, c, mut rx)| {
+        let sh = sh.clone();
+        async move {
+            let answer = rx.wait_for(Option::is_some).await.ok().and_then(|v| {
+                v.as_ref()?
+                    .iter()
+                    .find(|(i, _)| *i == id)
+                    .map(|(_, r)| r.clone())
+            });
+            match answer {
+                Some(r) => {
+                    sh.counters.done.fetch_add(1, Ordering::Relaxed);
+                    vec![(id, r)]
+                }
+                // The sender finished before this round registered (and found the map entry
+                // still there): send it after all.
+                None => send_unit(vec![id], c, profile, sh).await,
+            }
+        }
+    }));
+    let (leaders, followers) = futures::join!(leaders, followers);
+    leaders.into_iter().chain(followers).flatten().collect()
 }
 
 type UnitResult = Vec<(String, std::result::Result<CachedResponse, CallError>)>;

@@ -1104,3 +1104,45 @@ fn ctrl_c_grace_period_abandons_requests_that_do_not_finish() {
     );
     assert_eq!(sim.requests(), 4, "nothing more was sent after Ctrl-C");
 }
+
+#[test]
+fn identical_requests_in_flight_in_different_chunks_are_sent_once() {
+    // 4 in flight, so the first chunks are 4, 8, 16, ... rows, and two chunks are on the
+    // wire at once. Rows repeat every 10 (same prompt, same temperature: the same request),
+    // so rows 10 and 11 are asked while rows 0 and 1 (an earlier chunk) are still unanswered.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "30"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 60, "");
+    let rows: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"question number {}\", \"temp\": 0.{}}}\n",
+                i % 10,
+                i % 10
+            )
+        })
+        .collect();
+    std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 10, "{}", sim.stats()["per_request"]);
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, response, response_request_id FROM ask",
+    );
+    assert_eq!(rows.len(), 60);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], format!("question number {}", i % 10));
+        assert_eq!(r[1], format!("echo: Q: question number {}", i % 10));
+        assert_eq!(r[2], rows[i % 10][2], "same request, same id");
+    }
+}
