@@ -1,5 +1,6 @@
 -- The funnel: for every stage (side tables left out) the rows it read, the rows it wrote, the
--- share kept and why rows went. A stage reading several tables (a join, a union of rounds)
+-- share kept and why rows went (an export keeps its input as its table: its reason says how many
+-- records went into the files). A stage reading several tables (a join, a union of rounds)
 -- shows the tables it combines instead of a ratio.
 -- Usage: ifloom sql --run runs/NAME -f sql/funnel.sql
 WITH c AS (
@@ -7,7 +8,10 @@ WITH c AS (
          sum(CASE WHEN name = 'removed' THEN value ELSE 0 END)        AS removed,
          sum(CASE WHEN name = 'failures' THEN value ELSE 0 END)       AS failures,
          sum(CASE WHEN name = 'parse_failures' THEN value ELSE 0 END) AS parse_failures,
-         sum(CASE WHEN name = 'unjudged' THEN value ELSE 0 END)       AS unjudged
+         sum(CASE WHEN name = 'unjudged' THEN value ELSE 0 END)       AS unjudged,
+         sum(CASE WHEN name = 'written' THEN value ELSE 0 END)        AS written,
+         sum(CASE WHEN name = 'skipped' THEN value ELSE 0 END)        AS skipped,
+         sum(CASE WHEN name = 'truncated' THEN value ELSE 0 END)      AS truncated
   FROM ifloom_counters
   GROUP BY stage),
 s AS (SELECT * FROM ifloom_stages WHERE kind NOT LIKE '%:%')
@@ -25,6 +29,9 @@ SELECT s.id                                                   AS stage,
          WHEN s.kind = 'decontaminate' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' removed by decontamination'
          WHEN s.kind = 'llm' THEN CAST(coalesce(c.failures, 0) AS VARCHAR) || ' request failures (dead-lettered), '
                                   || CAST(coalesce(c.parse_failures, 0) AS VARCHAR) || ' parse failures (kept, unparsed)'
+         WHEN s.kind = 'export' THEN CAST(coalesce(c.written, 0) AS VARCHAR) || ' records written, '
+                                     || CAST(coalesce(c.skipped, 0) AS VARCHAR) || ' empty skipped, '
+                                     || CAST(coalesce(c.truncated, 0) AS VARCHAR) || ' truncated left out'
          WHEN s.kind = 'verdict' THEN CAST(coalesce(c.unjudged, 0) AS VARCHAR) || ' unjudged (kept, in neither SFT nor DPO)'
          WHEN s.rows < p.rows THEN CAST(p.rows - s.rows AS VARCHAR) || ' filtered out by the stage''s query'
          WHEN s.rows > p.rows THEN 'one input row became several'

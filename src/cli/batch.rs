@@ -2,6 +2,7 @@
 //! uncached request of an LLM stage in the batch format, run it elsewhere, import the results
 //! into the cache; the next `ifloom run` then completes the stage without network calls.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 
@@ -47,7 +48,8 @@ pub enum Action {
         #[arg(short, long)]
         out: PathBuf,
     },
-    /// Load batch results (JSONL) into the cache.
+    /// Load batch results (JSONL) into the cache: only results whose `custom_id` is one of the
+    /// stage's requests, and not already cached.
     Import {
         #[command(flatten)]
         common: Common,
@@ -88,13 +90,19 @@ fn setup(c: &Common, engine: &Engine) -> Result<(crate::compile::Plan, RunDir, E
     Ok((plan, dir, engine))
 }
 
-fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
-    let (plan, dir, engine) = setup(&c, engine)?;
+/// The stage's requests (id, canonical request), from its input rows: what `export` writes
+/// and the ids `import` accepts.
+fn stage_requests(
+    c: &Common,
+    plan: &crate::compile::Plan,
+    dir: &RunDir,
+    engine: &Engine,
+) -> Result<Vec<(String, llm::request::Canonical)>> {
     // Materialize what needs no LLM (the stage's inputs, if they do not depend on one).
     exec::run(
-        &plan,
-        &dir,
-        &engine,
+        plan,
+        dir,
+        engine,
         &RunOptions {
             force: vec![],
             dry_run: true,
@@ -118,7 +126,19 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
     for b in read_batches(&files) {
         rows.extend(llm::batch_rows(&b?)?);
     }
-    let reqs = llm::plan_requests(st, &rows)?;
+    llm::plan_requests(st, &rows)
+}
+
+fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
+    let (plan, dir, engine) = setup(&c, engine)?;
+    let reqs = stage_requests(&c, &plan, &dir, &engine)?;
+    let st = plan
+        .pipeline
+        .stage(&c.stage)
+        .expect("checked")
+        .stage
+        .llm()
+        .expect("checked");
     let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
     let cached = Cache::open(&engine.cache_path)?.get_many(&ids)?;
     let f = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
@@ -144,8 +164,14 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
     Ok(())
 }
 
+/// How many ids of unknown results to name in the report.
+const SHOW_UNKNOWN: usize = 5;
+
 fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
-    let (plan, _dir, engine) = setup(&c, engine)?;
+    let (plan, dir, engine) = setup(&c, engine)?;
+    // The ids `batch export` would write for this stage (cached or not): a result with any
+    // other custom_id belongs to another stage, pipeline or parameter set and is not stored.
+    let reqs = stage_requests(&c, &plan, &dir, &engine)?;
     let st = plan
         .pipeline
         .stage(&c.stage)
@@ -153,57 +179,95 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
         .stage
         .llm()
         .expect("checked");
+    let ids: Vec<String> = reqs.into_iter().map(|(id, _)| id).collect();
     let f = std::fs::File::open(&results).map_err(|e| Error::io(&results, e))?;
     let cache = Cache::open(&engine.cache_path)?;
-    let (mut ok, mut bad) = (0, 0);
+    let mut seen: HashSet<String> = cache.get_many(&ids)?.into_keys().collect();
+    let known: HashSet<String> = ids.into_iter().collect();
+    let (mut stored, mut cached, mut failed) = (0usize, 0usize, 0usize);
+    let mut unknown: Vec<String> = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| Error::io(&results, e))?;
         if line.trim().is_empty() {
             continue;
         }
+        let at = format!("{}:{}", results.display(), i + 1);
         let v: serde_json::Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("{}:{}: skipped, not JSON: {e}", results.display(), i + 1);
-                bad += 1;
+                eprintln!("{at}: failed, not JSON: {e}");
+                failed += 1;
                 continue;
             }
         };
         let id = v["custom_id"].as_str().unwrap_or_default().to_string();
+        if id.is_empty() {
+            eprintln!("{at}: failed, no custom_id");
+            failed += 1;
+            continue;
+        }
+        if !known.contains(&id) {
+            unknown.push(id);
+            continue;
+        }
         let status = v["response"]["status_code"].as_u64().unwrap_or(0);
         let body = serde_json::to_vec(&v["response"]["body"])?;
-        match (id.is_empty(), status, client::parse_completion(&body, 1)) {
-            (false, 200, Ok(comp)) => {
-                let ch = comp.choices.into_iter().next().expect("one choice checked");
-                cache.put(
-                    id,
-                    st.model().into(),
-                    CachedResponse {
-                        text: ch.text,
-                        reasoning: ch.reasoning,
-                        finish_reason: ch.finish_reason,
-                        prompt_tokens: comp.prompt_tokens,
-                        completion_tokens: comp.completion_tokens,
-                        latency_ms: 0,
-                    },
-                );
-                ok += 1;
-            }
-            (_, _, r) => {
+        let comp = match (status, client::parse_completion(&body, 1)) {
+            (200, Ok(comp)) => comp,
+            (_, r) => {
                 let why = match r {
                     Err(e) => e,
-                    Ok(_) => format!("status {status}, custom_id `{id}`"),
+                    Ok(_) => format!("status {status}"),
                 };
-                eprintln!("{}:{}: skipped: {why}", results.display(), i + 1);
-                bad += 1;
+                eprintln!("{at}: failed, custom_id `{id}`: {why}");
+                failed += 1;
+                continue;
             }
+        };
+        // Already in the cache, or earlier in this file: the first answer stays.
+        if !seen.insert(id.clone()) {
+            cached += 1;
+            continue;
         }
+        let ch = comp.choices.into_iter().next().expect("one choice checked");
+        cache.put(
+            id,
+            st.model().into(),
+            CachedResponse {
+                text: ch.text,
+                reasoning: ch.reasoning,
+                finish_reason: ch.finish_reason,
+                prompt_tokens: comp.prompt_tokens,
+                completion_tokens: comp.completion_tokens,
+                latency_ms: 0,
+            },
+        );
+        stored += 1;
     }
-    let stored = cache.close()?;
-    eprintln!(
-        "imported {ok} responses into {} ({bad} skipped)",
-        engine.cache_path.display()
+    let written = cache.close()?;
+    debug_assert_eq!(written, stored as u64);
+    let mut report = format!(
+        "imported {stored} responses into {}: {} unknown ids skipped, {cached} already cached, {failed} failed",
+        engine.cache_path.display(),
+        unknown.len(),
     );
-    debug_assert_eq!(stored, ok as u64);
+    if !unknown.is_empty() {
+        let shown: Vec<String> = unknown
+            .iter()
+            .take(SHOW_UNKNOWN)
+            .map(|id| format!("`{id}`"))
+            .collect();
+        let more = if unknown.len() > SHOW_UNKNOWN {
+            format!(" and {} more", unknown.len() - SHOW_UNKNOWN)
+        } else {
+            String::new()
+        };
+        report.push_str(&format!(
+            "\n  unknown: {}{more}, not requests of stage `{}` (results of another stage, pipeline or --set?)",
+            shown.join(", "),
+            c.stage
+        ));
+    }
+    eprintln!("{report}");
     Ok(())
 }

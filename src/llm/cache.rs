@@ -68,6 +68,61 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// How the cache file is chosen, for messages about it.
+pub const LOCATION_RULE: &str = "--cache PATH if given, else $IFLOOM_CACHE, else \
+    ~/.cache/ifloom/llm-cache.sqlite ($XDG_CACHE_HOME/ifloom/llm-cache.sqlite when XDG_CACHE_HOME is set)";
+
+/// Open a cache that must already exist (`ifloom cache stats` / `gc`): a path with no cache
+/// is an error naming it, and nothing is created, neither the file nor its folder.
+fn open_existing(path: &Path) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let env = match std::env::var_os("IFLOOM_CACHE") {
+        Some(v) => format!("$IFLOOM_CACHE is {}", v.to_string_lossy()),
+        None => "$IFLOOM_CACHE is not set".into(),
+    };
+    if !path.is_file() {
+        let what = if path.exists() {
+            "is not a file"
+        } else {
+            "does not exist: nothing was ever cached there"
+        };
+        return Err(Error::usage(format!(
+            "no LLM cache at {}: it {what}\n  hint: the cache is {LOCATION_RULE}; {env}. Point \
+             --cache (or $IFLOOM_CACHE) at the file your runs used",
+            path.display()
+        )));
+    }
+    let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
+    // No SQLITE_OPEN_CREATE: a file removed since the check is an error, not a new cache.
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'responses'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| {
+            Error::usage(format!(
+                "{} is not an ifloom LLM cache ({e})\n  hint: the cache is {LOCATION_RULE}",
+                path.display()
+            ))
+        })?;
+    if tables == 0 {
+        return Err(Error::usage(format!(
+            "{} is not an ifloom LLM cache (it has no `responses` table)\n  hint: the cache is {LOCATION_RULE}",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 /// Bodies shorter than this are stored as plain JSON: zstd's per-call cost (entropy tables
 /// built for every frame) was 8% of a zero-latency run's CPU for ~230-byte bodies, which it
 /// shrank by a few dozen bytes. Longer ones (real answers: KBs) are compressed.
@@ -261,8 +316,9 @@ pub struct Stats {
     pub models: Vec<(String, i64)>,
 }
 
+/// Figures of the cache at `path`; an error if there is none (nothing is created).
 pub fn stats(path: &Path) -> Result<Stats> {
-    let conn = open(path)?;
+    let conn = open_existing(path)?;
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
     let (responses, bytes): (i64, i64) = conn
         .query_row(
@@ -288,9 +344,10 @@ pub fn stats(path: &Path) -> Result<Stats> {
     })
 }
 
-/// Delete responses older than `days` (all with `days = 0`) and compact the file.
+/// Delete responses older than `days` (all with `days = 0`) and compact the file; an error
+/// if there is no cache at `path` (nothing is created).
 pub fn gc(path: &Path, older_than_days: u64) -> Result<usize> {
-    let conn = open(path)?;
+    let conn = open_existing(path)?;
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
     let cutoff = chrono::Utc::now().timestamp() - (older_than_days as i64) * 86_400;
     let n = conn
@@ -361,5 +418,26 @@ mod tests {
         let got = b.get_many(&["short".into(), "long".into()]).unwrap();
         assert_eq!(got["short"], resp("YES"));
         assert_eq!(got["long"], resp(&long));
+    }
+
+    #[test]
+    fn stats_and_gc_of_a_missing_cache_fail_and_create_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub").join("none.sqlite");
+        let e = stats(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("IFLOOM_CACHE"),
+            "{e}"
+        );
+        assert!(gc(&p, 0).is_err());
+        assert!(!dir.path().join("sub").exists());
+        // Some other SQLite file is not taken for a cache, and is left as it was.
+        let other = dir.path().join("other.sqlite");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x INTEGER)")
+            .unwrap();
+        let e = stats(&other).unwrap_err().to_string();
+        assert!(e.contains("not an ifloom LLM cache"), "{e}");
     }
 }

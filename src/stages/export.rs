@@ -13,6 +13,12 @@
 //! `{from, value}`) turns before the final prompt. The LLaMA-Factory formats also get their
 //! entry merged into `dataset_info.json` beside the file. Rows whose prompt or answers are null
 //! or empty are not written (counter `skipped`): an empty target teaches a trainer nothing.
+//! Rows whose answer was cut off by `max_tokens` are not written either (counter `truncated`)
+//! unless `keep_truncated: true`: an answer column `X` is flagged by a boolean column
+//! `X_truncated` (what an llm stage with `output: X` adds) when the input has one. SFT formats
+//! look at the response's flag, DPO formats at the chosen's and the rejected's: a pair with a
+//! cut-off side is a length signal, not a preference. An answer column without such a flag
+//! column is written as it is.
 //! The stage's own table is its input, unchanged, so lineage columns stay queryable.
 
 use std::fs::File;
@@ -92,6 +98,10 @@ pub struct ExportStage {
     /// Name of the dataset in `dataset_info.json` (default: the stage id).
     #[serde(default)]
     pub dataset_name: Option<String>,
+    /// Also write rows whose answer was cut off by `max_tokens` (its `<column>_truncated` flag
+    /// is true). Default false: they are left out and counted (counter `truncated`).
+    #[serde(default)]
+    pub keep_truncated: bool,
 }
 
 /// Stages of one run write in parallel threads; `dataset_info.json` is read, merged and
@@ -127,6 +137,32 @@ impl ExportStage {
                 p.push(".");
                 p.push(ext);
                 (*f, PathBuf::from(p))
+            })
+            .collect()
+    }
+
+    /// The answer columns the format writes: `response`, or `chosen` and `rejected`.
+    fn answer_columns(&self) -> Vec<String> {
+        if self.format.is_dpo() {
+            vec![self.chosen_col(), self.rejected_col()]
+        } else {
+            vec![self.response_col()]
+        }
+    }
+
+    /// The truncation flags that leave a row out: `<answer>_truncated` for each answer column
+    /// that has a boolean one in `schema` (none with `keep_truncated`).
+    pub fn truncation_flags(&self, schema: &arrow::datatypes::Schema) -> Vec<String> {
+        if self.keep_truncated {
+            return Vec::new();
+        }
+        self.answer_columns()
+            .into_iter()
+            .map(|c| format!("{c}_truncated"))
+            .filter(|f| {
+                schema
+                    .field_with_name(f)
+                    .is_ok_and(|f| *f.data_type() == arrow::datatypes::DataType::Boolean)
             })
             .collect()
     }
@@ -473,7 +509,8 @@ impl Stage for ExportStage {
             jsonl = Some((t, BufWriter::new(f)));
         }
         let want_parquet = targets.iter().any(|(f, _)| *f == OutFormat::Parquet);
-        let (mut written, mut skipped) = (0i64, 0i64);
+        let (mut written, mut skipped, mut truncated) = (0i64, 0i64, 0i64);
+        let flags = self.truncation_flags(&ctx.schema);
         for b in read_batches(&ctx.parent().files) {
             let b = b?;
             let w = match &mut tw {
@@ -485,6 +522,15 @@ impl Stage for ExportStage {
             };
             w.write(&b)?;
             for row in crate::llm::batch_rows(&b)? {
+                // Before the empty-text check: an answer cut off before any text (a reasoning
+                // model that spent max_tokens thinking) counts as truncated.
+                if flags
+                    .iter()
+                    .any(|f| row.get(f).and_then(Value::as_bool) == Some(true))
+                {
+                    truncated += 1;
+                    continue;
+                }
                 let Some(rec) = self.record(&row) else {
                     skipped += 1;
                     continue;
@@ -549,6 +595,7 @@ impl Stage for ExportStage {
         let mut out = RunOutput::default();
         out.counters.insert("written".into(), written);
         out.counters.insert("skipped".into(), skipped);
+        out.counters.insert("truncated".into(), truncated);
         Ok(out)
     }
 }
@@ -635,6 +682,7 @@ mod tests {
             system: Some("system".into()),
             history: Some("history".into()),
             dataset_name: None,
+            keep_truncated: false,
         }
     }
 
@@ -707,5 +755,40 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn truncation_flags_follow_the_answer_columns() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Schema::new(vec![
+            Field::new("response_truncated", DataType::Boolean, true),
+            Field::new("chosen_truncated", DataType::Boolean, true),
+            Field::new("answer_truncated", DataType::Boolean, true),
+            // Samples as lists: not a per-row flag.
+            Field::new(
+                "rejected_truncated",
+                DataType::List(std::sync::Arc::new(Field::new_list_field(
+                    DataType::Boolean,
+                    true,
+                ))),
+                true,
+            ),
+        ]);
+        assert_eq!(
+            stage(ExportFormat::SftMessages).truncation_flags(&schema),
+            ["response_truncated"]
+        );
+        let mut answer = stage(ExportFormat::SftAlpaca);
+        answer.response = Some("answer".into());
+        assert_eq!(answer.truncation_flags(&schema), ["answer_truncated"]);
+        answer.response = Some("text".into());
+        assert!(answer.truncation_flags(&schema).is_empty());
+        assert_eq!(
+            stage(ExportFormat::DpoPairs).truncation_flags(&schema),
+            ["chosen_truncated"]
+        );
+        let mut keep = stage(ExportFormat::SftMessages);
+        keep.keep_truncated = true;
+        assert!(keep.truncation_flags(&schema).is_empty());
     }
 }

@@ -4,7 +4,9 @@
 mod common;
 
 mod bad_pipelines;
+mod cache_batch;
 mod engine;
+mod export;
 mod llm;
 mod llm_features;
 mod near_dup;
