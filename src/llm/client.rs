@@ -638,8 +638,7 @@ impl Pool {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .map(Duration::from_secs_f64);
+            .and_then(retry_after);
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -678,6 +677,21 @@ impl Pool {
             },
         }
     }
+}
+
+/// A `Retry-After` header: seconds, or an HTTP date (RFC 9110), capped at an hour (a server
+/// asking for more is not one to wait for row by row).
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let d = match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s.min(3600.0)),
+        Ok(_) => return None,
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(d.min(Duration::from_secs(3600)))
 }
 
 /// Why a request was not sent: Ctrl-C (with how to resume), or the stage failed elsewhere.
@@ -991,6 +1005,21 @@ mod tests {
         }
         let l = context_limit(cases[0].0).unwrap();
         assert_eq!(l.room(), 4096 - 2778);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(retry_after("1"), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("-3"), None);
+        assert_eq!(retry_after("NaN"), None);
+        assert_eq!(retry_after("1e300"), Some(Duration::from_secs(3600)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let d = retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!((118..=120).contains(&d.as_secs()), "{d:?}");
+        let past = retry_after("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(past, Some(Duration::ZERO));
+        assert_eq!(retry_after("soon"), None);
     }
 
     #[test]

@@ -97,11 +97,13 @@ struct Shared {
 
 /// Where a work unit's answers appear once it finishes.
 type Answer = tokio::sync::watch::Receiver<Option<Arc<UnitResult>>>;
-/// A round's work units: the samples' ids, the request, and where to announce the answers.
+/// A round's work units: the samples' ids, the request, where to announce the answers, and
+/// how many samples it answers for the first time (the progress count).
 type Unit = (
     Vec<String>,
     Canonical,
     tokio::sync::watch::Sender<Option<Arc<UnitResult>>>,
+    u64,
 );
 
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
@@ -1076,31 +1078,40 @@ impl LlmStage {
                 })
             })
             .collect();
-        // Identical requests (same id) are sent once.
-        let mut reqs: HashMap<String, Canonical> = HashMap::new();
+        // Identical requests (same id) are sent once. Each request carries how many samples
+        // it answers for the first time (its weight in the progress count; re-asks after a
+        // parse failure add none).
+        let mut reqs: HashMap<String, (Canonical, u64)> = HashMap::new();
         let mut ids = Vec::with_capacity(rendered.len());
+        let counters = &sh.counters;
         for (r, s, attempt, c) in rendered {
+            let first = u64::from(attempt == 0);
             match c {
                 Ok((id, c)) => {
-                    reqs.entry(id.clone()).or_insert(c);
+                    reqs.entry(id.clone()).or_insert((c, 0)).1 += first;
                     ids.push((r, s, attempt, Ok(id)));
                 }
-                Err(e) => ids.push((r, s, attempt, Err(e))),
+                Err(e) => {
+                    counters.done.fetch_add(first, Ordering::Relaxed);
+                    ids.push((r, s, attempt, Err(e)))
+                }
             }
         }
         let all: Vec<String> = reqs.keys().cloned().collect();
         let hits = sh.cache.get_many(&all)?;
-        let counters = &sh.counters;
         counters
             .cache_hits
             .fetch_add(hits.len() as u64, Ordering::Relaxed);
-        counters
-            .done
-            .fetch_add(hits.len() as u64, Ordering::Relaxed);
-        let mut misses: HashMap<String, Canonical> = reqs
-            .into_iter()
-            .filter(|(id, _)| !hits.contains_key(id))
-            .collect();
+        let mut misses: HashMap<String, (Canonical, u64)> = HashMap::new();
+        let mut hit_weight = 0;
+        for (id, (c, w)) in reqs {
+            if hits.contains_key(&id) {
+                hit_weight += w;
+            } else {
+                misses.insert(id, (c, w));
+            }
+        }
+        counters.done.fetch_add(hit_weight, Ordering::Relaxed);
         if !misses.is_empty() && !*healthy {
             let model = self.model.clone();
             let p = sh.pool.clone();
@@ -1111,13 +1122,13 @@ impl LlmStage {
         }
         // Requests an earlier round is still sending (the previous chunk, or the first ask
         // before a parse retry) are not sent again: they wait for that answer.
-        let mut follow: Vec<(String, Canonical, Answer)> = Vec::new();
+        let mut follow: Vec<(String, Canonical, Answer, u64)> = Vec::new();
         if let Ok(map) = sh.inflight.lock()
             && !map.is_empty()
         {
-            misses.retain(|id, c| match map.get(id) {
+            misses.retain(|id, (c, w)| match map.get(id) {
                 Some(rx) => {
-                    follow.push((id.clone(), c.clone(), rx.clone()));
+                    follow.push((id.clone(), c.clone(), rx.clone(), *w));
                     false
                 }
                 None => true,
@@ -1127,7 +1138,7 @@ impl LlmStage {
         // Work units: the K samples of a row as one request with `n: K` where the server
         // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
         // sample, each with its own seed. Every choice is cached under its sample's id.
-        let mut units: Vec<(Vec<String>, Canonical)> = Vec::new();
+        let mut units: Vec<(Vec<String>, Canonical, u64)> = Vec::new();
         if profile.honours_n() && self.samples > 1 {
             let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
             for (r, s, attempt, id) in &ids {
@@ -1145,15 +1156,15 @@ impl LlmStage {
                 let distinct: HashSet<&String> = sample_ids.iter().map(|(_, id)| id).collect();
                 if all_missing && distinct.len() == sample_ids.len() {
                     let group: Vec<String> = sample_ids.into_iter().map(|(_, id)| id).collect();
-                    let base = misses.remove(&group[0]).expect("checked missing");
+                    let (base, mut weight) = misses.remove(&group[0]).expect("checked missing");
                     for id in &group[1..] {
-                        misses.remove(id);
+                        weight += misses.remove(id).map_or(0, |(_, w)| w);
                     }
-                    units.push((group, base));
+                    units.push((group, base, weight));
                 }
             }
         }
-        units.extend(misses.into_iter().map(|(id, c)| (vec![id], c)));
+        units.extend(misses.into_iter().map(|(id, (c, w))| (vec![id], c, w)));
         tracing::debug!(
             "{}: {} requests handed to the runtime at {:.3} s",
             ctx.id,
@@ -1165,13 +1176,13 @@ impl LlmStage {
         let units: Vec<Unit> = match sh.inflight.lock() {
             Ok(mut map) => units
                 .into_iter()
-                .map(|(ids, c)| {
+                .map(|(ids, c, w)| {
                     let (tx, rx) = tokio::sync::watch::channel(None);
                     for id in &ids {
                         map.insert(id.clone(), rx.clone());
                         leaders.push(id.clone());
                     }
-                    (ids, c, tx)
+                    (ids, c, tx, w)
                 })
                 .collect(),
             Err(_) => return Err(Error::Internal("in-flight map poisoned".into())),
@@ -1572,7 +1583,7 @@ impl LlmStage {
 /// the task came round to it (measured: the simulator's slots idle ~10% of a 100k-row run).
 async fn send_units(
     units: Vec<Unit>,
-    follow: Vec<(String, Canonical, Answer)>,
+    follow: Vec<(String, Canonical, Answer, u64)>,
     profile: Profile,
     sh: Shared,
 ) -> Sent {
@@ -1580,8 +1591,9 @@ async fn send_units(
     // Retry-After is often a whole second) holds no in-flight permit but does hold a place
     // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
     let cap = sh.pool.capacity().max(1) * 4;
-    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, tx)| {
+    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, tx, weight)| {
         let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone()));
+        let done_count = sh.counters.clone();
         async move {
             let done = match task.await {
                 Ok(done) => done,
@@ -1593,12 +1605,13 @@ async fn send_units(
             if tx.receiver_count() > done.len() {
                 let _ = tx.send(Some(Arc::new(done.clone())));
             }
+            done_count.done.fetch_add(weight, Ordering::Relaxed);
             done
         }
     }))
     .buffer_unordered(cap)
     .collect::<Vec<_>>();
-    let followers = futures::future::join_all(follow.into_iter().map(|(id, c, mut rx)| {
+    let followers = futures::future::join_all(follow.into_iter().map(|(id, c, mut rx, w)| {
         let sh = sh.clone();
         async move {
             let answer = rx.wait_for(Option::is_some).await.ok().and_then(|v| {
@@ -1607,15 +1620,15 @@ async fn send_units(
                     .find(|(i, _)| *i == id)
                     .map(|(_, r)| r.clone())
             });
-            match answer {
-                Some(r) => {
-                    sh.counters.done.fetch_add(1, Ordering::Relaxed);
-                    vec![(id, r)]
-                }
+            let counters = sh.counters.clone();
+            let got = match answer {
+                Some(r) => vec![(id, r)],
                 // The sender finished before this round registered (and found the map entry
                 // still there): send it after all.
                 None => send_unit(vec![id], c, profile, sh).await,
-            }
+            };
+            counters.done.fetch_add(w, Ordering::Relaxed);
+            got
         }
     }));
     let (leaders, followers) = futures::join!(leaders, followers);
@@ -1668,7 +1681,6 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
             r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
         }
     }
-    sh.counters.done.fetch_add(n as u64, Ordering::Relaxed);
     let comp = match r {
         Ok(c) => c,
         Err(e) => return fail(ids, e),
@@ -1773,24 +1785,41 @@ fn progress(
         bar.finish_and_clear();
         return;
     }
+    // Plain lines for logs (CI, nohup): every IFLOOM_PROGRESS_S seconds (default 10), and a
+    // last one at the end when any was printed.
+    let every = std::env::var("IFLOOM_PROGRESS_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map_or(Duration::from_secs(10), |v| {
+            Duration::from_secs_f64(v.clamp(0.05, 86400.0))
+        });
+    let print = || {
+        let done = c.done.load(Ordering::Relaxed);
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        let eta = if rate > 0.0 {
+            total.saturating_sub(done) as f64 / rate
+        } else {
+            f64::NAN
+        };
+        eprintln!(
+            "  {id} (llm): {done}/{total} done, {}, ETA {eta:.0} s",
+            line()
+        );
+    };
     let mut last = Instant::now();
-    while stop.recv_timeout(Duration::from_millis(100))
+    let mut printed = false;
+    while stop.recv_timeout(every.min(Duration::from_millis(100)))
         == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
     {
-        if last.elapsed() >= Duration::from_secs(10) {
+        if last.elapsed() >= every {
             last = Instant::now();
-            let done = c.done.load(Ordering::Relaxed);
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            let eta = if rate > 0.0 {
-                total.saturating_sub(done) as f64 / rate
-            } else {
-                f64::NAN
-            };
-            eprintln!(
-                "  {id} (llm): {done}/{total} done, {}, ETA {eta:.0} s",
-                line()
-            );
+            print();
+            printed = true;
         }
+    }
+    if printed {
+        print();
     }
 }
 

@@ -1146,3 +1146,42 @@ fn identical_requests_in_flight_in_different_chunks_are_sent_once() {
         assert_eq!(r[2], rows[i % 10][2], "same request, same id");
     }
 }
+
+#[test]
+fn plain_progress_lines_count_every_sample_once() {
+    // Not a terminal: periodic plain lines, and a last one that reaches the total although
+    // rows repeat (10 distinct requests for 60 rows) and each answer is asked twice on a parse
+    // failure... here: repeated rows only, with the interval shortened for the test.
+    let sim = Sim::start(&["--slots", "2", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 60, "");
+    let rows: String = (0..60)
+        .map(|i| format!("{{\"prompt\": \"q {}\", \"temp\": 0.5}}\n", i % 10))
+        .collect();
+    std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 2\n    endpoints: ["),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(&p), "--run-dir", s(&tmp.path().join("run"))])
+        .args(["--cache", s(&tmp.path().join("c.sqlite"))])
+        .env("IFLOOM_PROGRESS_S", "0.05")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("  ask (llm): ") && l.contains(" done, "))
+        .collect();
+    assert!(lines.len() >= 2, "{err}");
+    let last = lines.last().unwrap();
+    assert!(last.starts_with("  ask (llm): 60/60 done, "), "{err}");
+    assert!(last.contains("failed") && last.contains("ETA"), "{last}");
+    assert_eq!(sim.requests(), 10);
+}
