@@ -45,13 +45,26 @@ pub fn default_path() -> PathBuf {
     base.join("ifloom").join("llm-cache.sqlite")
 }
 
+/// How long a statement waits for another process's write lock: 30 s, or
+/// `IFLOOM_CACHE_BUSY_MS` (tests shorten it).
+fn busy_timeout() -> Duration {
+    std::env::var("IFLOOM_CACHE_BUSY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+}
+
+/// Attempts at committing one batch (each waiting up to [`busy_timeout`]) before the writer
+/// gives up and the stage stops.
+const WRITE_ATTEMPTS: u32 = 3;
+
 fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
     let conn = Connection::open(path).map_err(sql)?;
-    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    conn.busy_timeout(busy_timeout()).map_err(sql)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
@@ -171,6 +184,8 @@ pub struct Cache {
     reader: std::sync::Mutex<Connection>,
     tx: Option<mpsc::Sender<(String, Arc<str>, CachedResponse)>>,
     writer: Option<JoinHandle<Result<u64>>>,
+    /// Set by the writer when it gave up: responses can no longer be kept.
+    failed: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Cache {
@@ -179,13 +194,28 @@ impl Cache {
         let wconn = open(path)?;
         let (tx, rx) = mpsc::channel::<(String, Arc<str>, CachedResponse)>();
         let wpath = path.to_path_buf();
-        let writer = std::thread::spawn(move || write_loop(wconn, rx, &wpath));
+        let failed = Arc::new(std::sync::OnceLock::new());
+        let wfailed = failed.clone();
+        let writer = std::thread::spawn(move || {
+            let r = write_loop(wconn, rx, &wpath);
+            if let Err(e) = &r {
+                let _ = wfailed.set(e.to_string());
+            }
+            r
+        });
         Ok(Cache {
             path: path.to_path_buf(),
             reader: std::sync::Mutex::new(reader),
             tx: Some(tx),
             writer: Some(writer),
+            failed,
         })
+    }
+
+    /// Why responses can no longer be stored, once the writer gave up (the stage must stop
+    /// sending: what it received would be lost).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     pub fn path(&self) -> &Path {
@@ -287,23 +317,42 @@ fn write_loop(
             }
             std::thread::sleep(left.min(Duration::from_millis(5)));
         }
-        let tx = conn.transaction().map_err(sql)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO responses (id, model, body, created_at) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(sql)?;
-            let now = chrono::Utc::now().timestamp();
-            for (id, model, r) in batch.drain(..) {
-                stmt.execute(params![id, &*model, compress(&mut z, &r)?, now])
-                    .map_err(sql)?;
-                written += 1;
+        let bodies = batch
+            .drain(..)
+            .map(|(id, model, r)| Ok((id, model, compress(&mut z, &r)?)))
+            .collect::<Result<Vec<_>>>()?;
+        // Another process may hold the write lock (each attempt waits `busy_timeout` for it):
+        // the batch is kept and tried again before the writer gives up.
+        let mut attempt = 1;
+        loop {
+            match commit(&mut conn, &bodies) {
+                Ok(()) => break,
+                Err(e) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!("cache {}: commit failed ({e}); again", path.display());
+                    attempt += 1;
+                }
+                Err(e) => return Err(sql(e)),
             }
         }
-        tx.commit().map_err(sql)?;
+        written += bodies.len() as u64;
     }
     Ok(written)
+}
+
+/// Store one batch in one transaction. IMMEDIATE takes the write lock at BEGIN (waiting for
+/// it under the busy timeout), so no statement fails half-way on a lock upgrade.
+fn commit(conn: &mut Connection, bodies: &[(String, Arc<str>, Vec<u8>)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO responses (id, model, body, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let now = chrono::Utc::now().timestamp();
+        for (id, model, body) in bodies {
+            stmt.execute(params![id, &**model, body, now])?;
+        }
+    }
+    tx.commit()
 }
 
 /// Figures for `ifloom cache stats`.

@@ -988,13 +988,16 @@ impl Stage for LlmStage {
         // Flush the cache even when the stage failed: finished responses must survive.
         let cache =
             Arc::try_unwrap(cache).map_err(|_| Error::Internal("cache still shared".into()))?;
-        cache.close()?;
+        let closed = cache
+            .close()
+            .map_err(|e| Error::stage(ctx.id, cache_failed(&e.to_string())));
         tracing::debug!(
             "{}: cache closed at {:.3} s",
             ctx.id,
             started.elapsed().as_secs_f64()
         );
         result?;
+        closed?;
         if let Some(w) = main_w {
             w.close()?;
         }
@@ -1096,6 +1099,9 @@ impl LlmStage {
                     ids.push((r, s, attempt, Err(e)))
                 }
             }
+        }
+        if let Some(e) = sh.cache.failure() {
+            return Err(Error::stage(ctx.id, cache_failed(e)));
         }
         let all: Vec<String> = reqs.keys().cloned().collect();
         let hits = sh.cache.get_many(&all)?;
@@ -1637,6 +1643,15 @@ async fn send_units(
 
 type UnitResult = Vec<(String, std::result::Result<CachedResponse, CallError>)>;
 
+/// What a stage says when the cache writer gave up.
+fn cache_failed(e: &str) -> String {
+    format!(
+        "the response cache cannot be written ({e}): stopped sending, since answers would be lost; \
+         when the cache is writable again (another process holding its write lock? disk full?), \
+         run the same command to resume"
+    )
+}
+
 /// Every sample of a unit gets the same error.
 fn fail(ids: Vec<String>, e: CallError) -> UnitResult {
     ids.into_iter().map(|id| (id, Err(e.clone()))).collect()
@@ -1646,6 +1661,10 @@ fn fail(ids: Vec<String>, e: CallError) -> UnitResult {
 async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared) -> UnitResult {
     if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
         return fail(ids, CallError::Abort(INTERRUPTED_MSG.into()));
+    }
+    // Answers that cannot be stored would be paid for and lost: send nothing more.
+    if let Some(e) = sh.cache.failure() {
+        return fail(ids, CallError::Abort(cache_failed(e)));
     }
     let n = ids.len() as u32;
     let body = bytes::Bytes::from(c.to_body(profile, n));

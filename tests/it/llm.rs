@@ -1185,3 +1185,64 @@ fn plain_progress_lines_count_every_sample_once() {
     assert!(last.contains("failed") && last.contains("ETA"), "{last}");
     assert_eq!(sim.requests(), 10);
 }
+
+#[test]
+fn a_cache_that_cannot_be_written_stops_the_stage_and_the_rerun_resumes() {
+    // Another process holds the cache's write lock for the whole run: the writer waits
+    // (IFLOOM_CACHE_BUSY_MS per attempt, three attempts), gives up, and the stage stops
+    // sending instead of paying for answers it cannot keep.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 400, "");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    // Create the cache (a first stage run on no rows would do; a dry run opens it too).
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache),
+            "--dry-run",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let holder = rusqlite::Connection::open(&cache).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
+        .env("IFLOOM_CACHE_BUSY_MS", "100")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the response cache cannot be written")
+            && err.contains("run the same command to resume"),
+        "{err}"
+    );
+    let sent = sim.requests();
+    assert!(sent < 400, "the stage kept sending: {sent}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    drop(holder);
+    // Nothing was stored, so the rerun asks for every row; it completes.
+    let o = run_env(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "400"
+    );
+    assert_eq!(sim.requests(), sent + 400);
+}
