@@ -593,6 +593,20 @@ impl Sim {
             }
             (Some(len), m) => Some(m.unwrap_or(len - longest)),
         };
+        // Token log-probabilities with `k` alternatives: chat asks with `logprobs: true` and
+        // `top_logprobs: k`, completions with `logprobs: k`.
+        let logprobs = match api {
+            Api::Chat => (req.get("logprobs").and_then(Value::as_bool) == Some(true)).then(|| {
+                req.get("top_logprobs")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    .min(20) as usize
+            }),
+            Api::Completions => req
+                .get("logprobs")
+                .and_then(Value::as_u64)
+                .map(|k| k.min(20) as usize),
+        };
         let json_mode = matches!(
             req.pointer("/response_format/type").and_then(Value::as_str),
             Some("json_object" | "json_schema")
@@ -625,19 +639,22 @@ impl Sim {
         let choices: Vec<Value> = choices
             .into_iter()
             .enumerate()
-            .map(|(index, (_, content, finish))| match api {
-                Api::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }),
-                Api::Completions => json!({
-                    "index": index,
-                    "text": content,
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }),
+            .map(|(index, (_, content, finish))| {
+                let lp = logprobs.map_or(Value::Null, |k| token_logprobs(api, &content, k));
+                match api {
+                    Api::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": content},
+                        "logprobs": lp,
+                        "finish_reason": finish,
+                    }),
+                    Api::Completions => json!({
+                        "index": index,
+                        "text": content,
+                        "logprobs": lp,
+                        "finish_reason": finish,
+                    }),
+                }
             })
             .collect();
         let (id_prefix, object) = match api {
@@ -860,6 +877,48 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 }
 
 /// An error in OpenAI's shape.
+/// Deterministic log-probabilities for `content`'s tokens (words), with `k` alternatives each
+/// (the token itself first, then `<token>~1`, ... each a nat less likely), in the server's
+/// shape for `api`.
+fn token_logprobs(api: Api, content: &str, k: usize) -> Value {
+    let words: Vec<&str> = content.split_whitespace().collect();
+    let lp = |w: &str| -(((w.len() % 7) + 1) as f64) / 10.0;
+    let alternatives = |w: &str| -> Vec<(String, f64)> {
+        (0..k)
+            .map(|j| {
+                let t = if j == 0 {
+                    w.to_string()
+                } else {
+                    format!("{w}~{j}")
+                };
+                (t, lp(w) - j as f64)
+            })
+            .collect()
+    };
+    match api {
+        Api::Chat => json!({
+            "content": words.iter().map(|w| json!({
+                "token": w,
+                "logprob": lp(w),
+                "bytes": w.as_bytes(),
+                "top_logprobs": alternatives(w).into_iter()
+                    .map(|(t, l)| json!({"token": t, "logprob": l}))
+                    .collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
+        Api::Completions => json!({
+            "tokens": words,
+            "token_logprobs": words.iter().map(|w| lp(w)).collect::<Vec<_>>(),
+            "top_logprobs": words.iter().map(|w| {
+                alternatives(w)
+                    .into_iter()
+                    .map(|(t, l)| (t, json!(l)))
+                    .collect::<serde_json::Map<String, Value>>()
+            }).collect::<Vec<_>>(),
+        }),
+    }
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
     let kind = match status.as_u16() {
         400 => "BadRequestError",

@@ -28,6 +28,9 @@ pub struct CachedResponse {
     #[serde(default)]
     pub reasoning: Option<String>,
     pub finish_reason: String,
+    /// The choice's `logprobs` (JSON text) when the request asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<String>,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub latency_ms: i64,
@@ -418,6 +421,7 @@ mod tests {
             text: t.into(),
             reasoning: None,
             finish_reason: "stop".into(),
+            logprobs: None,
             prompt_tokens: 3,
             completion_tokens: 1,
             latency_ms: 5,

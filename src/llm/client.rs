@@ -130,6 +130,8 @@ pub struct Choice {
     pub text: String,
     pub reasoning: Option<String>,
     pub finish_reason: String,
+    /// The choice's `logprobs` object as the server sent it (JSON text), when there is one.
+    pub logprobs: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -753,6 +755,7 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
                 text: text.unwrap_or_default(),
                 reasoning,
                 finish_reason: c.finish_reason.unwrap_or_else(|| "unknown".into()),
+                logprobs: c.logprobs.filter(|v| !v.is_null()).map(|v| v.to_string()),
             }
         })
         .collect();
@@ -798,6 +801,8 @@ impl<'de> Deserialize<'de> for MaybeChoice {
 struct RawChoice {
     #[serde(default, deserialize_with = "loose")]
     message: Option<RawMessage>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "loose")]
     text: Option<String>,
     #[serde(default, deserialize_with = "loose")]

@@ -168,8 +168,14 @@ pub struct Params {
     pub presence_penalty: Option<ParamValue>,
     #[serde(default)]
     pub frequency_penalty: Option<ParamValue>,
+    /// Token log-probabilities of each answer, in `<output>_logprobs` (JSON as the server
+    /// sends them: chat `{"content": [{token, logprob, top_logprobs}]}`, completions
+    /// `{"tokens", "token_logprobs", "top_logprobs"}`).
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// Alternatives per token (0-20); implies `logprobs: true`.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
     /// Passed through verbatim into the request body (vLLM: top_k, min_p, ...).
     #[serde(default)]
     pub extra_body: BTreeMap<String, serde_json::Value>,
@@ -313,6 +319,9 @@ impl LlmStage {
             Field::new(self.out("reasoning"), wrap(DataType::Utf8), true),
             Field::new(self.out("error"), DataType::Utf8, true),
         ];
+        if self.wants_logprobs() {
+            f.push(Field::new(self.out("logprobs"), wrap(DataType::Utf8), true));
+        }
         if let Some(p) = &self.parse {
             f.push(Field::new(
                 self.out("parsed"),
@@ -467,7 +476,11 @@ impl LlmStage {
             seed,
             presence_penalty: f(&self.params.presence_penalty),
             frequency_penalty: f(&self.params.frequency_penalty),
-            logprobs: self.params.logprobs,
+            logprobs: self
+                .params
+                .logprobs
+                .or(self.params.top_logprobs.map(|_| true)),
+            top_logprobs: self.params.top_logprobs,
             extra_body: self.params.extra_body.clone(),
         };
         let (messages, prompt) = match self.api {
@@ -570,6 +583,20 @@ impl Stage for LlmStage {
         let at = |path: &[&str], msg: String| Diagnostic::new(&ctx.file, node.pos_at(path), msg);
         if self.samples == 0 {
             errs.push(at(&["samples"], "samples must be at least 1".into()));
+        }
+        if let Some(k) = self.params.top_logprobs
+            && k > 20
+        {
+            errs.push(at(
+                &["params", "top_logprobs"],
+                format!("top_logprobs must be 0 to 20, got {k}"),
+            ));
+        }
+        if self.params.logprobs == Some(false) && self.params.top_logprobs.is_some() {
+            errs.push(at(
+                &["params", "top_logprobs"],
+                "top_logprobs needs logprobs: drop `logprobs: false`".into(),
+            ));
         }
         if self.output.is_empty()
             || !self
@@ -1534,6 +1561,9 @@ impl LlmStage {
                     .find_map(|o| o.response.as_ref().err().map(|(m, _)| m.as_str()))
             }))),
         ];
+        if self.wants_logprobs() {
+            cols.push(strings(&|o| resp(o).and_then(|r| r.logprobs.as_deref())));
+        }
         if self.parse.is_some() {
             let field = new_schema.field_with_name(&self.out("parsed"))?;
             let item_type = match field.data_type() {
@@ -1726,6 +1756,7 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
                 text: ch.text,
                 reasoning: ch.reasoning,
                 finish_reason: ch.finish_reason,
+                logprobs: ch.logprobs,
                 prompt_tokens: comp.prompt_tokens,
                 completion_tokens: tokens,
                 latency_ms: comp.latency_ms,
@@ -1843,6 +1874,11 @@ fn progress(
 }
 
 impl LlmStage {
+    /// Does the stage ask for token log-probabilities (and so add `<output>_logprobs`)?
+    fn wants_logprobs(&self) -> bool {
+        self.params.logprobs == Some(true) || self.params.top_logprobs.is_some()
+    }
+
     /// The model name requests are sent (and cached) under.
     pub fn model(&self) -> &str {
         &self.model

@@ -75,6 +75,10 @@ pub struct Sampling {
     pub frequency_penalty: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
+    /// Alternatives per token with `logprobs` (chat); the completions API takes this number
+    /// as its `logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub extra_body: BTreeMap<String, serde_json::Value>,
 }
@@ -115,7 +119,9 @@ impl Canonical {
     /// and dropping it again was ~5% of a sending run's CPU. With `extra_body`, whose keys may
     /// override any other, it goes through [`Canonical::body_value`].
     pub fn to_body(&self, profile: Profile, n: u32) -> Vec<u8> {
-        if !self.sampling.extra_body.is_empty() {
+        let completions_logprobs = self.api == Api::Completions
+            && (self.sampling.logprobs.is_some() || self.sampling.top_logprobs.is_some());
+        if !self.sampling.extra_body.is_empty() || completions_logprobs {
             return serde_json::to_vec(&self.body_value(profile, n)).unwrap_or_default();
         }
         #[derive(Serialize)]
@@ -192,6 +198,17 @@ impl Canonical {
                 if k != "extra_body" {
                     body.insert(k, v);
                 }
+            }
+        }
+        if self.api == Api::Completions {
+            // The completions API's `logprobs` is the number of alternatives per token.
+            body.remove("top_logprobs");
+            body.remove("logprobs");
+            if self.sampling.logprobs == Some(true) {
+                body.insert(
+                    "logprobs".into(),
+                    self.sampling.top_logprobs.unwrap_or(0).into(),
+                );
             }
         }
         if n > 1 {
@@ -316,9 +333,24 @@ mod tests {
             presence_penalty: Some(0.5),
             frequency_penalty: Some(-0.5),
             logprobs: Some(true),
+            top_logprobs: Some(2),
             extra_body: Default::default(),
         };
-        for r in [req(), completions, extra, full] {
+        let mut completions_logprobs = full.clone();
+        completions_logprobs.api = Api::Completions;
+        completions_logprobs.messages = None;
+        completions_logprobs.prompt = Some("p".into());
+        let v = completions_logprobs.body_value(Profile::Vllm, 1);
+        assert_eq!(
+            (v["logprobs"].clone(), v.get("top_logprobs")),
+            (2.into(), None)
+        );
+        let v = full.body_value(Profile::Vllm, 1);
+        assert_eq!(
+            (v["logprobs"].clone(), v["top_logprobs"].clone()),
+            (true.into(), 2.into())
+        );
+        for r in [req(), completions, extra, full, completions_logprobs] {
             for profile in [Profile::Vllm, Profile::LlamaCpp, Profile::Openai] {
                 for n in [1, 4] {
                     let bytes: serde_json::Value =

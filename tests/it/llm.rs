@@ -1246,3 +1246,84 @@ fn a_cache_that_cannot_be_written_stops_the_stage_and_the_rerun_resumes() {
     );
     assert_eq!(sim.requests(), sent + 400);
 }
+
+/// `ifloom sql --format jsonl`, one JSON object per row.
+fn sql_json(dir: &Path, run: &Path, query: &str) -> Vec<serde_json::Value> {
+    ok(dir, &["sql", "--run", s(run), "--format", "jsonl", query])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn logprobs_come_back_per_sample_in_the_servers_shape() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 3, "    samples: 2\n");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "      max_tokens: 64\n",
+        "      max_tokens: 64\n      top_logprobs: 2\n",
+    );
+    std::fs::write(&p, &text).unwrap();
+    let run = tmp.path().join("run");
+    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sql_json(
+        tmp.path(),
+        &run,
+        "SELECT response, response_logprobs FROM ask",
+    );
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        // K = 2 as list columns: one logprobs object per sample, its tokens the answer's.
+        for k in 0..2 {
+            let answer = r["response"][k].as_str().unwrap();
+            let lp: serde_json::Value =
+                serde_json::from_str(r["response_logprobs"][k].as_str().unwrap()).unwrap();
+            let tokens: Vec<&str> = lp["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
+                    assert!(t["logprob"].as_f64().unwrap() < 0.0);
+                    t["token"].as_str().unwrap()
+                })
+                .collect();
+            assert_eq!(tokens.join(" "), answer);
+        }
+    }
+    // The completions API takes the number as `logprobs` and answers in its own shape.
+    let tmp2 = tempdir();
+    let p2 = pipeline(tmp2.path(), &sim.url, 2, "");
+    let text = std::fs::read_to_string(&p2)
+        .unwrap()
+        .replace(
+            "    messages:\n      - role: user\n        content: \"Q: {{ prompt }}\"\n",
+            "    api: completions\n    prompt: \"Q: {{ prompt }}\"\n",
+        )
+        .replace(
+            "      max_tokens: 64\n",
+            "      max_tokens: 64\n      logprobs: true\n",
+        );
+    std::fs::write(&p2, &text).unwrap();
+    let run2 = tmp2.path().join("run");
+    let o = run_env(tmp2.path(), &p2, &run2, &tmp2.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for r in sql_json(
+        tmp2.path(),
+        &run2,
+        "SELECT response, response_logprobs FROM ask",
+    ) {
+        let lp: serde_json::Value =
+            serde_json::from_str(r["response_logprobs"].as_str().unwrap()).unwrap();
+        let tokens: Vec<&str> = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.join(" "), r["response"].as_str().unwrap());
+        assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
+    }
+}
