@@ -143,6 +143,58 @@ pub struct MessageSpec {
     pub file: Option<String>,
 }
 
+/// What a per-row parameter must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamKind {
+    Number,
+    Integer,
+    /// A string or a list of strings.
+    Stop,
+}
+
+impl ParamKind {
+    fn expected(self) -> &'static str {
+        match self {
+            ParamKind::Number => "a number",
+            ParamKind::Integer => "an integer",
+            ParamKind::Stop => "a string or a list of strings",
+        }
+    }
+
+    fn sql_type(self) -> &'static str {
+        match self {
+            ParamKind::Number => "DOUBLE",
+            ParamKind::Integer => "BIGINT",
+            ParamKind::Stop => "VARCHAR",
+        }
+    }
+
+    fn accepts(self, v: &serde_json::Value) -> bool {
+        match self {
+            ParamKind::Number => v.is_number(),
+            ParamKind::Integer => v.is_i64() || v.is_u64(),
+            ParamKind::Stop => {
+                v.is_string()
+                    || v.as_array()
+                        .is_some_and(|a| a.iter().all(|x| x.is_string()))
+            }
+        }
+    }
+
+    fn accepts_type(self, t: &DataType) -> bool {
+        let text =
+            |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        match self {
+            ParamKind::Number => t.is_numeric(),
+            ParamKind::Integer => t.is_integer(),
+            ParamKind::Stop => match t {
+                DataType::List(f) | DataType::LargeList(f) => text(f.data_type()),
+                t => text(t),
+            },
+        }
+    }
+}
+
 /// A parameter value: a literal, or `{column: name}` to take it from the row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
@@ -160,8 +212,9 @@ pub struct Params {
     pub top_p: Option<ParamValue>,
     #[serde(default)]
     pub max_tokens: Option<ParamValue>,
+    /// A string or a list of strings (or a column of either).
     #[serde(default)]
-    pub stop: Option<Vec<String>>,
+    pub stop: Option<ParamValue>,
     #[serde(default)]
     pub seed: Option<ParamValue>,
     #[serde(default)]
@@ -357,14 +410,16 @@ impl LlmStage {
     }
 
     /// The params that may come from a column per row, by name.
-    fn column_params(&self) -> [(&'static str, &Option<ParamValue>); 6] {
+    fn column_params(&self) -> [(&'static str, &Option<ParamValue>, ParamKind); 7] {
+        use ParamKind::*;
         [
-            ("temperature", &self.params.temperature),
-            ("top_p", &self.params.top_p),
-            ("max_tokens", &self.params.max_tokens),
-            ("seed", &self.params.seed),
-            ("presence_penalty", &self.params.presence_penalty),
-            ("frequency_penalty", &self.params.frequency_penalty),
+            ("temperature", &self.params.temperature, Number),
+            ("top_p", &self.params.top_p, Number),
+            ("max_tokens", &self.params.max_tokens, Integer),
+            ("seed", &self.params.seed, Integer),
+            ("presence_penalty", &self.params.presence_penalty, Number),
+            ("frequency_penalty", &self.params.frequency_penalty, Number),
+            ("stop", &self.params.stop, Stop),
         ]
     }
 
@@ -376,7 +431,7 @@ impl LlmStage {
                 cols.extend(t.undeclared_variables(false));
             }
         }
-        for (_, p) in self.column_params() {
+        for (_, p, _) in self.column_params() {
             if let Some(ParamValue::Column { column }) = p {
                 cols.insert(column.clone());
             }
@@ -472,7 +527,15 @@ impl LlmStage {
             temperature: f(&self.params.temperature),
             top_p: f(&self.params.top_p),
             max_tokens: i(&self.params.max_tokens),
-            stop: self.params.stop.clone(),
+            stop: self.resolve(&self.params.stop, row).and_then(|v| match v {
+                serde_json::Value::String(s) => Some(vec![s]),
+                serde_json::Value::Array(a) => Some(
+                    a.into_iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect(),
+                ),
+                _ => None,
+            }),
             seed,
             presence_penalty: f(&self.params.presence_penalty),
             frequency_penalty: f(&self.params.frequency_penalty),
@@ -583,6 +646,19 @@ impl Stage for LlmStage {
         let at = |path: &[&str], msg: String| Diagnostic::new(&ctx.file, node.pos_at(path), msg);
         if self.samples == 0 {
             errs.push(at(&["samples"], "samples must be at least 1".into()));
+        }
+        for (name, p, kind) in self.column_params() {
+            if let Some(ParamValue::Value(v)) = p
+                && !kind.accepts(v)
+            {
+                errs.push(at(
+                    &["params", name],
+                    format!(
+                        "params.{name}: expected {} or {{column: name}}, got {v}",
+                        kind.expected()
+                    ),
+                ));
+            }
         }
         if let Some(k) = self.params.top_logprobs
             && k > 20
@@ -788,16 +864,32 @@ impl Stage for LlmStage {
                 }
             }
         }
-        for (name, p) in self.column_params() {
-            if let Some(ParamValue::Column { column }) = p
-                && !cols.contains(&column.as_str())
-            {
-                errs.push(crate::stages::unknown_column(
+        for (name, p, kind) in self.column_params() {
+            let Some(ParamValue::Column { column }) = p else {
+                continue;
+            };
+            match schema.field_with_name(column) {
+                Err(_) => errs.push(crate::stages::unknown_column(
                     ctx,
                     &["params", name, "column"],
                     column,
                     schema,
-                ));
+                )),
+                Ok(f) if !kind.accepts_type(f.data_type()) => errs.push(
+                    ctx.err(
+                        &["params", name, "column"],
+                        format!(
+                            "params.{name}: column `{column}` is {}, expected {}",
+                            f.data_type(),
+                            kind.expected()
+                        ),
+                    )
+                    .hint(format!(
+                        "cast it in an upstream sql stage, e.g. CAST({column} AS {})",
+                        kind.sql_type()
+                    )),
+                ),
+                Ok(_) => {}
             }
         }
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();

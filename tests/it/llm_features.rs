@@ -593,3 +593,40 @@ fn two_processes_share_one_cache_file() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn stop_sequences_come_from_a_string_or_list_column() {
+    let tmp = tempdir();
+    let rows: Vec<Value> = (0..3)
+        .map(|i| json!({"prompt": format!("p {i}"), "stops": vec![format!("<{i}>"); i + 1], "one": format!("#{i}")}))
+        .collect();
+    for (param, want) in [
+        (
+            "{column: stops}",
+            Box::new(|i: usize| json!(vec![format!("<{i}>"); i + 1]))
+                as Box<dyn Fn(usize) -> Value>,
+        ),
+        (
+            "{column: one}",
+            Box::new(|i: usize| json!([format!("#{i}")])),
+        ),
+        ("\"END\"", Box::new(|_| json!(["END"]))),
+    ] {
+        let stage = format!(
+            "    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - role: user\n        content: \"{{{{ prompt }}}}\"\n    params:\n      stop: {param}\n"
+        );
+        let p = pipeline(tmp.path(), &rows, &stage);
+        let lines = export(
+            tmp.path(),
+            &p,
+            &tmp.path().join("run"),
+            &tmp.path().join("c.sqlite"),
+        );
+        assert_eq!(lines.len(), 3);
+        for l in &lines {
+            let content = l["body"]["messages"][0]["content"].as_str().unwrap();
+            let i: usize = content.strip_prefix("p ").unwrap().parse().unwrap();
+            assert_eq!(l["body"]["stop"], want(i), "{param}: {l}");
+        }
+    }
+}
