@@ -395,3 +395,55 @@ fn sim_counts_per_request_id_and_resets() {
         assert_eq!(stats["by_status"], json!({}));
     });
 }
+
+#[test]
+fn sim_time_per_token_usage_of_n_choices_and_context_length() {
+    let sim = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "10",
+        "--per-token-ms",
+        "20",
+        "--max-model-len",
+        "12",
+    ]);
+    rt().block_on(async {
+        let c = reqwest::Client::new();
+        let url = sim.url("/v1/chat/completions");
+        // "echo: a b c" is 4 tokens: one sequence holds a slot for 10 + 4 x 20 ms (planned).
+        let (status, v) = post(&c, &url, &chat_body("a b c")).await;
+        assert_eq!(status, 200, "{v}");
+        let stats = get(&c, &sim.url("/sim/stats")).await;
+        let held = stats["slot_seconds"].as_f64().unwrap();
+        assert!((held - 0.090).abs() < 1e-6, "{stats}");
+        // n = 2: usage adds both choices; the prompt (5 words over both messages) counts once.
+        let mut body = chat_body("a b c");
+        body["n"] = json!(2);
+        let (_, v) = post(&c, &url, &body).await;
+        assert_eq!(content(&v, 1), "echo[1]: a b c");
+        assert_eq!(v["usage"]["completion_tokens"], 8);
+        assert_eq!(v["usage"]["prompt_tokens"], 5);
+        // The context: 5 prompt tokens leave 7; max_tokens 8 does not fit, 7 does, and
+        // without max_tokens the answer is cut to what is left.
+        body["n"] = json!(1);
+        body["max_tokens"] = json!(8);
+        let (status, v) = post(&c, &url, &body).await;
+        assert_eq!(status, 400);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("maximum context length is 12 tokens and your request has 5 input tokens (8 > 12 - 5)"),
+            "{v}"
+        );
+        body["max_tokens"] = json!(7);
+        assert_eq!(post(&c, &url, &body).await.0, 200);
+        let models = get(&c, &sim.url("/v1/models")).await;
+        assert_eq!(models["data"][0]["max_model_len"], 12);
+        let long = chat_body("one two three four five six seven eight nine ten eleven");
+        let (status, v) = post(&c, &url, &long).await;
+        assert_eq!(status, 400);
+        assert!(v["error"]["message"].as_str().unwrap().contains("your request has 13 input tokens"), "{v}");
+    });
+}
