@@ -1149,9 +1149,8 @@ fn identical_requests_in_flight_in_different_chunks_are_sent_once() {
 
 #[test]
 fn plain_progress_lines_count_every_sample_once() {
-    // Not a terminal: periodic plain lines, and a last one that reaches the total although
-    // rows repeat (10 distinct requests for 60 rows) and each answer is asked twice on a parse
-    // failure... here: repeated rows only, with the interval shortened for the test.
+    // Not a terminal: periodic plain lines (the interval shortened for the test), and a last
+    // one that reaches the total although rows repeat (10 distinct requests for 60 rows).
     let sim = Sim::start(&["--slots", "2", "--base-ms", "20"]);
     let tmp = tempdir();
     let p = pipeline(tmp.path(), &sim.url, 60, "");
