@@ -876,7 +876,6 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-/// An error in OpenAI's shape.
 /// Deterministic log-probabilities for `content`'s tokens (words), with `k` alternatives each
 /// (the token itself first, then `<token>~1`, ... each a nat less likely), in the server's
 /// shape for `api`.
@@ -919,6 +918,7 @@ fn token_logprobs(api: Api, content: &str, k: usize) -> Value {
     }
 }
 
+/// An error in OpenAI's shape.
 fn error(status: StatusCode, message: &str) -> Response {
     let kind = match status.as_u16() {
         400 => "BadRequestError",

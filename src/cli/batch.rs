@@ -237,7 +237,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
                 text: ch.text,
                 reasoning: ch.reasoning,
                 finish_reason: ch.finish_reason,
-                logprobs: ch.logprobs,
+                logprobs: crate::llm::kept_logprobs(st.wants_logprobs(), ch.logprobs),
                 prompt_tokens: comp.prompt_tokens,
                 completion_tokens: comp.completion_tokens,
                 latency_ms: 0,

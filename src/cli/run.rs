@@ -73,7 +73,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let grace = std::time::Duration::from_secs_f64(a.grace_s);
     engine.rt.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            crate::llm::INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+            crate::llm::interrupt();
             eprintln!(
                 "ifloom: interrupted; finishing requests in flight for up to {:.0} s (Ctrl-C again to quit now)",
                 grace.as_secs_f64()
@@ -85,8 +85,13 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
                     }
                 }
                 _ = tokio::time::sleep(grace) => {
-                    eprintln!("ifloom: grace period over; abandoning requests still in flight");
+                    eprintln!("ifloom: grace period over; abandoning requests still in flight (Ctrl-C again to quit now)");
                     crate::llm::abandon();
+                    // Tokio keeps the SIGINT handler for the life of the process: without
+                    // this, a further Ctrl-C would do nothing.
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        std::process::exit(130);
+                    }
                 }
             }
         }

@@ -203,6 +203,8 @@ impl Cache {
             let r = write_loop(wconn, rx, &wpath);
             if let Err(e) = &r {
                 let _ = wfailed.set(e.to_string());
+                // Requests sleeping out a backoff check again and stop.
+                crate::llm::WAKE.notify_waiters();
             }
             r
         });

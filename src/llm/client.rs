@@ -167,6 +167,8 @@ enum Attempt {
         overload: bool,
         /// The server answered (a 429): it is up, whatever else.
         alive: bool,
+        /// No connection could be made: the endpoint is down, not this request's fault.
+        unreachable: bool,
     },
     Fatal {
         message: String,
@@ -393,6 +395,19 @@ impl Pool {
                     best = Some((i, out));
                 }
             }
+            // A half-open endpoint gets its one probe even while others are up: otherwise a
+            // replica that came back would never be used again.
+            if let Some(i) = probe {
+                let ep = &self.endpoints[i];
+                if ep
+                    .probing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    ep.outstanding.fetch_add(1, Ordering::AcqRel);
+                    return Ok((i, true));
+                }
+            }
             if let Some((i, _)) = best {
                 let ep = &self.endpoints[i];
                 // Another task may have taken the slot meanwhile: check again after claiming.
@@ -408,7 +423,12 @@ impl Pool {
                 continue;
             }
             // Every endpoint is benched or being probed: the stage stops (resumable) once
-            // this has lasted `all_down_s`, instead of spending every row's retries.
+            // this has lasted `all_down_s`, instead of spending every row's retries; not while
+            // a probe is still out (a slow answer is an answer).
+            let probing = self
+                .endpoints
+                .iter()
+                .any(|e| e.probing.load(Ordering::Acquire));
             let t = {
                 let mut since = self
                     .all_down_since
@@ -416,23 +436,12 @@ impl Pool {
                     .map_err(|_| CallError::Abort("lock".into()))?;
                 *since.get_or_insert(now)
             };
-            if now.duration_since(t).as_secs_f64() > self.group.all_down_s {
+            if !probing && now.duration_since(t).as_secs_f64() > self.group.all_down_s {
                 return Err(CallError::Abort(format!(
                     "every endpoint has failed for {:.0} s ({}): stopping; rerun the same command to resume",
                     self.group.all_down_s,
                     self.group.urls.join(", ")
                 )));
-            }
-            if let Some(i) = probe {
-                let ep = &self.endpoints[i];
-                if ep
-                    .probing
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    ep.outstanding.fetch_add(1, Ordering::AcqRel);
-                    return Ok((i, true));
-                }
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -577,13 +586,22 @@ impl Pool {
                     after,
                     overload,
                     alive,
+                    unreachable,
                 } => {
                     self.release(i, probe, alive, overload);
-                    // A failed probe of a benched endpoint is the endpoint's failure, not
-                    // this row's: it costs the row no retry (all endpoints down ends in a
-                    // resumable stop after `all_down_s`, not in dead-lettered rows).
-                    let charged = !probe || alive;
-                    if charged && attempt >= self.group.max_retries {
+                    // A probe of a benched endpoint that could not even connect is the
+                    // endpoint's failure, not this row's: it costs the row no retry (all
+                    // endpoints down ends in a resumable stop after `all_down_s`, not in
+                    // dead-lettered rows). A server that answers 5xx or times out is up
+                    // and charges the row as usual.
+                    if probe && unreachable {
+                        let wait = Duration::from_millis(self.group.backoff_ms);
+                        if !self.pause(wait, &stopped).await {
+                            return Err(stopped_error("before this request's retry"));
+                        }
+                        continue;
+                    }
+                    if attempt >= self.group.max_retries {
                         return Err(CallError::Row {
                             message: format!("{message} (gave up after {} attempts)", attempt + 1),
                             raw: None,
@@ -596,9 +614,33 @@ impl Pool {
                         .backoff_max_ms
                         .min(self.group.backoff_ms.saturating_mul(1 << attempt.min(16)));
                     let jitter = Duration::from_millis(rand::rng().random_range(0..=cap.max(1)));
-                    tokio::time::sleep(after.map_or(jitter, |a| a.max(jitter / 4))).await;
+                    if !self
+                        .pause(after.map_or(jitter, |a| a.max(jitter / 4)), &stopped)
+                        .await
+                    {
+                        return Err(stopped_error("before this request's retry"));
+                    }
                     attempt += 1;
                 }
+            }
+        }
+    }
+
+    /// Sleep out a backoff; `false` when the stage stopped meanwhile (Ctrl-C or a failure
+    /// elsewhere wakes every sleeper through [`super::WAKE`], so a long `Retry-After` does
+    /// not hold up the stop).
+    async fn pause(&self, d: Duration, stopped: &impl Fn() -> bool) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            let wake = super::WAKE.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if stopped() {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return !stopped(),
+                _ = wake => {}
             }
         }
     }
@@ -632,6 +674,7 @@ impl Pool {
                     after: None,
                     overload: e.is_timeout(),
                     alive: false,
+                    unreachable: e.is_connect(),
                 };
             }
         };
@@ -649,6 +692,7 @@ impl Pool {
                     after: None,
                     overload: e.is_timeout(),
                     alive: false,
+                    unreachable: false,
                 };
             }
         };
@@ -662,6 +706,7 @@ impl Pool {
                 // and adaptive mode backs off): not a failure for the circuit breaker, which
                 // would otherwise bench a busy server for seconds after 8 of them in a row.
                 alive: code == 429,
+                unreachable: false,
             };
         }
         if !status.is_success() {

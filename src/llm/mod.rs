@@ -58,8 +58,19 @@ pub fn abandon() {
     ABANDON.notify_waiters();
 }
 
+/// Wakes requests sleeping out a retry backoff when something stopped (Ctrl-C, a failed stage,
+/// a cache that cannot be written): each checks whether its own stage stopped.
+pub static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Ctrl-C: send nothing more; requests on the wire finish (for the grace period).
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    WAKE.notify_waiters();
+}
+
 /// What an interrupted stage says.
-pub const INTERRUPTED_MSG: &str = "interrupted: requests in flight were finished and cached; run the same command again to resume";
+pub const INTERRUPTED_MSG: &str =
+    "interrupted: the answers that arrived are cached; run the same command again to resume";
 
 /// Rows rendered, sent and written together: 64 × the in-flight capacity, within these bounds
 /// on memory. Chunks overlap (see [`PIPELINE_DEPTH`]), so their size no longer decides how
@@ -1094,7 +1105,8 @@ impl Stage for LlmStage {
         if result.is_err() {
             // Chunks still queued send nothing more and retry nothing; what is on the wire
             // finishes and is cached (the server did the work: the rerun must not pay again).
-            shared.stop.store(true, Ordering::Relaxed);
+            shared.stop.store(true, Ordering::SeqCst);
+            WAKE.notify_waiters();
             for c in queue.drain(..) {
                 if let Some(h) = c.round.sending {
                     let _ = ctx.engine.block_on(h);
@@ -1223,7 +1235,11 @@ impl LlmStage {
             return Err(Error::stage(ctx.id, cache_failed(e)));
         }
         let all: Vec<String> = reqs.keys().cloned().collect();
-        let hits = sh.cache.get_many(&all)?;
+        let mut hits = sh.cache.get_many(&all)?;
+        if self.wants_logprobs() {
+            // Cached by an ifloom that did not keep logprobs (before 2026-11-28): ask again.
+            hits.retain(|_, r| r.logprobs.is_some());
+        }
         counters
             .cache_hits
             .fetch_add(hits.len() as u64, Ordering::Relaxed);
@@ -1654,7 +1670,11 @@ impl LlmStage {
             }))),
         ];
         if self.wants_logprobs() {
-            cols.push(strings(&|o| resp(o).and_then(|r| r.logprobs.as_deref())));
+            cols.push(strings(&|o| {
+                resp(o)
+                    .and_then(|r| r.logprobs.as_deref())
+                    .filter(|l| *l != NO_LOGPROBS)
+            }));
         }
         if self.parse.is_some() {
             let field = new_schema.field_with_name(&self.out("parsed"))?;
@@ -1765,6 +1785,19 @@ async fn send_units(
 
 type UnitResult = Vec<(String, std::result::Result<CachedResponse, CallError>)>;
 
+/// Stored when logprobs were asked for and the server sent none: the entry is then known to be
+/// complete (an entry without the field was cached by an ifloom that dropped logprobs).
+const NO_LOGPROBS: &str = "null";
+
+/// The logprobs to cache for one choice.
+pub fn kept_logprobs(asked: bool, got: Option<String>) -> Option<String> {
+    if asked {
+        Some(got.unwrap_or_else(|| NO_LOGPROBS.into()))
+    } else {
+        got
+    }
+}
+
 /// What a stage says when the cache writer gave up.
 fn cache_failed(e: &str) -> String {
     format!(
@@ -1791,8 +1824,18 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
     let n = ids.len() as u32;
     let body = bytes::Bytes::from(c.to_body(profile, n));
     sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let stopped = || INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed);
+    let stopped = || {
+        INTERRUPTED.load(Ordering::SeqCst)
+            || sh.stop.load(Ordering::SeqCst)
+            || sh.cache.failure().is_some()
+    };
     let mut r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+    // Stopped because the cache cannot be written: say so (the pool only knows it stopped).
+    if matches!(r, Err(CallError::Abort(_)))
+        && let Some(e) = sh.cache.failure()
+    {
+        r = Err(CallError::Abort(cache_failed(e)));
+    }
     if let Err(CallError::Row {
         message,
         raw: Some(raw),
@@ -1840,6 +1883,7 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
         .map(|c| c.text.len() + c.reasoning.as_ref().map_or(0, String::len))
         .collect();
     let shares = apportion(comp.completion_tokens, &lengths);
+    let asked_logprobs = c.sampling.logprobs == Some(true);
     ids.into_iter()
         .zip(comp.choices)
         .zip(shares)
@@ -1848,7 +1892,7 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
                 text: ch.text,
                 reasoning: ch.reasoning,
                 finish_reason: ch.finish_reason,
-                logprobs: ch.logprobs,
+                logprobs: kept_logprobs(asked_logprobs, ch.logprobs),
                 prompt_tokens: comp.prompt_tokens,
                 completion_tokens: tokens,
                 latency_ms: comp.latency_ms,
@@ -1967,7 +2011,7 @@ fn progress(
 
 impl LlmStage {
     /// Does the stage ask for token log-probabilities (and so add `<output>_logprobs`)?
-    fn wants_logprobs(&self) -> bool {
+    pub fn wants_logprobs(&self) -> bool {
         self.params.logprobs == Some(true) || self.params.top_logprobs.is_some()
     }
 

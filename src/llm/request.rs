@@ -250,14 +250,22 @@ fn strict_ok(schema: &serde_json::Value) -> bool {
     use serde_json::Value;
     match schema {
         Value::Object(m) => {
+            let is_object = match m.get("type") {
+                Some(Value::String(t)) => t == "object",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+                _ => m.contains_key("properties"),
+            };
+            // Every object, with properties or free-form, must be closed.
+            if is_object && m.get("additionalProperties") != Some(&Value::Bool(false)) {
+                return false;
+            }
             if let Some(Value::Object(props)) = m.get("properties") {
-                let closed = m.get("additionalProperties") == Some(&Value::Bool(false));
                 let required: Vec<&str> = m
                     .get("required")
                     .and_then(Value::as_array)
                     .map(|a| a.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
-                if !closed || !props.keys().all(|k| required.contains(&k.as_str())) {
+                if !props.keys().all(|k| required.contains(&k.as_str())) {
                     return false;
                 }
             }
@@ -396,9 +404,14 @@ mod tests {
             .unwrap()
             .remove("additionalProperties");
         assert_eq!(strict(open_inner), false);
-        let mut optional = closed;
+        let mut optional = closed.clone();
         optional["required"] = serde_json::json!(["a"]);
         assert_eq!(strict(optional), false);
+        // A free-form object (no properties) is not closed either.
+        let mut free = closed;
+        free["properties"]["meta"] = serde_json::json!({"type": "object"});
+        free["required"] = serde_json::json!(["a", "b", "meta"]);
+        assert_eq!(strict(free), false);
         // A property may itself be called `required`: it is a schema, checked as one.
         let named = serde_json::json!({"type": "object", "additionalProperties": false,
             "required": ["required"], "properties": {"required": {"type": "boolean"}}});

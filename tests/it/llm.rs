@@ -1326,3 +1326,174 @@ fn logprobs_come_back_per_sample_in_the_servers_shape() {
         assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
     }
 }
+
+/// A simulator on a given port (to bring a replica back where it was).
+fn sim_on(url: &str, args: &[&str]) -> Sim {
+    let port = url
+        .trim_end_matches("/v1")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["sim", "--port", &port])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ifloom sim");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains(&port), "{line}");
+    Sim {
+        child,
+        url: url.to_string(),
+    }
+}
+
+#[test]
+fn a_replica_that_comes_back_is_probed_and_used_again() {
+    let a = Sim::start(&["--slots", "4", "--base-ms", "5"]);
+    let b = Sim::start(&["--slots", "4", "--base-ms", "5"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &a.url, 3000, "");
+    group_of(
+        &p,
+        &a.url,
+        &[&a.url, &b.url],
+        "max_in_flight: 4\n    backoff_ms: 10\n    bench_s: 0.1",
+    );
+    let run = tmp.path().join("run");
+    let mut child = run_until(
+        tmp.path(),
+        &p,
+        &run,
+        &tmp.path().join("c.sqlite"),
+        &[&a, &b],
+        100,
+    );
+    let url = a.url.clone();
+    drop(a);
+    // B alone for a while, then A is back on its port.
+    let start = b.requests();
+    let t = Instant::now();
+    while b.requests() < start + 200 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let back = sim_on(&url, &["--slots", "4", "--base-ms", "5"]);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        back.requests() > 0,
+        "the replica that came back got nothing (B: {})",
+        b.requests()
+    );
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
+        "3000"
+    );
+}
+
+#[test]
+fn ctrl_c_wakes_requests_sleeping_out_a_backoff() {
+    // Every answer is a 500 and the backoff is up to a minute: at Ctrl-C every request is
+    // asleep, and the run must stop without sleeping it out.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-500", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 8, "");
+    group_of(
+        &p,
+        &sim.url,
+        &[&sim.url],
+        "max_in_flight: 8\n    backoff_ms: 60000\n    backoff_max_ms: 60000",
+    );
+    let mut child = run_until(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run"),
+        &tmp.path().join("c.sqlite"),
+        &[&sim],
+        8,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Not a timing assertion on speed: without the wake-up the run sleeps for up to a minute.
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the run slept out its backoffs after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+}
+
+#[test]
+fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 5, "");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "      max_tokens: 64\n",
+        "      max_tokens: 64\n      logprobs: true\n",
+    );
+    std::fs::write(&p, &text).unwrap();
+    let cache = tmp.path().join("c.sqlite");
+    let o = run_env(tmp.path(), &p, &tmp.path().join("run"), &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 5);
+    // What an ifloom that dropped logprobs would have cached: the same entries without them.
+    let c = rusqlite::Connection::open(&cache).unwrap();
+    let rows: Vec<(String, Vec<u8>)> = c
+        .prepare("SELECT id, body FROM responses")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (id, body) in rows {
+        let json = if body.first() == Some(&b'{') {
+            body
+        } else {
+            zstd::decode_all(&body[..]).unwrap()
+        };
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert!(v["logprobs"].is_string(), "{v}");
+        v.as_object_mut().unwrap().remove("logprobs");
+        c.execute(
+            "UPDATE responses SET body = ?1 WHERE id = ?2",
+            rusqlite::params![v.to_string().into_bytes(), id],
+        )
+        .unwrap();
+    }
+    drop(c);
+    let run2 = tmp.path().join("run2");
+    let o = run_env(tmp.path(), &p, &run2, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 10, "entries without logprobs are misses");
+    assert_eq!(
+        sql_rows(
+            tmp.path(),
+            &run2,
+            "SELECT count(response_logprobs) FROM ask"
+        )[0][0],
+        "5"
+    );
+    // Now complete: a third run sends nothing.
+    let o = run_env(tmp.path(), &p, &tmp.path().join("run3"), &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 10);
+}
