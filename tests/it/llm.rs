@@ -1497,3 +1497,38 @@ fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 10);
 }
+
+#[test]
+fn the_readme_llm_stage_example_validates() {
+    // The README's reference block for the llm stage, as written, with an input added.
+    let readme = std::fs::read_to_string(crate::common::root().join("README.md")).unwrap();
+    let at = readme.find("### The `llm` stage").expect("llm section");
+    let start = readme[at..].find("```yaml\n").unwrap() + at + "```yaml\n".len();
+    let end = readme[start..].find("```").unwrap() + start;
+    let block = readme[start..end].replacen(
+        "stages:\n",
+        "inputs:\n  instructions: in.jsonl\nstages:\n",
+        1,
+    );
+    let tmp = tempdir();
+    std::fs::create_dir_all(tmp.path().join("prompts")).unwrap();
+    std::fs::write(tmp.path().join("prompts/answer.j2"), "{{ prompt }}").unwrap();
+    std::fs::write(
+        tmp.path().join("in.jsonl"),
+        "{\"_id\": 1, \"prompt\": \"hi\"}\n",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("p.yaml"), format!("name: readme\n{block}")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["validate", "p.yaml"])
+        .env("OPENAI_API_KEY", "not-a-key")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("response_parsed") && out.contains("sample_index"),
+        "{out}"
+    );
+}
