@@ -103,7 +103,17 @@ struct Shared {
     /// Requests on the wire, by id, with where their answer will appear: a later round (the
     /// next chunk, or a parse retry) with the same request waits for it instead of sending
     /// it again.
-    inflight: Arc<std::sync::Mutex<HashMap<String, Answer>>>,
+    inflight: Arc<std::sync::Mutex<HashMap<u128, Answer>>>,
+}
+
+/// A request id (32 hex digits) as the 128-bit number it spells: the in-flight map's key, kept
+/// off the heap (the map holds every request on the wire, up to two chunks of them).
+fn id_key(id: &str) -> u128 {
+    u128::from_str_radix(id, 16).unwrap_or_else(|_| {
+        // Not an id this stage made (it never happens): any stable hash will do.
+        let h = blake3::hash(id.as_bytes());
+        u128::from_le_bytes(h.as_bytes()[..16].try_into().unwrap_or_default())
+    })
 }
 
 /// Where a work unit's answers appear once it finishes.
@@ -124,7 +134,7 @@ struct Round {
     hits: HashMap<String, CachedResponse>,
     sending: Option<tokio::task::JoinHandle<Sent>>,
     /// Ids this round sends (registered in [`Shared::inflight`] until the round finishes).
-    leaders: Vec<String>,
+    leaders: Vec<u128>,
 }
 
 /// A chunk between its first send and its write.
@@ -1267,7 +1277,7 @@ impl LlmStage {
         if let Ok(map) = sh.inflight.lock()
             && !map.is_empty()
         {
-            misses.retain(|id, (c, w)| match map.get(id) {
+            misses.retain(|id, (c, w)| match map.get(&id_key(id)) {
                 Some(rx) => {
                     follow.push((id.clone(), c.clone(), rx.clone(), *w));
                     false
@@ -1320,8 +1330,8 @@ impl LlmStage {
                 .map(|(ids, c, w)| {
                     let (tx, rx) = tokio::sync::watch::channel(None);
                     for id in &ids {
-                        map.insert(id.clone(), rx.clone());
-                        leaders.push(id.clone());
+                        map.insert(id_key(id), rx.clone());
+                        leaders.push(id_key(id));
                     }
                     (ids, c, tx, w)
                 })
