@@ -104,6 +104,8 @@ struct Shared {
     /// next chunk, or a parse retry) with the same request waits for it instead of sending
     /// it again.
     inflight: Arc<std::sync::Mutex<HashMap<u128, Answer>>>,
+    /// Wakes the rounds waiting for such answers (rare: one Notify for the stage is enough).
+    answered: Arc<tokio::sync::Notify>,
 }
 
 /// A request id (32 hex digits) as the 128-bit number it spells: the in-flight map's key, kept
@@ -116,16 +118,14 @@ fn id_key(id: &str) -> u128 {
     })
 }
 
-/// Where a work unit's answers appear once it finishes.
-type Answer = tokio::sync::watch::Receiver<Option<Arc<UnitResult>>>;
+/// Where a work unit's answers appear once it finishes: set once, to the answers when a later
+/// round waits for them, else to `None` (that round then sends the request itself). A small
+/// allocation per request on the wire (a watch channel, with its nine Notifys, was ~25 MB of
+/// peak RSS at 100k rows).
+type Answer = Arc<std::sync::OnceLock<Option<Arc<UnitResult>>>>;
 /// A round's work units: the samples' ids, the request, where to announce the answers, and
 /// how many samples it answers for the first time (the progress count).
-type Unit = (
-    Vec<String>,
-    Canonical,
-    tokio::sync::watch::Sender<Option<Arc<UnitResult>>>,
-    u64,
-);
+type Unit = (Vec<String>, Canonical, Answer, u64);
 
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
 /// being sent by a task on the runtime.
@@ -1024,6 +1024,7 @@ impl Stage for LlmStage {
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             clamp: self.clamp_max_tokens,
             inflight: Default::default(),
+            answered: Default::default(),
         };
         let k = self.samples as usize;
         let context = self.context_columns(&env);
@@ -1328,12 +1329,12 @@ impl LlmStage {
             Ok(mut map) => units
                 .into_iter()
                 .map(|(ids, c, w)| {
-                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let slot = Answer::default();
                     for id in &ids {
-                        map.insert(id_key(id), rx.clone());
+                        map.insert(id_key(id), slot.clone());
                         leaders.push(id_key(id));
                     }
-                    (ids, c, tx, w)
+                    (ids, c, slot, w)
                 })
                 .collect(),
             Err(_) => return Err(Error::Internal("in-flight map poisoned".into())),
@@ -1749,19 +1750,22 @@ async fn send_units(
     // Retry-After is often a whole second) holds no in-flight permit but does hold a place
     // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
     let cap = sh.pool.capacity().max(1) * 4;
-    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, tx, weight)| {
+    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, slot, weight)| {
         let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone()));
-        let done_count = sh.counters.clone();
+        let (done_count, answered) = (sh.counters.clone(), sh.answered.clone());
         async move {
             let done = match task.await {
                 Ok(done) => done,
                 // A panic in a request task (a bug): its samples fail like a lost request.
                 Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
             };
-            // The in-flight map holds one receiver per id; more means a later round waits
-            // for this answer (copied only then).
-            if tx.receiver_count() > done.len() {
-                let _ = tx.send(Some(Arc::new(done.clone())));
+            // The in-flight map holds the slot once per id, and this task once; more means a
+            // later round waits for this answer (copied only then). A round that takes the
+            // slot after this look finds `None` and sends the request itself.
+            let waited_for = Arc::strong_count(&slot) > done.len() + 1;
+            let _ = slot.set(waited_for.then(|| Arc::new(done.clone())));
+            if waited_for {
+                answered.notify_waiters();
             }
             done_count.done.fetch_add(weight, Ordering::Relaxed);
             done
@@ -1769,15 +1773,21 @@ async fn send_units(
     }))
     .buffer_unordered(cap)
     .collect::<Vec<_>>();
-    let followers = futures::future::join_all(follow.into_iter().map(|(id, c, mut rx, w)| {
+    let followers = futures::future::join_all(follow.into_iter().map(|(id, c, slot, w)| {
         let sh = sh.clone();
         async move {
-            let answer = rx.wait_for(Option::is_some).await.ok().and_then(|v| {
-                v.as_ref()?
-                    .iter()
-                    .find(|(i, _)| *i == id)
-                    .map(|(_, r)| r.clone())
-            });
+            let answers = loop {
+                // Registered before the look, so an answer set in between is not missed.
+                let wake = sh.answered.notified();
+                tokio::pin!(wake);
+                wake.as_mut().enable();
+                if let Some(a) = slot.get() {
+                    break a.clone();
+                }
+                wake.await;
+            };
+            let answer =
+                answers.and_then(|a| a.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone()));
             let counters = sh.counters.clone();
             let got = match answer {
                 Some(r) => vec![(id, r)],
