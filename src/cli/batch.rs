@@ -90,6 +90,14 @@ fn setup(c: &Common, engine: &Engine) -> Result<(crate::compile::Plan, RunDir, E
     Ok((plan, dir, engine))
 }
 
+/// The llm stage named on the command line (`setup` checked that it is one).
+fn llm_stage<'p>(c: &Common, plan: &'p crate::compile::Plan) -> &'p llm::LlmStage {
+    plan.pipeline
+        .stage(&c.stage)
+        .and_then(|d| d.stage.llm())
+        .expect("checked by setup")
+}
+
 /// The stage's requests (id, canonical request), from its input rows: what `export` writes
 /// and the ids `import` accepts.
 fn stage_requests(
@@ -109,7 +117,7 @@ fn stage_requests(
         },
     )?;
     let def = plan.pipeline.stage(&c.stage).expect("checked");
-    let st = def.stage.llm().expect("checked");
+    let st = llm_stage(c, plan);
     let parent = &def.from[0].0;
     let Some(m) = dir.manifest(parent) else {
         return Err(Error::usage(format!(
@@ -132,13 +140,7 @@ fn stage_requests(
 fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
     let (plan, dir, engine) = setup(&c, engine)?;
     let reqs = stage_requests(&c, &plan, &dir, &engine)?;
-    let st = plan
-        .pipeline
-        .stage(&c.stage)
-        .expect("checked")
-        .stage
-        .llm()
-        .expect("checked");
+    let st = llm_stage(&c, &plan);
     let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
     let cached = Cache::open(&engine.cache_path)?.get_many(&ids)?;
     let f = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
@@ -172,13 +174,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
     // The ids `batch export` would write for this stage (cached or not): a result with any
     // other custom_id belongs to another stage, pipeline or parameter set and is not stored.
     let reqs = stage_requests(&c, &plan, &dir, &engine)?;
-    let st = plan
-        .pipeline
-        .stage(&c.stage)
-        .expect("checked")
-        .stage
-        .llm()
-        .expect("checked");
+    let st = llm_stage(&c, &plan);
     let ids: Vec<String> = reqs.into_iter().map(|(id, _)| id).collect();
     let f = std::fs::File::open(&results).map_err(|e| Error::io(&results, e))?;
     let cache = Cache::open(&engine.cache_path)?;

@@ -1833,29 +1833,24 @@ fn fail(ids: Vec<String>, e: CallError) -> UnitResult {
 }
 
 /// Send one work unit (one request for `ids.len()` samples) and cache its choices.
-async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared) -> UnitResult {
-    if INTERRUPTED.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
-        return fail(ids, CallError::Abort(INTERRUPTED_MSG.into()));
+/// Why the stage sends nothing more, if it does not: Ctrl-C or a failure elsewhere in the
+/// stage, or a cache that cannot be written (answers would be paid for and lost).
+fn stop_reason(sh: &Shared) -> Option<String> {
+    if INTERRUPTED.load(Ordering::SeqCst) || sh.stop.load(Ordering::SeqCst) {
+        return Some(INTERRUPTED_MSG.into());
     }
-    // Answers that cannot be stored would be paid for and lost: send nothing more.
-    if let Some(e) = sh.cache.failure() {
-        return fail(ids, CallError::Abort(cache_failed(e)));
+    sh.cache.failure().map(cache_failed)
+}
+
+async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared) -> UnitResult {
+    if let Some(m) = stop_reason(&sh) {
+        return fail(ids, CallError::Abort(m));
     }
     let n = ids.len() as u32;
     let body = bytes::Bytes::from(c.to_body(profile, n));
     sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let stopped = || {
-        INTERRUPTED.load(Ordering::SeqCst)
-            || sh.stop.load(Ordering::SeqCst)
-            || sh.cache.failure().is_some()
-    };
+    let stopped = || stop_reason(&sh).is_some();
     let mut r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
-    // Stopped because the cache cannot be written: say so (the pool only knows it stopped).
-    if matches!(r, Err(CallError::Abort(_)))
-        && let Some(e) = sh.cache.failure()
-    {
-        r = Err(CallError::Abort(cache_failed(e)));
-    }
     if let Err(CallError::Row {
         message,
         raw: Some(raw),
@@ -1884,6 +1879,12 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
             let body = bytes::Bytes::from(clamped.to_body(profile, n));
             r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
         }
+    }
+    // Stopped because the cache cannot be written: say so (the pool only knows it stopped).
+    if matches!(r, Err(CallError::Abort(_)))
+        && let Some(e) = sh.cache.failure()
+    {
+        r = Err(CallError::Abort(cache_failed(e)));
     }
     let comp = match r {
         Ok(c) => c,
