@@ -7,11 +7,7 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, stderr, tempdir};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::common::{ok, pipeline_named, s, stderr, tempdir};
 
 /// `ifloom ARGS` in `dir` with IFLOOM_CACHE / XDG_CACHE_HOME removed and HOME = `home`.
 fn ifloom_home(dir: &Path, home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
@@ -120,21 +116,14 @@ fn cache_stats_and_gc_of_a_missing_cache_fail_and_create_nothing() {
 /// A pipeline with one llm stage `ask` over three prompts, the user turn `{template}`; its
 /// endpoint is never called (batch mode).
 fn pipeline(dir: &Path, name: &str, template: &str) -> PathBuf {
-    std::fs::create_dir_all(dir.join("data")).unwrap();
-    std::fs::write(
-        dir.join("data/in.jsonl"),
-        "{\"prompt\": \"alpha\"}\n{\"prompt\": \"beta\"}\n{\"prompt\": \"gamma\"}\n",
-    )
-    .unwrap();
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "name: {name}\ninputs:\n  src: data/in.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    endpoints: [\"http://127.0.0.1:9/v1\"]\n    model: sim-model\n    messages:\n      - role: user\n        content: \"{template}\"\n    params:\n      max_tokens: 16\n"
-        ),
-    )
-    .unwrap();
-    p
+    let rows: Vec<Value> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|p| json!({"prompt": p}))
+        .collect();
+    let stage = format!(
+        "    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - role: user\n        content: \"{template}\"\n    params:\n      max_tokens: 16\n"
+    );
+    pipeline_named(dir, name, &rows, &stage)
 }
 
 fn batch(dir: &Path, action: &str, p: &Path, run: &Path, cache: &Path, last: &[&str]) -> Output {

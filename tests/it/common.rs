@@ -57,3 +57,58 @@ pub fn sql_rows(cwd: &Path, run: &Path, query: &str) -> Vec<Vec<String>> {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
+
+/// A path as the `&str` command lines take (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `ifloom run P --run-dir RUN --cache CACHE` in `dir`, ready to be given more and started.
+pub fn run_cmd(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ifloom"));
+    c.args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
+        .current_dir(dir);
+    c
+}
+
+/// [`run_cmd`], run to the end.
+pub fn run_llm(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Output {
+    run_cmd(dir, p, run, cache).output().expect("spawn ifloom")
+}
+
+/// [`run_llm`], which must succeed.
+pub fn run_llm_ok(dir: &Path, p: &Path, run: &Path, cache: &Path) {
+    let o = run_llm(dir, p, run, cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `{"prompt": "question number i", "temp": 0.(i % 10)}` for i in `range`.
+pub fn numbered(range: std::ops::Range<usize>) -> Vec<serde_json::Value> {
+    range
+        .map(|i| serde_json::json!({"prompt": format!("question number {i}"), "temp": (i % 10) as f64 / 10.0}))
+        .collect()
+}
+
+/// A pipeline `<name>.yaml` (named `name`) over `data/<name>.jsonl` (`rows`) with one llm
+/// stage `ask` from `src`; `stage` holds the stage's further keys, indented by four spaces.
+pub fn pipeline_named(dir: &Path, name: &str, rows: &[serde_json::Value], stage: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join(format!("data/{name}.jsonl")), data).unwrap();
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name: {name}\ninputs:\n  src: data/{name}.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    model: sim-model\n{stage}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// The usual chat stage keys: one endpoint, "Q: {{ prompt }}", temperature from `temp`.
+pub fn chat_stage(url: &str, extra: &str) -> String {
+    format!(
+        "    endpoints: [\"{url}\"]\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: 64\n{extra}"
+    )
+}

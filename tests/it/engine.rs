@@ -7,11 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, ifloom, ok, sql_rows, stderr, tempdir};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::common::{self, ifloom, ok, s, sql_rows, stderr, tempdir};
 
 /// Every file under `dir` with its inode.
 fn inodes(dir: &Path) -> BTreeMap<PathBuf, u64> {

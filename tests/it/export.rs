@@ -7,12 +7,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ifloom, ok, sql_rows, stderr, tempdir};
+use crate::common::{ok, run_llm_ok, s, sql_rows, tempdir};
 use crate::llm::Sim;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
@@ -61,14 +57,6 @@ fn prompts_of_messages(records: &[Value]) -> Vec<String> {
             m[m.len() - 2]["content"].as_str().unwrap().to_string()
         })
         .collect()
-}
-
-fn run(dir: &Path, p: &Path, run: &Path, cache: &Path) {
-    let o = ifloom(
-        dir,
-        &["run", s(p), "--run-dir", s(run), "--cache", s(cache)],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
@@ -143,7 +131,7 @@ stages:
     .unwrap();
     let r = tmp.path().join("run");
     let cache = tmp.path().join("c.sqlite");
-    run(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     // The llm stage flagged exactly the cut-off answer.
     assert_eq!(
         sql_rows(
@@ -274,7 +262,7 @@ stages:
     )
     .unwrap();
     let r = tmp.path().join("run");
-    run(tmp.path(), &p, &r, &tmp.path().join("c.sqlite"));
+    run_llm_ok(tmp.path(), &p, &r, &tmp.path().join("c.sqlite"));
     let prompts = |recs: Vec<Value>| -> Vec<Value> {
         recs.into_iter().map(|x| x["prompt"].clone()).collect()
     };

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{ifloom, ok, sql_rows, stderr, tempdir};
+use crate::common::{ifloom, ok, run_cmd, run_llm, s, sql_rows, stderr, tempdir};
 
 /// A running simulator; killed on drop.
 pub struct Sim {
@@ -61,10 +61,6 @@ impl Sim {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A pipeline over `n` generated prompts with one llm stage; `extra` is added to the stage.
 fn pipeline(dir: &Path, url: &str, n: usize, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("data")).unwrap();
@@ -88,14 +84,6 @@ fn pipeline(dir: &Path, url: &str, n: usize, extra: &str) -> PathBuf {
     p
 }
 
-fn run_env(dir: &Path, p: &Path, run: &Path, cache: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn responses_come_back_in_order_and_a_fresh_run_dir_sends_nothing() {
     let sim = Sim::start(&["--slots", "8", "--base-ms", "5"]);
@@ -103,7 +91,7 @@ fn responses_come_back_in_order_and_a_fresh_run_dir_sends_nothing() {
     let p = pipeline(tmp.path(), &sim.url, 50, "");
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     // The default rule echoes the last user message, so each answer names its own row.
     let rows = sql_rows(
@@ -124,7 +112,7 @@ fn responses_come_back_in_order_and_a_fresh_run_dir_sends_nothing() {
     assert_eq!(sim.requests(), 50);
     // Same cache, fresh run directory: every response comes from the cache.
     let run2 = tmp.path().join("run2");
-    let o = run_env(tmp.path(), &p, &run2, &cache);
+    let o = run_llm(tmp.path(), &p, &run2, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 50, "a cached request was sent again");
     let cached = sql_rows(
@@ -147,7 +135,7 @@ fn samples_explode_or_list() {
         "    samples: 3\n    explode: true\n",
     );
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = sql_rows(
         tmp.path(),
@@ -169,7 +157,7 @@ fn samples_explode_or_list() {
     // The same samples as list columns: all 30 responses are already cached.
     let p = pipeline(tmp.path(), &sim.url, 10, "    samples: 3\n");
     let run = tmp.path().join("run_list");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = sql_rows(
         tmp.path(),
@@ -186,7 +174,7 @@ fn samples_explode_or_list() {
         "    samples: 3\n    profile: llama-cpp\n",
     );
     let run = tmp.path().join("run_llama");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("other.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("other.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 40);
     let rows = sql_rows(
@@ -214,16 +202,9 @@ fn faults_are_retried_or_dead_lettered_and_every_row_is_accounted_for() {
     ]);
     let tmp = tempdir();
     let cache = tmp.path().join("cache.sqlite");
-    let p = pipeline(tmp.path(), &sim.url, 60, "");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 16\n    endpoints: ["),
-    )
-    .unwrap();
+    let p = pipeline(tmp.path(), &sim.url, 60, "    max_in_flight: 16\n");
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
@@ -245,7 +226,7 @@ fn faults_are_retried_or_dead_lettered_and_every_row_is_accounted_for() {
     let tmp2 = tempdir();
     let p = pipeline(tmp2.path(), &bad.url, 5, "");
     let run = tmp2.path().join("run");
-    let o = run_env(tmp2.path(), &p, &run, &tmp2.path().join("c.sqlite"));
+    let o = run_llm(tmp2.path(), &p, &run, &tmp2.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sql_rows(tmp2.path(), &run, "SELECT count(*) FROM ask")[0][0],
@@ -274,7 +255,7 @@ fn hanging_server_times_out_into_the_dead_letter_table() {
     )
     .unwrap();
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     let failed = sql_rows(tmp.path(), &run, "SELECT reason FROM ask__failed");
     assert_eq!(failed.len(), 3);
@@ -295,7 +276,7 @@ fn a_down_endpoint_is_named_before_anything_is_sent() {
         .port();
     let p = pipeline(tmp.path(), &format!("http://127.0.0.1:{port}/v1"), 3, "");
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -395,14 +376,7 @@ fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
     // Slow enough that the kill lands mid-stage: 4 slots × 20 ms → ~200 requests/s.
     let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 300, "");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
-    )
-    .unwrap();
+    let p = pipeline(tmp.path(), &sim.url, 300, "    max_in_flight: 4\n");
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
     // Ids whose response was committed to the cache before each kill.
@@ -417,9 +391,7 @@ fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
     // (id, times the server had seen it) for every response in the cache after each kill.
     let mut snapshots: Vec<(String, u64)> = Vec::new();
     for kill_at in [40u64, 150] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-            .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
-            .current_dir(tmp.path())
+        let mut child = run_cmd(tmp.path(), &p, &run, &cache)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -444,7 +416,7 @@ fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
         "only {} responses cached",
         snapshots.len()
     );
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     // No request whose response was already in the cache was sent again; only responses
     // still in flight (or not yet committed) at a kill may have been asked for twice.
@@ -462,7 +434,7 @@ fn killed_mid_stage_the_rerun_sends_only_what_was_not_cached() {
     eprintln!("requests sent twice (in flight or uncommitted at a kill): {repeats}");
     // The result equals an uninterrupted run's.
     let clean = tmp.path().join("clean");
-    let o = run_env(tmp.path(), &p, &clean, &tmp.path().join("fresh.sqlite"));
+    let o = run_llm(tmp.path(), &p, &clean, &tmp.path().join("fresh.sqlite"));
     assert!(o.status.success());
     let q = "SELECT prompt, response FROM ask ORDER BY prompt";
     assert_eq!(
@@ -508,7 +480,7 @@ fn dry_run_sends_nothing_and_retry_failed_resends_only_the_dead_letters() {
         stderr(&o)
     );
     assert_eq!(bad.requests(), 0, "a dry run sent requests");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
@@ -529,7 +501,7 @@ fn dry_run_sends_nothing_and_retry_failed_resends_only_the_dead_letters() {
         text.replace(&url_line, &format!("    endpoints: [\"{}\"]", good.url)),
     )
     .unwrap();
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(stderr(&o).contains("ask (llm): reused"), "{}", stderr(&o));
     assert_eq!(good.requests(), 0);
     // ...and --retry-failed sends exactly the dead-lettered requests.
@@ -607,7 +579,7 @@ fn batch_export_import_then_run_offline() {
     let mut args = vec!["batch", "import", s(&p), s(&res)];
     args.extend(common);
     ok(tmp.path(), &args);
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = sql_rows(tmp.path(), &run, "SELECT prompt, response FROM ask");
     assert_eq!(rows.len(), 4);
@@ -640,7 +612,7 @@ fn messy_json_answers_are_repaired_parsed_or_dead_lettered() {
     let p = pipeline(tmp.path(), &sim.url, 10, parse);
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     // Default on_parse_error: keep, with a null value and the reason.
     let rows = sql_rows(
@@ -678,7 +650,7 @@ fn messy_json_answers_are_repaired_parsed_or_dead_lettered() {
         &format!("{parse}    on_parse_error: drop\n"),
     );
     let run = tmp.path().join("run_drop");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
@@ -703,32 +675,11 @@ fn messy_json_answers_are_repaired_parsed_or_dead_lettered() {
 fn ctrl_c_stops_sending_keeps_what_arrived_and_the_rerun_resumes() {
     let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 200, "");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
-    )
-    .unwrap();
+    let p = pipeline(tmp.path(), &sim.url, 200, "    max_in_flight: 4\n");
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
-        .current_dir(tmp.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while sim.requests() < 30 && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&sim], 30, &[]);
+    interrupt(&child);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -747,7 +698,7 @@ fn ctrl_c_stops_sending_keeps_what_arrived_and_the_rerun_resumes() {
         cached as u64, sent_before,
         "responses in flight at Ctrl-C were lost"
     );
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 200, "the rerun sent a request again");
 }
@@ -792,7 +743,7 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
             ),
         );
         let run = tmp.path().join("run");
-        let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+        let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(
             sql_rows(
@@ -840,7 +791,7 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
         "max_in_flight: 64\n    adaptive: true\n    backoff_ms: 20\n    backoff_max_ms: 100",
     );
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     let st = sim.stats();
     assert!(
@@ -870,7 +821,7 @@ fn max_tokens_past_the_context_fails_clearly_or_is_clamped_to_the_room_left() {
 
     // Without clamping: every row is dead-lettered with what to do, and nothing is retried.
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 6, "a 400 is not retried");
     // (sql_rows splits on commas, which the reasons contain: test them in SQL.)
@@ -893,7 +844,7 @@ fn max_tokens_past_the_context_fails_clearly_or_is_clamped_to_the_room_left() {
         std::fs::read_to_string(&p).unwrap() + "    clamp_max_tokens: true\n",
     )
     .unwrap();
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 6 + 6 + 5);
     let answered = sql_rows(
@@ -921,7 +872,7 @@ fn max_tokens_past_the_context_fails_clearly_or_is_clamped_to_the_room_left() {
 
     // The clamped answers are cached under the requests as written: a rerun sends only the
     // row that can never fit.
-    let o = run_env(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    let o = run_llm(tmp.path(), &p, &tmp.path().join("run2"), &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 6 + 6 + 5 + 1);
 }
@@ -945,11 +896,19 @@ fn group_of(p: &Path, url: &str, urls: &[&str], settings: &str) {
     std::fs::write(p, text).unwrap();
 }
 
-/// Start `ifloom run` and return it once the simulators together have seen `n` requests.
-fn run_until(dir: &Path, p: &Path, run: &Path, cache: &Path, sims: &[&Sim], n: u64) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
-        .current_dir(dir)
+/// Start `ifloom run` (with `extra` arguments) and return it once the simulators together
+/// have seen `n` requests.
+fn run_until(
+    dir: &Path,
+    p: &Path,
+    run: &Path,
+    cache: &Path,
+    sims: &[&Sim],
+    n: u64,
+    extra: &[&str],
+) -> Child {
+    let child = run_cmd(dir, p, run, cache)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -961,6 +920,30 @@ fn run_until(dir: &Path, p: &Path, run: &Path, cache: &Path, sims: &[&Sim], n: u
         std::thread::sleep(Duration::from_millis(5));
     }
     child
+}
+
+/// Ctrl-C, as a terminal sends it.
+fn interrupt(child: &Child) {
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// The run's output once it exits, which it must within `limit` (not a speed assertion: the
+/// alternative is a run waiting out a long hang or backoff); else it is killed and `what` is
+/// the failure.
+fn exit_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -977,7 +960,7 @@ fn a_replica_dying_mid_stage_costs_no_row() {
     );
     let run = tmp.path().join("run");
     let cache = tmp.path().join("c.sqlite");
-    let child = run_until(tmp.path(), &p, &run, &cache, &[&a, &b], 60);
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&a, &b], 60, &[]);
     // Both replicas were in use (least outstanding), then one dies.
     assert!(a.requests() > 0 && b.requests() > 0);
     drop(a);
@@ -1016,7 +999,7 @@ fn every_endpoint_down_stops_resumably_instead_of_failing_rows() {
     );
     let run = tmp.path().join("run");
     let cache = tmp.path().join("c.sqlite");
-    let child = run_until(tmp.path(), &p, &run, &cache, &[&sim], 40);
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&sim], 40, &[]);
     let url = sim.url.clone();
     drop(sim);
     let out = child.wait_with_output().unwrap();
@@ -1040,7 +1023,7 @@ fn every_endpoint_down_stops_resumably_instead_of_failing_rows() {
         .unwrap()
         .replace(&url, &back.url);
     std::fs::write(&p, text).unwrap();
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(back.requests(), 200 - cached as u64);
     assert_eq!(
@@ -1059,43 +1042,25 @@ fn ctrl_c_grace_period_abandons_requests_that_do_not_finish() {
     // the run.
     let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--fault-hang", "1"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 20, "");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
-    )
-    .unwrap();
+    let p = pipeline(tmp.path(), &sim.url, 20, "    max_in_flight: 4\n");
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
-        .args(["--grace-s", "0.5"])
-        .current_dir(tmp.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while sim.requests() < 4 && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let child = run_until(
+        tmp.path(),
+        &p,
+        &run,
+        &cache,
+        &[&sim],
+        4,
+        &["--grace-s", "0.5"],
+    );
+    interrupt(&child);
     // Not a timing assertion: without a grace period the run would wait out the hang.
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("the run did not stop after the grace period");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = exit_within(
+        child,
+        Duration::from_secs(60),
+        "the run did not stop after the grace period",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -1112,7 +1077,7 @@ fn identical_requests_in_flight_in_different_chunks_are_sent_once() {
     // so rows 10 and 11 are asked while rows 0 and 1 (an earlier chunk) are still unanswered.
     let sim = Sim::start(&["--slots", "4", "--base-ms", "30"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 60, "");
+    let p = pipeline(tmp.path(), &sim.url, 60, "    max_in_flight: 4\n");
     let rows: String = (0..60)
         .map(|i| {
             format!(
@@ -1123,15 +1088,8 @@ fn identical_requests_in_flight_in_different_chunks_are_sent_once() {
         })
         .collect();
     std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
-    )
-    .unwrap();
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 10, "{}", sim.stats()["per_request"]);
     let rows = sql_rows(
@@ -1153,25 +1111,20 @@ fn plain_progress_lines_count_every_sample_once() {
     // one that reaches the total although rows repeat (10 distinct requests for 60 rows).
     let sim = Sim::start(&["--slots", "2", "--base-ms", "20"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 60, "");
+    let p = pipeline(tmp.path(), &sim.url, 60, "    max_in_flight: 2\n");
     let rows: String = (0..60)
         .map(|i| format!("{{\"prompt\": \"q {}\", \"temp\": 0.5}}\n", i % 10))
         .collect();
     std::fs::write(tmp.path().join("data/in.jsonl"), rows).unwrap();
-    std::fs::write(
+    let o = run_cmd(
+        tmp.path(),
         &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 2\n    endpoints: ["),
+        &tmp.path().join("run"),
+        &tmp.path().join("c.sqlite"),
     )
+    .env("IFLOOM_PROGRESS_S", "0.05")
+    .output()
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(&p), "--run-dir", s(&tmp.path().join("run"))])
-        .args(["--cache", s(&tmp.path().join("c.sqlite"))])
-        .env("IFLOOM_PROGRESS_S", "0.05")
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     let lines: Vec<&str> = err
@@ -1192,37 +1145,19 @@ fn a_cache_that_cannot_be_written_stops_the_stage_and_the_rerun_resumes() {
     // sending instead of paying for answers it cannot keep.
     let sim = Sim::start(&["--slots", "4", "--base-ms", "20"]);
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 400, "");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("endpoints: [", "max_in_flight: 4\n    endpoints: ["),
-    )
-    .unwrap();
+    let p = pipeline(tmp.path(), &sim.url, 400, "    max_in_flight: 4\n");
     let cache = tmp.path().join("cache.sqlite");
     let run = tmp.path().join("run");
     // Create the cache (a first stage run on no rows would do; a dry run opens it too).
-    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args([
-            "run",
-            s(&p),
-            "--run-dir",
-            s(&run),
-            "--cache",
-            s(&cache),
-            "--dry-run",
-        ])
-        .current_dir(tmp.path())
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .arg("--dry-run")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let holder = rusqlite::Connection::open(&cache).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
-        .args(["run", s(&p), "--run-dir", s(&run), "--cache", s(&cache)])
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
         .env("IFLOOM_CACHE_BUSY_MS", "100")
-        .current_dir(tmp.path())
         .output()
         .unwrap();
     let err = stderr(&o);
@@ -1237,7 +1172,7 @@ fn a_cache_that_cannot_be_written_stops_the_stage_and_the_rerun_resumes() {
     holder.execute_batch("ROLLBACK").unwrap();
     drop(holder);
     // Nothing was stored, so the rerun asks for every row; it completes.
-    let o = run_env(tmp.path(), &p, &run, &cache);
+    let o = run_llm(tmp.path(), &p, &run, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask")[0][0],
@@ -1265,7 +1200,7 @@ fn logprobs_come_back_per_sample_in_the_servers_shape() {
     );
     std::fs::write(&p, &text).unwrap();
     let run = tmp.path().join("run");
-    let o = run_env(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = sql_json(
         tmp.path(),
@@ -1307,7 +1242,7 @@ fn logprobs_come_back_per_sample_in_the_servers_shape() {
         );
     std::fs::write(&p2, &text).unwrap();
     let run2 = tmp2.path().join("run");
-    let o = run_env(tmp2.path(), &p2, &run2, &tmp2.path().join("c.sqlite"));
+    let o = run_llm(tmp2.path(), &p2, &run2, &tmp2.path().join("c.sqlite"));
     assert!(o.status.success(), "{}", stderr(&o));
     for r in sql_json(
         tmp2.path(),
@@ -1373,6 +1308,7 @@ fn a_replica_that_comes_back_is_probed_and_used_again() {
         &tmp.path().join("c.sqlite"),
         &[&a, &b],
         100,
+        &[],
     );
     let url = a.url.clone();
     drop(a);
@@ -1409,30 +1345,23 @@ fn ctrl_c_wakes_requests_sleeping_out_a_backoff() {
         &[&sim.url],
         "max_in_flight: 8\n    backoff_ms: 60000\n    backoff_max_ms: 60000",
     );
-    let mut child = run_until(
+    let child = run_until(
         tmp.path(),
         &p,
         &tmp.path().join("run"),
         &tmp.path().join("c.sqlite"),
         &[&sim],
         8,
+        &[],
     );
     std::thread::sleep(Duration::from_millis(200));
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    interrupt(&child);
     // Not a timing assertion on speed: without the wake-up the run sleeps for up to a minute.
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("the run slept out its backoffs after Ctrl-C");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = exit_within(
+        child,
+        Duration::from_secs(20),
+        "the run slept out its backoffs after Ctrl-C",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -1452,7 +1381,7 @@ fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
     );
     std::fs::write(&p, &text).unwrap();
     let cache = tmp.path().join("c.sqlite");
-    let o = run_env(tmp.path(), &p, &tmp.path().join("run"), &cache);
+    let o = run_llm(tmp.path(), &p, &tmp.path().join("run"), &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 5);
     // What an ifloom that dropped logprobs would have cached: the same entries without them.
@@ -1481,7 +1410,7 @@ fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
     }
     drop(c);
     let run2 = tmp.path().join("run2");
-    let o = run_env(tmp.path(), &p, &run2, &cache);
+    let o = run_llm(tmp.path(), &p, &run2, &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 10, "entries without logprobs are misses");
     assert_eq!(
@@ -1493,7 +1422,7 @@ fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
         "5"
     );
     // Now complete: a third run sends nothing.
-    let o = run_env(tmp.path(), &p, &tmp.path().join("run3"), &cache);
+    let o = run_llm(tmp.path(), &p, &tmp.path().join("run3"), &cache);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(sim.requests(), 10);
 }

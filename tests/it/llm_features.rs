@@ -5,66 +5,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::common::{ifloom, ok, sql_rows, stderr, tempdir};
+use crate::common::{
+    chat_stage, ifloom, numbered, ok, pipeline_named, run_cmd, run_llm, run_llm_ok, s, sql_rows,
+    stderr, tempdir,
+};
 use crate::llm::Sim;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// `{"prompt": "question number i", "temp": 0.(i % 10)}` for i in `range`.
-fn numbered(range: std::ops::Range<usize>) -> Vec<Value> {
-    range
-        .map(|i| json!({"prompt": format!("question number {i}"), "temp": (i % 10) as f64 / 10.0}))
-        .collect()
-}
-
-/// A pipeline `<name>.yaml` over `data/<name>.jsonl` (`rows`) with one llm stage `ask` from
-/// `src`; `stage` holds the stage's further keys, indented by four spaces.
-fn pipeline_named(dir: &Path, name: &str, rows: &[Value], stage: &str) -> PathBuf {
-    std::fs::create_dir_all(dir.join("data")).unwrap();
-    let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(dir.join(format!("data/{name}.jsonl")), data).unwrap();
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "name: llmfeat\ninputs:\n  src: data/{name}.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    model: sim-model\n{stage}"
-        ),
-    )
-    .unwrap();
-    p
-}
 
 fn pipeline(dir: &Path, rows: &[Value], stage: &str) -> PathBuf {
     pipeline_named(dir, "p", rows, stage)
-}
-
-/// The usual chat stage keys: one endpoint, "Q: {{ prompt }}", temperature from `temp`.
-fn chat_stage(url: &str, extra: &str) -> String {
-    format!(
-        "    endpoints: [\"{url}\"]\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: 64\n{extra}"
-    )
-}
-
-fn run_cmd(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ifloom"));
-    c.args(["run", s(p), "--run-dir", s(run), "--cache", s(cache)])
-        .current_dir(dir);
-    c
-}
-
-fn run(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Output {
-    run_cmd(dir, p, run, cache).output().unwrap()
-}
-
-fn run_ok(dir: &Path, p: &Path, run_dir: &Path, cache: &Path) {
-    let o = run(dir, p, run_dir, cache);
-    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// One value of a one-row, one-column query.
@@ -144,7 +96,7 @@ fn two_endpoints_share_the_rows_and_the_faster_one_gets_more() {
     );
     let p = pipeline(tmp.path(), &numbered(0..n), &stage);
     let r = tmp.path().join("run");
-    run_ok(tmp.path(), &p, &r, &tmp.path().join("c.sqlite"));
+    run_llm_ok(tmp.path(), &p, &r, &tmp.path().join("c.sqlite"));
     let (a, b) = (slow.requests(), fast.requests());
     eprintln!("slow endpoint: {a} requests, fast endpoint: {b}");
     assert!(a > 0, "the slow endpoint got nothing");
@@ -195,7 +147,7 @@ fn a_failed_parse_is_asked_again_and_the_re_ask_can_succeed() {
     let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
     let r = tmp.path().join("run");
     let cache = tmp.path().join("c.sqlite");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     // One request with n = 2 per row, plus one re-ask of sample 1.
     assert_eq!(sim.requests(), 2 * n as u64);
     let rows = sql_rows(
@@ -221,7 +173,7 @@ fn a_failed_parse_is_asked_again_and_the_re_ask_can_succeed() {
         "0"
     );
     // The re-asks are cached too: a fresh run directory sends nothing.
-    run_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    run_llm_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
     assert_eq!(sim.requests(), 2 * n as u64);
 }
 
@@ -242,7 +194,7 @@ fn an_answer_that_never_parses_is_asked_one_plus_k_times_then_dropped_or_kept() 
         &chat_stage(&sim.url, &format!("{parse}    on_parse_error: drop\n")),
     );
     let r = tmp.path().join("run_drop");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     // 1 + 2 asks per row, each a distinct request sent once.
     let sent = seen(&sim);
     assert_eq!(sim.requests(), 3 * n as u64);
@@ -265,7 +217,7 @@ fn an_answer_that_never_parses_is_asked_one_plus_k_times_then_dropped_or_kept() 
     // cache and the rows are kept with the parse error.
     let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
     let r = tmp.path().join("run_keep");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(sim.requests(), 3 * n as u64, "a cached ask was sent again");
     let kept = sql_rows(
         tmp.path(),
@@ -294,7 +246,7 @@ fn on_error_fail_stops_the_run_where_the_default_dead_letters() {
         &numbered(0..4),
         &chat_stage(&bad.url, "    on_error: fail\n"),
     );
-    let o = run(tmp.path(), &p, &tmp.path().join("run_fail"), &cache);
+    let o = run_llm(tmp.path(), &p, &tmp.path().join("run_fail"), &cache);
     let e = stderr(&o);
     assert!(!o.status.success(), "on_error: fail succeeded:\n{e}");
     assert_eq!(o.status.code(), Some(1), "{e}");
@@ -304,7 +256,7 @@ fn on_error_fail_stops_the_run_where_the_default_dead_letters() {
     // The default (dead_letter): the same requests, the run succeeds, all rows dead-lettered.
     let p = pipeline(tmp.path(), &numbered(0..4), &chat_stage(&bad.url, ""));
     let r = tmp.path().join("run");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(scalar(tmp.path(), &r, "SELECT count(*) FROM ask"), "0");
     let failed = sql_rows(
         tmp.path(),
@@ -345,7 +297,7 @@ fn completions_api_sends_the_rendered_prompt_and_answers_in_order() {
         .map(|i| format!("Complete: QUESTION NUMBER {i}"))
         .collect();
     assert_eq!(prompts, want);
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(sim.requests(), n as u64);
     let rows = sql_rows(
         tmp.path(),
@@ -373,7 +325,7 @@ fn think_blocks_go_to_the_reasoning_column_or_stay_with_reasoning_keep() {
     let cache = tmp.path().join("c.sqlite");
     let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, parse));
     let r = tmp.path().join("run");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(sim.requests(), n as u64);
     let q = "SELECT response = '{\"a\": 1}', strpos(response, 'secret') = 0, response_reasoning = 'secret plan', response_parsed['a'], response_parse_error IS NULL FROM ask";
     let rows = sql_rows(tmp.path(), &r, q);
@@ -389,7 +341,7 @@ fn think_blocks_go_to_the_reasoning_column_or_stay_with_reasoning_keep() {
         &chat_stage(&sim.url, &format!("{parse}    reasoning: keep\n")),
     );
     let r = tmp.path().join("run_keep");
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(sim.requests(), n as u64, "a cached request was sent again");
     let q = "SELECT response = '<think>secret plan</think>{\"a\": 1}', response_reasoning IS NULL, response_parsed['a'], response_cached FROM ask";
     let rows = sql_rows(tmp.path(), &r, q);
@@ -449,7 +401,7 @@ fn params_from_columns_reach_the_server_per_row() {
         })
         .collect();
     assert_eq!(got, want);
-    run_ok(tmp.path(), &p, &r, &cache);
+    run_llm_ok(tmp.path(), &p, &r, &cache);
     assert_eq!(sim.requests(), 12);
     assert_eq!(seen(&sim).len(), 12);
     // The server honoured each row's max_tokens: the echo cut to that many words.
@@ -477,7 +429,7 @@ fn cache_stats_counts_and_gc_keeps_or_removes() {
     let cache = tmp.path().join("c.sqlite");
     let n = 7;
     let p = pipeline(tmp.path(), &numbered(0..n), &chat_stage(&sim.url, ""));
-    run_ok(tmp.path(), &p, &tmp.path().join("run1"), &cache);
+    run_llm_ok(tmp.path(), &p, &tmp.path().join("run1"), &cache);
     assert_eq!(sim.requests(), n as u64);
     let stats = |tmp: &Path| -> Value {
         serde_json::from_str(&ok(
@@ -505,7 +457,7 @@ fn cache_stats_counts_and_gc_keeps_or_removes() {
     );
     assert!(out.starts_with("removed 0 responses"), "{out}");
     assert_eq!(stats(tmp.path())["responses"], n as i64);
-    run_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
+    run_llm_ok(tmp.path(), &p, &tmp.path().join("run2"), &cache);
     assert_eq!(sim.requests(), n as u64, "gc removed a recent response");
     // 0 days: everything goes, and the next run asks again.
     let out = ok(
@@ -522,7 +474,7 @@ fn cache_stats_counts_and_gc_keeps_or_removes() {
     assert!(out.starts_with(&format!("removed {n} responses")), "{out}");
     assert_eq!(stats(tmp.path())["responses"], 0);
     let r3 = tmp.path().join("run3");
-    run_ok(tmp.path(), &p, &r3, &cache);
+    run_llm_ok(tmp.path(), &p, &r3, &cache);
     assert_eq!(sim.requests(), 2 * n as u64);
     assert_eq!(
         scalar(
@@ -577,7 +529,7 @@ fn two_processes_share_one_cache_file() {
     // A third run over all of it, into a fresh run directory: everything is cached.
     let pc = pipeline_named(tmp.path(), "c", &numbered(0..180), &stage);
     let rc = tmp.path().join("run_c");
-    run_ok(tmp.path(), &pc, &rc, &cache);
+    run_llm_ok(tmp.path(), &pc, &rc, &cache);
     assert_eq!(sim.requests(), sent, "the third run sent requests");
     assert_eq!(
         scalar(

@@ -6,11 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
-use crate::common::{self, ifloom, ok, sql_rows, stderr, tempdir};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::common::{self, ifloom, ok, s, sql_rows, stderr, tempdir};
 
 /// The counters a stage stored in its manifest.
 fn counters(run: &Path, stage: &str) -> BTreeMap<String, i64> {

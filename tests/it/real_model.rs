@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use crate::common::{root, sql_rows, stderr, stdout, tempdir};
+use crate::common::{root, s, sql_rows, stderr, stdout, tempdir};
 
 fn script() -> PathBuf {
     root().join("scripts/local-llm.sh")
@@ -61,10 +61,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = local_llm(&self.run_dir, &["stop"]);
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn count(dir: &Path, run: &Path, query: &str) -> i64 {
