@@ -452,20 +452,23 @@ impl Pool {
 
     /// Give back a slot that was not used (the stage stopped before sending).
     fn unclaim(&self, i: usize, probe: bool) {
-        let ep = &self.endpoints[i];
-        if probe {
-            ep.probing.store(false, Ordering::Release);
-        }
-        ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.free_slot(i, probe);
         self.notify.notify_one();
     }
 
-    fn release(&self, i: usize, probe: bool, ok: bool, overload: bool) {
+    /// The slot (and the probe, if this was one) is free again; waking a waiter is the
+    /// caller's.
+    fn free_slot(&self, i: usize, probe: bool) -> &Endpoint {
         let ep = &self.endpoints[i];
         if probe {
             ep.probing.store(false, Ordering::Release);
         }
         ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+        ep
+    }
+
+    fn release(&self, i: usize, probe: bool, ok: bool, overload: bool) {
+        let ep = self.free_slot(i, probe);
         if ok {
             // Closing the circuit takes its lock only when it may be open.
             if (ep.consecutive_failures.swap(0, Ordering::AcqRel) >= TRIP_AFTER || probe)
