@@ -181,11 +181,18 @@ fn decompress(b: &[u8]) -> Option<CachedResponse> {
     serde_json::from_slice(&json).ok()
 }
 
+/// A response queued for the writer: its id, its model and the response.
+type Queued = (String, Arc<str>, Arc<CachedResponse>);
+
 /// A handle for lookups plus a background writer.
 pub struct Cache {
     path: PathBuf,
     reader: std::sync::Mutex<Connection>,
-    tx: Option<mpsc::Sender<(String, Arc<str>, CachedResponse)>>,
+    tx: Option<mpsc::Sender<Queued>>,
+    /// Responses handed to [`Cache::put`] and not yet committed, so lookups find them in the
+    /// ~50 ms before the writer's commit (the same request asked again in that window, by the
+    /// next chunk or a parse retry, would otherwise be sent twice).
+    unsaved: Arc<std::sync::Mutex<HashMap<String, Arc<CachedResponse>>>>,
     writer: Option<JoinHandle<Result<u64>>>,
     /// Set by the writer when it gave up: responses can no longer be kept.
     failed: Arc<std::sync::OnceLock<String>>,
@@ -195,12 +202,14 @@ impl Cache {
     pub fn open(path: &Path) -> Result<Cache> {
         let reader = open(path)?;
         let wconn = open(path)?;
-        let (tx, rx) = mpsc::channel::<(String, Arc<str>, CachedResponse)>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let wpath = path.to_path_buf();
         let failed = Arc::new(std::sync::OnceLock::new());
         let wfailed = failed.clone();
+        let unsaved = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let wunsaved = Arc::clone(&unsaved);
         let writer = std::thread::spawn(move || {
-            let r = write_loop(wconn, rx, &wpath);
+            let r = write_loop(wconn, rx, &wpath, &wunsaved);
             if let Err(e) = &r {
                 let _ = wfailed.set(e.to_string());
                 // Requests sleeping out a backoff check again and stop.
@@ -212,6 +221,7 @@ impl Cache {
             path: path.to_path_buf(),
             reader: std::sync::Mutex::new(reader),
             tx: Some(tx),
+            unsaved,
             writer: Some(writer),
             failed,
         })
@@ -227,9 +237,23 @@ impl Cache {
         &self.path
     }
 
-    /// Look up many ids at once (bodies read in one pass, then decoded in parallel).
+    /// Look up many ids at once (bodies read in one pass, then decoded in parallel), including
+    /// responses queued for the writer and not yet committed.
     pub fn get_many(&self, ids: &[String]) -> Result<HashMap<String, CachedResponse>> {
         use rayon::prelude::*;
+        // Queued responses first: the writer removes them from the queue only after their
+        // commit, so an id missing here is either not answered or already in the file (which
+        // the read transaction below, started after this look, then sees).
+        let mut queued = HashMap::new();
+        if let Ok(unsaved) = self.unsaved.lock()
+            && !unsaved.is_empty()
+        {
+            for id in ids {
+                if let Some(r) = unsaved.get(id) {
+                    queued.insert(id.clone(), CachedResponse::clone(r));
+                }
+            }
+        }
         let conn = self
             .reader
             .lock()
@@ -242,7 +266,7 @@ impl Cache {
         let mut stmt = txn
             .prepare_cached("SELECT body FROM responses WHERE id = ?1")
             .map_err(sql)?;
-        for id in ids {
+        for id in ids.iter().filter(|id| !queued.contains_key(*id)) {
             let body: Option<Vec<u8>> = stmt
                 .query_row(params![id], |r| r.get(0))
                 .optional()
@@ -253,15 +277,21 @@ impl Cache {
         }
         drop(stmt);
         txn.commit().map_err(sql)?;
-        Ok(bodies
+        let mut found: HashMap<String, CachedResponse> = bodies
             .into_par_iter()
             .filter_map(|(id, b)| decompress(&b).map(|r| (id.clone(), r)))
-            .collect())
+            .collect();
+        found.extend(queued);
+        Ok(found)
     }
 
-    /// Queue a response for the writer (committed within ~50 ms).
+    /// Queue a response for the writer (committed within ~50 ms; found by lookups at once).
     pub fn put(&self, id: String, model: Arc<str>, r: CachedResponse) {
         if let Some(tx) = &self.tx {
+            let r = Arc::new(r);
+            if let Ok(mut unsaved) = self.unsaved.lock() {
+                unsaved.insert(id.clone(), Arc::clone(&r));
+            }
             let _ = tx.send((id, model, r));
         }
     }
@@ -289,8 +319,9 @@ impl Drop for Cache {
 
 fn write_loop(
     mut conn: Connection,
-    rx: mpsc::Receiver<(String, Arc<str>, CachedResponse)>,
+    rx: mpsc::Receiver<Queued>,
     path: &Path,
+    unsaved: &std::sync::Mutex<HashMap<String, Arc<CachedResponse>>>,
 ) -> Result<u64> {
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
     let mut written = 0u64;
@@ -337,6 +368,13 @@ fn write_loop(
                     attempt += 1;
                 }
                 Err(e) => return Err(sql(e)),
+            }
+        }
+        // Committed: lookups find these in the file from now on. (An id put again since, by
+        // a second identical request, is dropped here too; the file has one of the two.)
+        if let Ok(mut unsaved) = unsaved.lock() {
+            for (id, ..) in &bodies {
+                unsaved.remove(id);
             }
         }
         written += bodies.len() as u64;
@@ -447,6 +485,33 @@ mod tests {
         drop(b);
         assert_eq!(gc(&p, 0).unwrap(), 1);
         assert_eq!(stats(&p).unwrap().responses, 0);
+    }
+
+    #[test]
+    fn queued_responses_are_found_before_their_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        let a = Cache::open(&p).unwrap();
+        // Another process holds the write lock: the writer cannot commit for now.
+        let mut other = open(&p).unwrap();
+        let lock = other
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        a.put("x".into(), "m".into(), resp("queued"));
+        std::thread::sleep(Duration::from_millis(120));
+        let in_file: i64 = open(&p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM responses", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(in_file, 0, "the writer committed through the lock");
+        let got = a.get_many(&["x".into(), "y".into()]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got["x"], resp("queued"));
+        lock.commit().unwrap();
+        assert_eq!(a.close().unwrap(), 1);
+        let b = Cache::open(&p).unwrap();
+        assert_eq!(b.get_many(&["x".into()]).unwrap()["x"], resp("queued"));
+        assert!(b.unsaved.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -147,11 +147,11 @@ pub struct Completion {
 /// Why a call failed for good.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
-    /// The row fails (dead-lettered); `raw` keeps the body when there was one.
+    /// The row fails (dead-lettered); `raw` keeps the body, byte for byte, when there was one.
     #[error("{message}")]
     Row {
         message: String,
-        raw: Option<String>,
+        raw: Option<bytes::Bytes>,
         retries: u32,
     },
     /// The stage must stop (every endpoint down): rerunning resumes from the cache.
@@ -172,7 +172,7 @@ enum Attempt {
     },
     Fatal {
         message: String,
-        raw: Option<String>,
+        raw: Option<bytes::Bytes>,
     },
 }
 
@@ -308,6 +308,11 @@ impl Pool {
             .iter()
             .map(|e| e.outstanding.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Retries a row may spend (`max_retries`).
+    pub fn max_retries(&self) -> u32 {
+        self.group.max_retries
     }
 
     pub fn capacity(&self) -> usize {
@@ -535,6 +540,7 @@ impl Pool {
         body: bytes::Bytes,
         request_id: &str,
         n: u32,
+        budget: &AtomicU32,
         stopped: impl Fn() -> bool,
     ) -> Result<Completion, CallError> {
         let mut attempt = 0u32;
@@ -604,9 +610,24 @@ impl Pool {
                         }
                         continue;
                     }
-                    if attempt >= self.group.max_retries {
+                    // The row's budget, shared with its other requests (see `Budget`).
+                    if budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                        .is_err()
+                    {
+                        let why = if attempt >= self.group.max_retries {
+                            String::new()
+                        } else {
+                            format!(
+                                "; its row's other requests spent the rest of max_retries ({})",
+                                self.group.max_retries
+                            )
+                        };
                         return Err(CallError::Row {
-                            message: format!("{message} (gave up after {} attempts)", attempt + 1),
+                            message: format!(
+                                "{message} (gave up after {} attempts{why})",
+                                attempt + 1
+                            ),
                             raw: None,
                             retries: attempt,
                         });
@@ -716,14 +737,14 @@ impl Pool {
             // Other 4xx will not succeed on retry (e.g. a prompt longer than the context).
             return Attempt::Fatal {
                 message: format!("HTTP {code}: {}", snippet(&bytes)),
-                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                raw: Some(bytes),
             };
         }
         match parse_completion(&bytes, n) {
             Ok(c) => Attempt::Ok(c),
             Err(message) => Attempt::Fatal {
                 message,
-                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                raw: Some(bytes),
             },
         }
     }

@@ -123,9 +123,15 @@ fn id_key(id: &str) -> u128 {
 /// allocation per request on the wire (a watch channel, with its nine Notifys, was ~25 MB of
 /// peak RSS at 100k rows).
 type Answer = Arc<std::sync::OnceLock<Option<Arc<UnitResult>>>>;
-/// A round's work units: the samples' ids, the request, where to announce the answers, and
-/// how many samples it answers for the first time (the progress count).
-type Unit = (Vec<String>, Canonical, Answer, u64);
+/// A round's work units: the samples' ids, the request, where to announce the answers, how
+/// many samples it answers for the first time (the progress count), and the retries its row
+/// has left.
+type Unit = (Vec<String>, Canonical, Answer, u64, Budget);
+
+/// The retries a row has left (`max_retries`), shared by every request made for the row in
+/// a round: the K requests of a row sent one per sample (a server that ignores `n`) draw on
+/// one budget, like the single `n: K` request they stand for.
+type Budget = Arc<std::sync::atomic::AtomicU32>;
 
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
 /// being sent by a task on the runtime.
@@ -630,7 +636,7 @@ pub fn batch_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
 #[derive(Debug, Clone)]
 struct Outcome {
     request_id: String,
-    response: std::result::Result<(CachedResponse, bool), (String, Option<String>)>,
+    response: std::result::Result<(CachedResponse, bool), (String, Option<bytes::Bytes>)>,
     parsed: Option<std::result::Result<parse::Parsed, String>>,
 }
 
@@ -649,9 +655,10 @@ struct Counters {
 }
 
 impl Stage for LlmStage {
-    /// 2: `explode` adds `sample_index` for K = 1 too.
+    /// 2: `explode` adds `sample_index` for K = 1 too. 3: the dead-letter table has
+    /// `raw_bytes`.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn needs_id(&self) -> bool {
@@ -1184,6 +1191,7 @@ impl LlmStage {
             ("request_id", DataType::Utf8, false),
             ("reason", DataType::Utf8, false),
             ("raw", DataType::Utf8, true),
+            ("raw_bytes", DataType::Binary, true),
         ] {
             let taken = parent.fields().iter().any(|p| p.name() == name);
             let name = if taken {
@@ -1226,14 +1234,14 @@ impl LlmStage {
         // Identical requests (same id) are sent once. Each request carries how many samples
         // it answers for the first time (its weight in the progress count; re-asks after a
         // parse failure add none).
-        let mut reqs: HashMap<String, (Canonical, u64)> = HashMap::new();
+        let mut reqs: HashMap<String, (Canonical, u64, usize)> = HashMap::new();
         let mut ids = Vec::with_capacity(rendered.len());
         let counters = &sh.counters;
         for (r, s, attempt, c) in rendered {
             let first = u64::from(attempt == 0);
             match c {
                 Ok((id, c)) => {
-                    reqs.entry(id.clone()).or_insert((c, 0)).1 += first;
+                    reqs.entry(id.clone()).or_insert((c, 0, r)).1 += first;
                     ids.push((r, s, attempt, Ok(id)));
                 }
                 Err(e) => {
@@ -1254,13 +1262,13 @@ impl LlmStage {
         counters
             .cache_hits
             .fetch_add(hits.len() as u64, Ordering::Relaxed);
-        let mut misses: HashMap<String, (Canonical, u64)> = HashMap::new();
+        let mut misses: HashMap<String, (Canonical, u64, usize)> = HashMap::new();
         let mut hit_weight = 0;
-        for (id, (c, w)) in reqs {
+        for (id, (c, w, r)) in reqs {
             if hits.contains_key(&id) {
                 hit_weight += w;
             } else {
-                misses.insert(id, (c, w));
+                misses.insert(id, (c, w, r));
             }
         }
         counters.done.fetch_add(hit_weight, Ordering::Relaxed);
@@ -1278,7 +1286,7 @@ impl LlmStage {
         if let Ok(map) = sh.inflight.lock()
             && !map.is_empty()
         {
-            misses.retain(|id, (c, w)| match map.get(&id_key(id)) {
+            misses.retain(|id, (c, w, _)| match map.get(&id_key(id)) {
                 Some(rx) => {
                     follow.push((id.clone(), c.clone(), rx.clone(), *w));
                     false
@@ -1290,7 +1298,9 @@ impl LlmStage {
         // Work units: the K samples of a row as one request with `n: K` where the server
         // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
         // sample, each with its own seed. Every choice is cached under its sample's id.
-        let mut units: Vec<(Vec<String>, Canonical, u64)> = Vec::new();
+        let max_retries = sh.pool.max_retries();
+        let budget = || Budget::new(max_retries.into());
+        let mut units: Vec<(Vec<String>, Canonical, u64, Budget)> = Vec::new();
         if profile.honours_n() && self.samples > 1 {
             let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
             for (r, s, attempt, id) in &ids {
@@ -1308,15 +1318,21 @@ impl LlmStage {
                 let distinct: HashSet<&String> = sample_ids.iter().map(|(_, id)| id).collect();
                 if all_missing && distinct.len() == sample_ids.len() {
                     let group: Vec<String> = sample_ids.into_iter().map(|(_, id)| id).collect();
-                    let (base, mut weight) = misses.remove(&group[0]).expect("checked missing");
+                    let (base, mut weight, _) = misses.remove(&group[0]).expect("checked missing");
                     for id in &group[1..] {
-                        weight += misses.remove(id).map_or(0, |(_, w)| w);
+                        weight += misses.remove(id).map_or(0, |(_, w, _)| w);
                     }
-                    units.push((group, base, weight));
+                    units.push((group, base, weight, budget()));
                 }
             }
         }
-        units.extend(misses.into_iter().map(|(id, (c, w))| (vec![id], c, w)));
+        // One budget per row (a request shared by several rows, deduplicated, uses its first
+        // row's).
+        let mut row_budgets: HashMap<usize, Budget> = HashMap::new();
+        units.extend(misses.into_iter().map(|(id, (c, w, r))| {
+            let b = row_budgets.entry(r).or_insert_with(budget).clone();
+            (vec![id], c, w, b)
+        }));
         tracing::debug!(
             "{}: {} requests handed to the runtime at {:.3} s",
             ctx.id,
@@ -1328,13 +1344,13 @@ impl LlmStage {
         let units: Vec<Unit> = match sh.inflight.lock() {
             Ok(mut map) => units
                 .into_iter()
-                .map(|(ids, c, w)| {
+                .map(|(ids, c, w, b)| {
                     let slot = Answer::default();
                     for id in &ids {
                         map.insert(id_key(id), slot.clone());
                         leaders.push(id_key(id));
                     }
-                    (ids, c, slot, w)
+                    (ids, c, slot, w, b)
                 })
                 .collect(),
             Err(_) => return Err(Error::Internal("in-flight map poisoned".into())),
@@ -1535,8 +1551,12 @@ impl LlmStage {
         let mut take: Vec<u32> = Vec::new();
         let mut out_rows: Vec<(&[Outcome], Option<u32>)> = Vec::new();
         let mut failed_take: Vec<u32> = Vec::new();
-        let mut failed_cols: (Vec<u32>, Vec<String>, Vec<String>, Vec<Option<String>>) =
-            Default::default();
+        let mut failed_cols: (
+            Vec<u32>,
+            Vec<String>,
+            Vec<String>,
+            Vec<Option<bytes::Bytes>>,
+        ) = Default::default();
         let dropped = |o: &Outcome| {
             o.response.is_err()
                 || (self.on_parse_error == OnParseError::Drop && matches!(o.parsed, Some(Err(_))))
@@ -1550,9 +1570,10 @@ impl LlmStage {
                     failed_cols.1.push(o.request_id.clone());
                     let (reason, raw) = match (&o.response, &o.parsed) {
                         (Err((m, raw)), _) => (m.clone(), raw.clone()),
-                        (Ok((resp, _)), Some(Err(e))) => {
-                            (format!("parse: {e}"), Some(resp.text.clone()))
-                        }
+                        (Ok((resp, _)), Some(Err(e))) => (
+                            format!("parse: {e}"),
+                            Some(bytes::Bytes::from(resp.text.clone())),
+                        ),
                         _ => (String::new(), None),
                     };
                     failed_cols.2.push(reason);
@@ -1609,7 +1630,20 @@ impl LlmStage {
             cols.push(Arc::new(UInt32Array::from(failed_cols.0)));
             cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.1)));
             cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.2)));
-            cols.push(Arc::new(arrow::array::StringArray::from(failed_cols.3)));
+            // `raw` is the body as text; a body that is not UTF-8 is also kept exactly in
+            // `raw_bytes` (null otherwise: the text is then the body byte for byte).
+            let text: Vec<Option<std::borrow::Cow<str>>> = failed_cols
+                .3
+                .iter()
+                .map(|b| b.as_deref().map(String::from_utf8_lossy))
+                .collect();
+            let exact: Vec<Option<&[u8]>> = failed_cols
+                .3
+                .iter()
+                .map(|b| b.as_deref().filter(|b| std::str::from_utf8(b).is_err()))
+                .collect();
+            cols.push(Arc::new(arrow::array::StringArray::from_iter(text)));
+            cols.push(Arc::new(arrow::array::BinaryArray::from(exact)));
             let schema = self.failed_schema(&chunk.schema());
             let b = RecordBatch::try_new(schema.clone(), cols)?;
             let w = match failed_w {
@@ -1750,8 +1784,8 @@ async fn send_units(
     // Retry-After is often a whole second) holds no in-flight permit but does hold a place
     // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
     let cap = sh.pool.capacity().max(1) * 4;
-    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, slot, weight)| {
-        let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone()));
+    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, slot, weight, budget)| {
+        let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone(), budget));
         let (done_count, answered) = (sh.counters.clone(), sh.answered.clone());
         async move {
             let done = match task.await {
@@ -1789,11 +1823,20 @@ async fn send_units(
             let answer =
                 answers.and_then(|a| a.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone()));
             let counters = sh.counters.clone();
+            // The sender finished before this round registered (and found the map entry
+            // still there): its answer is in the cache (queued or committed), unless it
+            // failed; only then is the request sent after all.
+            let answer = answer.or_else(|| {
+                let hit = sh.cache.get_many(std::slice::from_ref(&id)).ok()?;
+                let r = hit.into_values().next()?;
+                (c.sampling.logprobs != Some(true) || r.logprobs.is_some()).then_some(Ok(r))
+            });
             let got = match answer {
                 Some(r) => vec![(id, r)],
-                // The sender finished before this round registered (and found the map entry
-                // still there): send it after all.
-                None => send_unit(vec![id], c, profile, sh).await,
+                None => {
+                    let budget = Budget::new(sh.pool.max_retries().into());
+                    send_unit(vec![id], c, profile, sh, budget).await
+                }
             };
             counters.done.fetch_add(w, Ordering::Relaxed);
             got
@@ -1832,7 +1875,6 @@ fn fail(ids: Vec<String>, e: CallError) -> UnitResult {
     ids.into_iter().map(|id| (id, Err(e.clone()))).collect()
 }
 
-/// Send one work unit (one request for `ids.len()` samples) and cache its choices.
 /// Why the stage sends nothing more, if it does not: Ctrl-C or a failure elsewhere in the
 /// stage, or a cache that cannot be written (answers would be paid for and lost).
 fn stop_reason(sh: &Shared) -> Option<String> {
@@ -1842,7 +1884,14 @@ fn stop_reason(sh: &Shared) -> Option<String> {
     sh.cache.failure().map(cache_failed)
 }
 
-async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared) -> UnitResult {
+/// Send one work unit (one request for `ids.len()` samples) and cache its choices.
+async fn send_unit(
+    ids: Vec<String>,
+    c: Canonical,
+    profile: Profile,
+    sh: Shared,
+    budget: Budget,
+) -> UnitResult {
     if let Some(m) = stop_reason(&sh) {
         return fail(ids, CallError::Abort(m));
     }
@@ -1850,13 +1899,18 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
     let body = bytes::Bytes::from(c.to_body(profile, n));
     sh.counters.requests.fetch_add(1, Ordering::Relaxed);
     let stopped = || stop_reason(&sh).is_some();
-    let mut r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+    let mut r = sh
+        .pool
+        .call(c.api, body, &ids[0], n, &budget, stopped)
+        .await;
     if let Err(CallError::Row {
         message,
         raw: Some(raw),
         ..
     }) = &mut r
-        && let Some(limit) = client::context_limit(raw)
+        && let Some(limit) = std::str::from_utf8(raw)
+            .ok()
+            .and_then(client::context_limit)
     {
         let room = limit.room();
         let asked = c.max_tokens();
@@ -1877,7 +1931,10 @@ async fn send_unit(ids: Vec<String>, c: Canonical, profile: Profile, sh: Shared)
             sh.counters.clamped.fetch_add(1, Ordering::Relaxed);
             sh.counters.requests.fetch_add(1, Ordering::Relaxed);
             let body = bytes::Bytes::from(clamped.to_body(profile, n));
-            r = sh.pool.call(c.api, body, &ids[0], n, stopped).await;
+            r = sh
+                .pool
+                .call(c.api, body, &ids[0], n, &budget, stopped)
+                .await;
         }
     }
     // Stopped because the cache cannot be written: say so (the pool only knows it stopped).

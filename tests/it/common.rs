@@ -54,6 +54,14 @@ pub fn sql_rows(cwd: &Path, run: &Path, query: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// `ifloom sql --format jsonl`, one JSON object per row.
+pub fn sql_json(cwd: &Path, run: &Path, query: &str) -> Vec<serde_json::Value> {
+    ok(cwd, &["sql", "--run", s(run), "--format", "jsonl", query])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{ifloom, ok, run_cmd, run_llm, s, sql_rows, stderr, tempdir};
+use crate::common::{ifloom, ok, run_cmd, run_llm, s, sql_json, sql_rows, stderr, tempdir};
 
 /// A running simulator; killed on drop.
 pub struct Sim {
@@ -1181,14 +1181,6 @@ fn a_cache_that_cannot_be_written_stops_the_stage_and_the_rerun_resumes() {
     assert_eq!(sim.requests(), sent + 400);
 }
 
-/// `ifloom sql --format jsonl`, one JSON object per row.
-fn sql_json(dir: &Path, run: &Path, query: &str) -> Vec<serde_json::Value> {
-    ok(dir, &["sql", "--run", s(run), "--format", "jsonl", query])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn logprobs_come_back_per_sample_in_the_servers_shape() {
     let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
@@ -1460,4 +1452,50 @@ fn the_readme_llm_stage_example_validates() {
         out.contains("response_parsed") && out.contains("sample_index"),
         "{out}"
     );
+}
+
+#[test]
+fn a_rows_requests_share_one_retry_budget() {
+    // Every answer is a 500 and max_retries is 2. A row of K = 3 samples is one request with
+    // n: 3 where the server honours n (1 + 2 attempts), and three requests where it does
+    // not (llama.cpp): those three share the row's 2 retries, 3 + 2 attempts, not 3 × 3.
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1", "--fault-500", "1"]);
+    let tmp = tempdir();
+    for (profile, sent) in [("vllm", 4 * 3), ("llama-cpp", 4 * 5)] {
+        let before = sim.requests();
+        let p = pipeline(tmp.path(), &sim.url, 4, "    samples: 3\n");
+        group_of(
+            &p,
+            &sim.url,
+            &[&sim.url],
+            &format!(
+                "profile: {profile}\n    max_retries: 2\n    backoff_ms: 1\n    backoff_max_ms: 2\n    bench_s: 0.01"
+            ),
+        );
+        let run = tmp.path().join(format!("run_{profile}"));
+        let cache = tmp.path().join(format!("{profile}.sqlite"));
+        let o = run_llm(tmp.path(), &p, &run, &cache);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(sim.requests() - before, sent, "{profile}");
+        // Every sample is dead-lettered. With one request per sample, a request whose row's
+        // budget ran out before it had used its own 2 retries says so: at least two of the
+        // three per row (the third may have spent both retries itself).
+        let failed = sql_rows(
+            tmp.path(),
+            &run,
+            "SELECT count(*), count(DISTINCT prompt), min(shared) FROM (\
+               SELECT prompt, sum(CASE WHEN strpos(reason, \
+                 'other requests spent the rest of max_retries (2)') > 0 THEN 1 ELSE 0 END) AS shared \
+               FROM ask__failed GROUP BY prompt)",
+        );
+        let rows = sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed");
+        assert_eq!(rows, [["12"]], "{profile}");
+        let least = if profile == "vllm" { "0" } else { "2" };
+        let shared: i64 = failed[0][2].parse().unwrap();
+        assert_eq!(failed[0][..2], ["4", "4"], "{profile}");
+        assert!(
+            shared >= least.parse().unwrap() && (profile != "vllm" || shared == 0),
+            "{profile}: {failed:?}"
+        );
+    }
 }

@@ -10,8 +10,8 @@ use std::process::Stdio;
 use serde_json::{Value, json};
 
 use crate::common::{
-    chat_stage, ifloom, numbered, ok, pipeline_named, run_cmd, run_llm, run_llm_ok, s, sql_rows,
-    stderr, tempdir,
+    chat_stage, ifloom, numbered, ok, pipeline_named, run_cmd, run_llm, run_llm_ok, s, sql_json,
+    sql_rows, stderr, tempdir,
 };
 use crate::llm::Sim;
 
@@ -581,4 +581,93 @@ fn stop_sequences_come_from_a_string_or_list_column() {
             assert_eq!(l["body"]["stop"], want(i), "{param}: {l}");
         }
     }
+}
+
+/// A one-thread HTTP/1.1 server on 127.0.0.1 that answers `/v1/models` for `sim-model` and
+/// every POST with `answer(request body)` as a 200 `application/json` body (raw bytes, so it
+/// can send what no JSON library would write). One request per connection.
+fn raw_server(answer: fn(&str) -> Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let (mut first, mut len) = (String::new(), 0usize);
+            if r.read_line(&mut first).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let out = if first.starts_with("GET") {
+                br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#.to_vec()
+            } else {
+                answer(&String::from_utf8_lossy(&body))
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                out.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&out);
+        }
+    });
+    url
+}
+
+#[test]
+fn bodies_the_json_parser_rejects_are_kept_byte_for_byte() {
+    // Question 0 gets a body with bytes that are not UTF-8 (Latin-1 "café"), question 1 a lone
+    // surrogate escape (ASCII, but rejected by serde), question 2 a proper answer.
+    let url = raw_server(|body| {
+        if body.contains("question number 0") {
+            b"{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"caf\xe9\"},\"finish_reason\":\"stop\"}]}".to_vec()
+        } else if body.contains("question number 1") {
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"x\ud800y"},"finish_reason":"stop"}]}"#.to_vec()
+        } else {
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#.to_vec()
+        }
+    });
+    let tmp = tempdir();
+    let run = tmp.path().join("run");
+    let p = pipeline(tmp.path(), &numbered(0..3), &chat_stage(&url, ""));
+    run_llm_ok(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert_eq!(
+        sql_rows(tmp.path(), &run, "SELECT prompt, response FROM ask"),
+        [["question number 2", "fine"]]
+    );
+    let failed = sql_json(
+        tmp.path(),
+        &run,
+        "SELECT prompt, strpos(reason, 'not valid JSON') > 0 AS said, raw, \
+         encode(raw_bytes, 'hex') AS hex FROM ask__failed ORDER BY prompt",
+    );
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let sent0 = b"{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"caf\xe9\"},\"finish_reason\":\"stop\"}]}";
+    let hex: String = sent0.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        failed[0],
+        json!({"prompt": "question number 0", "said": true,
+               "raw": String::from_utf8_lossy(sent0), "hex": hex}),
+        "raw_bytes is not the body as sent"
+    );
+    // Valid UTF-8: `raw` is the body exactly, and `raw_bytes` is not needed.
+    let sent1 = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"x\ud800y"},"finish_reason":"stop"}]}"#;
+    assert_eq!(
+        failed[1],
+        // (jsonl leaves null columns out: no "hex")
+        json!({"prompt": "question number 1", "said": true, "raw": sent1})
+    );
 }
