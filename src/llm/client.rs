@@ -169,11 +169,16 @@ enum Attempt {
         alive: bool,
         /// No connection could be made: the endpoint is down, not this request's fault.
         unreachable: bool,
+        /// The body, kept for the dead-letter table if this was the last attempt.
+        raw: Option<bytes::Bytes>,
     },
     Fatal {
         message: String,
         raw: Option<bytes::Bytes>,
     },
+    /// No request of the stage can succeed (a refused API key, a model the server does not
+    /// serve): the stage stops, resumably, instead of dead-lettering every row.
+    Stop(String),
 }
 
 struct Endpoint {
@@ -192,7 +197,13 @@ struct Endpoint {
     down_until: Mutex<Option<Instant>>,
     /// A probe is on the wire to this half-open endpoint.
     probing: AtomicBool,
+    /// The last failure of a request to it, for the message when every endpoint is down.
+    last_error: Mutex<Option<String>>,
 }
+
+/// A Retry-After longer than this is announced (once per stage) instead of waited out
+/// silently.
+const LONG_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Pool {
     group: EndpointGroup,
@@ -207,6 +218,10 @@ pub struct Pool {
     line: tokio::sync::Mutex<()>,
     all_down_since: Mutex<Option<Instant>>,
     pub retries: AtomicUsize,
+    /// Set when an answer showed that no request can succeed (401, 403, 404): why.
+    fatal: std::sync::OnceLock<String>,
+    /// A long Retry-After was announced already.
+    said_long_wait: AtomicBool,
 }
 
 /// Adaptive mode's count of the responses since the limit last changed.
@@ -284,6 +299,7 @@ impl Pool {
                 consecutive_failures: AtomicU32::new(0),
                 down_until: Mutex::new(None),
                 probing: AtomicBool::new(false),
+                last_error: Mutex::new(None),
             })
             .collect();
         Ok(Pool {
@@ -295,6 +311,8 @@ impl Pool {
             line: tokio::sync::Mutex::new(()),
             all_down_since: Mutex::new(None),
             retries: AtomicUsize::new(0),
+            fatal: std::sync::OnceLock::new(),
+            said_long_wait: AtomicBool::new(false),
         })
     }
 
@@ -442,10 +460,18 @@ impl Pool {
                 *since.get_or_insert(now)
             };
             if !probing && now.duration_since(t).as_secs_f64() > self.group.all_down_s {
+                let last: Vec<String> = self
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let err = e.last_error.lock().ok().and_then(|l| l.clone());
+                        format!("{}: {}", e.url, err.as_deref().unwrap_or("no answer"))
+                    })
+                    .collect();
                 return Err(CallError::Abort(format!(
                     "every endpoint has failed for {:.0} s ({}): stopping; rerun the same command to resume",
                     self.group.all_down_s,
-                    self.group.urls.join(", ")
+                    last.join("; ")
                 )));
             }
             tokio::select! {
@@ -549,12 +575,19 @@ impl Pool {
             if attempt > 0 && stopped() {
                 return Err(stopped_error("before this request's retry"));
             }
+            if let Some(m) = self.fatal.get() {
+                return Err(CallError::Abort(m.clone()));
+            }
             let (i, probe) = self.acquire().await?;
             // Checked again after the wait for a slot: a stage stopped by Ctrl-C sends
             // nothing more, however many requests were queued for slots.
             if stopped() {
                 self.unclaim(i, probe);
                 return Err(stopped_error("before this request was sent"));
+            }
+            if let Some(m) = self.fatal.get() {
+                self.unclaim(i, probe);
+                return Err(CallError::Abort(m.clone()));
             }
             let started = Instant::now();
             // Raced against the end of the Ctrl-C grace period. Registered before the flag is
@@ -590,14 +623,24 @@ impl Pool {
                         retries: attempt,
                     });
                 }
+                Attempt::Stop(message) => {
+                    self.release(i, probe, true, false);
+                    // Every other request of the stage stops at its next attempt.
+                    let m = self.fatal.get_or_init(|| message).clone();
+                    return Err(CallError::Abort(m));
+                }
                 Attempt::Retry {
                     message,
                     after,
                     overload,
                     alive,
                     unreachable,
+                    raw,
                 } => {
                     self.release(i, probe, alive, overload);
+                    if !alive && let Ok(mut l) = self.endpoints[i].last_error.lock() {
+                        *l = Some(message.clone());
+                    }
                     // A probe of a benched endpoint that could not even connect is the
                     // endpoint's failure, not this row's: it costs the row no retry (all
                     // endpoints down ends in a resumable stop after `all_down_s`, not in
@@ -628,22 +671,28 @@ impl Pool {
                                 "{message} (gave up after {} attempts{why})",
                                 attempt + 1
                             ),
-                            raw: None,
+                            raw,
                             retries: attempt,
                         });
                     }
-                    self.retries.fetch_add(1, Ordering::Relaxed);
                     let cap = self
                         .group
                         .backoff_max_ms
                         .min(self.group.backoff_ms.saturating_mul(1 << attempt.min(16)));
                     let jitter = Duration::from_millis(rand::rng().random_range(0..=cap.max(1)));
-                    if !self
-                        .pause(after.map_or(jitter, |a| a.max(jitter / 4)), &stopped)
-                        .await
-                    {
+                    let wait = after.map_or(jitter, |a| a.max(jitter / 4));
+                    if wait > LONG_WAIT && !self.said_long_wait.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "ifloom: {} asked to wait {:.0} s before a retry (Retry-After); waiting (Ctrl-C stops, the same command resumes)",
+                            self.endpoints[i].url,
+                            wait.as_secs_f64()
+                        );
+                    }
+                    if !self.pause(wait, &stopped).await {
                         return Err(stopped_error("before this request's retry"));
                     }
+                    // Counted once it is sent (a retry cancelled by a stop is none).
+                    self.retries.fetch_add(1, Ordering::Relaxed);
                     attempt += 1;
                 }
             }
@@ -699,15 +748,37 @@ impl Pool {
                     overload: e.is_timeout(),
                     alive: false,
                     unreachable: e.is_connect(),
+                    raw: None,
                 };
             }
         };
         let status = resp.status();
-        let retry_after = resp
-            .headers()
+        let headers = resp.headers();
+        let retry_after = headers
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(retry_after);
+        // What the body is when it is not JSON although it parses as nothing else: a server
+        // that compresses or streams without being asked (said in the row's reason).
+        let header = |h: reqwest::header::HeaderName| {
+            headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_ascii_lowercase)
+        };
+        let unasked = match (
+            header(reqwest::header::CONTENT_ENCODING),
+            header(reqwest::header::CONTENT_TYPE),
+        ) {
+            (Some(enc), _) if enc != "identity" => Some(format!(
+                "the server sent a `{enc}`-encoded body, which ifloom does not ask for"
+            )),
+            (_, Some(t)) if t.starts_with("text/event-stream") => Some(
+                "the server streamed its answer (text/event-stream) although `stream` was not asked"
+                    .to_string(),
+            ),
+            _ => None,
+        };
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -717,6 +788,7 @@ impl Pool {
                     overload: e.is_timeout(),
                     alive: false,
                     unreachable: false,
+                    raw: None,
                 };
             }
         };
@@ -731,7 +803,28 @@ impl Pool {
                 // would otherwise bench a busy server for seconds after 8 of them in a row.
                 alive: code == 429,
                 unreachable: false,
+                raw: Some(bytes),
             };
+        }
+        if code == 401 || code == 403 || code == 404 {
+            let ep = &self.endpoints[i];
+            let what = match code {
+                404 => format!(
+                    "the server does not serve this model or this API (`{}`)",
+                    api.path()
+                ),
+                _ => match &self.group.api_key_env {
+                    Some(var) => format!("the server refused the API key in `{var}`"),
+                    None => {
+                        "the server wants an API key: set `api_key_env` on the endpoint".to_string()
+                    }
+                },
+            };
+            return Attempt::Stop(format!(
+                "HTTP {code} from {}: {what} ({}); no request of this stage can succeed, so it stops: fix it and rerun the same command to resume",
+                ep.url,
+                snippet(&bytes)
+            ));
         }
         if !status.is_success() {
             // Other 4xx will not succeed on retry (e.g. a prompt longer than the context).
@@ -740,10 +833,21 @@ impl Pool {
                 raw: Some(bytes),
             };
         }
-        match parse_completion(&bytes, n) {
+        match parse_body(&bytes, n) {
             Ok(c) => Attempt::Ok(c),
-            Err(message) => Attempt::Fatal {
-                message,
+            Err(e) if e.retry => Attempt::Retry {
+                message: e.message,
+                after: retry_after,
+                overload: false,
+                alive: false,
+                unreachable: false,
+                raw: Some(bytes),
+            },
+            Err(e) => Attempt::Fatal {
+                message: match unasked {
+                    Some(why) => format!("{why} ({})", e.message),
+                    None => e.message,
+                },
                 raw: Some(bytes),
             },
         }
@@ -799,46 +903,159 @@ fn snippet(b: &[u8]) -> String {
 /// Parse an OpenAI-style response body (chat or completions). A body serde rejects (for
 /// example a lone surrogate escape) is an error for the row, never a crashed stage.
 pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
+    parse_body(bytes, n).map_err(|e| e.message)
+}
+
+/// Why a 200 body is not a completion, and whether asking again may help: an error object
+/// with a 408, 429 or 5xx code (proxies such as LiteLLM send those with status 200).
+#[derive(Debug)]
+pub struct BodyError {
+    pub message: String,
+    pub retry: bool,
+}
+
+impl From<String> for BodyError {
+    fn from(message: String) -> Self {
+        BodyError {
+            message,
+            retry: false,
+        }
+    }
+}
+
+/// [`parse_completion`], saying whether the failure is worth a retry.
+pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
+    // A JSON array is not a completion, even though serde would read a struct from one
+    // field by field.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let what = if bytes.iter().all(u8::is_ascii_whitespace) {
+            "the response body is empty".to_string()
+        } else if std::str::from_utf8(bytes).is_err() {
+            format!(
+                "response is not a JSON object ({} bytes, not text)",
+                bytes.len()
+            )
+        } else {
+            format!("response is not a JSON object: {}", snippet(bytes))
+        };
+        return Err(what.into());
+    }
     let v: RawCompletion = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => format!("response is not a completion: {e}"),
         _ => format!("response is not valid JSON: {e}"),
     })?;
-    if let Some(err) = v.error {
-        return Err(format!(
-            "server returned an error object: {}",
-            snippet(err.to_string().as_bytes())
-        ));
+    // `"error": null`, `""` or `{}` beside the choices is no error.
+    if let Some(err) = v.error.filter(|e| match e {
+        serde_json::Value::Null => false,
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Object(m) => !m.is_empty(),
+        _ => true,
+    }) {
+        let code = err.get("code").and_then(|c| match c {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => None,
+        });
+        return Err(BodyError {
+            message: format!(
+                "server returned an error object: {}",
+                snippet(err.to_string().as_bytes())
+            ),
+            retry: code.is_some_and(|c| c == 408 || c == 429 || (500..600).contains(&c)),
+        });
     }
-    let choices = v
+    let mut choices = v
         .choices
         .ok_or_else(|| "response has no `choices` list".to_string())?;
-    let out: Vec<Choice> = choices
+    if choices.len() != n as usize {
+        let hint = if n > 1 && choices.len() == 1 {
+            "; the server ignores `n`: use a profile that sends one request per sample (llama-cpp)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "asked for {n} choice(s), the server returned {}{hint}",
+            choices.len()
+        )
+        .into());
+    }
+    // Choices in the order of their `index` when each has its own (servers are free to send
+    // them in any order); otherwise in the order sent.
+    let mut order: Vec<Option<i64>> = choices
+        .iter()
+        .map(|c| c.0.as_ref().and_then(|c| c.index))
+        .collect();
+    order.sort_unstable();
+    if order.iter().enumerate().all(|(i, x)| *x == Some(i as i64)) {
+        choices.sort_by_key(|c| c.0.as_ref().and_then(|c| c.index));
+    }
+    let out = choices
         .into_iter()
-        .map(|c| {
-            let c = c.0.unwrap_or_default();
+        .enumerate()
+        .map(|(i, c)| {
+            let c =
+                c.0.ok_or_else(|| format!("choice {i} of the response is not an object"))?;
             let (text, reasoning) = match c.message {
-                Some(m) => (m.content, m.reasoning_content.or(m.reasoning)),
-                None => (c.text, None),
+                Some(m) => {
+                    let reasoning = m.reasoning_content.or(m.reasoning);
+                    let text = match m.content {
+                        Some(serde_json::Value::String(t)) => Some(t),
+                        // OpenAI's content parts: the text parts, joined.
+                        Some(serde_json::Value::Array(parts)) => Some(
+                            parts
+                                .iter()
+                                .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                                .collect::<String>(),
+                        ),
+                        Some(serde_json::Value::Null) | None => None,
+                        Some(other) => {
+                            return Err(format!(
+                                "choice {i}: `content` is not text: {}",
+                                snippet(other.to_string().as_bytes())
+                            ));
+                        }
+                    };
+                    let text = match text {
+                        Some(t) => t,
+                        // A reasoning model cut off while thinking: no answer yet, but an
+                        // answer (finish_reason says why it is empty).
+                        None if reasoning.is_some() => String::new(),
+                        None => {
+                            let why = if let Some(r) = m.refusal {
+                                format!("the model refused: {}", snippet(r.as_bytes()))
+                            } else if m.tool_calls.is_some() {
+                                "the model called a tool instead of answering".into()
+                            } else {
+                                "`content` is null or missing".into()
+                            };
+                            return Err(format!("choice {i} has no text: {why}"));
+                        }
+                    };
+                    (text, reasoning)
+                }
+                None => match c.text {
+                    Some(t) => (t, None),
+                    None => {
+                        return Err(format!(
+                            "choice {i} has no text: neither `message.content` nor `text`"
+                        ));
+                    }
+                },
             };
-            Choice {
-                text: text.unwrap_or_default(),
+            Ok(Choice {
+                text,
                 reasoning,
                 finish_reason: c.finish_reason.unwrap_or_else(|| "unknown".into()),
                 logprobs: c.logprobs.filter(|v| !v.is_null()).map(|v| v.to_string()),
-            }
+            })
         })
-        .collect();
-    if out.len() != n as usize {
-        return Err(format!(
-            "asked for {n} choice(s), the server returned {}; use a profile that matches the server (llama-cpp returns one choice)",
-            out.len()
-        ));
-    }
+        .collect::<Result<Vec<Choice>, String>>()?;
     let usage = v.usage.unwrap_or_default();
     Ok(Completion {
         choices: out,
-        prompt_tokens: usage.prompt_tokens.unwrap_or(0),
-        completion_tokens: usage.completion_tokens.unwrap_or(0),
+        // A negative count is no count.
+        prompt_tokens: usage.prompt_tokens.unwrap_or(0).max(0),
+        completion_tokens: usage.completion_tokens.unwrap_or(0).max(0),
         latency_ms: 0,
         retries: 0,
     })
@@ -846,7 +1063,7 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
 
 // The fields of a completion body the client reads; serde skips the rest without building
 // them (parsing into a `serde_json::Value` tree allocated a map per object). Fields of an
-// unexpected type read as absent, as servers differ (`content: null` beside tool calls).
+// unexpected type read as absent, and the checks above say what is missing.
 #[derive(Deserialize)]
 struct RawCompletion {
     #[serde(default)]
@@ -857,7 +1074,7 @@ struct RawCompletion {
     usage: Option<RawUsage>,
 }
 
-/// A choice that is not an object (`null`) reads as an empty one, as it always did.
+/// A choice that is not an object (`null`) reads as `None`.
 struct MaybeChoice(Option<RawChoice>);
 
 impl<'de> Deserialize<'de> for MaybeChoice {
@@ -868,6 +1085,8 @@ impl<'de> Deserialize<'de> for MaybeChoice {
 
 #[derive(Deserialize, Default)]
 struct RawChoice {
+    #[serde(default, deserialize_with = "loose")]
+    index: Option<i64>,
     #[serde(default, deserialize_with = "loose")]
     message: Option<RawMessage>,
     #[serde(default)]
@@ -880,12 +1099,17 @@ struct RawChoice {
 
 #[derive(Deserialize)]
 struct RawMessage {
-    #[serde(default, deserialize_with = "loose")]
-    content: Option<String>,
+    /// A string, OpenAI's list of content parts, or null beside tool calls or a refusal.
+    #[serde(default)]
+    content: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "loose")]
     reasoning_content: Option<String>,
     #[serde(default, deserialize_with = "loose")]
     reasoning: Option<String>,
+    #[serde(default, deserialize_with = "loose")]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
@@ -905,6 +1129,9 @@ trait Loose<'de>: Sized {
     fn from_i64(_: i64) -> Option<Self> {
         None
     }
+    fn from_f64(_: f64) -> Option<Self> {
+        None
+    }
     fn from_map<A: serde::de::MapAccess<'de>>(a: A) -> Result<Option<Self>, A::Error> {
         serde::de::Visitor::visit_map(serde::de::IgnoredAny, a).map(|_| None)
     }
@@ -916,9 +1143,17 @@ impl Loose<'_> for String {
     }
 }
 
+/// Token counts: an integer, or a whole float (`10.0`) or a numeric string (`"10"`), as some
+/// servers write them.
 impl Loose<'_> for i64 {
     fn from_i64(v: i64) -> Option<Self> {
         Some(v)
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        (v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
+    }
+    fn from_str(s: &str) -> Option<Self> {
+        s.trim().parse().ok()
     }
 }
 
@@ -951,8 +1186,8 @@ fn loose<'de, D: serde::Deserializer<'de>, T: Loose<'de>>(d: D) -> Result<Option
         fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
             Ok(i64::try_from(v).ok().and_then(T::from_i64))
         }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(T::from_f64(v))
         }
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok(None)
@@ -1117,26 +1352,26 @@ mod tests {
 
     #[test]
     fn odd_field_types_read_as_absent() {
-        // `content: null` beside tool calls, a completions-API choice, a non-numeric count.
-        let body = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"},{"text":"hi","message":null,"finish_reason":null,"logprobs":{"tokens":["hi"]}}],"usage":{"prompt_tokens":3,"completion_tokens":"7"}}"#;
+        // A completions-API choice beside a chat one, counts of odd types.
+        let body = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"},{"text":"hi","message":null,"finish_reason":null,"logprobs":{"tokens":["hi"]}}],"usage":{"prompt_tokens":3.0,"completion_tokens":"7"}}"#;
         let c = parse_completion(body, 2).unwrap();
-        assert_eq!(c.choices[0].text, "");
-        assert_eq!(c.choices[0].finish_reason, "tool_calls");
+        assert_eq!(c.choices[0].text, "ok");
         assert_eq!(c.choices[1].text, "hi");
         assert_eq!(c.choices[1].finish_reason, "unknown");
-        assert_eq!((c.prompt_tokens, c.completion_tokens), (3, 0));
-        // `usage` of another type reads as absent; a choice that is null reads as empty.
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (3, 7));
+        // `usage` of another type reads as absent, a negative or fractional count as none.
         let c = parse_completion(
-            br#"{"choices":[null,{"message":{"content":"x"},"finish_reason":"stop"}],"usage":"n/a"}"#,
-            2,
+            br#"{"choices":[{"message":{"content":"x"},"finish_reason":"stop"}],"usage":"n/a"}"#,
+            1,
         )
         .unwrap();
-        assert_eq!(
-            (c.choices[0].text.as_str(), c.choices[1].text.as_str()),
-            ("", "x")
-        );
-        assert_eq!(c.choices[0].finish_reason, "unknown");
         assert_eq!(c.prompt_tokens, 0);
+        let c = parse_completion(
+            br#"{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":-10,"completion_tokens":2.5}}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (0, 0));
         // A body of the wrong shape is a row error that says so.
         assert!(
             parse_completion(br#"{"choices":{"a":1}}"#, 1)
@@ -1147,6 +1382,97 @@ mod tests {
             parse_completion(br#"{"usage":{}}"#, 1)
                 .unwrap_err()
                 .contains("no `choices`")
+        );
+    }
+
+    #[test]
+    fn answers_without_text_are_errors_that_say_why() {
+        let err = |b: &[u8], n| parse_completion(b, n).unwrap_err();
+        let tool = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#;
+        assert!(err(tool, 1).contains("called a tool"), "{}", err(tool, 1));
+        let refusal = br#"{"choices":[{"message":{"content":null,"refusal":"I cannot help with that."},"finish_reason":"stop"}]}"#;
+        assert!(err(refusal, 1).contains("refused: I cannot help with that."));
+        let none = br#"{"choices":[{"message":{"role":"assistant"},"finish_reason":"stop"}]}"#;
+        assert!(err(none, 1).contains("`content` is null or missing"));
+        let number = br#"{"choices":[{"message":{"content":42}}]}"#;
+        assert!(err(number, 1).contains("`content` is not text: 42"));
+        let null_choice = br#"{"choices":[null]}"#;
+        assert!(err(null_choice, 1).contains("choice 0 of the response is not an object"));
+        let no_text = br#"{"choices":[{"text":null,"finish_reason":"stop"}]}"#;
+        assert!(err(no_text, 1).contains("neither `message.content` nor `text`"));
+        // A reasoning model cut off while thinking has an (empty) answer and its reasoning.
+        let thinking = br#"{"choices":[{"message":{"content":null,"reasoning_content":"Hmm"},"finish_reason":"length"}]}"#;
+        let c = parse_completion(thinking, 1).unwrap();
+        assert_eq!(
+            (
+                c.choices[0].text.as_str(),
+                c.choices[0].reasoning.as_deref()
+            ),
+            ("", Some("Hmm"))
+        );
+        // OpenAI's content parts: the text parts joined.
+        let parts = br#"{"choices":[{"message":{"content":[{"type":"text","text":"Hello, "},{"type":"image_url","image_url":{}},{"type":"text","text":"world"}]},"finish_reason":"stop"}]}"#;
+        assert_eq!(
+            parse_completion(parts, 1).unwrap().choices[0].text,
+            "Hello, world"
+        );
+    }
+
+    #[test]
+    fn choices_follow_their_index_and_odd_bodies_are_named() {
+        let rev = br#"{"choices":[{"index":1,"message":{"content":"b"}},{"index":0,"message":{"content":"a"}}]}"#;
+        let c = parse_completion(rev, 2).unwrap();
+        assert_eq!(
+            (c.choices[0].text.as_str(), c.choices[1].text.as_str()),
+            ("a", "b")
+        );
+        // Indices that are not 0..n leave the order as sent.
+        let odd = br#"{"choices":[{"index":5,"message":{"content":"b"}},{"index":0,"message":{"content":"a"}}]}"#;
+        assert_eq!(parse_completion(odd, 2).unwrap().choices[0].text, "b");
+        // A JSON array is not a completion (serde would read a struct from it by position).
+        let arr =
+            br#"[null,[{"message":{"content":"from an array"},"finish_reason":"stop"}],null]"#;
+        assert!(
+            parse_completion(arr, 1)
+                .unwrap_err()
+                .starts_with("response is not a JSON object: [")
+        );
+        assert_eq!(
+            parse_completion(
+                b"  
+", 1
+            )
+            .unwrap_err(),
+            "the response body is empty"
+        );
+        assert!(
+            parse_completion(b"\x1f\x8b\x08\x00\xff", 1)
+                .unwrap_err()
+                .contains("5 bytes, not text")
+        );
+        // An empty `error` beside proper choices is no error; an error object with a 5xx or
+        // 429 code is worth a retry, other errors are not.
+        let empty = br#"{"error":"","choices":[{"message":{"content":"a"}}]}"#;
+        assert!(parse_completion(empty, 1).is_ok());
+        let empty = br#"{"error":{},"choices":[{"message":{"content":"a"}}]}"#;
+        assert!(parse_completion(empty, 1).is_ok());
+        let busy = br#"{"error":{"code":503,"message":"upstream overloaded"}}"#;
+        assert!(parse_body(busy, 1).unwrap_err().retry);
+        let busy = br#"{"error":{"code":"429","message":"slow down"}}"#;
+        assert!(parse_body(busy, 1).unwrap_err().retry);
+        let bad = br#"{"error":{"code":400,"message":"bad"}}"#;
+        assert!(!parse_body(bad, 1).unwrap_err().retry);
+        // The profile hint only where it helps: n > 1 answered with one choice.
+        let one = br#"{"choices":[{"message":{"content":"a"}}]}"#;
+        assert!(
+            parse_completion(one, 3)
+                .unwrap_err()
+                .contains("ignores `n`")
+        );
+        assert!(
+            !parse_completion(br#"{"choices":[]}"#, 1)
+                .unwrap_err()
+                .contains("ignores")
         );
     }
 

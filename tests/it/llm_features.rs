@@ -584,9 +584,9 @@ fn stop_sequences_come_from_a_string_or_list_column() {
 }
 
 /// A one-thread HTTP/1.1 server on 127.0.0.1 that answers `/v1/models` for `sim-model` and
-/// every POST with `answer(request body)` as a 200 `application/json` body (raw bytes, so it
-/// can send what no JSON library would write). One request per connection.
-fn raw_server(answer: fn(&str) -> Vec<u8>) -> String {
+/// every POST with `answer(request body)`: a status and an `application/json` body (raw bytes,
+/// so it can send what no JSON library would write). One request per connection.
+fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + 'static) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -611,13 +611,16 @@ fn raw_server(answer: fn(&str) -> Vec<u8>) -> String {
             }
             let mut body = vec![0; len];
             let _ = r.read_exact(&mut body);
-            let out = if first.starts_with("GET") {
-                br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#.to_vec()
+            let (status, out) = if first.starts_with("GET") {
+                (
+                    200,
+                    br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#.to_vec(),
+                )
             } else {
                 answer(&String::from_utf8_lossy(&body))
             };
             let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 out.len()
             );
             let _ = conn.write_all(head.as_bytes());
@@ -632,13 +635,14 @@ fn bodies_the_json_parser_rejects_are_kept_byte_for_byte() {
     // Question 0 gets a body with bytes that are not UTF-8 (Latin-1 "café"), question 1 a lone
     // surrogate escape (ASCII, but rejected by serde), question 2 a proper answer.
     let url = raw_server(|body| {
-        if body.contains("question number 0") {
+        let answer = if body.contains("question number 0") {
             b"{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"caf\xe9\"},\"finish_reason\":\"stop\"}]}".to_vec()
         } else if body.contains("question number 1") {
             br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"x\ud800y"},"finish_reason":"stop"}]}"#.to_vec()
         } else {
             br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#.to_vec()
-        }
+        };
+        (200, answer)
     });
     let tmp = tempdir();
     let run = tmp.path().join("run");
@@ -670,4 +674,47 @@ fn bodies_the_json_parser_rejects_are_kept_byte_for_byte() {
         // (jsonl leaves null columns out: no "hex")
         json!({"prompt": "question number 1", "said": true, "raw": sent1})
     );
+}
+
+#[test]
+fn a_refused_api_key_stops_the_stage_instead_of_failing_every_row() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let posts = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = posts.clone();
+    let url = raw_server(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        (
+            401,
+            br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#.to_vec(),
+        )
+    });
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &numbered(0..40), &chat_stage(&url, ""));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&format!("    endpoints: [\"{url}\"]\n"), "    endpoint: g\n")
+        .replace(
+            "inputs:",
+            &format!("endpoints:\n  g:\n    urls: [\"{url}\"]\n    max_in_flight: 2\n    api_key_env: IFLOOM_TEST_KEY\ninputs:"),
+        );
+    std::fs::write(&p, text).unwrap();
+    let run = tmp.path().join("run");
+    let o = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"))
+        .env("IFLOOM_TEST_KEY", "sk-wrong")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("HTTP 401")
+            && e.contains("the server refused the API key in `IFLOOM_TEST_KEY`")
+            && e.contains("Incorrect API key provided")
+            && e.contains("rerun the same command to resume"),
+        "{e}"
+    );
+    // The requests on the wire when the first 401 came back, not one per row.
+    let sent = posts.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&sent), "{sent} requests for 40 rows");
+    // Nothing was dead-lettered: the stage did not finish.
+    assert!(!run.join("stages/ask/manifest.json").exists());
 }
