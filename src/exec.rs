@@ -141,6 +141,18 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                 }
             }
         }
+        // Ctrl-C during a stage that still finished (its requests came back within the grace
+        // period): the run stops here all the same; the rest is for the rerun.
+        if failure.is_none()
+            && !pending.is_empty()
+            && crate::llm::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            failure = Some(Error::usage(format!(
+                "{} (not started: {})",
+                crate::llm::INTERRUPTED_MSG,
+                pending.join(", ")
+            )));
+        }
     }
     info.finished_at = Some(now());
     match failure {

@@ -112,6 +112,20 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         dry_run: a.dry_run,
     };
     let report = exec::run(&plan, &dir, &engine, &opts)?;
+    // Dead-lettered samples are easy to miss in a stage's counters: say where they are and
+    // how to send them again.
+    for id in &report.computed {
+        if let Some(m) = dir.manifest(id)
+            && m.kind == "llm"
+            && let Some(&n) = m.counters.get("failures")
+            && n > 0
+        {
+            eprintln!(
+                "ifloom: {id}: {n} sample(s) failed and are in `{id}__failed` (reason, raw); `ifloom run {} --retry-failed {id}` sends the failed requests again",
+                a.file.display()
+            );
+        }
+    }
     eprintln!(
         "ifloom: done in {:.2} s ({} computed, {} reused); query it with: ifloom sql --run {} \"SELECT ...\"",
         started.elapsed().as_secs_f64(),

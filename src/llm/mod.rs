@@ -862,22 +862,30 @@ impl Stage for LlmStage {
             let Ok(t) = env.get_template(&format!("m{i}")) else {
                 continue;
             };
+            // Point at the template itself: the inline content or the file name.
+            let path: Vec<String> = if self.api == Api::Completions {
+                vec!["prompt".into()]
+            } else {
+                let key = if self.messages.get(i).is_some_and(|m| m.file.is_some()) {
+                    "file"
+                } else {
+                    "content"
+                };
+                vec!["messages".into(), i.to_string(), key.into()]
+            };
+            let p: Vec<&str> = path.iter().map(String::as_str).collect();
+            // minijinja looks filters and tests up only when it renders: every row would fail.
+            for (kind, name) in unknown_filters_and_tests(&env, &self.templates[i].1) {
+                errs.push(ctx.err(&p, format!("unknown {kind} `{name}` in the template")).hint(
+                    format!(
+                        "see minijinja's built-in {kind}s (https://docs.rs/minijinja/latest/minijinja/{kind}s/)"
+                    ),
+                ));
+            }
             let mut vars: Vec<String> = t.undeclared_variables(false).into_iter().collect();
             vars.sort();
             for v in vars {
                 if !cols.contains(&v.as_str()) {
-                    // Point at the template itself: the inline content or the file name.
-                    let path: Vec<String> = if self.api == Api::Completions {
-                        vec!["prompt".into()]
-                    } else {
-                        let key = if self.messages.get(i).is_some_and(|m| m.file.is_some()) {
-                            "file"
-                        } else {
-                            "content"
-                        };
-                        vec!["messages".into(), i.to_string(), key.into()]
-                    };
-                    let p: Vec<&str> = path.iter().map(String::as_str).collect();
                     errs.push(
                         ctx.err(
                             &p,
@@ -2106,16 +2114,72 @@ impl LlmStage {
 
 /// Every distinct request id a stage would send for its input, for `--dry-run` and batch
 /// export: (id, canonical request).
+/// Filters and tests a template uses that the environment does not have. The names are read
+/// from the template's `{{ }}` and `{% %}` blocks (string literals left out) and each is tried
+/// on a literal: minijinja's parser keeps no list of them, and resolves them only when it
+/// renders.
+fn unknown_filters_and_tests(
+    env: &minijinja::Environment,
+    src: &str,
+) -> Vec<(&'static str, String)> {
+    use minijinja::ErrorKind;
+    use std::sync::LazyLock;
+    static BLOCK: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"(?s)\{\{.*?\}\}|\{%.*?%\}").expect("valid regex"));
+    static STRING: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r#""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"#).expect("valid regex")
+    });
+    static FILTER: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"\|\s*([A-Za-z_]\w*)").expect("valid regex"));
+    static TEST: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"\bis\s+(?:not\s+)?([A-Za-z_]\w*)").expect("valid regex")
+    });
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for block in BLOCK.find_iter(src) {
+        let code = STRING.replace_all(block.as_str(), "''");
+        for (kind, re, probe, missing) in [
+            (
+                "filter",
+                &*FILTER,
+                "{{ 1 | NAME }}",
+                ErrorKind::UnknownFilter,
+            ),
+            ("test", &*TEST, "{{ 1 is NAME }}", ErrorKind::UnknownTest),
+        ] {
+            for c in re.captures_iter(&code) {
+                let name = c[1].to_string();
+                if out.iter().any(|(k, n)| *k == kind && *n == name) {
+                    continue;
+                }
+                let unknown = env
+                    .render_str(&probe.replace("NAME", &name), ())
+                    .is_err_and(|e| e.kind() == missing);
+                if unknown {
+                    out.push((kind, name));
+                }
+            }
+        }
+    }
+    out
+}
+
 pub fn plan_requests(
     stage: &LlmStage,
     rows: &[serde_json::Value],
 ) -> Result<Vec<(String, Canonical)>> {
-    let env = stage.env().map_err(|e| Error::Internal(e.to_string()))?;
-    let renderer = stage.renderer(&env).map_err(Error::Internal)?;
+    let usage = |message: String| Error::Usage { message };
+    let env = stage.env().map_err(|e| usage(e.to_string()))?;
+    let renderer = stage.renderer(&env).map_err(usage)?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for row in rows {
-        let messages = stage.render(&renderer, row).map_err(Error::Internal)?;
+    for (n, row) in rows.iter().enumerate() {
+        // A row the templates cannot render is dead-lettered by a run; here it is the answer.
+        let messages = stage.render(&renderer, row).map_err(|e| {
+            usage(format!(
+                "row {} of the stage's input cannot be rendered: {e}\n  hint: a run dead-letters such rows (reason in the `__failed` table); fix the template or the data",
+                n + 1
+            ))
+        })?;
         for s in 0..stage.samples {
             let c = stage.canonical(messages.clone(), row, s, 0);
             let id = c.id();

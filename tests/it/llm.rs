@@ -369,6 +369,26 @@ fn template_errors_are_found_at_validate_time() {
         "{e}"
     );
     assert!(e.contains("did you mean 'prompt'?"), "{e}");
+    // Unknown filters and tests are found too (minijinja resolves them only when rendering,
+    // so every row would fail); known ones, with or without arguments, are not reported, nor
+    // is a `|` inside a string literal or outside the blocks.
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p).unwrap().replace(
+            "{{ promtp }}",
+            "a | b {{ prompt | shout }} {{ prompt | upper | replace('|x', 'y') }} {% if prompt is shiny %}{{ prompt | trim }}{% endif %}",
+        ),
+    )
+    .unwrap();
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("p.yaml:12:18: stage 'ask': unknown filter `shout` in the template")
+            && e.contains("p.yaml:12:18: stage 'ask': unknown test `shiny` in the template")
+            && e.contains("2 errors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -485,6 +505,15 @@ fn dry_run_sends_nothing_and_retry_failed_resends_only_the_dead_letters() {
     assert_eq!(
         sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed")[0][0],
         "6"
+    );
+    // The run's last lines say where the failures are and how to send them again.
+    assert!(
+        stderr(&o).contains(&format!(
+            "ifloom: ask: 6 sample(s) failed and are in `ask__failed` (reason, raw); `ifloom run {} --retry-failed ask`",
+            p.display()
+        )),
+        "{}",
+        stderr(&o)
     );
     drop(bad);
 
@@ -1007,7 +1036,9 @@ fn every_endpoint_down_stops_resumably_instead_of_failing_rows() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("every endpoint has failed for 1 s")
-            && err.contains("rerun the same command to resume"),
+            && err.contains("rerun the same command to resume")
+            // Each URL with its last failure.
+            && err.contains(&format!("{url}: connection refused or unreachable")),
         "{err}"
     );
     let c = rusqlite::Connection::open(&cache).unwrap();
@@ -1488,8 +1519,13 @@ fn a_rows_requests_share_one_retry_budget() {
                  'other requests spent the rest of max_retries (2)') > 0 THEN 1 ELSE 0 END) AS shared \
                FROM ask__failed GROUP BY prompt)",
         );
-        let rows = sql_rows(tmp.path(), &run, "SELECT count(*) FROM ask__failed");
-        assert_eq!(rows, [["12"]], "{profile}");
+        // The last attempt's body is kept (the simulator's 500 is a JSON error object).
+        let rows = sql_rows(
+            tmp.path(),
+            &run,
+            "SELECT count(*), count(raw) FROM ask__failed WHERE raw LIKE '{%'",
+        );
+        assert_eq!(rows, [["12", "12"]], "{profile}");
         let least = if profile == "vllm" { "0" } else { "2" };
         let shared: i64 = failed[0][2].parse().unwrap();
         assert_eq!(failed[0][..2], ["4", "4"], "{profile}");
@@ -1498,4 +1534,33 @@ fn a_rows_requests_share_one_retry_budget() {
             "{profile}: {failed:?}"
         );
     }
+}
+
+#[test]
+fn ctrl_c_stops_the_run_even_when_the_llm_stage_finishes_in_the_grace_period() {
+    // Every request is on the wire at Ctrl-C and comes back within the grace period, so the
+    // llm stage completes; the stage after it must not start, and the run must say so.
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "400"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 8, "    max_in_flight: 8\n");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str("  - id: after\n    kind: sql\n    from: ask\n    query: SELECT * FROM ask\n");
+    std::fs::write(&p, text).unwrap();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let child = run_until(tmp.path(), &p, &run, &cache, &[&sim], 8, &[]);
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("run the same command again to resume") && err.contains("not started: after"),
+        "{err}"
+    );
+    assert!(!run.join("stages/after").exists(), "{err}");
+    // The rerun sends nothing and runs the rest.
+    let o = run_llm(tmp.path(), &p, &run, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.requests(), 8);
+    assert!(run.join("stages/after/manifest.json").exists());
 }

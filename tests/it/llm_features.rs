@@ -718,3 +718,22 @@ fn a_refused_api_key_stops_the_stage_instead_of_failing_every_row() {
     // Nothing was dead-lettered: the stage did not finish.
     assert!(!run.join("stages/ask/manifest.json").exists());
 }
+
+#[test]
+fn a_row_the_template_cannot_render_is_a_user_error_in_a_dry_run() {
+    let tmp = tempdir();
+    let stage =
+        chat_stage("http://127.0.0.1:9/v1", "").replace("{{ prompt }}", "{{ prompt.foo.bar }}");
+    let p = pipeline(tmp.path(), &numbered(0..2), &stage);
+    let run = tmp.path().join("run");
+    let mut c = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let o = c.arg("--dry-run").output().unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("row 1 of the stage's input cannot be rendered")
+            && e.contains("undefined")
+            && !e.contains("internal error"),
+        "{e}"
+    );
+}
