@@ -120,8 +120,19 @@ impl EndpointGroup {
                 ));
             }
         }
+        if let Some(p) = self.api_key_env.as_deref().and_then(unset_key) {
+            out.push(p);
+        }
         out
     }
+}
+
+/// `api_key_env: VAR` names a variable that is not set: what to say (found at validate time,
+/// not when the stage is reached).
+pub fn unset_key(var: &str) -> Option<String> {
+    std::env::var_os(var).is_none().then(|| {
+        format!("api_key_env: environment variable `{var}` is not set: export the API key in it")
+    })
 }
 
 /// One choice of a completion.
@@ -340,7 +351,8 @@ impl Pool {
     /// Check every endpoint answers `/models` and serves `model`. All problems in one message.
     pub async fn health_check(&self, model: &str) -> Result<(), String> {
         let mut problems = Vec::new();
-        for ep in &self.endpoints {
+        let mut down = Vec::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
             let mut req = self
                 .http
                 .get(format!("{}/models", ep.url))
@@ -349,7 +361,7 @@ impl Pool {
                 req = req.bearer_auth(k);
             }
             match req.send().await {
-                Err(e) => problems.push(format!("{} is down ({})", ep.url, short_err(&e))),
+                Err(e) => down.push((i, format!("{} is down ({})", ep.url, short_err(&e)))),
                 Ok(r) if !r.status().is_success() => {
                     problems.push(format!("{} answered {} to GET /models", ep.url, r.status()))
                 }
@@ -373,6 +385,27 @@ impl Pool {
                 }
             }
         }
+        // Replicas that are down while others are up: the stage starts without them, benched
+        // and probed like a replica that dies mid-stage. Any other problem (a wrong model, an
+        // error answer) is a configuration mistake and stops the stage before it sends.
+        if problems.is_empty() && down.len() < self.endpoints.len() {
+            for (i, why) in down {
+                eprintln!(
+                    "ifloom: {why}; starting on the other endpoints, probing it every {} s",
+                    self.group.bench_s
+                );
+                let ep = &self.endpoints[i];
+                ep.consecutive_failures.store(TRIP_AFTER, Ordering::Release);
+                if let Ok(mut d) = ep.down_until.lock() {
+                    *d = Some(Instant::now() + Duration::from_secs_f64(self.group.bench_s));
+                }
+                if let Ok(mut l) = ep.last_error.lock() {
+                    *l = Some(why);
+                }
+            }
+            return Ok(());
+        }
+        problems.extend(down.into_iter().map(|(_, why)| why));
         if problems.is_empty() {
             Ok(())
         } else {

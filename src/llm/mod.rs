@@ -810,11 +810,21 @@ impl Stage for LlmStage {
         {
             errs.push(at(&["parse"], format!("parse: {e}")));
         }
+        if let Some(schema) = &self.response_format {
+            for p in schema_problems(schema, "response_format") {
+                errs.push(at(&["response_format"], p).hint(
+                    "a JSON Schema, e.g. {type: object, properties: {answer: {type: string}}, required: [answer]}",
+                ));
+            }
+        }
         if let Some(mut g) = group {
             if let Some(p) = self.profile {
                 g.profile = p;
             }
             if let Some(k) = &self.api_key_env {
+                if let Some(p) = client::unset_key(k) {
+                    errs.push(at(&["api_key_env"], p));
+                }
                 g.api_key_env = Some(k.clone());
             }
             if let Some(m) = self.max_in_flight {
@@ -2114,6 +2124,86 @@ impl LlmStage {
 
 /// Every distinct request id a stage would send for its input, for `--dry-run` and batch
 /// export: (id, canonical request).
+/// What is wrong with a JSON Schema at `path`, in the parts servers act on (`type`,
+/// `properties`, `required`, `items`, `enum`, the combinators): a schema a server rejects
+/// fails every request of the stage, so it is found at validate time instead.
+fn schema_problems(v: &serde_json::Value, path: &str) -> Vec<String> {
+    use serde_json::Value;
+    const TYPES: [&str; 7] = [
+        "object", "array", "string", "number", "integer", "boolean", "null",
+    ];
+    let mut out = Vec::new();
+    let m = match v {
+        Value::Object(m) => m,
+        Value::Bool(_) => return out,
+        other => {
+            out.push(format!("{path}: a schema must be a mapping, got {other}"));
+            return out;
+        }
+    };
+    let type_ok = |t: &Value| t.as_str().is_some_and(|t| TYPES.contains(&t));
+    match m.get("type") {
+        None => {}
+        Some(Value::Array(ts)) if ts.iter().all(type_ok) => {}
+        Some(t) if type_ok(t) => {}
+        Some(t) => out.push(format!(
+            "{path}.type: {t} is not a JSON Schema type ({})",
+            TYPES.join(", ")
+        )),
+    }
+    match m.get("properties") {
+        None => {}
+        Some(Value::Object(props)) => {
+            for (k, p) in props {
+                out.extend(schema_problems(p, &format!("{path}.properties.{k}")));
+            }
+        }
+        Some(other) => out.push(format!(
+            "{path}.properties: must be a mapping of field names to schemas, got {other}"
+        )),
+    }
+    match m.get("required") {
+        None => {}
+        Some(Value::Array(r)) if r.iter().all(Value::is_string) => {
+            if let Some(Value::Object(props)) = m.get("properties") {
+                for f in r.iter().filter_map(Value::as_str) {
+                    if !props.contains_key(f) {
+                        out.push(format!(
+                            "{path}.required: `{f}` is not one of the properties ({})",
+                            props.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        Some(other) => out.push(format!(
+            "{path}.required: must be a list of field names, got {other}"
+        )),
+    }
+    if let Some(items) = m.get("items") {
+        out.extend(schema_problems(items, &format!("{path}.items")));
+    }
+    if let Some(e) = m.get("enum")
+        && !e.is_array()
+    {
+        out.push(format!("{path}.enum: must be a list of values, got {e}"));
+    }
+    for comb in ["anyOf", "oneOf", "allOf"] {
+        match m.get(comb) {
+            None => {}
+            Some(Value::Array(subs)) => {
+                for (i, sub) in subs.iter().enumerate() {
+                    out.extend(schema_problems(sub, &format!("{path}.{comb}.{i}")));
+                }
+            }
+            Some(other) => out.push(format!(
+                "{path}.{comb}: must be a list of schemas, got {other}"
+            )),
+        }
+    }
+    out
+}
+
 /// Filters and tests a template uses that the environment does not have. The names are read
 /// from the template's `{{ }}` and `{% %}` blocks (string literals left out) and each is tried
 /// on a literal: minijinja's parser keeps no list of them, and resolves them only when it

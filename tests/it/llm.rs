@@ -283,6 +283,24 @@ fn a_down_endpoint_is_named_before_anything_is_sent() {
         e.contains(&format!("http://127.0.0.1:{port}/v1 is down")),
         "{e}"
     );
+    // One replica of two down at the start: the stage runs on the other, saying so.
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let dead = format!("http://127.0.0.1:{port}/v1");
+    let p = pipeline(tmp.path(), &sim.url, 20, "");
+    group_of(&p, &sim.url, &[&dead, &sim.url], "bench_s: 0.5");
+    let o = run_llm(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run2"),
+        &tmp.path().join("c.sqlite"),
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains(&format!("{dead} is down")) && e.contains("starting on the other endpoints"),
+        "{e}"
+    );
+    assert_eq!(sim.requests(), 20);
 }
 
 #[test]
@@ -1482,6 +1500,26 @@ fn the_readme_llm_stage_example_validates() {
     assert!(
         out.contains("response_parsed") && out.contains("sample_index"),
         "{out}"
+    );
+    // Without the key's variable, validate says so at the line that names it.
+    let line = block
+        .lines()
+        .position(|l| l.contains("api_key_env: OPENAI_API_KEY"))
+        .unwrap()
+        + 2;
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["validate", "p.yaml"])
+        .env_remove("OPENAI_API_KEY")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!("p.yaml:{line}:")) && stderr(&o).contains(
+            "endpoint group `main`: api_key_env: environment variable `OPENAI_API_KEY` is not set"
+        ),
+        "{}",
+        stderr(&o)
     );
 }
 

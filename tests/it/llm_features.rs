@@ -737,3 +737,61 @@ fn a_row_the_template_cannot_render_is_a_user_error_in_a_dry_run() {
         "{e}"
     );
 }
+
+#[test]
+fn a_response_format_that_is_not_a_json_schema_fails_validation() {
+    let tmp = tempdir();
+    let url = "http://127.0.0.1:9/v1";
+    for (format, said) in [
+        (
+            "\"json please\"",
+            "response_format: a schema must be a mapping, got \"json please\"",
+        ),
+        (
+            "{type: objekt, properties: {answer: {type: strin}}}",
+            "response_format.type: \"objekt\" is not a JSON Schema type",
+        ),
+        (
+            "{type: object, properties: {answer: {type: string}}, required: answer}",
+            "response_format.required: must be a list of field names",
+        ),
+        (
+            "{type: object, properties: {answer: {type: string}}, required: [answr]}",
+            "response_format.required: `answr` is not one of the properties (answer)",
+        ),
+    ] {
+        let p = pipeline(
+            tmp.path(),
+            &numbered(0..1),
+            &chat_stage(url, &format!("    response_format: {format}\n")),
+        );
+        let o = ifloom(tmp.path(), &["validate", s(&p)]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{format}: {e}");
+        assert!(e.contains(said) && e.contains("p.yaml:"), "{format}: {e}");
+    }
+    // The nested error is reported too, and a proper schema validates.
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..1),
+        &chat_stage(
+            url,
+            "    response_format: {type: objekt, properties: {answer: {type: strin}}}\n",
+        ),
+    );
+    let e = stderr(&ifloom(tmp.path(), &["validate", s(&p)]));
+    assert!(
+        e.contains("response_format.properties.answer.type: \"strin\""),
+        "{e}"
+    );
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..1),
+        &chat_stage(
+            url,
+            "    response_format: {type: object, properties: {answer: {type: string}, tags: {type: array, items: {type: string}}}, required: [answer]}\n",
+        ),
+    );
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
