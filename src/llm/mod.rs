@@ -651,6 +651,9 @@ struct Counters {
     clamped: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// Usage of the answers in the finished table, cached ones included (see `complete`).
+    table_prompt_tokens: AtomicU64,
+    table_completion_tokens: AtomicU64,
     done: AtomicU64,
 }
 
@@ -1191,6 +1194,14 @@ impl Stage for LlmStage {
                 "completion_tokens",
                 c.completion_tokens.load(Ordering::Relaxed),
             ),
+            (
+                "table_prompt_tokens",
+                c.table_prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "table_completion_tokens",
+                c.table_completion_tokens.load(Ordering::Relaxed),
+            ),
         ] {
             out.counters.insert(k.into(), v as i64);
         }
@@ -1551,6 +1562,23 @@ impl LlmStage {
                     .collect()
             })
             .collect();
+        // What the finished table's answers cost, whether sent now or by an earlier run (the
+        // cache keeps each answer's usage): completion tokens of every answer, the prompt once
+        // per row (a server given n: K reads it once).
+        let (mut prompt, mut completion) = (0u64, 0u64);
+        for samples in &outcomes {
+            let answers = samples.iter().filter_map(|o| o.response.as_ref().ok());
+            for (i, (r, _)) in answers.enumerate() {
+                if i == 0 {
+                    prompt += r.prompt_tokens.max(0) as u64;
+                }
+                completion += r.completion_tokens.max(0) as u64;
+            }
+        }
+        let c = &sh.counters;
+        c.table_prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        c.table_completion_tokens
+            .fetch_add(completion, Ordering::Relaxed);
         self.write_chunk(ctx, &chunk, &outcomes, new_schema, main_w, failed_w)
     }
 

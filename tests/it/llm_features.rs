@@ -795,3 +795,46 @@ fn a_response_format_that_is_not_a_json_schema_fails_validation() {
     let o = ifloom(tmp.path(), &["validate", s(&p)]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn table_token_counters_are_the_same_for_a_run_answered_from_the_cache() {
+    let sim = Sim::start(&["--slots", "8", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let cache = tmp.path().join("c.sqlite");
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..5),
+        &chat_stage(&sim.url, "    samples: 2\n"),
+    );
+    let first = tmp.path().join("run1");
+    run_llm_ok(tmp.path(), &p, &first, &cache);
+    let a = counters(&first);
+    // Nothing was cached: the table's usage is what was sent (one n: 2 request per row).
+    assert_eq!(a["requests"], 5);
+    assert!(a["completion_tokens"].as_i64().unwrap() > 0);
+    assert_eq!(a["table_completion_tokens"], a["completion_tokens"]);
+    assert_eq!(a["table_prompt_tokens"], a["prompt_tokens"]);
+    // The same table from the cache: nothing sent, the same table figures, which also match
+    // the table's own columns.
+    let second = tmp.path().join("run2");
+    run_llm_ok(tmp.path(), &p, &second, &cache);
+    let b = counters(&second);
+    assert_eq!(
+        (b["requests"].as_i64(), b["completion_tokens"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(b["table_completion_tokens"], a["table_completion_tokens"]);
+    assert_eq!(b["table_prompt_tokens"], a["table_prompt_tokens"]);
+    let sums = sql_rows(
+        tmp.path(),
+        &second,
+        "SELECT sum(response_prompt_tokens), CAST(sum(array_sum(response_completion_tokens)) AS BIGINT) FROM ask",
+    );
+    assert_eq!(
+        sums,
+        [[
+            a["table_prompt_tokens"].to_string(),
+            a["table_completion_tokens"].to_string()
+        ]]
+    );
+}
