@@ -363,7 +363,18 @@ impl Pool {
             match req.send().await {
                 Err(e) => down.push((i, format!("{} is down ({})", ep.url, short_err(&e)))),
                 Ok(r) if !r.status().is_success() => {
-                    problems.push(format!("{} answered {} to GET /models", ep.url, r.status()))
+                    let hint = if r.status() == reqwest::StatusCode::NOT_FOUND
+                        && !ep.url.ends_with("/v1")
+                    {
+                        " (an OpenAI-compatible base URL usually ends in /v1)"
+                    } else {
+                        ""
+                    };
+                    problems.push(format!(
+                        "{} answered {} to GET /models{hint}",
+                        ep.url,
+                        r.status()
+                    ))
                 }
                 Ok(r) => {
                     let v: serde_json::Value = r.json().await.unwrap_or_default();

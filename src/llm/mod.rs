@@ -679,17 +679,39 @@ impl Stage for LlmStage {
             errs.push(at(&["samples"], "samples must be at least 1".into()));
         }
         for (name, p, kind) in self.column_params() {
-            if let Some(ParamValue::Value(v)) = p
-                && !kind.accepts(v)
-            {
-                errs.push(at(
-                    &["params", name],
-                    format!(
-                        "params.{name}: expected {} or {{column: name}}, got {v}",
-                        kind.expected()
-                    ),
-                ));
+            if let Some(ParamValue::Value(v)) = p {
+                if !kind.accepts(v) {
+                    errs.push(at(
+                        &["params", name],
+                        format!(
+                            "params.{name}: expected {} or {{column: name}}, got {v}",
+                            kind.expected()
+                        ),
+                    ));
+                } else if let Some(range) = param_range(name, v) {
+                    errs.push(at(
+                        &["params", name],
+                        format!("params.{name}: {range}, got {v}"),
+                    ));
+                }
             }
+        }
+        if self.parse.is_none() && self.retry_on_parse_error > 0 {
+            errs.push(at(
+                &["retry_on_parse_error"],
+                "retry_on_parse_error has no effect without `parse:`".into(),
+            ));
+        }
+        if self.parse.is_none() && self.on_parse_error != OnParseError::default() {
+            errs.push(
+                at(
+                    &["on_parse_error"],
+                    "on_parse_error has no effect without `parse:`".into(),
+                )
+                .hint(
+                    "add parse: {json: ...}, {regex: ...} or {choice: ...}, or drop on_parse_error",
+                ),
+            );
         }
         if let Some(k) = self.params.top_logprobs
             && k > 20
@@ -2230,6 +2252,22 @@ fn schema_problems(v: &serde_json::Value, path: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The range a literal param must be in, as OpenAI documents it and vLLM checks it (a request
+/// outside it is a 400 for every row), when `v` is outside it.
+fn param_range(name: &str, v: &serde_json::Value) -> Option<&'static str> {
+    let x = v.as_f64()?;
+    let (ok, range) = match name {
+        "temperature" => (x >= 0.0, "must be 0 or more"),
+        "top_p" => (x > 0.0 && x <= 1.0, "must be above 0 and at most 1"),
+        "max_tokens" => (x >= 1.0, "must be at least 1"),
+        "presence_penalty" | "frequency_penalty" => {
+            ((-2.0..=2.0).contains(&x), "must be from -2 to 2")
+        }
+        _ => (true, ""),
+    };
+    (!ok).then_some(range)
 }
 
 /// Filters and tests a template uses that the environment does not have. The names are read

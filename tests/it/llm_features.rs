@@ -838,3 +838,50 @@ fn table_token_counters_are_the_same_for_a_run_answered_from_the_cache() {
         ]]
     );
 }
+
+#[test]
+fn params_out_of_range_and_parse_options_without_parse_fail_validation() {
+    let tmp = tempdir();
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..1),
+        &chat_stage(
+            "http://127.0.0.1:9/v1",
+            "    on_parse_error: drop\n    retry_on_parse_error: 2\n",
+        )
+        .replace(
+            "      max_tokens: 64\n",
+            "      max_tokens: 0\n      top_p: 7\n      presence_penalty: -3\n",
+        ),
+    );
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    for said in [
+        "params.max_tokens: must be at least 1, got 0",
+        "params.top_p: must be above 0 and at most 1, got 7",
+        "params.presence_penalty: must be from -2 to 2, got -3",
+        "on_parse_error has no effect without `parse:`",
+        "retry_on_parse_error has no effect without `parse:`",
+    ] {
+        assert!(e.contains(said), "{said}: {e}");
+    }
+    assert!(e.contains("5 errors"), "{e}");
+}
+
+#[test]
+fn a_base_url_without_v1_gets_a_hint() {
+    let sim = Sim::start(&["--slots", "2", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let base = sim.url.trim_end_matches("/v1").to_string();
+    let p = pipeline(tmp.path(), &numbered(0..1), &chat_stage(&base, ""));
+    let o = run_llm(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run"),
+        &tmp.path().join("c.sqlite"),
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("usually ends in /v1"), "{e}");
+}
