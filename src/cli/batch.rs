@@ -157,13 +157,65 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
     }
     w.flush().map_err(|e| Error::io(&out, e))?;
     eprintln!(
-        "wrote {n} requests to {} ({} already cached); run them with vLLM's run-batch, then: ifloom batch import {} --stage {} RESULTS.jsonl",
+        "wrote {n} requests to {} ({} already cached); run them with vLLM's run-batch, then: {}",
         out.display(),
         cached.len(),
-        c.file.display(),
-        c.stage
+        import_command(&c)
     );
     Ok(())
+}
+
+/// The `ifloom batch import` command that loads the results of an export made with `c`: the
+/// same pipeline, stage, profile, params, run dir and cache, shell-quoted, with `RESULTS.jsonl`
+/// standing for the results file.
+fn import_command(c: &Common) -> String {
+    let mut args: Vec<String> = vec![
+        "ifloom".into(),
+        "batch".into(),
+        "import".into(),
+        path_arg(&c.file),
+        "--stage".into(),
+        c.stage.clone(),
+    ];
+    if let Some(p) = &c.profile {
+        args.extend(["--profile".into(), p.clone()]);
+    }
+    for (k, v) in &c.set {
+        args.extend(["--set".into(), format!("{k}={v}")]);
+    }
+    if let Some(d) = &c.run_dir {
+        args.extend(["--run-dir".into(), path_arg(d)]);
+    }
+    if let Some(p) = &c.cache {
+        args.extend(["--cache".into(), path_arg(p)]);
+    }
+    args.push("RESULTS.jsonl".into());
+    args.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A path as an argument: a relative path that starts with `-` gets `./` in front, so it is
+/// not read as an option.
+fn path_arg(p: &std::path::Path) -> String {
+    let s = p.to_string_lossy().into_owned();
+    if s.starts_with('-') {
+        format!("./{s}")
+    } else {
+        s
+    }
+}
+
+/// `s` as one POSIX shell word: as is when it holds only characters no shell treats
+/// specially, else in single quotes (a `'` inside as `'\''`).
+fn shell_quote(s: &str) -> String {
+    let plain = |ch: char| ch.is_ascii_alphanumeric() || "_-./=:,+@%".contains(ch);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 /// How many ids of unknown results to name in the report.
@@ -206,15 +258,9 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
             unknown.push(id);
             continue;
         }
-        let status = v["response"]["status_code"].as_u64().unwrap_or(0);
-        let body = serde_json::to_vec(&v["response"]["body"])?;
-        let comp = match (status, client::parse_completion(&body, 1)) {
-            (200, Ok(comp)) => comp,
-            (_, r) => {
-                let why = match r {
-                    Err(e) => e,
-                    Ok(_) => format!("status {status}"),
-                };
+        let comp = match result_completion(&v) {
+            Ok(comp) => comp,
+            Err(why) => {
                 eprintln!("{at}: failed, custom_id `{id}`: {why}");
                 failed += 1;
                 continue;
@@ -267,4 +313,77 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
     }
     eprintln!("{report}");
     Ok(())
+}
+
+/// The completion of one batch result line, or why there is none: the line's own `error`
+/// (vLLM and the OpenAI Batch API put a failed request's error there, with `response` null
+/// or without a body), a status other than 200 with the body's error message, or a 200 body
+/// that is not a completion.
+fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Completion, String> {
+    if is_error(&v["error"]) {
+        return Err(format!("batch error: {}", error_message(&v["error"])));
+    }
+    let resp = &v["response"];
+    if resp.is_null() {
+        return Err("the result has neither a response nor an error".into());
+    }
+    let Some(status) = resp["status_code"].as_u64() else {
+        return Err(format!(
+            "the response has no status_code: {}",
+            snippet(&resp.to_string())
+        ));
+    };
+    let body = &resp["body"];
+    if status != 200 {
+        let why = if is_error(&body["error"]) {
+            error_message(&body["error"])
+        } else if body.get("message").is_some_and(is_error) {
+            // vLLM's older error body: `{"object": "error", "message": ...}`.
+            error_message(body)
+        } else if body.is_null() {
+            "no body".into()
+        } else {
+            snippet(&match body {
+                serde_json::Value::String(s) => s.clone(),
+                b => b.to_string(),
+            })
+        };
+        return Err(format!("HTTP {status}: {why}"));
+    }
+    client::parse_completion(body.to_string().as_bytes(), 1)
+}
+
+/// Whether an `error` value says something: `null`, `""` and `{}` do not.
+fn is_error(e: &serde_json::Value) -> bool {
+    match e {
+        serde_json::Value::Null => false,
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Object(m) => !m.is_empty(),
+        _ => true,
+    }
+}
+
+/// The message of an error value: its `message` (or that of an `error` inside it, as vLLM
+/// nests them), a string as is, else the value as JSON.
+fn error_message(e: &serde_json::Value) -> String {
+    for m in [&e["message"], &e["error"]["message"]] {
+        if let Some(m) = m.as_str().filter(|m| !m.is_empty()) {
+            return m.to_string();
+        }
+    }
+    snippet(&match e {
+        serde_json::Value::String(s) => s.clone(),
+        e => e.to_string(),
+    })
+}
+
+/// At most 300 characters of `s`, on one line.
+fn snippet(s: &str) -> String {
+    let out: String = s.chars().take(300).collect();
+    let out = out.replace('\n', " ");
+    if s.chars().nth(300).is_some() {
+        out + "..."
+    } else {
+        out
+    }
 }

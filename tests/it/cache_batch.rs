@@ -257,3 +257,159 @@ fn batch_import_stores_only_the_stages_own_requests_and_says_what_it_skipped() {
     .unwrap();
     assert_eq!(st["models"], json!([["sim-model", 1]]), "{st}");
 }
+
+#[test]
+fn batch_import_reports_the_result_lines_own_error_and_http_status() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let run = tmp.path().join("run");
+    let p = pipeline(tmp.path(), "errs", "Q: {{ prompt }}");
+    let ids = export_ids(tmp.path(), &p, &run, &cache);
+    assert_eq!(ids.len(), 3);
+    let res = tmp.path().join("results.jsonl");
+    let lines = [
+        // The request failed: no response, the line's own error.
+        json!({"id": "batch-1", "custom_id": ids[0], "response": null,
+               "error": {"code": "server_error", "message": "boom"}}),
+        // A non-200 status with an OpenAI-style error body.
+        json!({"id": "batch-1", "custom_id": ids[1], "response": {"status_code": 400,
+               "request_id": "r1", "body": {"error": {"message": "max_tokens is too large",
+               "type": "invalid_request_error", "code": null}}}, "error": null}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&res, text + &result(&ids[2], 200, "fine")).unwrap();
+    let o = batch(tmp.path(), "import", &p, &run, &cache, &[s(&res)]);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "{}:1: failed, custom_id `{}`: batch error: boom\n",
+            res.display(),
+            ids[0]
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{}:2: failed, custom_id `{}`: HTTP 400: max_tokens is too large\n",
+            res.display(),
+            ids[1]
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains("imported 1 responses into")
+            && e.contains("0 unknown ids skipped, 0 already cached, 2 failed"),
+        "{e}"
+    );
+    assert_eq!(cached_ids(&cache), BTreeSet::from([ids[2].clone()]));
+}
+
+#[test]
+fn batch_export_prints_an_import_command_with_the_users_options() {
+    let tmp = tempdir();
+    // Params the request depends on, and a profile that sets one of them.
+    let rows = [json!({"prompt": "alpha"}), json!({"prompt": "beta"})];
+    std::fs::create_dir_all(tmp.path().join("data")).unwrap();
+    let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(tmp.path().join("data/opts.jsonl"), data).unwrap();
+    let p = tmp.path().join("opts.yaml");
+    std::fs::write(
+        &p,
+        "name: opts\nparams:\n  prefix: Q\n  tokens: 16\nprofiles:\n  long:\n    tokens: 48\ninputs:\n  src: data/opts.jsonl\nstages:\n  - id: ask\n    kind: llm\n    from: src\n    model: sim-model\n    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - role: user\n        content: \"${params.prefix}: {{ prompt }}\"\n    params:\n      max_tokens: ${params.tokens}\n",
+    )
+    .unwrap();
+    // A run dir and a cache whose paths need quoting, and a param value with a space and a quote.
+    let run = tmp.path().join("my run");
+    let cache = tmp.path().join("it's cache.sqlite");
+    let reqs = tmp.path().join("requests.jsonl");
+    let export = [
+        "batch",
+        "export",
+        s(&p),
+        "--stage",
+        "ask",
+        "--profile",
+        "long",
+        "--set",
+        "prefix=Ask me, it's",
+        "--run-dir",
+        s(&run),
+        "--cache",
+        s(&cache),
+        "-o",
+        s(&reqs),
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(export)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    let lines: Vec<Value> = std::fs::read_to_string(&reqs)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["body"]["max_tokens"], 48, "{}", lines[0]);
+    assert!(
+        lines[0]["body"]["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Ask me, it's: "),
+        "{}",
+        lines[0]
+    );
+    let cmd = e
+        .split_once("then: ")
+        .unwrap_or_else(|| panic!("no next step in {e}"))
+        .1
+        .lines()
+        .next()
+        .unwrap();
+    assert!(cmd.starts_with("ifloom batch import "), "{cmd}");
+    assert!(cmd.ends_with(" RESULTS.jsonl"), "{cmd}");
+    for opt in ["--profile long", "--set ", "--run-dir ", "--cache "] {
+        assert!(cmd.contains(opt), "no {opt:?} in {cmd}");
+    }
+
+    // The results of every exported request, then the command copied as printed, in a shell
+    // (the binary for `ifloom`, the results file for RESULTS.jsonl).
+    let results: String = lines
+        .iter()
+        .map(|l| result(l["custom_id"].as_str().unwrap(), 200, "an answer"))
+        .collect();
+    std::fs::write(tmp.path().join("RESULTS.jsonl"), results).unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ifloom"), bin.join("ifloom")).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .current_dir(tmp.path())
+        .env("PATH", path)
+        .env_remove("IFLOOM_CACHE")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{cmd}: {e}");
+    assert!(
+        e.contains(&format!(
+            "imported 2 responses into {}: 0 unknown ids skipped, 0 already cached, 0 failed",
+            cache.display()
+        )),
+        "{cmd}: {e}"
+    );
+    let ids: BTreeSet<String> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cached_ids(&cache), ids);
+    // The run dir the command named is the export's own (no `runs/opts` beside it).
+    assert!(!tmp.path().join("runs").exists());
+}
