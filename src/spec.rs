@@ -481,7 +481,14 @@ pub fn load(
                             sample: None,
                         })
                     } else {
-                        v.deserialize::<InputSpec>(&format!("inputs.{id}"))
+                        // Every bad field of the input at once (see `yaml::collecting`).
+                        let path = format!("inputs.{id}");
+                        let (spec, recovered) =
+                            yaml::collecting(|| v.deserialize::<InputSpec>(&path));
+                        match (spec, recovered.is_empty()) {
+                            (Ok(spec), true) => Ok::<_, Vec<yaml::DeError>>(spec),
+                            (spec, _) => Err(recovered.into_iter().chain(spec.err()).collect()),
+                        }
                     };
                     match spec {
                         Ok(spec) => inputs.push(InputDef {
@@ -490,12 +497,14 @@ pub fn load(
                             node: v.clone(),
                             spec,
                         }),
-                        Err(e) => {
+                        Err(es) => {
                             broken.push(id);
-                            errs.push(
-                                at(e.pos.unwrap_or(v.pos), e.to_string())
-                                    .hint("an input takes path, format, limit and sample"),
-                            )
+                            for e in es {
+                                errs.push(
+                                    at(e.pos.unwrap_or(v.pos), e.to_string())
+                                        .hint("an input takes path, format, limit and sample"),
+                                );
+                            }
                         }
                     }
                 }
@@ -516,25 +525,50 @@ pub fn load(
             Value::Map(m) => {
                 for (k, v) in m {
                     let name = k.scalar_text();
-                    match v.deserialize::<crate::llm::client::EndpointGroup>(&format!("endpoints.{name}")) {
-                        Ok(g) if g.urls.is_empty() => errs.push(
-                            at(v.pos, format!("endpoint group `{name}` has no urls"))
-                                .hint("urls: [\"http://127.0.0.1:8000/v1\"]"),
-                        ),
+                    let path = format!("endpoints.{name}");
+                    // Every bad field of the group at once; the group counts as defined even
+                    // when it is wrong, so the stages naming it report nothing more.
+                    let (group, recovered) = yaml::collecting(|| {
+                        v.deserialize::<crate::llm::client::EndpointGroup>(&path)
+                    });
+                    let bad_fields: Vec<String> = recovered
+                        .iter()
+                        .map(|e| {
+                            let rest = e.path.strip_prefix(&path).unwrap_or_default();
+                            let rest = rest.trim_start_matches('.');
+                            rest.split(['.', '['])
+                                .next()
+                                .unwrap_or_default()
+                                .to_string()
+                        })
+                        .collect();
+                    for e in recovered.iter().chain(group.as_ref().err()) {
+                        errs.push(endpoint_error(file, v, e));
+                    }
+                    let group = match group {
                         Ok(g) => {
+                            if g.urls.is_empty() && !bad_fields.iter().any(|f| f == "urls") {
+                                errs.push(
+                                    at(v.pos, format!("endpoint group `{name}` has no urls"))
+                                        .hint("urls: [\"http://127.0.0.1:8000/v1\"]"),
+                                );
+                            }
                             for p in g.problems() {
-                                // `field: problem`: point at the field.
+                                // `field: problem`: point at the field (unless its value was
+                                // already reported as the wrong type).
                                 let field = p.split(':').next().unwrap_or_default();
+                                if bad_fields.iter().any(|f| f == field) {
+                                    continue;
+                                }
                                 let pos = v.get(field).map_or(v.pos, |f| f.pos);
                                 errs.push(at(pos, format!("endpoint group `{name}`: {p}")));
                             }
-                            // Kept even when wrong: its stages then report nothing more.
-                            endpoints.insert(name, g);
+                            g
                         }
-                        Err(e) => errs.push(at(e.pos.unwrap_or(v.pos), e.to_string()).hint(
-                            "an endpoint group takes urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s",
-                        )),
-                    }
+                        Err(_) => crate::llm::client::EndpointGroup::new(Vec::new()),
+                    };
+                    // Kept even when wrong: its stages then report nothing more.
+                    endpoints.insert(name, group);
                 }
             }
             _ => errs.push(at(
@@ -595,6 +629,29 @@ pub fn load(
         broken,
     };
     Ok((pipeline, errs))
+}
+
+/// The fields of an endpoint group, for hints.
+const ENDPOINT_GROUP_FIELDS: &str = "urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s";
+
+/// A deserialization error of an endpoint group, with a hint that fits it: the valid values
+/// of an unknown variant, the closest field of an unknown field, else the group's fields.
+fn endpoint_error(file: &Path, group: &Node, e: &yaml::DeError) -> Diagnostic {
+    let d = Diagnostic::new(file, e.pos.unwrap_or(group.pos), e.to_string());
+    match unknown_name(&e.message) {
+        Some((name, expected)) if e.message.starts_with("unknown variant") => {
+            let field = e.path.rsplit('.').next().unwrap_or("the value");
+            let valid = format!("{field} is one of: {}", expected.join(", "));
+            match did_you_mean(&name, expected.iter().map(String::as_str)) {
+                Some(dym) => d.hint(format!("{dym} {valid}")),
+                None => d.hint(valid),
+            }
+        }
+        Some((name, expected)) => d
+            .maybe_hint(did_you_mean(&name, expected.iter().map(String::as_str)))
+            .hint_or(format!("an endpoint group takes {ENDPOINT_GROUP_FIELDS}")),
+        None => d.hint(format!("an endpoint group takes {ENDPOINT_GROUP_FIELDS}")),
+    }
 }
 
 trait HintOr {
@@ -742,15 +799,51 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
         .iter()
         .find(|k| k.name == kind)
         .expect("kind checked above");
+    let fields = entry.fields();
+    // Every key the kind does not know, each with its own hint, before deserializing (which
+    // would stop at the first); the rest is deserialized without them.
+    let mut unknown: Vec<String> = Vec::new();
+    for (k, _) in entries {
+        let key = k.scalar_text();
+        if !fields.contains(&key) {
+            errs.push(
+                at(k.pos, format!("unknown field `{key}`"))
+                    .stage(&id)
+                    .maybe_hint(did_you_mean(&key, fields.iter().map(String::as_str)))
+                    .hint_or(format!("stage kind `{kind}` takes: {}", fields.join(", "))),
+            );
+            unknown.push(key);
+        }
+    }
     let rest: Vec<(Node, Node)> = entries
         .iter()
-        .filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.scalar_text().as_str()))
+        .filter(|(k, _)| {
+            let key = k.scalar_text();
+            !COMMON_STAGE_KEYS.contains(&key.as_str()) && !unknown.contains(&key)
+        })
         .cloned()
         .collect();
-    let rest = Node::new(Value::Map(rest), node.pos);
-    match (entry.build)(&rest, build) {
+    // A value of the wrong type is set aside with a stand-in, so the fields after it are
+    // checked in the same run.
+    let (built, recovered) = yaml::collecting(|| (entry.build)(&rest_node(&rest, node), build));
+    let polish = |d: Diagnostic| stage_error(d, &id, &kind, &fields);
+    // Top-level fields already reported (their value, or stand-ins for it, proves nothing more).
+    let mut bad_fields: Vec<&Node> = Vec::new();
+    for e in &recovered {
+        let pos = e.pos.unwrap_or(node.pos);
+        if let Some((k, v)) = rest
+            .iter()
+            .find(|(k, v)| k.pos == pos || subtree_has(v, pos))
+        {
+            bad_fields.push(k);
+            bad_fields.push(v);
+        }
+        errs.push(polish(at(pos, e.to_string())));
+    }
+    let reported = !errs.is_empty();
+    match built {
         Ok(stage) => {
-            if !errs.is_empty() {
+            if reported {
                 return Err(errs);
             }
             Ok(StageDef {
@@ -764,30 +857,72 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
             })
         }
         Err(e) => {
-            let fields = entry.fields();
-            errs.extend(e.into_iter().map(|d| {
-                let mut d = d.stage(&id);
-                if let Some((name, expected)) = unknown_name(&d.message) {
-                    // A field of the stage itself (the message starts with its own path):
-                    // serde lists only the kind's own fields; name the common ones too.
-                    let own = d.message.starts_with(&format!("{name}: unknown field "));
-                    let pool: Vec<&str> = if own {
-                        d.message = format!("unknown field `{name}`");
-                        fields.iter().map(String::as_str).collect()
-                    } else {
-                        expected.iter().map(String::as_str).collect()
+            for d in e {
+                // Once something in this stage was reported, keep only what cannot follow from
+                // it: a required field that is missing (and no unknown key is a misspelling
+                // of), or a problem inside a field that has no error of its own. A problem of
+                // the whole stage may come from a stand-in, or a field left out as unknown.
+                if reported {
+                    let keep = match d.message.strip_prefix("missing field `") {
+                        Some(m) => {
+                            let missing = m.trim_end_matches('`');
+                            !unknown.iter().any(|u| did_you_mean(u, [missing]).is_some())
+                        }
+                        None => {
+                            d.pos != node.pos
+                                && rest.iter().any(|(k, v)| {
+                                    (k.pos == d.pos || subtree_has(v, d.pos))
+                                        && !bad_fields.iter().any(|b| std::ptr::eq(*b, k))
+                                })
+                        }
                     };
-                    if d.hint.is_none() {
-                        d.hint = did_you_mean(&name, pool).or_else(|| {
-                            own.then(|| format!("stage kind `{kind}` takes: {}", fields.join(", ")))
-                        });
+                    if !keep {
+                        continue;
                     }
                 }
-                d
-            }));
+                errs.push(polish(d));
+            }
             Err(errs)
         }
     }
+}
+
+/// The mapping of a stage's own fields, at the stage's position.
+fn rest_node(rest: &[(Node, Node)], stage: &Node) -> Node {
+    Node::new(Value::Map(rest.to_vec()), stage.pos)
+}
+
+/// Is `pos` the position of `node` or of any node (keys included) under it?
+fn subtree_has(node: &Node, pos: Pos) -> bool {
+    node.pos == pos
+        || match &node.value {
+            Value::Seq(items) => items.iter().any(|n| subtree_has(n, pos)),
+            Value::Map(m) => m.iter().any(|(k, v)| k.pos == pos || subtree_has(v, pos)),
+            _ => false,
+        }
+}
+
+/// An error of a stage's own fields, named with its stage and hinted: serde's unknown field or
+/// variant gets the closest name (for the stage's own fields, the common ones too).
+fn stage_error(d: Diagnostic, id: &str, kind: &str, fields: &[String]) -> Diagnostic {
+    let mut d = d.stage(id);
+    if let Some((name, expected)) = unknown_name(&d.message) {
+        // A field of the stage itself (the message starts with its own path):
+        // serde lists only the kind's own fields; name the common ones too.
+        let own = d.message.starts_with(&format!("{name}: unknown field "));
+        let pool: Vec<&str> = if own {
+            d.message = format!("unknown field `{name}`");
+            fields.iter().map(String::as_str).collect()
+        } else {
+            expected.iter().map(String::as_str).collect()
+        };
+        if d.hint.is_none() {
+            d.hint = did_you_mean(&name, pool).or_else(|| {
+                own.then(|| format!("stage kind `{kind}` takes: {}", fields.join(", ")))
+            });
+        }
+    }
+    d
 }
 
 /// From serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"): the

@@ -7,10 +7,11 @@
 //! positions stay those of the file), and then each part (every stage on its own) is
 //! deserialized from its node; an error in one stage does not hide the errors in the next.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
+use serde::de::{self, DeserializeOwned, Error as _, IntoDeserializer, Unexpected, Visitor};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
@@ -321,6 +322,83 @@ impl de::Error for DeError {
     }
 }
 
+thread_local! {
+    /// Errors set aside by [`collecting`] (`None` outside of it).
+    static RECOVERED: RefCell<Option<Vec<DeError>>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, which deserializes nodes, so that a value of the wrong type does not end the
+/// deserialization: the error is set aside and a stand-in value of the expected type (`0`,
+/// `false`, `""`, an empty list or mapping, an enum's first variant) is used instead, so the
+/// fields after it are checked too. Returns what `f` returned and the errors set aside, in
+/// file order. `f`'s result was built from stand-ins when any were set aside: use it only to
+/// find more errors. Errors that leave no stand-in (unknown fields, missing fields, a wrong
+/// value inside a struct given as a mapping) still end the deserialization as usual.
+pub fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<DeError>) {
+    /// Restores the enclosing state, also when `f` panics.
+    struct Restore(Option<Option<Vec<DeError>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(prev) = self.0.take() {
+                RECOVERED.with(|r| *r.borrow_mut() = prev);
+            }
+        }
+    }
+    let prev = RECOVERED.with(|r| r.borrow_mut().replace(Vec::new()));
+    let restore = Restore(Some(prev));
+    let out = f();
+    let errs = RECOVERED
+        .with(|r| r.borrow_mut().take())
+        .unwrap_or_default();
+    drop(restore);
+    (out, errs)
+}
+
+fn is_collecting() -> bool {
+    RECOVERED.with(|r| r.borrow().is_some())
+}
+
+/// Set `e` aside when [`collecting`], else give it back as the error to return.
+fn set_aside(e: DeError) -> Result<(), DeError> {
+    RECOVERED.with(|r| match r.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push(e);
+            Ok(())
+        }
+        None => Err(e),
+    })
+}
+
+/// A stand-in could not be used after all (a struct's required fields, an enum's first variant
+/// that takes a value): the error set aside for it becomes the error returned, so the mistake
+/// is reported once, and not as what the stand-in lacked.
+fn take_back(fallback: DeError) -> DeError {
+    RECOVERED
+        .with(|r| r.borrow_mut().as_mut().and_then(Vec::pop))
+        .unwrap_or(fallback)
+}
+
+/// A primitive number type: the node fits when it is an integer within range. Under
+/// [`collecting`] a misfit is set aside and `0` is used instead.
+macro_rules! int_method {
+    ($method:ident, $t:ty, $visit:ident) => {
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+            let e = match self.node.value {
+                Value::Int(i) if <$t>::try_from(i).is_ok() => None,
+                Value::Int(i) => Some(DeError::invalid_value(Unexpected::Signed(i), &visitor)),
+                _ => Some(DeError::invalid_type(self.unexpected(), &visitor)),
+            };
+            match e {
+                Some(e) if is_collecting() => {
+                    set_aside(self.fix(e))?;
+                    visitor.$visit(0).map_err(take_back)
+                }
+                _ => self.deserialize_any(visitor),
+            }
+        }
+    };
+}
+
 struct NodeDe<'a> {
     node: &'a Node,
     path: String,
@@ -333,6 +411,19 @@ impl<'a> NodeDe<'a> {
             e.path = self.path.clone();
         }
         e
+    }
+
+    /// The node as serde names what it got, for serde's own "invalid type" messages.
+    fn unexpected(&self) -> Unexpected<'_> {
+        match &self.node.value {
+            Value::Null => Unexpected::Unit,
+            Value::Bool(b) => Unexpected::Bool(*b),
+            Value::Int(i) => Unexpected::Signed(*i),
+            Value::Float(f) => Unexpected::Float(*f),
+            Value::Str(s) => Unexpected::Str(s),
+            Value::Seq(_) => Unexpected::Seq,
+            Value::Map(_) => Unexpected::Map,
+        }
     }
 
     fn invalid(&self, expected: &str) -> DeError {
@@ -388,7 +479,10 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
             Value::Bool(_) | Value::Int(_) | Value::Float(_) => {
                 visitor.visit_str(&self.node.scalar_text())
             }
-            _ => return Err(self.invalid("a string")),
+            _ => {
+                set_aside(self.invalid("a string"))?;
+                return visitor.visit_str("").map_err(take_back);
+            }
         };
         r.map_err(|e| self.fix(e))
     }
@@ -419,14 +513,33 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
             Value::Seq(_) => self.deserialize_any(visitor),
-            _ => Err(self.invalid("a list")),
+            _ => {
+                set_aside(self.invalid("a list"))?;
+                visitor
+                    .visit_seq(SeqDe {
+                        items: [].iter(),
+                        idx: 0,
+                        path: &self.path,
+                    })
+                    .map_err(take_back)
+            }
         }
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
             Value::Map(_) => self.deserialize_any(visitor),
-            _ => Err(self.invalid("a mapping")),
+            _ => {
+                set_aside(self.invalid("a mapping"))?;
+                visitor
+                    .visit_map(MapDe {
+                        entries: [].iter(),
+                        value: None,
+                        path: &self.path,
+                        key: String::new(),
+                    })
+                    .map_err(take_back)
+            }
         }
     }
 
@@ -442,17 +555,39 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
     fn deserialize_enum<V: Visitor<'de>>(
         self,
         _name: &'static str,
-        _variants: &'static [&'static str],
+        variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
+        // Under `collecting`, a name that is no variant (or a node that is no enum at all) is
+        // set aside and the first variant stands in.
+        let stand_in = |e: DeError| -> Result<&'static str, DeError> {
+            match variants.first() {
+                Some(first) if is_collecting() => {
+                    set_aside(e)?;
+                    Ok(*first)
+                }
+                _ => Err(e),
+            }
+        };
         let r = match &self.node.value {
+            Value::Str(s) if is_collecting() && !variants.contains(&s.as_str()) => {
+                let e = self.fix(DeError::unknown_variant(s, variants));
+                return visitor
+                    .visit_enum(stand_in(e)?.into_deserializer())
+                    .map_err(take_back);
+            }
             Value::Str(s) => visitor.visit_enum(s.as_str().into_deserializer()),
             Value::Map(entries) if entries.len() == 1 => visitor.visit_enum(EnumDe {
                 key: &entries[0].0,
                 value: &entries[0].1,
                 path: &self.path,
             }),
-            _ => return Err(self.invalid("a name, or a mapping with one key")),
+            _ => {
+                let e = self.invalid("a name, or a mapping with one key");
+                return visitor
+                    .visit_enum(stand_in(e)?.into_deserializer())
+                    .map_err(take_back);
+            }
         };
         r.map_err(|e| self.fix(e))
     }
@@ -461,9 +596,43 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
         visitor.visit_unit()
     }
 
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.node.value {
+            Value::Bool(_) => self.deserialize_any(visitor),
+            _ if is_collecting() => {
+                set_aside(self.fix(DeError::invalid_type(self.unexpected(), &visitor)))?;
+                visitor.visit_bool(false).map_err(take_back)
+            }
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.node.value {
+            Value::Int(_) | Value::Float(_) => self.deserialize_any(visitor),
+            _ if is_collecting() => {
+                set_aside(self.fix(DeError::invalid_type(self.unexpected(), &visitor)))?;
+                visitor.visit_f64(0.0).map_err(take_back)
+            }
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_f64(visitor)
+    }
+
+    int_method!(deserialize_i8, i8, visit_i64);
+    int_method!(deserialize_i16, i16, visit_i64);
+    int_method!(deserialize_i32, i32, visit_i64);
+    int_method!(deserialize_i64, i64, visit_i64);
+    int_method!(deserialize_u8, u8, visit_u64);
+    int_method!(deserialize_u16, u16, visit_u64);
+    int_method!(deserialize_u32, u32, visit_u64);
+    int_method!(deserialize_u64, u64, visit_u64);
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char bytes byte_buf unit
-        unit_struct tuple tuple_struct
+        i128 u128 char bytes byte_buf unit unit_struct tuple tuple_struct
     }
 }
 
@@ -633,6 +802,69 @@ mod tests {
         assert_eq!(n.pos_at(&["stages", "0"]), Pos { line: 2, col: 5 });
         let f = parse("s: {a: 1}\n").unwrap();
         assert_eq!(f.pos_at(&["s"]), Pos { line: 1, col: 4 });
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Many {
+        n: u32,
+        flag: bool,
+        name: String,
+        list: Vec<u8>,
+        inner: Option<S>,
+        e: E,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(rename_all = "lowercase")]
+    #[allow(dead_code)]
+    enum E {
+        One,
+        Two,
+    }
+
+    #[test]
+    fn collecting_reports_every_wrong_value() {
+        let text = "n: two\nflag: maybe\nname: [x]\nlist: [1, 300]\ninner: {a: 1}\ne: three\n";
+        let n = parse(text).unwrap();
+        let (r, errs) = collecting(|| n.deserialize::<Many>(""));
+        assert!(r.is_ok(), "{r:?}");
+        let got: Vec<(usize, String)> = errs
+            .iter()
+            .map(|e| (e.pos.unwrap().line, e.path.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [1, 2, 3, 4, 6]
+                .iter()
+                .zip(["n", "flag", "name", "list[1]", "e"])
+                .map(|(l, p)| (*l, p.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            errs[0].message.contains("invalid type: string \"two\""),
+            "{}",
+            errs[0].message
+        );
+        assert!(
+            errs[4].message.contains("unknown variant `three`"),
+            "{}",
+            errs[4].message
+        );
+        // Outside `collecting`, the first error ends it as before.
+        let e = n.deserialize::<Many>("").unwrap_err();
+        assert_eq!(e.path, "n");
+    }
+
+    #[test]
+    fn a_stand_in_that_cannot_serve_is_reported_once() {
+        let n = parse("inner: 5\nn: x\n").unwrap();
+        let (r, errs) = collecting(|| n.deserialize::<Many>(""));
+        let e = r.unwrap_err();
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(e.pos, Some(Pos { line: 1, col: 8 }));
+        assert!(e.message.contains("expected a mapping"), "{}", e.message);
     }
 
     #[test]

@@ -201,6 +201,8 @@ fn bad_pipeline_leaves_existing_run_untouched() {
         "09_sql_syntax.yaml",
         "15_corrupt_parquet.yaml",
         "28_multi_compile_errors.yaml",
+        // Its stage is deserialized with stand-ins for the bad values: nothing may run it.
+        "49_multi_stage_value_types.yaml",
     ];
     for b in bad {
         let file = format!("{CORPUS}/{b}");
