@@ -189,10 +189,11 @@ pub struct Cache {
     path: PathBuf,
     reader: std::sync::Mutex<Connection>,
     tx: Option<mpsc::Sender<Queued>>,
-    /// Responses handed to [`Cache::put`] and not yet committed, so lookups find them in the
+    /// Responses handed to [`Cache::put`] and not yet committed (by the id's 128-bit value, as
+    /// the in-flight map keys them: no string copy per response), so lookups find them in the
     /// ~50 ms before the writer's commit (the same request asked again in that window, by the
     /// next chunk or a parse retry, would otherwise be sent twice).
-    unsaved: Arc<std::sync::Mutex<HashMap<String, Arc<CachedResponse>>>>,
+    unsaved: Arc<std::sync::Mutex<HashMap<u128, Arc<CachedResponse>>>>,
     writer: Option<JoinHandle<Result<u64>>>,
     /// Set by the writer when it gave up: responses can no longer be kept.
     failed: Arc<std::sync::OnceLock<String>>,
@@ -249,7 +250,7 @@ impl Cache {
             && !unsaved.is_empty()
         {
             for id in ids {
-                if let Some(r) = unsaved.get(id) {
+                if let Some(r) = unsaved.get(&crate::llm::id_key(id)) {
                     queued.insert(id.clone(), CachedResponse::clone(r));
                 }
             }
@@ -290,7 +291,7 @@ impl Cache {
         if let Some(tx) = &self.tx {
             let r = Arc::new(r);
             if let Ok(mut unsaved) = self.unsaved.lock() {
-                unsaved.insert(id.clone(), Arc::clone(&r));
+                unsaved.insert(crate::llm::id_key(&id), Arc::clone(&r));
             }
             let _ = tx.send((id, model, r));
         }
@@ -321,7 +322,7 @@ fn write_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Queued>,
     path: &Path,
-    unsaved: &std::sync::Mutex<HashMap<String, Arc<CachedResponse>>>,
+    unsaved: &std::sync::Mutex<HashMap<u128, Arc<CachedResponse>>>,
 ) -> Result<u64> {
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
     let mut written = 0u64;
@@ -374,7 +375,7 @@ fn write_loop(
         // a second identical request, is dropped here too; the file has one of the two.)
         if let Ok(mut unsaved) = unsaved.lock() {
             for (id, ..) in &bodies {
-                unsaved.remove(id);
+                unsaved.remove(&crate::llm::id_key(id));
             }
         }
         written += bodies.len() as u64;

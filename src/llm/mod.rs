@@ -110,7 +110,7 @@ struct Shared {
 
 /// A request id (32 hex digits) as the 128-bit number it spells: the in-flight map's key, kept
 /// off the heap (the map holds every request on the wire, up to two chunks of them).
-fn id_key(id: &str) -> u128 {
+pub(crate) fn id_key(id: &str) -> u128 {
     u128::from_str_radix(id, 16).unwrap_or_else(|_| {
         // Not an id this stage made (it never happens): any stable hash will do.
         let h = blake3::hash(id.as_bytes());
