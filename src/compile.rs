@@ -33,6 +33,18 @@ impl Plan {
     }
 
     /// `id` and every table downstream of it.
+    /// `id` and every table it is computed from.
+    pub fn ancestors(&self, id: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut todo = vec![id.to_string()];
+        while let Some(n) = todo.pop() {
+            if out.insert(n.clone()) {
+                todo.extend(self.deps.get(&n).into_iter().flatten().cloned());
+            }
+        }
+        out
+    }
+
     pub fn descendants(&self, id: &str) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         out.insert(id.to_string());

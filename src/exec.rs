@@ -19,6 +19,8 @@ pub struct RunOptions {
     pub force: Vec<String>,
     /// Run what sends no requests; for LLM stages, print what they would send.
     pub dry_run: bool,
+    /// Run only this stage and what it depends on.
+    pub until: Option<String>,
 }
 
 /// A finished table, and whether it was reused rather than computed.
@@ -44,6 +46,16 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             )));
         }
     }
+    if let Some(u) = &opts.until
+        && !plan.order.contains(u)
+    {
+        return Err(Error::usage(format!(
+            "--until {u}: the pipeline has no stage or input `{u}`{}",
+            crate::error::did_you_mean(u, plan.order.iter().map(String::as_str))
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default()
+        )));
+    }
     let forced: BTreeSet<String> = opts
         .force
         .iter()
@@ -63,7 +75,18 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
 
     let mut done: HashMap<String, Table> = HashMap::new();
     let mut report = RunReport::default();
-    let mut pending: Vec<String> = plan.order.clone();
+    let mut pending: Vec<String> = match &opts.until {
+        Some(u) => {
+            let keep = plan.ancestors(u);
+            let (kept, left): (Vec<String>, Vec<String>) =
+                plan.order.iter().cloned().partition(|id| keep.contains(id));
+            if !left.is_empty() {
+                eprintln!("  (--until {u}) not run: {}", left.join(", "));
+            }
+            kept
+        }
+        None => plan.order.clone(),
+    };
     let mut failure: Option<Error> = None;
     while !pending.is_empty() && failure.is_none() {
         let (ready, rest): (Vec<String>, Vec<String>) = pending.into_iter().partition(|id| {

@@ -114,6 +114,7 @@ fn stage_requests(
         &RunOptions {
             force: vec![],
             dry_run: true,
+            until: None,
         },
     )?;
     let def = plan.pipeline.stage(&c.stage).expect("checked");
@@ -121,7 +122,7 @@ fn stage_requests(
     let parent = &def.from[0].0;
     let Some(m) = dir.manifest(parent) else {
         return Err(Error::usage(format!(
-            "the input of `{}` (`{parent}`) is not computed yet: it depends on another LLM stage; run the pipeline up to it first",
+            "the input of `{}` (`{parent}`) is not computed yet: it depends on another LLM stage; run the stages before it first: ifloom run FILE --until {parent} (same --set/--profile/--run-dir)",
             c.stage
         )));
     };

@@ -33,6 +33,10 @@ pub struct Args {
     /// other responses come from the cache.
     #[arg(long)]
     pub retry_failed: Vec<String>,
+    /// Run only this stage and the stages it is computed from (e.g. up to the input of an LLM
+    /// stage whose requests go through `batch export` instead).
+    #[arg(long)]
+    pub until: Option<String>,
     /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -110,6 +114,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let opts = RunOptions {
         force,
         dry_run: a.dry_run,
+        until: a.until.clone(),
     };
     let report = exec::run(&plan, &dir, &engine, &opts)?;
     // Dead-lettered samples are easy to miss in a stage's counters: say where they are and

@@ -1602,3 +1602,69 @@ fn ctrl_c_stops_the_run_even_when_the_llm_stage_finishes_in_the_grace_period() {
     assert_eq!(sim.requests(), 8);
     assert!(run.join("stages/after/manifest.json").exists());
 }
+
+#[test]
+fn run_until_stops_before_a_later_llm_stage_so_batch_export_can_take_it() {
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1"]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 4, "");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str(&format!(
+        "  - id: judge\n    kind: llm\n    from: ask\n    endpoints: [\"{}\"]\n    model: sim-model\n    output: verdict\n    messages: [{{role: user, content: \"Judge: {{{{ response }}}}\"}}]\n",
+        sim.url
+    ));
+    std::fs::write(&p, text).unwrap();
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("c.sqlite");
+    let reqs = tmp.path().join("judge.jsonl");
+    let export = |dir: &Path| {
+        ifloom(
+            dir,
+            &[
+                "batch",
+                "export",
+                s(&p),
+                "--stage",
+                "judge",
+                "-o",
+                s(&reqs),
+                "--run-dir",
+                s(&run),
+                "--cache",
+                s(&cache),
+            ],
+        )
+    };
+    // The judge's input needs the first llm stage: the error says how to get there.
+    let o = export(tmp.path());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--until ask"), "{}", stderr(&o));
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .args(["--until", "ask"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("(--until ask) not run: judge"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sim.requests(), 4, "the judge was sent online");
+    assert!(!run.join("stages/judge").exists());
+    let o = export(tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = std::fs::read_to_string(&reqs).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    assert!(lines.contains("Judge: "), "{lines}");
+    assert_eq!(sim.requests(), 4);
+    // A stage that does not exist is a usage error with a hint.
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .args(["--until", "jugde"])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("did you mean 'judge'"),
+        "{}",
+        stderr(&o)
+    );
+}
