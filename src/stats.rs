@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::query;
 use crate::store::{Manifest, RunDir};
 
-/// The canned queries, by file name under `sql/`.
+/// The canned queries, by file name under `sql/` (all of them: `ifloom sql -f sql/NAME` finds
+/// them here when run outside the repository).
 pub const QUERIES: &[(&str, &str)] = &[
     ("funnel.sql", include_str!("../sql/funnel.sql")),
     (
@@ -45,6 +46,18 @@ pub const QUERIES: &[(&str, &str)] = &[
     ("text_length.sql", include_str!("../sql/text_length.sql")),
     ("list_length.sql", include_str!("../sql/list_length.sql")),
     ("histogram.sql", include_str!("../sql/histogram.sql")),
+    (
+        "length_histogram.sql",
+        include_str!("../sql/length_histogram.sql"),
+    ),
+    (
+        "rows_per_stage.sql",
+        include_str!("../sql/rows_per_stage.sql"),
+    ),
+    (
+        "duplicates_removed.sql",
+        include_str!("../sql/duplicates_removed.sql"),
+    ),
 ];
 
 fn canned(name: &str) -> &'static str {

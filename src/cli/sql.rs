@@ -53,7 +53,20 @@ pub(crate) fn pick_run() -> Result<PathBuf> {
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let text = match (&a.query, &a.file) {
         (Some(q), None) => q.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            // `-f sql/funnel.sql` outside the repository: the canned queries are compiled in.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                match crate::stats::QUERIES.iter().find(|(n, _)| *n == name) {
+                    Some((_, text)) if f.parent().is_some_and(|p| p.ends_with("sql")) => {
+                        text.to_string()
+                    }
+                    _ => return Err(Error::io(f, e)),
+                }
+            }
+            Err(e) => return Err(Error::io(f, e)),
+        },
         _ => return Err(Error::usage("give a query or -f FILE (one of them)")),
     };
     let text = query::substitute(&text, &a.params)?;

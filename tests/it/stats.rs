@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{self, ok, root};
+use crate::common::{self, ifloom, ok, root, stderr};
 use crate::ultraif::{fixture, run_ultraif, s};
 
 fn stats_json(args: &[&str]) -> Value {
@@ -343,4 +343,52 @@ fn compare_two_runs_and_bad_arguments() {
         common::stderr(&o)
     );
     assert!(!Path::new(&f.dir.join("missing")).exists());
+}
+
+#[test]
+fn every_canned_query_is_compiled_in_and_found_outside_the_repository() {
+    let mut files: Vec<String> = std::fs::read_dir(root().join("sql"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sql"))
+        .collect();
+    files.sort();
+    let mut compiled: Vec<String> = ifloom::stats::QUERIES
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    compiled.sort();
+    assert_eq!(files, compiled);
+    // From a folder with no sql/ in it, `-f sql/rows_per_stage.sql` runs the compiled-in query.
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/sample_dedup.yaml",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+    );
+    let rows = ok(
+        tmp.path(),
+        &[
+            "sql",
+            "--run",
+            run.to_str().unwrap(),
+            "--format",
+            "csv",
+            "-f",
+            "sql/rows_per_stage.sql",
+        ],
+    );
+    assert!(rows.contains("final"), "{rows}");
+    // Another missing file is still an error naming it.
+    let o = ifloom(
+        tmp.path(),
+        &["sql", "--run", run.to_str().unwrap(), "-f", "sql/nope.sql"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("sql/nope.sql"), "{}", stderr(&o));
 }
