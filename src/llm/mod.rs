@@ -786,11 +786,40 @@ impl Stage for LlmStage {
         {
             self.templates.push(("user".into(), p.clone()));
         }
-        if let Err(e) = self.env() {
+        // Each template on its own, so each error points at its own message (and, for a file,
+        // says the line in that file rather than minijinja's internal name for it).
+        let probe = minijinja::Environment::new();
+        for (i, (_, src)) in self.templates.iter().enumerate() {
+            let Err(e) = probe.template_from_str(src) else {
+                continue;
+            };
+            let detail = e.detail().unwrap_or("invalid syntax");
+            let line = e.line().map(|l| format!(", line {l}")).unwrap_or_default();
+            let file = self.messages.get(i).and_then(|m| m.file.as_deref());
+            let (path, msg): (Vec<String>, String) = match (self.api, file) {
+                (Api::Completions, _) if i + 1 == self.templates.len() => (
+                    vec!["prompt".into()],
+                    format!("template syntax error (prompt{line}): {detail}"),
+                ),
+                (_, Some(f)) => (
+                    vec!["messages".into(), i.to_string(), "file".into()],
+                    format!("template syntax error in {f}{line}: {detail}"),
+                ),
+                (_, None) => (
+                    vec!["messages".into(), i.to_string(), "content".into()],
+                    format!("template syntax error (message {}{line}): {detail}", i + 1),
+                ),
+            };
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
             errs.push(
-                at(&["messages"], format!("template syntax error: {e}"))
+                at(&path, msg)
                     .hint("templates use Jinja syntax: {{ column }}, {% if %}...{% endif %}"),
             );
+        }
+        if errs.is_empty()
+            && let Err(e) = self.env()
+        {
+            errs.push(at(&["messages"], format!("template syntax error: {e}")));
         }
         // The endpoint group: named (top level `endpoints:`) or inline.
         let group = match (&self.endpoint, self.endpoints.is_empty()) {
@@ -921,11 +950,23 @@ impl Stage for LlmStage {
             vars.sort();
             for v in vars {
                 if !cols.contains(&v.as_str()) {
+                    // In a template file, also the line that uses it (the first one).
+                    let at_line = self
+                        .messages
+                        .get(i)
+                        .and_then(|m| m.file.as_deref())
+                        .and_then(|f| {
+                            let re =
+                                regex::Regex::new(&format!(r"\b{}\b", regex::escape(&v))).ok()?;
+                            let n = self.templates[i].1.lines().position(|l| re.is_match(l))?;
+                            Some(format!(" ({f}, line {})", n + 1))
+                        })
+                        .unwrap_or_default();
                     errs.push(
                         ctx.err(
                             &p,
                             format!(
-                                "template variable `{v}` is not a column of `{}`",
+                                "template variable `{v}` is not a column of `{}`{at_line}",
                                 ctx.parents[0].0
                             ),
                         )

@@ -885,3 +885,45 @@ fn a_base_url_without_v1_gets_a_hint() {
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("usually ends in /v1"), "{e}");
 }
+
+#[test]
+fn template_syntax_errors_name_the_file_and_its_line() {
+    let tmp = tempdir();
+    std::fs::create_dir_all(tmp.path().join("prompts")).unwrap();
+    std::fs::write(
+        tmp.path().join("prompts/judge.j2"),
+        "Judge this.\n\n{% if prompt %}{{ prompt }\n{% endif %}\n",
+    )
+    .unwrap();
+    let stage = "    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - role: system\n        content: \"Be {{ brief\"\n      - role: user\n        file: prompts/judge.j2\n";
+    let p = pipeline(tmp.path(), &numbered(0..1), stage);
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    // Both errors, each at its own message; the file's by its name and line, not "(in m1:3)".
+    assert!(
+        e.contains("p.yaml:12:18: stage 'ask': template syntax error (message 1, line 1)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("p.yaml:14:15: stage 'ask': template syntax error in prompts/judge.j2, line 3"),
+        "{e}"
+    );
+    assert!(!e.contains("(in m1"), "{e}");
+    // An unknown variable in a file: the line that uses it.
+    std::fs::write(
+        tmp.path().join("prompts/judge.j2"),
+        "Judge this.\n\n{% if prompt %}{{ answr }}{% endif %}\n",
+    )
+    .unwrap();
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..1),
+        &stage.replace("\"Be {{ brief\"", "\"Be brief\""),
+    );
+    let e = stderr(&ifloom(tmp.path(), &["validate", s(&p)]));
+    assert!(
+        e.contains("template variable `answr` is not a column of `src` (prompts/judge.j2, line 3)"),
+        "{e}"
+    );
+}
