@@ -1039,13 +1039,23 @@ impl Stage for LlmStage {
             let cached = Cache::open(&ctx.engine.cache_path)?.get_many(&ids)?.len();
             let tokens: usize = reqs.iter().map(|(_, c)| c.approx_prompt_tokens()).sum();
             let mut out = format!(
-                "    {} rows x {} sample(s): {} distinct requests, {} already cached, {} to send; ~{} prompt words",
+                "    {} rows x {} sample(s): {} distinct requests, {} already cached, {} to send; ~{} prompt words{}",
                 rows.len(),
                 self.samples,
                 reqs.len(),
                 cached,
                 reqs.len() - cached,
-                tokens
+                tokens,
+                // The run's `requests` counter counts HTTP requests: one per row where the
+                // server honours `n`.
+                if self.samples > 1 && self.profile().honours_n() {
+                    format!(
+                        " (one request per sample and cache entry; a row's uncached samples go out as one HTTP request with n: {})",
+                        self.samples
+                    )
+                } else {
+                    String::new()
+                }
             );
             for (id, c) in reqs.iter().take(2) {
                 out.push_str(&format!("\n    request {id}:"));

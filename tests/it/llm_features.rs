@@ -927,3 +927,27 @@ fn template_syntax_errors_name_the_file_and_its_line() {
         "{e}"
     );
 }
+
+#[test]
+fn a_dry_run_says_how_samples_become_http_requests() {
+    let tmp = tempdir();
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..4),
+        &chat_stage("http://127.0.0.1:9/v1", "    samples: 3\n"),
+    );
+    let mut c = run_cmd(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run"),
+        &tmp.path().join("c.sqlite"),
+    );
+    let o = c.arg("--dry-run").output().unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("4 rows x 3 sample(s): 12 distinct requests, 0 already cached, 12 to send")
+            && e.contains("go out as one HTTP request with n: 3"),
+        "{e}"
+    );
+}
