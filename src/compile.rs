@@ -32,8 +32,7 @@ impl Plan {
         self.scans.contains_key(id)
     }
 
-    /// `id` and every table downstream of it.
-    /// `id` and every table it is computed from.
+    /// `id` and every table it is computed from (`run --until`).
     pub fn ancestors(&self, id: &str) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         let mut todo = vec![id.to_string()];
@@ -45,6 +44,7 @@ impl Plan {
         out
     }
 
+    /// `id` and every table downstream of it.
     pub fn descendants(&self, id: &str) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         out.insert(id.to_string());

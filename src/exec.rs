@@ -75,14 +75,21 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
 
     let mut done: HashMap<String, Table> = HashMap::new();
     let mut report = RunReport::default();
+    let mut left_out: Vec<String> = Vec::new();
     let mut pending: Vec<String> = match &opts.until {
         Some(u) => {
             let keep = plan.ancestors(u);
             let (kept, left): (Vec<String>, Vec<String>) =
                 plan.order.iter().cloned().partition(|id| keep.contains(id));
             if !left.is_empty() {
-                eprintln!("  (--until {u}) not run: {}", left.join(", "));
+                // Their tables from an earlier run (if any) stay queryable, and may no longer
+                // match the stages run now: run.json says the run is partial.
+                eprintln!(
+                    "  (--until {u}) not run: {}; tables of theirs from an earlier run stay as they were",
+                    left.join(", ")
+                );
             }
+            left_out = left;
             kept
         }
         None => plan.order.clone(),
@@ -186,7 +193,10 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             Err(e)
         }
         None => {
-            info.status = "finished".into();
+            info.status = match &opts.until {
+                Some(u) if !left_out.is_empty() => format!("partial (--until {u})"),
+                _ => "finished".into(),
+            };
             dir.write_info(&info)?;
             Ok(report)
         }

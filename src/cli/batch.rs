@@ -210,7 +210,7 @@ fn path_arg(p: &std::path::Path) -> String {
 
 /// `s` as one POSIX shell word: as is when it holds only characters no shell treats
 /// specially, else in single quotes (a `'` inside as `'\''`).
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     let plain = |ch: char| ch.is_ascii_alphanumeric() || "_-./=:,+@%".contains(ch);
     if !s.is_empty() && s.chars().all(plain) {
         s.to_string()

@@ -125,9 +125,20 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
             && let Some(&n) = m.counters.get("failures")
             && n > 0
         {
+            // The command as given (its --set, --run-dir, --cache ...), plus --retry-failed.
+            let mut cmd: Vec<String> = std::env::args()
+                .skip(1)
+                .map(|a| super::batch::shell_quote(&a))
+                .collect();
+            if !cmd
+                .windows(2)
+                .any(|w| w[0] == "--retry-failed" && w[1] == *id)
+            {
+                cmd.extend(["--retry-failed".to_string(), super::batch::shell_quote(id)]);
+            }
             eprintln!(
-                "ifloom: {id}: {n} sample(s) failed and are in `{id}__failed` (reason, raw); `ifloom run {} --retry-failed {id}` sends the failed requests again",
-                a.file.display()
+                "ifloom: {id}: {n} sample(s) failed and are in `{id}__failed` (reason, raw); `ifloom {}` sends the failed requests again",
+                cmd.join(" ")
             );
         }
     }

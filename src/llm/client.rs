@@ -120,19 +120,8 @@ impl EndpointGroup {
                 ));
             }
         }
-        if let Some(p) = self.api_key_env.as_deref().and_then(unset_key) {
-            out.push(p);
-        }
         out
     }
-}
-
-/// `api_key_env: VAR` names a variable that is not set: what to say (found at validate time,
-/// not when the stage is reached).
-pub fn unset_key(var: &str) -> Option<String> {
-    std::env::var_os(var).is_none().then(|| {
-        format!("api_key_env: environment variable `{var}` is not set: export the API key in it")
-    })
 }
 
 /// One choice of a completion.
@@ -233,6 +222,8 @@ pub struct Pool {
     fatal: std::sync::OnceLock<String>,
     /// A long Retry-After was announced already.
     said_long_wait: AtomicBool,
+    /// `api_key_env` names a variable that is not set: why nothing can be sent.
+    missing_key: Option<String>,
 }
 
 /// Adaptive mode's count of the responses since the limit last changed.
@@ -262,11 +253,20 @@ const TRIP_AFTER: u32 = 8;
 
 impl Pool {
     pub fn new(group: &EndpointGroup) -> Result<Pool, String> {
-        let api_key = match &group.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                format!("environment variable `{var}` (api_key_env) is not set: export the API key in it")
-            })?),
-            None => None,
+        // A missing key matters only when something is sent: a stage answered from the cache,
+        // a dry run and `batch export` need none. The endpoint check, which comes before the
+        // first request, says so.
+        let (api_key, missing_key) = match &group.api_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(k) => (Some(k), None),
+                Err(_) => (
+                    None,
+                    Some(format!(
+                        "environment variable `{var}` (api_key_env) is not set: export the API key in it"
+                    )),
+                ),
+            },
+            None => (None, None),
         };
         let mut http = reqwest::Client::builder()
             .pool_max_idle_per_host(group.max_in_flight.max(8))
@@ -324,6 +324,7 @@ impl Pool {
             retries: AtomicUsize::new(0),
             fatal: std::sync::OnceLock::new(),
             said_long_wait: AtomicBool::new(false),
+            missing_key,
         })
     }
 
@@ -350,6 +351,9 @@ impl Pool {
 
     /// Check every endpoint answers `/models` and serves `model`. All problems in one message.
     pub async fn health_check(&self, model: &str) -> Result<(), String> {
+        if let Some(m) = &self.missing_key {
+            return Err(m.clone());
+        }
         let mut problems = Vec::new();
         let mut down = Vec::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
@@ -361,7 +365,7 @@ impl Pool {
                 req = req.bearer_auth(k);
             }
             match req.send().await {
-                Err(e) => down.push((i, format!("{} is down ({})", ep.url, short_err(&e)))),
+                Err(e) => down.push((i, short_err(&e))),
                 Ok(r) if !r.status().is_success() => {
                     let hint = if r.status() == reqwest::StatusCode::NOT_FOUND
                         && !ep.url.ends_with("/v1")
@@ -402,8 +406,8 @@ impl Pool {
         if problems.is_empty() && down.len() < self.endpoints.len() {
             for (i, why) in down {
                 eprintln!(
-                    "ifloom: {why}; starting on the other endpoints, probing it every {} s",
-                    self.group.bench_s
+                    "ifloom: {} is down ({why}); starting on the other endpoints, probing it every {} s",
+                    self.endpoints[i].url, self.group.bench_s
                 );
                 let ep = &self.endpoints[i];
                 ep.consecutive_failures.store(TRIP_AFTER, Ordering::Release);
@@ -416,7 +420,10 @@ impl Pool {
             }
             return Ok(());
         }
-        problems.extend(down.into_iter().map(|(_, why)| why));
+        problems.extend(
+            down.into_iter()
+                .map(|(i, why)| format!("{} is down ({why})", self.endpoints[i].url)),
+        );
         if problems.is_empty() {
             Ok(())
         } else {
@@ -668,9 +675,12 @@ impl Pool {
                     });
                 }
                 Attempt::Stop(message) => {
-                    self.release(i, probe, true, false);
-                    // Every other request of the stage stops at its next attempt.
+                    // Set before the slot is freed, so the request that takes it sees it.
+                    // Every other request of the stage stops at its next attempt; those
+                    // sleeping out a backoff or a Retry-After are woken for it.
                     let m = self.fatal.get_or_init(|| message).clone();
+                    self.release(i, probe, true, false);
+                    super::WAKE.notify_waiters();
                     return Err(CallError::Abort(m));
                 }
                 Attempt::Retry {
@@ -733,7 +743,10 @@ impl Pool {
                         );
                     }
                     if !self.pause(wait, &stopped).await {
-                        return Err(stopped_error("before this request's retry"));
+                        return Err(self.stop_error("before this request's retry"));
+                    }
+                    if let Some(m) = self.fatal.get() {
+                        return Err(CallError::Abort(m.clone()));
                     }
                     // Counted once it is sent (a retry cancelled by a stop is none).
                     self.retries.fetch_add(1, Ordering::Relaxed);
@@ -752,7 +765,7 @@ impl Pool {
             let wake = super::WAKE.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
-            if stopped() {
+            if stopped() || self.fatal.get().is_some() {
                 return false;
             }
             tokio::select! {
@@ -879,11 +892,12 @@ impl Pool {
         }
         match parse_body(&bytes, n) {
             Ok(c) => Attempt::Ok(c),
+            // As the status it names: a 429 is a live server asking for patience.
             Err(e) if e.retry => Attempt::Retry {
                 message: e.message,
                 after: retry_after,
-                overload: false,
-                alive: false,
+                overload: matches!(e.code, Some(429 | 503)),
+                alive: e.code == Some(429),
                 unreachable: false,
                 raw: Some(bytes),
             },
@@ -911,6 +925,17 @@ fn retry_after(v: &str) -> Option<Duration> {
             .unwrap_or(Duration::ZERO),
     };
     Some(d.min(Duration::from_secs(3600)))
+}
+
+impl Pool {
+    /// Why a request was not sent: an answer that stops the stage (401, 403, 404), else
+    /// [`stopped_error`].
+    fn stop_error(&self, when: &str) -> CallError {
+        match self.fatal.get() {
+            Some(m) => CallError::Abort(m.clone()),
+            None => stopped_error(when),
+        }
+    }
 }
 
 /// Why a request was not sent: Ctrl-C (with how to resume), or the stage failed elsewhere.
@@ -956,6 +981,8 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
 pub struct BodyError {
     pub message: String,
     pub retry: bool,
+    /// The status an error object names (`code`), when it names one.
+    pub code: Option<u64>,
 }
 
 impl From<String> for BodyError {
@@ -963,6 +990,7 @@ impl From<String> for BodyError {
         BodyError {
             message,
             retry: false,
+            code: None,
         }
     }
 }
@@ -1006,6 +1034,7 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
                 snippet(err.to_string().as_bytes())
             ),
             retry: code.is_some_and(|c| c == 408 || c == 429 || (500..600).contains(&c)),
+            code,
         });
     }
     let mut choices = v
@@ -1044,13 +1073,29 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
                     let reasoning = m.reasoning_content.or(m.reasoning);
                     let text = match m.content {
                         Some(serde_json::Value::String(t)) => Some(t),
-                        // OpenAI's content parts: the text parts, joined.
-                        Some(serde_json::Value::Array(parts)) => Some(
-                            parts
+                        // OpenAI's content parts: the text parts, joined. None at all (only a
+                        // refusal part, or no part) is no text.
+                        Some(serde_json::Value::Array(parts)) => {
+                            let texts: Vec<&str> = parts
                                 .iter()
                                 .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-                                .collect::<String>(),
-                        ),
+                                .collect();
+                            if texts.is_empty() {
+                                let refusal = parts
+                                    .iter()
+                                    .find_map(|p| p.get("refusal").and_then(|t| t.as_str()));
+                                return Err(match refusal {
+                                    Some(r) => format!(
+                                        "choice {i} has no text: the model refused: {}",
+                                        snippet(r.as_bytes())
+                                    ),
+                                    None => {
+                                        format!("choice {i} has no text: no text part in `content`")
+                                    }
+                                });
+                            }
+                            Some(texts.concat())
+                        }
                         Some(serde_json::Value::Null) | None => None,
                         Some(other) => {
                             return Err(format!(
@@ -1067,7 +1112,7 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
                         None => {
                             let why = if let Some(r) = m.refusal {
                                 format!("the model refused: {}", snippet(r.as_bytes()))
-                            } else if m.tool_calls.is_some() {
+                            } else if m.tool_calls.is_some_and(|n| n > 0) {
                                 "the model called a tool instead of answering".into()
                             } else {
                                 "`content` is null or missing".into()
@@ -1152,8 +1197,15 @@ struct RawMessage {
     reasoning: Option<String>,
     #[serde(default, deserialize_with = "loose")]
     refusal: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<serde::de::IgnoredAny>,
+    #[serde(default, deserialize_with = "loose_list")]
+    tool_calls: Option<usize>,
+}
+
+/// How many items a list has (`None` for anything else): vLLM sends `tool_calls: []` with
+/// every answer.
+fn loose_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| v.as_array().map(Vec::len)))
 }
 
 #[derive(Deserialize, Default)]
@@ -1454,6 +1506,14 @@ mod tests {
             ),
             ("", Some("Hmm"))
         );
+        // vLLM's `tool_calls: []` beside text is no tool call; content parts without text are
+        // no answer.
+        let empty_calls = br#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#;
+        assert!(err(empty_calls, 1).contains("`content` is null or missing"));
+        let refused =
+            br#"{"choices":[{"message":{"content":[{"type":"refusal","refusal":"No."}]}}]}"#;
+        assert!(err(refused, 1).contains("the model refused: No."));
+        assert!(err(br#"{"choices":[{"message":{"content":[]}}]}"#, 1).contains("no text part"));
         // OpenAI's content parts: the text parts joined.
         let parts = br#"{"choices":[{"message":{"content":[{"type":"text","text":"Hello, "},{"type":"image_url","image_url":{}},{"type":"text","text":"world"}]},"finish_reason":"stop"}]}"#;
         assert_eq!(
@@ -1503,7 +1563,8 @@ mod tests {
         let busy = br#"{"error":{"code":503,"message":"upstream overloaded"}}"#;
         assert!(parse_body(busy, 1).unwrap_err().retry);
         let busy = br#"{"error":{"code":"429","message":"slow down"}}"#;
-        assert!(parse_body(busy, 1).unwrap_err().retry);
+        let e = parse_body(busy, 1).unwrap_err();
+        assert!(e.retry && e.code == Some(429));
         let bad = br#"{"error":{"code":400,"message":"bad"}}"#;
         assert!(!parse_body(bad, 1).unwrap_err().retry);
         // The profile hint only where it helps: n > 1 answered with one choice.

@@ -876,9 +876,6 @@ impl Stage for LlmStage {
                 g.profile = p;
             }
             if let Some(k) = &self.api_key_env {
-                if let Some(p) = client::unset_key(k) {
-                    errs.push(at(&["api_key_env"], p));
-                }
                 g.api_key_env = Some(k.clone());
             }
             if let Some(m) = self.max_in_flight {
@@ -2242,14 +2239,23 @@ fn schema_problems(v: &serde_json::Value, path: &str) -> Vec<String> {
             return out;
         }
     };
+    // A YAML `null` unquoted is no type name: say how to write it.
+    let null_hint = |t: &Value| {
+        if t.is_null() || t.as_array().is_some_and(|a| a.iter().any(Value::is_null)) {
+            " (write the type null quoted, \"null\", in YAML)"
+        } else {
+            ""
+        }
+    };
     let type_ok = |t: &Value| t.as_str().is_some_and(|t| TYPES.contains(&t));
     match m.get("type") {
         None => {}
         Some(Value::Array(ts)) if ts.iter().all(type_ok) => {}
         Some(t) if type_ok(t) => {}
         Some(t) => out.push(format!(
-            "{path}.type: {t} is not a JSON Schema type ({})",
-            TYPES.join(", ")
+            "{path}.type: {t} is not a JSON Schema type ({}){}",
+            TYPES.join(", "),
+            null_hint(t)
         )),
     }
     match m.get("properties") {
@@ -2266,7 +2272,21 @@ fn schema_problems(v: &serde_json::Value, path: &str) -> Vec<String> {
     match m.get("required") {
         None => {}
         Some(Value::Array(r)) if r.iter().all(Value::is_string) => {
-            if let Some(Value::Object(props)) = m.get("properties") {
+            // A required name may also come from elsewhere in the schema: checked against
+            // `properties` only when nothing else can define fields.
+            let elsewhere = [
+                "allOf",
+                "anyOf",
+                "oneOf",
+                "$ref",
+                "additionalProperties",
+                "patternProperties",
+                "dependentSchemas",
+                "if",
+            ]
+            .iter()
+            .any(|k| m.contains_key(*k));
+            if !elsewhere && let Some(Value::Object(props)) = m.get("properties") {
                 for f in r.iter().filter_map(Value::as_str) {
                     if !props.contains_key(f) {
                         out.push(format!(
@@ -2281,8 +2301,15 @@ fn schema_problems(v: &serde_json::Value, path: &str) -> Vec<String> {
             "{path}.required: must be a list of field names, got {other}"
         )),
     }
-    if let Some(items) = m.get("items") {
-        out.extend(schema_problems(items, &format!("{path}.items")));
+    match m.get("items") {
+        // A tuple (draft 4's list of schemas).
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                out.extend(schema_problems(item, &format!("{path}.items.{i}")));
+            }
+        }
+        Some(items) => out.extend(schema_problems(items, &format!("{path}.items"))),
+        None => {}
     }
     if let Some(e) = m.get("enum")
         && !e.is_array()
@@ -2333,16 +2360,25 @@ fn unknown_filters_and_tests(
     use std::sync::LazyLock;
     static BLOCK: LazyLock<regex::Regex> =
         LazyLock::new(|| regex::Regex::new(r"(?s)\{\{.*?\}\}|\{%.*?%\}").expect("valid regex"));
+    // What is never rendered: `{% raw %}` blocks and `{# #}` comments.
+    static INERT: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?s)\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}|\{#.*?#\}")
+            .expect("valid regex")
+    });
     static STRING: LazyLock<regex::Regex> = LazyLock::new(|| {
         regex::Regex::new(r#""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"#).expect("valid regex")
     });
-    static FILTER: LazyLock<regex::Regex> =
-        LazyLock::new(|| regex::Regex::new(r"\|\s*([A-Za-z_]\w*)").expect("valid regex"));
+    // `x | name`, and the `{% filter name %}` tag.
+    static FILTER: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"\|\s*([A-Za-z_]\w*)|^\{%-?\s*filter\s+([A-Za-z_]\w*)")
+            .expect("valid regex")
+    });
     static TEST: LazyLock<regex::Regex> = LazyLock::new(|| {
         regex::Regex::new(r"\bis\s+(?:not\s+)?([A-Za-z_]\w*)").expect("valid regex")
     });
     let mut out: Vec<(&'static str, String)> = Vec::new();
-    for block in BLOCK.find_iter(src) {
+    let src = INERT.replace_all(src, "");
+    for block in BLOCK.find_iter(&src) {
         let code = STRING.replace_all(block.as_str(), "''");
         for (kind, re, probe, missing) in [
             (
@@ -2354,7 +2390,10 @@ fn unknown_filters_and_tests(
             ("test", &*TEST, "{{ 1 is NAME }}", ErrorKind::UnknownTest),
         ] {
             for c in re.captures_iter(&code) {
-                let name = c[1].to_string();
+                let Some(name) = c.get(1).or_else(|| c.get(2)) else {
+                    continue;
+                };
+                let name = name.as_str().to_string();
                 if out.iter().any(|(k, n)| *k == kind && *n == name) {
                     continue;
                 }

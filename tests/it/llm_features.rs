@@ -619,8 +619,14 @@ fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + 'static) -> Strin
             } else {
                 answer(&String::from_utf8_lossy(&body))
             };
+            // A 429 asks for a long wait (Retry-After: 600).
+            let wait = if status == 429 {
+                "retry-after: 600\r\n"
+            } else {
+                ""
+            };
             let head = format!(
-                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{wait}content-length: {}\r\nconnection: close\r\n\r\n",
                 out.len()
             );
             let _ = conn.write_all(head.as_bytes());
@@ -950,4 +956,92 @@ fn a_dry_run_says_how_samples_become_http_requests() {
             && e.contains("go out as one HTTP request with n: 3"),
         "{e}"
     );
+}
+
+#[test]
+fn a_refused_key_also_stops_requests_sleeping_out_a_retry_after() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The first request gets a 429 asking for 600 s, every later one a 401: the stop must not
+    // wait for the sleeper (a hang, not a speed, is what this guards against).
+    let posts = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = posts.clone();
+    let url = raw_server(move |_| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        let status = if n == 0 { 429 } else { 401 };
+        (status, br#"{"error":{"message":"no"}}"#.to_vec())
+    });
+    let tmp = tempdir();
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..8),
+        &chat_stage(&url, "    max_in_flight: 1\n"),
+    );
+    let mut child = run_cmd(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run"),
+        &tmp.path().join("c.sqlite"),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the stage waited out the Retry-After after a 401");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("HTTP 401") && err.contains("set `api_key_env`"),
+        "{err}"
+    );
+    // The sleeping request was not sent again.
+    assert_eq!(posts.load(Ordering::SeqCst), 2, "{err}");
+}
+
+#[test]
+fn filters_in_raw_blocks_and_comments_and_valid_schemas_are_not_errors() {
+    let tmp = tempdir();
+    let url = "http://127.0.0.1:9/v1";
+    let valid = |stage: &str| {
+        let p = pipeline(tmp.path(), &numbered(0..1), stage);
+        let o = ifloom(tmp.path(), &["validate", s(&p)]);
+        (o.status.success(), stderr(&o))
+    };
+    let (ok, e) = valid(&chat_stage(url, "").replace(
+        "Q: {{ prompt }}",
+        "{% raw %}{{ name | shout }}{% endraw %}{# {{ prompt | shout }} #}{{- prompt | upper -}}",
+    ));
+    assert!(ok, "{e}");
+    // The filter tag is checked too.
+    let (ok, e) = valid(&chat_stage(url, "").replace(
+        "Q: {{ prompt }}",
+        "{% filter shout %}{{ prompt }}{% endfilter %}",
+    ));
+    assert!(!ok && e.contains("unknown filter `shout`"), "{e}");
+    for schema in [
+        "{type: object, properties: {a: {type: string}}, additionalProperties: {type: integer}, required: [a, b]}",
+        "{type: object, allOf: [{properties: {b: {type: string}}}], properties: {a: {type: string}}, required: [a, b]}",
+        "{type: array, items: [{type: string}, {type: integer}]}",
+        "{type: object, properties: {a: {type: [string, \"null\"]}, b: {const: 1}}, $defs: {x: {type: string}}}",
+    ] {
+        let (ok, e) = valid(&chat_stage(
+            url,
+            &format!("    response_format: {schema}\n"),
+        ));
+        assert!(ok, "{schema}: {e}");
+    }
+    let (ok, e) = valid(&chat_stage(
+        url,
+        "    response_format: {type: object, properties: {a: {type: [string, null]}}}\n",
+    ));
+    assert!(!ok && e.contains("write the type null quoted"), "{e}");
 }
