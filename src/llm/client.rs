@@ -224,6 +224,8 @@ pub struct Pool {
     said_long_wait: AtomicBool,
     /// `api_key_env` names a variable that is not set: why nothing can be sent.
     missing_key: Option<String>,
+    /// A request of the stage has succeeded (a 403 or 404 after that is the request's own).
+    answered: AtomicBool,
 }
 
 /// Adaptive mode's count of the responses since the limit last changed.
@@ -325,6 +327,7 @@ impl Pool {
             fatal: std::sync::OnceLock::new(),
             said_long_wait: AtomicBool::new(false),
             missing_key,
+            answered: AtomicBool::new(false),
         })
     }
 
@@ -661,6 +664,7 @@ impl Pool {
             };
             match result {
                 Attempt::Ok(mut c) => {
+                    self.answered.store(true, Ordering::Relaxed);
                     self.release(i, probe, true, false);
                     c.latency_ms = started.elapsed().as_millis() as i64;
                     c.retries = attempt;
@@ -863,7 +867,11 @@ impl Pool {
                 raw: Some(bytes),
             };
         }
-        if code == 401 || code == 403 || code == 404 {
+        // A refused key (401) stops the stage at once. A 403 or 404 does so only while nothing
+        // of the stage has succeeded: then it is the setup (a key without access, a model or
+        // API the server does not serve); after successes it is about this request (a proxy's
+        // moderation 403 for one input) and fails the row like any other 4xx.
+        if code == 401 || ((code == 403 || code == 404) && !self.answered.load(Ordering::Relaxed)) {
             let ep = &self.endpoints[i];
             let what = match code {
                 404 => format!(

@@ -586,51 +586,57 @@ fn stop_sequences_come_from_a_string_or_list_column() {
 /// A one-thread HTTP/1.1 server on 127.0.0.1 that answers `/v1/models` for `sim-model` and
 /// every POST with `answer(request body)`: a status and an `application/json` body (raw bytes,
 /// so it can send what no JSON library would write). One request per connection.
-fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + 'static) -> String {
+fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let (mut first, mut len) = (String::new(), 0usize);
-            if r.read_line(&mut first).is_err() {
-                continue;
-            }
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
+            let answer = answer.clone();
+            // A thread per connection: an answer that takes its time holds up no other.
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let (mut first, mut len) = (String::new(), 0usize);
+                if r.read_line(&mut first).is_err() {
+                    return;
                 }
-                if let Some((k, v)) = h.split_once(':')
-                    && k.eq_ignore_ascii_case("content-length")
-                {
-                    len = v.trim().parse().unwrap_or(0);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
                 }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            let (status, out) = if first.starts_with("GET") {
-                (
-                    200,
-                    br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#.to_vec(),
-                )
-            } else {
-                answer(&String::from_utf8_lossy(&body))
-            };
-            // A 429 asks for a long wait (Retry-After: 600).
-            let wait = if status == 429 {
-                "retry-after: 600\r\n"
-            } else {
-                ""
-            };
-            let head = format!(
-                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{wait}content-length: {}\r\nconnection: close\r\n\r\n",
-                out.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(&out);
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let (status, out) = if first.starts_with("GET") {
+                    (
+                        200,
+                        br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#
+                            .to_vec(),
+                    )
+                } else {
+                    answer(&String::from_utf8_lossy(&body))
+                };
+                // A 429 asks for a long wait (Retry-After: 600).
+                let wait = if status == 429 {
+                    "retry-after: 600\r\n"
+                } else {
+                    ""
+                };
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{wait}content-length: {}\r\nconnection: close\r\n\r\n",
+                    out.len()
+                );
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(&out);
+            });
         }
     });
     url
@@ -1044,4 +1050,41 @@ fn filters_in_raw_blocks_and_comments_and_valid_schemas_are_not_errors() {
         "    response_format: {type: object, properties: {a: {type: [string, null]}}}\n",
     ));
     assert!(!ok && e.contains("write the type null quoted"), "{e}");
+}
+
+#[test]
+fn a_403_after_successes_fails_only_its_row() {
+    // A proxy's moderation 403 for one input, after other requests of the stage succeeded:
+    // that row is dead-lettered, the stage completes.
+    let url = raw_server(|body| {
+        if body.contains("question number 5") {
+            // Answered last, whatever order the requests go out in.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            (
+                403,
+                br#"{"error":{"message":"Your input was flagged"}}"#.to_vec(),
+            )
+        } else {
+            (
+                200,
+                br#"{"choices":[{"message":{"content":"fine"},"finish_reason":"stop"}]}"#.to_vec(),
+            )
+        }
+    });
+    let tmp = tempdir();
+    let run = tmp.path().join("run");
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..8),
+        &chat_stage(&url, "    max_in_flight: 8\n"),
+    );
+    run_llm_ok(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert_eq!(scalar(tmp.path(), &run, "SELECT count(*) FROM ask"), "7");
+    let failed = sql_json(tmp.path(), &run, "SELECT prompt, reason FROM ask__failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["prompt"], "question number 5");
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("HTTP 403"),
+        "{failed:?}"
+    );
 }
