@@ -3,7 +3,8 @@
 -- throughput, and GPU-seconds (wall time x the GPUs behind the endpoints; 0 = not given).
 -- requests .. completion_tokens are what the stage's last run did (a resumed or retried stage
 -- counts only what it sent then); table_prompt_tokens / table_completion_tokens are the usage
--- of every answer in the finished table, from the cache or not (the prompt once per row).
+-- of every answer in the finished table, from the cache or not (the prompt once per row when
+-- the server honours n, once per sample when a row's K samples are K requests).
 -- Usage: ifloom sql --run runs/NAME -f sql/llm_accounting.sql --param gpus=8
 WITH c AS (
   SELECT stage,

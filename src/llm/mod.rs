@@ -1633,13 +1633,14 @@ impl LlmStage {
             })
             .collect();
         // What the finished table's answers cost, whether sent now or by an earlier run (the
-        // cache keeps each answer's usage): completion tokens of every answer, the prompt once
-        // per row (a server given n: K reads it once).
+        // cache keeps each answer's usage): completion tokens of every answer; the prompt once
+        // per row where the server reads it once for n: K, else once per sample (K requests).
+        let once_per_row = sh.pool.profile().honours_n();
         let (mut prompt, mut completion) = (0u64, 0u64);
         for samples in &outcomes {
             let answers = samples.iter().filter_map(|o| o.response.as_ref().ok());
             for (i, (r, _)) in answers.enumerate() {
-                if i == 0 {
+                if i == 0 || !once_per_row {
                     prompt += r.prompt_tokens.max(0) as u64;
                 }
                 completion += r.completion_tokens.max(0) as u64;

@@ -849,6 +849,19 @@ fn table_token_counters_are_the_same_for_a_run_answered_from_the_cache() {
             a["table_completion_tokens"].to_string()
         ]]
     );
+    // Where K samples are K requests (llama-cpp), each reads the prompt: the table's prompt
+    // tokens are counted per sample, as the requests were.
+    let p = pipeline(
+        tmp.path(),
+        &numbered(0..5),
+        &chat_stage(&sim.url, "    samples: 2\n    profile: llama-cpp\n"),
+    );
+    let third = tmp.path().join("run3");
+    run_llm_ok(tmp.path(), &p, &third, &tmp.path().join("other.sqlite"));
+    let c = counters(&third);
+    assert_eq!(c["requests"], 10);
+    assert_eq!(c["table_prompt_tokens"], c["prompt_tokens"]);
+    assert_eq!(c["table_completion_tokens"], c["completion_tokens"]);
 }
 
 #[test]
