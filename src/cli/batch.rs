@@ -321,7 +321,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
 /// or without a body), a status other than 200 with the body's error message, or a 200 body
 /// that is not a completion.
 fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Completion, String> {
-    if is_error(&v["error"]) {
+    if client::is_error(&v["error"]) {
         return Err(format!("batch error: {}", error_message(&v["error"])));
     }
     let resp = &v["response"];
@@ -336,9 +336,9 @@ fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Compl
     };
     let body = &resp["body"];
     if status != 200 {
-        let why = if is_error(&body["error"]) {
+        let why = if client::is_error(&body["error"]) {
             error_message(&body["error"])
-        } else if body.get("message").is_some_and(is_error) {
+        } else if body.get("message").is_some_and(client::is_error) {
             // vLLM's older error body: `{"object": "error", "message": ...}`.
             error_message(body)
         } else if body.is_null() {
@@ -352,16 +352,6 @@ fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Compl
         return Err(format!("HTTP {status}: {why}"));
     }
     client::parse_completion(body.to_string().as_bytes(), 1)
-}
-
-/// Whether an `error` value says something: `null`, `""` and `{}` do not.
-fn is_error(e: &serde_json::Value) -> bool {
-    match e {
-        serde_json::Value::Null => false,
-        serde_json::Value::String(s) => !s.is_empty(),
-        serde_json::Value::Object(m) => !m.is_empty(),
-        _ => true,
-    }
 }
 
 /// The message of an error value: its `message` (or that of an `error` inside it, as vLLM

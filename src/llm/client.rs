@@ -414,9 +414,7 @@ impl Pool {
                 );
                 let ep = &self.endpoints[i];
                 ep.consecutive_failures.store(TRIP_AFTER, Ordering::Release);
-                if let Ok(mut d) = ep.down_until.lock() {
-                    *d = Some(Instant::now() + Duration::from_secs_f64(self.group.bench_s));
-                }
+                self.bench(ep);
                 if let Ok(mut l) = ep.last_error.lock() {
                     *l = Some(why);
                 }
@@ -567,10 +565,8 @@ impl Pool {
         } else {
             let n = ep.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
             // A failed probe benches the endpoint again at once.
-            if (n >= TRIP_AFTER || probe)
-                && let Ok(mut d) = ep.down_until.lock()
-            {
-                *d = Some(Instant::now() + Duration::from_secs_f64(self.group.bench_s));
+            if n >= TRIP_AFTER || probe {
+                self.bench(ep);
             }
         }
         if self.group.adaptive && self.adapt(ep, overload) {
@@ -578,6 +574,13 @@ impl Pool {
             self.notify.notify_waiters();
         } else {
             self.notify.notify_one();
+        }
+    }
+
+    /// Stop feeding `ep` for `bench_s`; after that it gets one probe at a time.
+    fn bench(&self, ep: &Endpoint) {
+        if let Ok(mut d) = ep.down_until.lock() {
+            *d = Some(Instant::now() + Duration::from_secs_f64(self.group.bench_s));
         }
     }
 
@@ -625,23 +628,17 @@ impl Pool {
     ) -> Result<Completion, CallError> {
         let mut attempt = 0u32;
         loop {
-            // A stopping stage finishes what is on the wire but starts no retry.
-            if attempt > 0 && stopped() {
-                return Err(stopped_error("before this request's retry"));
-            }
-            if let Some(m) = self.fatal.get() {
-                return Err(CallError::Abort(m.clone()));
+            // A stopping stage finishes what is on the wire but starts no retry; after an
+            // answer that stops the stage (`fatal`) nothing more is sent.
+            if (attempt > 0 && stopped()) || self.fatal.get().is_some() {
+                return Err(self.stop_error("before this request's retry"));
             }
             let (i, probe) = self.acquire().await?;
             // Checked again after the wait for a slot: a stage stopped by Ctrl-C sends
             // nothing more, however many requests were queued for slots.
-            if stopped() {
+            if stopped() || self.fatal.get().is_some() {
                 self.unclaim(i, probe);
-                return Err(stopped_error("before this request was sent"));
-            }
-            if let Some(m) = self.fatal.get() {
-                self.unclaim(i, probe);
-                return Err(CallError::Abort(m.clone()));
+                return Err(self.stop_error("before this request was sent"));
             }
             let started = Instant::now();
             // Raced against the end of the Ctrl-C grace period. Registered before the flag is
@@ -660,7 +657,7 @@ impl Pool {
             };
             let Some(result) = result else {
                 self.unclaim(i, probe);
-                return Err(stopped_error("before this request was answered"));
+                return Err(self.stop_error("before this request was answered"));
             };
             match result {
                 Attempt::Ok(mut c) => {
@@ -707,7 +704,7 @@ impl Pool {
                     if probe && unreachable {
                         let wait = Duration::from_millis(self.group.backoff_ms);
                         if !self.pause(wait, &stopped).await {
-                            return Err(stopped_error("before this request's retry"));
+                            return Err(self.stop_error("before this request's retry"));
                         }
                         continue;
                     }
@@ -749,9 +746,6 @@ impl Pool {
                     if !self.pause(wait, &stopped).await {
                         return Err(self.stop_error("before this request's retry"));
                     }
-                    if let Some(m) = self.fatal.get() {
-                        return Err(CallError::Abort(m.clone()));
-                    }
                     // Counted once it is sent (a retry cancelled by a stop is none).
                     self.retries.fetch_add(1, Ordering::Relaxed);
                     attempt += 1;
@@ -773,7 +767,9 @@ impl Pool {
                 return false;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(until) => return !stopped(),
+                _ = tokio::time::sleep_until(until) => {
+                    return !stopped() && self.fatal.get().is_none();
+                }
                 _ = wake => {}
             }
         }
@@ -819,27 +815,9 @@ impl Pool {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(retry_after);
-        // What the body is when it is not JSON although it parses as nothing else: a server
-        // that compresses or streams without being asked (said in the row's reason).
-        let header = |h: reqwest::header::HeaderName| {
-            headers
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_ascii_lowercase)
-        };
-        let unasked = match (
-            header(reqwest::header::CONTENT_ENCODING),
-            header(reqwest::header::CONTENT_TYPE),
-        ) {
-            (Some(enc), _) if enc != "identity" => Some(format!(
-                "the server sent a `{enc}`-encoded body, which ifloom does not ask for"
-            )),
-            (_, Some(t)) if t.starts_with("text/event-stream") => Some(
-                "the server streamed its answer (text/event-stream) although `stream` was not asked"
-                    .to_string(),
-            ),
-            _ => None,
-        };
+        // Kept (refcounted, no copy) to name a body that does not parse: see `unasked`.
+        let encoding = headers.get(reqwest::header::CONTENT_ENCODING).cloned();
+        let content_type = headers.get(reqwest::header::CONTENT_TYPE).cloned();
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -901,7 +879,7 @@ impl Pool {
         match parse_body(&bytes, n) {
             Ok(c) => Attempt::Ok(c),
             // As the status it names: a 429 is a live server asking for patience.
-            Err(e) if e.retry => Attempt::Retry {
+            Err(e) if e.retry() => Attempt::Retry {
                 message: e.message,
                 after: retry_after,
                 overload: matches!(e.code, Some(429 | 503)),
@@ -910,7 +888,7 @@ impl Pool {
                 raw: Some(bytes),
             },
             Err(e) => Attempt::Fatal {
-                message: match unasked {
+                message: match unasked(encoding.as_ref(), content_type.as_ref()) {
                     Some(why) => format!("{why} ({})", e.message),
                     None => e.message,
                 },
@@ -933,6 +911,27 @@ fn retry_after(v: &str) -> Option<Duration> {
             .unwrap_or(Duration::ZERO),
     };
     Some(d.min(Duration::from_secs(3600)))
+}
+
+/// What a body that does not parse is, when its headers say: a server that compresses or
+/// streams without being asked (said in the row's reason). Only looked at on that error path.
+fn unasked(
+    encoding: Option<&reqwest::header::HeaderValue>,
+    content_type: Option<&reqwest::header::HeaderValue>,
+) -> Option<String> {
+    let lower = |v: Option<&reqwest::header::HeaderValue>| {
+        v.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase)
+    };
+    match (lower(encoding), lower(content_type)) {
+        (Some(enc), _) if enc != "identity" => Some(format!(
+            "the server sent a `{enc}`-encoded body, which ifloom does not ask for"
+        )),
+        (_, Some(t)) if t.starts_with("text/event-stream") => Some(
+            "the server streamed its answer (text/event-stream) although `stream` was not asked"
+                .to_string(),
+        ),
+        _ => None,
+    }
 }
 
 impl Pool {
@@ -988,18 +987,35 @@ pub fn parse_completion(bytes: &[u8], n: u32) -> Result<Completion, String> {
 #[derive(Debug)]
 pub struct BodyError {
     pub message: String,
-    pub retry: bool,
     /// The status an error object names (`code`), when it names one.
     pub code: Option<u64>,
+}
+
+impl BodyError {
+    /// Worth asking again: the error object names a 408, 429 or 5xx.
+    pub fn retry(&self) -> bool {
+        self.code
+            .is_some_and(|c| c == 408 || c == 429 || (500..600).contains(&c))
+    }
 }
 
 impl From<String> for BodyError {
     fn from(message: String) -> Self {
         BodyError {
             message,
-            retry: false,
             code: None,
         }
+    }
+}
+
+/// Whether an `error` value says something: `null`, `""` and `{}` do not (servers and
+/// batch results send those beside a proper answer).
+pub fn is_error(e: &serde_json::Value) -> bool {
+    match e {
+        serde_json::Value::Null => false,
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Object(m) => !m.is_empty(),
+        _ => true,
     }
 }
 
@@ -1025,12 +1041,7 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
         _ => format!("response is not valid JSON: {e}"),
     })?;
     // `"error": null`, `""` or `{}` beside the choices is no error.
-    if let Some(err) = v.error.filter(|e| match e {
-        serde_json::Value::Null => false,
-        serde_json::Value::String(s) => !s.is_empty(),
-        serde_json::Value::Object(m) => !m.is_empty(),
-        _ => true,
-    }) {
+    if let Some(err) = v.error.filter(is_error) {
         let code = err.get("code").and_then(|c| match c {
             serde_json::Value::Number(n) => n.as_u64(),
             serde_json::Value::String(s) => s.parse().ok(),
@@ -1041,7 +1052,6 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
                 "server returned an error object: {}",
                 snippet(err.to_string().as_bytes())
             ),
-            retry: code.is_some_and(|c| c == 408 || c == 429 || (500..600).contains(&c)),
             code,
         });
     }
@@ -1062,13 +1072,15 @@ pub fn parse_body(bytes: &[u8], n: u32) -> Result<Completion, BodyError> {
     }
     // Choices in the order of their `index` when each has its own (servers are free to send
     // them in any order); otherwise in the order sent.
-    let mut order: Vec<Option<i64>> = choices
-        .iter()
-        .map(|c| c.0.as_ref().and_then(|c| c.index))
-        .collect();
-    order.sort_unstable();
-    if order.iter().enumerate().all(|(i, x)| *x == Some(i as i64)) {
-        choices.sort_by_key(|c| c.0.as_ref().and_then(|c| c.index));
+    if choices.len() > 1 {
+        let mut order: Vec<Option<i64>> = choices
+            .iter()
+            .map(|c| c.0.as_ref().and_then(|c| c.index))
+            .collect();
+        order.sort_unstable();
+        if order.iter().enumerate().all(|(i, x)| *x == Some(i as i64)) {
+            choices.sort_by_key(|c| c.0.as_ref().and_then(|c| c.index));
+        }
     }
     let out = choices
         .into_iter()
@@ -1569,12 +1581,12 @@ mod tests {
         let empty = br#"{"error":{},"choices":[{"message":{"content":"a"}}]}"#;
         assert!(parse_completion(empty, 1).is_ok());
         let busy = br#"{"error":{"code":503,"message":"upstream overloaded"}}"#;
-        assert!(parse_body(busy, 1).unwrap_err().retry);
+        assert!(parse_body(busy, 1).unwrap_err().retry());
         let busy = br#"{"error":{"code":"429","message":"slow down"}}"#;
         let e = parse_body(busy, 1).unwrap_err();
-        assert!(e.retry && e.code == Some(429));
+        assert!(e.retry() && e.code == Some(429));
         let bad = br#"{"error":{"code":400,"message":"bad"}}"#;
-        assert!(!parse_body(bad, 1).unwrap_err().retry);
+        assert!(!parse_body(bad, 1).unwrap_err().retry());
         // The profile hint only where it helps: n > 1 answered with one choice.
         let one = br#"{"choices":[{"message":{"content":"a"}}]}"#;
         assert!(
