@@ -133,6 +133,11 @@ type Unit = (Vec<String>, Canonical, Answer, u64, Budget);
 /// one budget, like the single `n: K` request they stand for.
 type Budget = Arc<std::sync::atomic::AtomicU32>;
 
+/// A fresh budget: the pool's `max_retries`.
+fn budget(pool: &Pool) -> Budget {
+    Budget::new(pool.max_retries().into())
+}
+
 /// One pass over a chunk's pending samples: rendered, looked up in the cache, and the misses
 /// being sent by a task on the runtime.
 struct Round {
@@ -437,6 +442,30 @@ impl LlmStage {
     }
 
     /// The params that may come from a column per row, by name.
+    /// Whether template `i` is the completions API's `prompt` (pushed after the messages).
+    fn is_prompt(&self, i: usize) -> bool {
+        self.api == Api::Completions && i + 1 == self.templates.len()
+    }
+
+    /// The file template `i` was read from, if it was.
+    fn template_file(&self, i: usize) -> Option<&str> {
+        self.messages.get(i).and_then(|m| m.file.as_deref())
+    }
+
+    /// Where template `i` is written in the pipeline file, for errors about it: `prompt`, or
+    /// the message's inline `content` or its `file`.
+    fn template_path(&self, i: usize) -> Vec<String> {
+        if self.is_prompt(i) {
+            return vec!["prompt".into()];
+        }
+        let key = if self.template_file(i).is_some() {
+            "file"
+        } else {
+            "content"
+        };
+        vec!["messages".into(), i.to_string(), key.into()]
+    }
+
     fn column_params(&self) -> [(&'static str, &Option<ParamValue>, ParamKind); 7] {
         use ParamKind::*;
         [
@@ -795,20 +824,13 @@ impl Stage for LlmStage {
             };
             let detail = e.detail().unwrap_or("invalid syntax");
             let line = e.line().map(|l| format!(", line {l}")).unwrap_or_default();
-            let file = self.messages.get(i).and_then(|m| m.file.as_deref());
-            let (path, msg): (Vec<String>, String) = match (self.api, file) {
-                (Api::Completions, _) if i + 1 == self.templates.len() => (
-                    vec!["prompt".into()],
-                    format!("template syntax error (prompt{line}): {detail}"),
-                ),
-                (_, Some(f)) => (
-                    vec!["messages".into(), i.to_string(), "file".into()],
-                    format!("template syntax error in {f}{line}: {detail}"),
-                ),
-                (_, None) => (
-                    vec!["messages".into(), i.to_string(), "content".into()],
-                    format!("template syntax error (message {}{line}): {detail}", i + 1),
-                ),
+            let path = self.template_path(i);
+            let msg = match (self.is_prompt(i), self.template_file(i)) {
+                (true, _) => format!("template syntax error (prompt{line}): {detail}"),
+                (_, Some(f)) => format!("template syntax error in {f}{line}: {detail}"),
+                (_, None) => {
+                    format!("template syntax error (message {}{line}): {detail}", i + 1)
+                }
             };
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             errs.push(
@@ -923,17 +945,7 @@ impl Stage for LlmStage {
             let Ok(t) = env.get_template(&format!("m{i}")) else {
                 continue;
             };
-            // Point at the template itself: the inline content or the file name.
-            let path: Vec<String> = if self.api == Api::Completions {
-                vec!["prompt".into()]
-            } else {
-                let key = if self.messages.get(i).is_some_and(|m| m.file.is_some()) {
-                    "file"
-                } else {
-                    "content"
-                };
-                vec!["messages".into(), i.to_string(), key.into()]
-            };
+            let path = self.template_path(i);
             let p: Vec<&str> = path.iter().map(String::as_str).collect();
             // minijinja looks filters and tests up only when it renders: every row would fail.
             for (kind, name) in unknown_filters_and_tests(&env, &self.templates[i].1) {
@@ -949,9 +961,7 @@ impl Stage for LlmStage {
                 if !cols.contains(&v.as_str()) {
                     // In a template file, also the line that uses it (the first one).
                     let at_line = self
-                        .messages
-                        .get(i)
-                        .and_then(|m| m.file.as_deref())
+                        .template_file(i)
                         .and_then(|f| {
                             let re =
                                 regex::Regex::new(&format!(r"\b{}\b", regex::escape(&v))).ok()?;
@@ -1397,8 +1407,6 @@ impl LlmStage {
         // Work units: the K samples of a row as one request with `n: K` where the server
         // honours `n` (vLLM, OpenAI) and none of them is cached; otherwise one request per
         // sample, each with its own seed. Every choice is cached under its sample's id.
-        let max_retries = sh.pool.max_retries();
-        let budget = || Budget::new(max_retries.into());
         let mut units: Vec<(Vec<String>, Canonical, u64, Budget)> = Vec::new();
         if profile.honours_n() && self.samples > 1 {
             let mut by_row: BTreeMap<(usize, u32), Vec<(usize, String)>> = BTreeMap::new();
@@ -1421,7 +1429,7 @@ impl LlmStage {
                     for id in &group[1..] {
                         weight += misses.remove(id).map_or(0, |(_, w, _)| w);
                     }
-                    units.push((group, base, weight, budget()));
+                    units.push((group, base, weight, budget(&sh.pool)));
                 }
             }
         }
@@ -1429,7 +1437,10 @@ impl LlmStage {
         // row's).
         let mut row_budgets: HashMap<usize, Budget> = HashMap::new();
         units.extend(misses.into_iter().map(|(id, (c, w, r))| {
-            let b = row_budgets.entry(r).or_insert_with(budget).clone();
+            let b = row_budgets
+                .entry(r)
+                .or_insert_with(|| budget(&sh.pool))
+                .clone();
             (vec![id], c, w, b)
         }));
         tracing::debug!(
@@ -1951,8 +1962,8 @@ async fn send_units(
             let got = match answer {
                 Some(r) => vec![(id, r)],
                 None => {
-                    let budget = Budget::new(sh.pool.max_retries().into());
-                    send_unit(vec![id], c, profile, sh, budget).await
+                    let b = budget(&sh.pool);
+                    send_unit(vec![id], c, profile, sh, b).await
                 }
             };
             counters.done.fetch_add(w, Ordering::Relaxed);
@@ -2221,8 +2232,6 @@ impl LlmStage {
     }
 }
 
-/// Every distinct request id a stage would send for its input, for `--dry-run` and batch
-/// export: (id, canonical request).
 /// What is wrong with a JSON Schema at `path`, in the parts servers act on (`type`,
 /// `properties`, `required`, `items`, `enum`, the combinators): a schema a server rejects
 /// fails every request of the stage, so it is found at validate time instead.
@@ -2410,6 +2419,8 @@ fn unknown_filters_and_tests(
     out
 }
 
+/// Every distinct request id a stage would send for its input, for `--dry-run` and batch
+/// export: (id, canonical request).
 pub fn plan_requests(
     stage: &LlmStage,
     rows: &[serde_json::Value],
