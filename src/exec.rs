@@ -36,25 +36,17 @@ pub struct RunReport {
 pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Result<RunReport> {
     let _lock = dir.lock()?;
     dir.clean_temporaries();
-    for f in &opts.force {
-        if !plan.order.contains(f) {
+    // A stage named on the command line must exist (with a "did you mean").
+    let named = opts.force.iter().map(|f| ("--force", f));
+    for (flag, id) in named.chain(opts.until.iter().map(|u| ("--until", u))) {
+        if !plan.order.contains(id) {
             return Err(Error::usage(format!(
-                "--force {f}: the pipeline has no stage or input `{f}`{}",
-                crate::error::did_you_mean(f, plan.order.iter().map(String::as_str))
+                "{flag} {id}: the pipeline has no stage or input `{id}`{}",
+                crate::error::did_you_mean(id, plan.order.iter().map(String::as_str))
                     .map(|h| format!("; {h}"))
                     .unwrap_or_default()
             )));
         }
-    }
-    if let Some(u) = &opts.until
-        && !plan.order.contains(u)
-    {
-        return Err(Error::usage(format!(
-            "--until {u}: the pipeline has no stage or input `{u}`{}",
-            crate::error::did_you_mean(u, plan.order.iter().map(String::as_str))
-                .map(|h| format!("; {h}"))
-                .unwrap_or_default()
-        )));
     }
     let forced: BTreeSet<String> = opts
         .force
@@ -75,7 +67,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
 
     let mut done: HashMap<String, Table> = HashMap::new();
     let mut report = RunReport::default();
-    let mut left_out: Vec<String> = Vec::new();
+    let mut partial = false;
     let mut pending: Vec<String> = match &opts.until {
         Some(u) => {
             let keep = plan.ancestors(u);
@@ -89,7 +81,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                     left.join(", ")
                 );
             }
-            left_out = left;
+            partial = !left.is_empty();
             kept
         }
         None => plan.order.clone(),
@@ -194,7 +186,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
         }
         None => {
             info.status = match &opts.until {
-                Some(u) if !left_out.is_empty() => format!("partial (--until {u})"),
+                Some(u) if partial => format!("partial (--until {u})"),
                 _ => "finished".into(),
             };
             dir.write_info(&info)?;
