@@ -126,7 +126,14 @@ fn pipeline(dir: &Path, name: &str, template: &str) -> PathBuf {
     pipeline_named(dir, name, &rows, &stage)
 }
 
-fn batch(dir: &Path, action: &str, p: &Path, run: &Path, cache: &Path, last: &[&str]) -> Output {
+pub fn batch(
+    dir: &Path,
+    action: &str,
+    p: &Path,
+    run: &Path,
+    cache: &Path,
+    last: &[&str],
+) -> Output {
     let mut args = vec![
         "batch",
         action,

@@ -60,22 +60,7 @@ fn column_set(dir: &Path, run: &Path, q: &str) -> BTreeSet<String> {
 /// `ifloom batch export` of the stage's uncached requests, one JSON value per line.
 fn export(dir: &Path, p: &Path, run: &Path, cache: &Path) -> Vec<Value> {
     let out = dir.join("requests.jsonl");
-    ok(
-        dir,
-        &[
-            "batch",
-            "export",
-            s(p),
-            "--stage",
-            "ask",
-            "--run-dir",
-            s(run),
-            "--cache",
-            s(cache),
-            "-o",
-            s(&out),
-        ],
-    );
+    crate::cache_batch::batch(dir, "export", p, run, cache, &["-o", s(&out)]);
     std::fs::read_to_string(&out)
         .unwrap()
         .lines()
