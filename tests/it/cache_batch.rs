@@ -126,6 +126,7 @@ fn pipeline(dir: &Path, name: &str, template: &str) -> PathBuf {
     pipeline_named(dir, name, &rows, &stage)
 }
 
+/// `ifloom batch ACTION` for stage `ask` with the run dir and cache, then `last`; must succeed.
 pub fn batch(
     dir: &Path,
     action: &str,
