@@ -18,7 +18,8 @@
 //!   with all problems reported together.
 //! - [`input`]: reading Parquet / JSONL / JSON / CSV inputs and giving each row its `_id`.
 //! - [`llm`]: the `llm` stage kind: templates, canonical requests and their ids, the endpoint
-//!   pool (retries, concurrency), the SQLite response cache, and parsing of messy output.
+//!   pool (retries, concurrency) and its HTTP transport, the SQLite response cache, and
+//!   parsing of messy output.
 //! - [`engine`]: the DataFusion session (bounded memory) and the Parquet bridge to Polars.
 //! - [`store`]: the run directory: manifests, atomic stage commits, the run lock.
 //! - [`exec`]: running a plan, reusing stages whose fingerprint has not changed.

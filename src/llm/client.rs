@@ -12,6 +12,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use hyper::header::HeaderValue;
+
+use super::http::{Reply, Target, Transport};
 use super::request::{Api, Profile};
 
 /// Twice vLLM's long-standing default `max_num_seqs` (256): the requests beyond the server's
@@ -183,10 +186,11 @@ enum Attempt {
 
 struct Endpoint {
     url: String,
-    /// `{url}/{api.path()}` for each of [`Api::ALL`], parsed once: reqwest parses a string URL
-    /// on every request (~3% of a sending run's CPU). `None` when it does not parse; the
-    /// request then fails with reqwest's own message.
-    api_urls: [Option<reqwest::Url>; 2],
+    /// `{url}/{api.path()}` for each of [`Api::ALL`], parsed once: parsing a string URL on
+    /// every request cost ~3% of a sending run's CPU.
+    targets: [Target; 2],
+    /// `{url}/models`, for the endpoint check.
+    models: Target,
     outstanding: AtomicUsize,
     /// Current in-flight limit (changes only in adaptive mode).
     limit: AtomicUsize,
@@ -208,8 +212,9 @@ const LONG_WAIT: Duration = Duration::from_secs(30);
 pub struct Pool {
     group: EndpointGroup,
     endpoints: Vec<Endpoint>,
-    http: reqwest::Client,
-    api_key: Option<String>,
+    http: Transport,
+    /// The `Authorization` header (sensitive: never in debug output).
+    auth: Option<HeaderValue>,
     notify: Notify,
     /// Requests wait for a slot in arrival order (tokio's Mutex is FIFO). Without it a
     /// request woken for a freed slot could lose it to one that just arrived and go to the
@@ -222,7 +227,8 @@ pub struct Pool {
     fatal: std::sync::OnceLock<String>,
     /// A long Retry-After was announced already.
     said_long_wait: AtomicBool,
-    /// `api_key_env` names a variable that is not set: why nothing can be sent.
+    /// `api_key_env` names a variable that is not set, or holds what cannot be a header:
+    /// why nothing can be sent.
     missing_key: Option<String>,
     /// A request of the stage has succeeded (a 403 or 404 after that is the request's own).
     answered: AtomicBool,
@@ -258,9 +264,17 @@ impl Pool {
         // A missing key matters only when something is sent: a stage answered from the cache,
         // a dry run and `batch export` need none. The endpoint check, which comes before the
         // first request, says so.
-        let (api_key, missing_key) = match &group.api_key_env {
+        let (auth, missing_key) = match &group.api_key_env {
             Some(var) => match std::env::var(var) {
-                Ok(k) => (Some(k), None),
+                Ok(k) => match super::http::bearer(k.trim()) {
+                    Some(h) => (Some(h), None),
+                    None => (
+                        None,
+                        Some(format!(
+                            "environment variable `{var}` (api_key_env) holds a line break or another character an HTTP header cannot carry: export the key alone"
+                        )),
+                    ),
+                },
                 Err(_) => (
                     None,
                     Some(format!(
@@ -270,22 +284,11 @@ impl Pool {
             },
             None => (None, None),
         };
-        let mut http = reqwest::Client::builder()
-            .pool_max_idle_per_host(group.max_in_flight.max(8))
-            .tcp_nodelay(true);
-        if group
+        let tls = group
             .urls
             .iter()
-            .all(|u| u.trim_start().to_ascii_lowercase().starts_with("http://"))
-        {
-            // Plain HTTP only (vLLM on a cluster's network): skip loading the platform's
-            // root certificates, which read every file under /etc/ssl/certs (measured:
-            // ~0.2 s before each LLM stage's first request).
-            http = http.tls_certs_only([]);
-        }
-        let http = http
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .any(|u| !u.trim_start().starts_with("http://"));
+        let http = Transport::new(group.max_in_flight.max(8), tls)?;
         // Adaptive mode starts at one window (32): starting at 8 took four round trips for
         // the first window alone (measured: 0.75 of the simulator's capacity at 10k requests,
         // most of it lost in the first half second).
@@ -300,8 +303,8 @@ impl Pool {
             .map(|u| u.trim_end_matches('/'))
             .map(|u| Endpoint {
                 url: u.to_string(),
-                api_urls: Api::ALL
-                    .map(|api| reqwest::Url::parse(&format!("{u}/{}", api.path())).ok()),
+                targets: Api::ALL.map(|api| Target::new(&format!("{u}/{}", api.path()))),
+                models: Target::new(&format!("{u}/models")),
                 outstanding: AtomicUsize::new(0),
                 limit: AtomicUsize::new(start.max(1)),
                 aimd: Mutex::new(Window {
@@ -319,7 +322,7 @@ impl Pool {
             group: group.clone(),
             endpoints,
             http,
-            api_key,
+            auth,
             notify: Notify::new(),
             line: tokio::sync::Mutex::new(()),
             all_down_since: Mutex::new(None),
@@ -360,31 +363,26 @@ impl Pool {
         let mut problems = Vec::new();
         let mut down = Vec::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
-            let mut req = self
+            let answer = self
                 .http
-                .get(format!("{}/models", ep.url))
-                .timeout(Duration::from_secs(10));
-            if let Some(k) = &self.api_key {
-                req = req.bearer_auth(k);
-            }
-            match req.send().await {
-                Err(e) => down.push((i, short_err(&e))),
-                Ok(r) if !r.status().is_success() => {
-                    let hint = if r.status() == reqwest::StatusCode::NOT_FOUND
-                        && !ep.url.ends_with("/v1")
-                    {
-                        " (an OpenAI-compatible base URL usually ends in /v1)"
-                    } else {
-                        ""
-                    };
+                .get(&ep.models, self.auth.as_ref(), Duration::from_secs(10))
+                .await;
+            match answer {
+                Err(e) => down.push((i, e.message)),
+                Ok(r) if !r.status.is_success() => {
+                    let hint =
+                        if r.status == hyper::StatusCode::NOT_FOUND && !ep.url.ends_with("/v1") {
+                            " (an OpenAI-compatible base URL usually ends in /v1)"
+                        } else {
+                            ""
+                        };
                     problems.push(format!(
                         "{} answered {} to GET /models{hint}",
-                        ep.url,
-                        r.status()
+                        ep.url, r.status
                     ))
                 }
                 Ok(r) => {
-                    let v: serde_json::Value = r.json().await.unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
                     let ids: Vec<String> = v["data"]
                         .as_array()
                         .map(|a| {
@@ -784,53 +782,38 @@ impl Pool {
         n: u32,
     ) -> Attempt {
         let ep = &self.endpoints[i];
-        let req = match &ep.api_urls[api as usize] {
-            Some(url) => self.http.post(url.clone()),
-            None => self.http.post(format!("{}/{}", ep.url, api.path())),
-        };
-        let mut req = req
-            .timeout(Duration::from_secs_f64(self.group.timeout_s))
-            .header("x-ifloom-request-id", request_id)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = match req.send().await {
+        let timeout = Duration::from_secs_f64(self.group.timeout_s);
+        let reply = self
+            .http
+            .post(
+                &ep.targets[api as usize],
+                body,
+                request_id,
+                self.auth.as_ref(),
+                timeout,
+            )
+            .await;
+        let Reply {
+            status,
+            headers,
+            body: bytes,
+        } = match reply {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Retry {
-                    message: short_err(&e),
+                    message: e.message,
                     after: None,
-                    overload: e.is_timeout(),
+                    overload: e.timeout,
                     alive: false,
-                    unreachable: e.is_connect(),
+                    unreachable: e.connect,
                     raw: None,
                 };
             }
         };
-        let status = resp.status();
-        let headers = resp.headers();
         let retry_after = headers
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(retry_after);
-        // Kept (refcounted, no copy) to name a body that does not parse: see `unasked`.
-        let encoding = headers.get(reqwest::header::CONTENT_ENCODING).cloned();
-        let content_type = headers.get(reqwest::header::CONTENT_TYPE).cloned();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return Attempt::Retry {
-                    message: format!("reading the response body: {}", short_err(&e)),
-                    after: None,
-                    overload: e.is_timeout(),
-                    alive: false,
-                    unreachable: false,
-                    raw: None,
-                };
-            }
-        };
         let code = status.as_u16();
         if code == 408 || code == 429 || status.is_server_error() {
             return Attempt::Retry {
@@ -888,7 +871,10 @@ impl Pool {
                 raw: Some(bytes),
             },
             Err(e) => Attempt::Fatal {
-                message: match unasked(encoding.as_ref(), content_type.as_ref()) {
+                message: match unasked(
+                    headers.get(hyper::header::CONTENT_ENCODING),
+                    headers.get(hyper::header::CONTENT_TYPE),
+                ) {
                     Some(why) => format!("{why} ({})", e.message),
                     None => e.message,
                 },
@@ -915,13 +901,9 @@ fn retry_after(v: &str) -> Option<Duration> {
 
 /// What a body that does not parse is, when its headers say: a server that compresses or
 /// streams without being asked (said in the row's reason). Only looked at on that error path.
-fn unasked(
-    encoding: Option<&reqwest::header::HeaderValue>,
-    content_type: Option<&reqwest::header::HeaderValue>,
-) -> Option<String> {
-    let lower = |v: Option<&reqwest::header::HeaderValue>| {
-        v.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase)
-    };
+fn unasked(encoding: Option<&HeaderValue>, content_type: Option<&HeaderValue>) -> Option<String> {
+    let lower =
+        |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
     match (lower(encoding), lower(content_type)) {
         (Some(enc), _) if enc != "identity" => Some(format!(
             "the server sent a `{enc}`-encoded body, which ifloom does not ask for"
@@ -951,22 +933,6 @@ fn stopped_error(when: &str) -> CallError {
         CallError::Abort(super::INTERRUPTED_MSG.into())
     } else {
         CallError::Abort(format!("the stage stopped {when}"))
-    }
-}
-
-fn short_err(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "connection refused or unreachable".into()
-    } else {
-        let mut s = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(inner) = src {
-            s.push_str(&format!(": {inner}"));
-            src = inner.source();
-        }
-        s
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod http;
 pub mod parse;
 pub mod request;
 

@@ -572,14 +572,24 @@ fn stop_sequences_come_from_a_string_or_list_column() {
 /// every POST with `answer(request body)`: a status and an `application/json` body (raw bytes,
 /// so it can send what no JSON library would write). One request per connection.
 fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> String {
+    raw_server_seeing(|_| {}, answer)
+}
+
+/// [`raw_server`], also handing `seen` the head (request line and header lines, as sent) of
+/// every request, GET /models included.
+fn raw_server_seeing(
+    seen: impl Fn(&str) + Send + Sync + 'static,
+    answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static,
+) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
+    let seen = std::sync::Arc::new(seen);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let answer = answer.clone();
+            let (answer, seen) = (answer.clone(), seen.clone());
             // A thread per connection: an answer that takes its time holds up no other.
             std::thread::spawn(move || {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
@@ -587,17 +597,20 @@ fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -
                 if r.read_line(&mut first).is_err() {
                     return;
                 }
+                let mut head = first.clone();
                 loop {
                     let mut h = String::new();
                     if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                         break;
                     }
+                    head.push_str(&h);
                     if let Some((k, v)) = h.split_once(':')
                         && k.eq_ignore_ascii_case("content-length")
                     {
                         len = v.trim().parse().unwrap_or(0);
                     }
                 }
+                seen(&head);
                 let mut body = vec![0; len];
                 let _ = r.read_exact(&mut body);
                 let (status, out) = if first.starts_with("GET") {
@@ -714,6 +727,81 @@ fn a_refused_api_key_stops_the_stage_instead_of_failing_every_row() {
     assert!((1..=4).contains(&sent), "{sent} requests for 40 rows");
     // Nothing was dead-lettered: the stage did not finish.
     assert!(!run.join("stages/ask/manifest.json").exists());
+}
+
+#[test]
+fn the_key_goes_in_a_bearer_header_of_every_request_and_nowhere_else() {
+    // Each request's head, as the server read it off the socket.
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = heads.clone();
+    let url = raw_server_seeing(
+        move |h| log.lock().unwrap().push(h.to_string()),
+        |_| {
+            (
+                200,
+                br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#.to_vec(),
+            )
+        },
+    );
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &numbered(0..6), &chat_stage(&url, ""));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&format!("    endpoints: [\"{url}\"]\n"), "    endpoint: g\n")
+        .replace(
+            "inputs:",
+            &format!("endpoints:\n  g:\n    urls: [\"{url}\"]\n    max_in_flight: 2\n    api_key_env: IFLOOM_TEST_KEY\ninputs:"),
+        );
+    std::fs::write(&p, text).unwrap();
+    let run = tmp.path().join("run");
+    // The trailing newline of a key read from a file (`export K=$(cat key)` keeps none, but
+    // an .env loader may) is not part of the key.
+    let o = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"))
+        .env("IFLOOM_TEST_KEY", "sk-ifloom-auth-7f3e\n")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let heads = heads.lock().unwrap().clone();
+    // The endpoint check and the six rows.
+    assert_eq!(heads.len(), 7, "{heads:?}");
+    assert!(heads[0].starts_with("GET /v1/models "), "{}", heads[0]);
+    for h in &heads {
+        let auth: Vec<&str> = h
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+            .collect();
+        assert_eq!(auth.len(), 1, "{h}");
+        assert_eq!(
+            auth[0].split_once(':').unwrap().1.trim(),
+            "Bearer sk-ifloom-auth-7f3e"
+        );
+    }
+    for h in &heads[1..] {
+        assert!(h.starts_with("POST /v1/chat/completions "), "{h}");
+        let lower = h.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\ncontent-type: application/json\r\n"),
+            "{h}"
+        );
+        assert!(lower.contains("\r\nx-ifloom-request-id: "), "{h}");
+    }
+    // A key that no header can carry: said before anything is sent, without the key.
+    let o = run_cmd(
+        tmp.path(),
+        &p,
+        &tmp.path().join("run2"),
+        &tmp.path().join("c2.sqlite"),
+    )
+    .env("IFLOOM_TEST_KEY", "sk-ifloom-\u{1}-bad")
+    .output()
+    .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("environment variable `IFLOOM_TEST_KEY` (api_key_env) holds a line break or another character an HTTP header cannot carry"),
+        "{e}"
+    );
+    assert!(!e.contains("sk-ifloom-"), "{e}");
 }
 
 #[test]
