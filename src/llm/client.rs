@@ -284,11 +284,6 @@ impl Pool {
             },
             None => (None, None),
         };
-        let tls = group
-            .urls
-            .iter()
-            .any(|u| !u.trim_start().starts_with("http://"));
-        let http = Transport::new(group.max_in_flight.max(8), tls)?;
         // Adaptive mode starts at one window (32): starting at 8 took four round trips for
         // the first window alone (measured: 0.75 of the simulator's capacity at 10k requests,
         // most of it lost in the first half second).
@@ -297,7 +292,7 @@ impl Pool {
         } else {
             group.max_in_flight
         };
-        let endpoints = group
+        let endpoints: Vec<Endpoint> = group
             .urls
             .iter()
             .map(|u| u.trim_end_matches('/'))
@@ -318,6 +313,9 @@ impl Pool {
                 last_error: Mutex::new(None),
             })
             .collect();
+        // reqwest (and the platform's root certificates) only for https endpoints.
+        let tls = endpoints.iter().any(|e| matches!(e.models, Target::Tls(_)));
+        let http = Transport::new(group.max_in_flight.max(8), tls)?;
         Ok(Pool {
             group: group.clone(),
             endpoints,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
-use hyper::{StatusCode, Uri};
+use hyper::{Method, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
@@ -146,34 +146,8 @@ impl Transport {
         auth: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Result<Reply, HttpError> {
-        match target {
-            Target::Plain(uri) => {
-                let mut req = hyper::Request::post(uri.clone())
-                    .header("x-ifloom-request-id", request_id)
-                    .header(CONTENT_TYPE, "application/json");
-                if let Some(a) = auth {
-                    req = req.header(AUTHORIZATION, a.clone());
-                }
-                let req = req
-                    .body(http_body_util::Full::new(body))
-                    .map_err(|e| HttpError::other(format!("cannot build the request: {e}")))?;
-                self.plain_exchange(req, timeout).await
-            }
-            Target::Tls(url) => {
-                let mut req = self
-                    .tls
-                    .post(url.clone())
-                    .timeout(timeout)
-                    .header("x-ifloom-request-id", request_id)
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body);
-                if let Some(a) = auth {
-                    req = req.header(AUTHORIZATION, a.clone());
-                }
-                tls_exchange(req).await
-            }
-            Target::Bad(m) => Err(HttpError::other(m.clone())),
-        }
+        self.send(Method::POST, target, body, Some(request_id), auth, timeout)
+            .await
     }
 
     /// GET (the endpoint check's `/models`).
@@ -183,19 +157,44 @@ impl Transport {
         auth: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Result<Reply, HttpError> {
+        self.send(Method::GET, target, Bytes::new(), None, auth, timeout)
+            .await
+    }
+
+    /// One request by either path. A request with an id carries a JSON body.
+    async fn send(
+        &self,
+        method: Method,
+        target: &Target,
+        body: Bytes,
+        request_id: Option<&str>,
+        auth: Option<&HeaderValue>,
+        timeout: Duration,
+    ) -> Result<Reply, HttpError> {
         match target {
             Target::Plain(uri) => {
-                let mut req = hyper::Request::get(uri.clone());
+                let mut req = hyper::Request::builder().method(method).uri(uri.clone());
+                if let Some(id) = request_id {
+                    req = req
+                        .header("x-ifloom-request-id", id)
+                        .header(CONTENT_TYPE, "application/json");
+                }
                 if let Some(a) = auth {
                     req = req.header(AUTHORIZATION, a.clone());
                 }
                 let req = req
-                    .body(http_body_util::Full::new(Bytes::new()))
+                    .body(http_body_util::Full::new(body))
                     .map_err(|e| HttpError::other(format!("cannot build the request: {e}")))?;
                 self.plain_exchange(req, timeout).await
             }
             Target::Tls(url) => {
-                let mut req = self.tls.get(url.clone()).timeout(timeout);
+                let mut req = self.tls.request(method, url.clone()).timeout(timeout);
+                if let Some(id) = request_id {
+                    req = req
+                        .header("x-ifloom-request-id", id)
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(body);
+                }
                 if let Some(a) = auth {
                     req = req.header(AUTHORIZATION, a.clone());
                 }

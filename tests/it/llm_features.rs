@@ -699,15 +699,7 @@ fn a_refused_api_key_stops_the_stage_instead_of_failing_every_row() {
         )
     });
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &numbered(0..40), &chat_stage(&url, ""));
-    let text = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace(&format!("    endpoints: [\"{url}\"]\n"), "    endpoint: g\n")
-        .replace(
-            "inputs:",
-            &format!("endpoints:\n  g:\n    urls: [\"{url}\"]\n    max_in_flight: 2\n    api_key_env: IFLOOM_TEST_KEY\ninputs:"),
-        );
-    std::fs::write(&p, text).unwrap();
+    let p = keyed_pipeline(tmp.path(), &url, 40);
     let run = tmp.path().join("run");
     let o = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"))
         .env("IFLOOM_TEST_KEY", "sk-wrong")
@@ -729,6 +721,21 @@ fn a_refused_api_key_stops_the_stage_instead_of_failing_every_row() {
     assert!(!run.join("stages/ask/manifest.json").exists());
 }
 
+/// A chat stage over `rows` numbered questions, sent to `url` through an endpoint group
+/// (`g`, 2 in flight) whose key is in `IFLOOM_TEST_KEY`.
+fn keyed_pipeline(dir: &Path, url: &str, rows: usize) -> PathBuf {
+    let p = pipeline(dir, &numbered(0..rows), &chat_stage(url, ""));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&format!("    endpoints: [\"{url}\"]\n"), "    endpoint: g\n")
+        .replace(
+            "inputs:",
+            &format!("endpoints:\n  g:\n    urls: [\"{url}\"]\n    max_in_flight: 2\n    api_key_env: IFLOOM_TEST_KEY\ninputs:"),
+        );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 #[test]
 fn the_key_goes_in_a_bearer_header_of_every_request_and_nowhere_else() {
     // Each request's head, as the server read it off the socket.
@@ -744,15 +751,7 @@ fn the_key_goes_in_a_bearer_header_of_every_request_and_nowhere_else() {
         },
     );
     let tmp = tempdir();
-    let p = pipeline(tmp.path(), &numbered(0..6), &chat_stage(&url, ""));
-    let text = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace(&format!("    endpoints: [\"{url}\"]\n"), "    endpoint: g\n")
-        .replace(
-            "inputs:",
-            &format!("endpoints:\n  g:\n    urls: [\"{url}\"]\n    max_in_flight: 2\n    api_key_env: IFLOOM_TEST_KEY\ninputs:"),
-        );
-    std::fs::write(&p, text).unwrap();
+    let p = keyed_pipeline(tmp.path(), &url, 6);
     let run = tmp.path().join("run");
     // The trailing newline of a key read from a file (`export K=$(cat key)` keeps none, but
     // an .env loader may) is not part of the key.
