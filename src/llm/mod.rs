@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use futures::StreamExt;
+use futures::FutureExt;
 use parquet::arrow::ArrowWriter;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,12 @@ const MAX_CHUNK_ROWS: usize = 65536;
 /// drain between chunks, and the per-row CPU work overlaps the sending instead of adding to it.
 const PIPELINE_DEPTH: usize = 2;
 
+/// Rows of the stage's table kept in the Parquet writer before they are flushed as a row group.
+const FLUSH_ROWS: usize = 1024;
+
+/// Rows rendered before the first requests go out (later chunks double up to the chunk size).
+const FIRST_CHUNK_ROWS: usize = 64;
+
 /// Responses (or errors) of one round of sends, by request id.
 type Sent = HashMap<String, std::result::Result<CachedResponse, CallError>>;
 
@@ -107,6 +113,37 @@ struct Shared {
     inflight: Arc<std::sync::Mutex<HashMap<u128, Answer>>>,
     /// Wakes the rounds waiting for such answers (rare: one Notify for the stage is enough).
     answered: Arc<tokio::sync::Notify>,
+    /// Request tasks alive at once, across rounds (see [`send_units`]).
+    window: Arc<tokio::sync::Semaphore>,
+    /// Held by a round while it starts its requests, so rounds start theirs in the order the
+    /// rounds began (the lock is fair): requests reach the servers in input order.
+    admission: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The endpoint check (`/models` on every endpoint), started with the stage and awaited before
+/// its first request; dropped (aborted) unawaited when every answer was cached.
+struct EndpointCheck {
+    task: Option<tokio::task::JoinHandle<std::result::Result<(), String>>>,
+}
+
+impl EndpointCheck {
+    fn wait(&mut self, ctx: &RunCtx) -> Result<()> {
+        if let Some(t) = self.task.take() {
+            ctx.engine
+                .block_on(t)
+                .map_err(|e| Error::Internal(format!("endpoint check: {e}")))?
+                .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EndpointCheck {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
 }
 
 /// A request id (32 hex digits) as the 128-bit number it spells: the in-flight map's key, kept
@@ -1098,57 +1135,46 @@ impl Stage for LlmStage {
             )?;
             return Ok(RunOutput::default());
         }
-        let cache = Arc::new(Cache::open(&ctx.engine.cache_path)?);
+        // Checked while the cache opens and the first rows render; awaited before the first
+        // request is sent (`start_round`), never when every answer is cached.
+        let mut healthy = EndpointCheck {
+            task: Some({
+                let (p, model) = (pool.clone(), self.model.clone());
+                ctx.engine
+                    .rt
+                    .spawn(async move { p.health_check(&model).await })
+            }),
+        };
+        // The cache opens (~3 ms for a new one: its file, WAL and table) while the first rows
+        // are read.
+        let opening = {
+            let path = ctx.engine.cache_path.clone();
+            std::thread::spawn(move || Cache::open(&path))
+        };
         let env = self.env().map_err(|e| Error::stage(ctx.id, e))?;
         let renderer = self.renderer(&env).map_err(|e| Error::stage(ctx.id, e))?;
         let counters = Arc::new(Counters::default());
-        tracing::debug!(
-            "{}: client and cache ready at {:.3} s",
-            ctx.id,
-            started.elapsed().as_secs_f64()
-        );
-        let mut healthy = false;
 
         let new_schema = Arc::new(Schema::new(self.new_fields()));
         let mut main_w: Option<ArrowWriter<File>> = None;
         let mut failed_w: Option<ArrowWriter<File>> = None;
 
-        // Progress: a bar on a terminal, plain periodic lines otherwise (CI logs).
-        // Dropping `stop` ends the ticker at once (it used to sleep out its period: up to
-        // 100 ms added to every stage).
-        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
-        let ticker = {
-            let (c, stop, pool, id) = (counters.clone(), stop_rx, pool.clone(), ctx.id.to_string());
-            let total = total_rows * self.samples as u64;
-            std::thread::spawn(move || progress(&id, total, started, &c, &pool, &stop))
-        };
-
         let chunk_rows = (pool.capacity() * 64).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
-        let shared = Shared {
-            pool: pool.clone(),
-            cache: cache.clone(),
-            counters: counters.clone(),
-            model: self.model.as_str().into(),
-            started,
-            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            clamp: self.clamp_max_tokens,
-            inflight: Default::default(),
-            answered: Default::default(),
-        };
         let k = self.samples as usize;
         let context = self.context_columns(&env);
         let mut queue: std::collections::VecDeque<InFlight> = Default::default();
         // Chunks in input order; `None` at the end drains the queue.
-        // The first chunk is one in-flight window and each next one twice the last, up to
-        // `chunk_rows`: requests start after rendering a few hundred rows, not tens of
-        // thousands (measured: ~0.5 s before the first request of a 10k-row stage).
+        // The first chunk is `FIRST_CHUNK_ROWS` and each next one twice the last, up to
+        // `chunk_rows`: requests start after rendering a few dozen rows, not tens of
+        // thousands (measured: ~0.5 s before the first request of a 10k-row stage; 6 ms with
+        // a first chunk of one in-flight window, 512 rows).
         // Towards the end they halve again: the last chunk's responses are parsed and written
         // after the servers finished, so a small last chunk keeps that tail short (measured:
         // 0.4 s for a last chunk of 32768 rows).
         let floor = pool.capacity().clamp(1, chunk_rows);
-        let mut size = floor;
+        let mut size = floor.min(FIRST_CHUNK_ROWS);
         let mut remaining = total_rows as usize;
-        let mut chunks = read_batches(&ctx.parent().files).flat_map(move |b| {
+        let mut chunks = read_input(&ctx.parent().files, size).flat_map(move |b| {
             let mut pieces: Vec<Result<RecordBatch>> = Vec::new();
             match b {
                 Ok(b) => {
@@ -1166,9 +1192,50 @@ impl Stage for LlmStage {
             }
             pieces
         });
+        let mut first = Some(chunks.next().transpose()?);
+        let cache = Arc::new(
+            opening
+                .join()
+                .map_err(|_| Error::Internal("opening the cache panicked".into()))??,
+        );
+        tracing::debug!(
+            "{}: client and cache ready at {:.3} s",
+            ctx.id,
+            started.elapsed().as_secs_f64()
+        );
+        // Progress: a bar on a terminal, plain periodic lines otherwise (CI logs).
+        // Dropping `stop` ends the ticker at once (it used to sleep out its period: up to
+        // 100 ms added to every stage).
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let ticker = {
+            let (c, stop, pool, id) = (counters.clone(), stop_rx, pool.clone(), ctx.id.to_string());
+            let total = total_rows * self.samples as u64;
+            std::thread::spawn(move || progress(&id, total, started, &c, &pool, &stop))
+        };
+
+        let shared = Shared {
+            pool: pool.clone(),
+            cache: cache.clone(),
+            counters: counters.clone(),
+            model: self.model.as_str().into(),
+            started,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            clamp: self.clamp_max_tokens,
+            inflight: Default::default(),
+            answered: Default::default(),
+            // Four times the pool's capacity: a request sleeping out a retry backoff (a 429's
+            // Retry-After is often a whole second) holds no in-flight permit but does hold a
+            // place here; with room for exactly the capacity, 1% faults left ~20% of the
+            // permits unused.
+            window: Arc::new(tokio::sync::Semaphore::new(pool.capacity().max(1) * 4)),
+            admission: Default::default(),
+        };
         let result = (|| -> Result<()> {
             loop {
-                let next = chunks.next().transpose()?;
+                let next = match first.take() {
+                    Some(c) => c,
+                    None => chunks.next().transpose()?,
+                };
                 let end = next.is_none();
                 if let Some(chunk) = next {
                     let rows = context_rows(&chunk, &context)?;
@@ -1236,31 +1303,44 @@ impl Stage for LlmStage {
         drop(shared);
         drop(stop);
         let _ = ticker.join();
-        // Flush the cache even when the stage failed: finished responses must survive.
+        // Flush the cache even when the stage failed: finished responses must survive. The
+        // tables close meanwhile: both are left for after the last response.
         let cache =
             Arc::try_unwrap(cache).map_err(|_| Error::Internal("cache still shared".into()))?;
-        let closed = cache
-            .close()
+        let ok = result.is_ok();
+        let (closed, tables) = std::thread::scope(|s| {
+            let closing = s.spawn(move || cache.close());
+            let tables = (|| -> Result<()> {
+                if !ok {
+                    return Ok(());
+                }
+                if let Some(w) = main_w {
+                    w.close()?;
+                }
+                match failed_w {
+                    Some(w) => {
+                        w.close()?;
+                    }
+                    None => crate::engine::write_empty(
+                        &failed_dir.join("part-00000.parquet"),
+                        &self.failed_schema(&ctx.parent().schema),
+                    )?,
+                }
+                Ok(())
+            })();
+            (closing.join(), tables)
+        });
+        let closed = closed
+            .map_err(|_| Error::Internal("cache writer panicked".into()))?
             .map_err(|e| Error::stage(ctx.id, cache_failed(&e.to_string())));
+        result?;
+        closed?;
+        tables?;
         tracing::debug!(
-            "{}: cache closed at {:.3} s",
+            "{}: tables closed at {:.3} s",
             ctx.id,
             started.elapsed().as_secs_f64()
         );
-        result?;
-        closed?;
-        if let Some(w) = main_w {
-            w.close()?;
-        }
-        match failed_w {
-            Some(w) => {
-                w.close()?;
-            }
-            None => crate::engine::write_empty(
-                &failed_dir.join("part-00000.parquet"),
-                &self.failed_schema(&ctx.parent().schema),
-            )?,
-        }
         let mut out = RunOutput::default();
         let c = &counters;
         for (k, v) in [
@@ -1323,7 +1403,7 @@ impl LlmStage {
         rows: &[serde_json::Value],
         pending: &[(usize, usize, u32)],
         sh: &Shared,
-        healthy: &mut bool,
+        healthy: &mut EndpointCheck,
     ) -> Result<Round> {
         use rayon::prelude::*;
         // A row's samples are adjacent in `pending`: render its messages once for all.
@@ -1382,13 +1462,8 @@ impl LlmStage {
             }
         }
         counters.done.fetch_add(hit_weight, Ordering::Relaxed);
-        if !misses.is_empty() && !*healthy {
-            let model = self.model.clone();
-            let p = sh.pool.clone();
-            ctx.engine
-                .block_on(async move { p.health_check(&model).await })
-                .map_err(|e| Error::stage(ctx.id, format!("endpoint check failed: {e}")))?;
-            *healthy = true;
+        if !misses.is_empty() {
+            healthy.wait(ctx)?;
         }
         // Requests an earlier round is still sending (the previous chunk, or the first ask
         // before a parse retry) are not sent again: they wait for that answer.
@@ -1606,7 +1681,7 @@ impl LlmStage {
         renderer: &Renderer,
         c: InFlight,
         sh: &Shared,
-        healthy: &mut bool,
+        healthy: &mut EndpointCheck,
         new_schema: &SchemaRef,
         main_w: &mut Option<ArrowWriter<File>>,
         failed_w: &mut Option<ArrowWriter<File>>,
@@ -1749,6 +1824,11 @@ impl LlmStage {
             }
         };
         w.write(&out)?;
+        // Encoded and written as the stage goes rather than all at `close`, after the last
+        // response: what is left for then is at most this many rows and the last chunk.
+        if w.in_progress_rows() >= FLUSH_ROWS {
+            w.flush()?;
+        }
         if !failed_take.is_empty() {
             let idx = UInt32Array::from(failed_take);
             let mut cols: Vec<ArrayRef> = chunk
@@ -1896,6 +1976,40 @@ impl LlmStage {
     }
 }
 
+/// The input's batches in order, its first `first` rows as a batch of their own: they are
+/// the first chunk, and decoding a whole 64k-row batch before the first request took ~4 ms
+/// (of a 2 s stage).
+fn read_input(
+    files: &[std::path::PathBuf],
+    first: usize,
+) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    files.iter().enumerate().flat_map(move |(i, p)| {
+        // (offset, limit, batch size) of each reader over this file.
+        let reads = if i == 0 {
+            vec![(0, Some(first), first.max(1)), (first, None, 65536)]
+        } else {
+            vec![(0, None, 65536)]
+        };
+        reads.into_iter().flat_map(move |(offset, limit, batch)| {
+            let reader = File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
+                let mut b = ParquetRecordBatchReaderBuilder::try_new(f)?
+                    .with_batch_size(batch)
+                    .with_offset(offset);
+                if let Some(l) = limit {
+                    b = b.with_limit(l);
+                }
+                Ok(b.build()?)
+            });
+            let it: Box<dyn Iterator<Item = Result<RecordBatch>>> = match reader {
+                Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+            it
+        })
+    })
+}
+
 /// Send one round's work units (a bounded number at once; the pool's own in-flight limits
 /// decide what is on the wire) and cache every choice the moment it arrives.
 ///
@@ -1903,39 +2017,73 @@ impl LlmStage {
 /// body serialization, response parsing and cache hand-off all ran on one worker thread at a
 /// time, and a response that arrived while that task was busy held its in-flight permit until
 /// the task came round to it (measured: the simulator's slots idle ~10% of a 100k-row run).
+///
+/// Rounds start their tasks one round after the other ([`Shared::admission`]) under one window
+/// for the stage ([`Shared::window`]). With a window per round, a later (smaller) chunk's
+/// requests overtook the rest of a big one, so the big chunk finished last and was parsed and
+/// written after the servers were done, with every chunk behind it (measured: 33 ms of a
+/// 2.05 s 10k-row stage after its last response).
 async fn send_units(
     units: Vec<Unit>,
     follow: Vec<(String, Canonical, Answer, u64)>,
     profile: Profile,
     sh: Shared,
 ) -> Sent {
-    // Four times the pool's capacity: a request sleeping out a retry backoff (a 429's
-    // Retry-After is often a whole second) holds no in-flight permit but does hold a place
-    // here; with room for exactly the capacity, 1% faults left ~20% of the permits unused.
-    let cap = sh.pool.capacity().max(1) * 4;
-    let leaders = futures::stream::iter(units.into_iter().map(|(ids, c, slot, weight, budget)| {
-        let task = tokio::spawn(send_unit(ids.clone(), c, profile, sh.clone(), budget));
-        let (done_count, answered) = (sh.counters.clone(), sh.answered.clone());
+    let leaders = {
+        let sh = sh.clone();
         async move {
-            let done = match task.await {
-                Ok(done) => done,
-                // A panic in a request task (a bug): its samples fail like a lost request.
-                Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
-            };
-            // The in-flight map holds the slot once per id, and this task once; more means a
-            // later round waits for this answer (copied only then). A round that takes the
-            // slot after this look finds `None` and sends the request itself.
-            let waited_for = Arc::strong_count(&slot) > done.len() + 1;
-            let _ = slot.set(waited_for.then(|| Arc::new(done.clone())));
-            if waited_for {
-                answered.notify_waiters();
+            let mut tasks = Vec::with_capacity(units.len());
+            let admitted = sh.admission.clone().lock_owned().await;
+            for (ids, c, slot, weight, budget) in units {
+                let Ok(permit) = sh.window.clone().acquire_owned().await else {
+                    break; // never closed
+                };
+                let sh = sh.clone();
+                let keep = ids.clone();
+                tasks.push((
+                    keep,
+                    tokio::spawn(async move {
+                        let done = std::panic::AssertUnwindSafe(send_unit(
+                            ids.clone(),
+                            c,
+                            profile,
+                            sh.clone(),
+                            budget,
+                        ))
+                        .catch_unwind()
+                        .await
+                        // A panic in a request task (a bug): its samples fail like a lost
+                        // request, and a round waiting for them is told.
+                        .unwrap_or_else(|_| {
+                            fail(ids, CallError::Abort("request task panicked".into()))
+                        });
+                        drop(permit);
+                        // The in-flight map holds the slot once per id, and this task once;
+                        // more means a later round waits for this answer (copied only then).
+                        // A round that takes the slot after this look finds `None` and sends
+                        // the request itself.
+                        let waited_for = Arc::strong_count(&slot) > done.len() + 1;
+                        let _ = slot.set(waited_for.then(|| Arc::new(done.clone())));
+                        if waited_for {
+                            sh.answered.notify_waiters();
+                        }
+                        sh.counters.done.fetch_add(weight, Ordering::Relaxed);
+                        done
+                    }),
+                ));
             }
-            done_count.done.fetch_add(weight, Ordering::Relaxed);
-            done
+            drop(admitted);
+            let mut out = Vec::with_capacity(tasks.len());
+            for (ids, task) in tasks {
+                out.push(match task.await {
+                    Ok(done) => done,
+                    // Cancelled (the runtime is shutting down).
+                    Err(e) => fail(ids, CallError::Abort(format!("request task failed: {e}"))),
+                });
+            }
+            out
         }
-    }))
-    .buffer_unordered(cap)
-    .collect::<Vec<_>>();
+    };
     let followers = futures::future::join_all(follow.into_iter().map(|(id, c, slot, w)| {
         let sh = sh.clone();
         async move {
