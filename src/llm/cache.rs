@@ -536,6 +536,44 @@ mod tests {
     }
 
     #[test]
+    fn a_held_write_lock_delays_the_commits_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        Cache::open(&p).unwrap().close().unwrap();
+        // Another process holds the write lock while 5,000 answers arrive (more than one
+        // batch): the writer waits for it (busy timeout) instead of dropping them.
+        let holder = Connection::open(&p).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let c = Cache::open(&p).unwrap();
+        for i in 0..5000 {
+            c.put(
+                format!("{i:032x}"),
+                "m".into(),
+                resp(&format!("answer {i}")),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        holder.execute_batch("ROLLBACK").unwrap();
+        drop(holder);
+        assert_eq!(c.close().unwrap(), 5000);
+        // Closing leaves the newest answers in the WAL beside the file; a new connection
+        // (another process) reads them there.
+        assert!(dir.path().join("c.sqlite-wal").exists());
+        let other = Connection::open(&p).unwrap();
+        let n: i64 = other
+            .query_row("SELECT count(*) FROM responses", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 5000);
+        drop(other);
+        let again = Cache::open(&p).unwrap();
+        let got = again
+            .get_many(&[format!("{:032x}", 4999), format!("{:032x}", 5000)])
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[&format!("{:032x}", 4999)], resp("answer 4999"));
+    }
+
+    #[test]
     fn queued_responses_are_found_before_their_commit() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.sqlite");
