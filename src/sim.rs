@@ -48,7 +48,7 @@
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,6 +69,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::error::{Error, Result};
@@ -113,6 +114,10 @@ pub struct SimConfig {
     pub max_model_len: Option<usize>,
     /// Deterministic answers; the first match wins.
     pub rules: Vec<Rule>,
+    /// Serve https with this certificate chain (PEM, the server's certificate first) ...
+    pub tls_cert: Option<PathBuf>,
+    /// ... and its private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -132,6 +137,8 @@ impl Default for SimConfig {
             max_queue: None,
             max_model_len: None,
             rules: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -174,6 +181,14 @@ impl SimConfig {
         self.compile_rules().map(|_| ())?;
         if self.slots == 0 {
             return Err(Error::usage("simulator: slots must be at least 1"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::usage(
+                "simulator: https needs both tls_cert and tls_key (--tls-cert, --tls-key)",
+            ));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls_config(cert, key)?;
         }
         let rates = [
             ("fault_500", self.fault_500),
@@ -275,6 +290,10 @@ fn canonical_json(v: &Value, out: &mut String) {
 /// process, bind `127.0.0.1:0` and `tokio::spawn(serve(config, listener))`.
 pub async fn serve(config: SimConfig, listener: TcpListener) -> Result<()> {
     config.check()?;
+    let incoming = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => tls_handshakes(listener, tls_config(cert, key)?),
+        _ => Incoming::Plain(listener),
+    };
     let sim = Arc::new(Sim {
         rules: config.compile_rules()?,
         slots: Semaphore::new(config.slots),
@@ -293,7 +312,7 @@ pub async fn serve(config: SimConfig, listener: TcpListener) -> Result<()> {
         .route("/sim/reset", post(reset))
         .with_state(sim);
     axum::serve(
-        SimListener(listener),
+        SimListener(incoming),
         app.into_make_service_with_connect_info::<CutSwitch>(),
     )
     .await
@@ -1003,23 +1022,102 @@ async fn reset(State(sim): State<Arc<Sim>>) -> Response {
 
 /// A TCP listener whose connections can be cut by a handler (the drop fault). axum gives a
 /// handler no access to its socket, so the switch travels as connect info.
-struct SimListener(TcpListener);
+struct SimListener(Incoming);
+
+enum Incoming {
+    Plain(TcpListener),
+    /// Connections whose TLS handshake has finished, from [`tls_handshakes`].
+    Tls(
+        tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+        SocketAddr,
+    ),
+}
 
 impl Listener for SimListener {
     type Io = Conn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Conn, SocketAddr) {
-        // axum's own accept loop for TcpListener, which retries transient errors.
-        let (stream, addr) = Listener::accept(&mut self.0).await;
-        let _ = stream.set_nodelay(true);
         let cut = CutSwitch(Arc::new(AtomicBool::new(false)));
-        (Conn { stream, cut }, addr)
+        match &mut self.0 {
+            Incoming::Plain(l) => {
+                // axum's own accept loop for TcpListener, which retries transient errors.
+                let (stream, addr) = Listener::accept(l).await;
+                let _ = stream.set_nodelay(true);
+                let stream = Stream::Plain(stream);
+                (Conn { stream, cut }, addr)
+            }
+            Incoming::Tls(rx, _) => match rx.recv().await {
+                Some((tls, addr)) => {
+                    let stream = Stream::Tls(Box::new(tls));
+                    (Conn { stream, cut }, addr)
+                }
+                // The handshake task ended (the runtime is shutting down).
+                None => std::future::pending().await,
+            },
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        match &self.0 {
+            Incoming::Plain(l) => l.local_addr(),
+            Incoming::Tls(_, addr) => Ok(*addr),
+        }
     }
+}
+
+/// The server side of `--tls-cert` / `--tls-key`, with the provider reqwest's rustls uses.
+fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &Path, e: String| Error::usage(format!("simulator: {}: {e}", path.display()));
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "holds no PEM certificate".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("TLS set-up: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| bad(cert, e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accept TCP connections and run each TLS handshake in its own task: done in
+/// `Listener::accept`, one slow or broken client would hold up every connection behind it.
+fn tls_handshakes(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let mut listener = listener;
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                got = Listener::accept(&mut listener) => got,
+                // The server is gone (its future dropped): stop accepting.
+                _ = tx.closed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let shake = acceptor.accept(stream);
+                // A failed handshake (a client that does not trust the certificate) is the
+                // client's to report; the server just drops the connection.
+                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), shake).await {
+                    let _ = tx.send((tls, peer)).await;
+                }
+            });
+        }
+    });
+    Incoming::Tls(rx, addr)
 }
 
 #[derive(Clone)]
@@ -1034,8 +1132,53 @@ impl Connected<IncomingStream<'_, SimListener>> for CutSwitch {
 /// Once cut, writes fail and reads see EOF: hyper then gives up on the connection and drops
 /// it, closing the socket before a byte of the response was written.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     cut: CutSwitch,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Conn {
@@ -1123,5 +1266,10 @@ mod tests {
                 .unwrap();
         assert!(two_answers.check().is_err());
         assert!(serde_json::from_str::<SimConfig>(r#"{"slotz": 3}"#).is_err());
+        let half_tls = SimConfig {
+            tls_cert: Some("cert.pem".into()),
+            ..SimConfig::default()
+        };
+        assert!(half_tls.check().is_err());
     }
 }

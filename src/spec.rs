@@ -546,7 +546,7 @@ pub fn load(
                         errs.push(endpoint_error(file, v, e));
                     }
                     let group = match group {
-                        Ok(g) => {
+                        Ok(mut g) => {
                             if g.urls.is_empty() && !bad_fields.iter().any(|f| f == "urls") {
                                 errs.push(
                                     at(v.pos, format!("endpoint group `{name}` has no urls"))
@@ -562,6 +562,19 @@ pub fn load(
                                 }
                                 let pos = v.get(field).map_or(v.pos, |f| f.pos);
                                 errs.push(at(pos, format!("endpoint group `{name}`: {p}")));
+                            }
+                            // Relative to the pipeline file, like its inputs; read now, so a
+                            // wrong path is an error with its line, not a failed stage.
+                            if let Some(p) = &mut g.ca_cert {
+                                let full = dir.join(&*p);
+                                if let Err(e) = crate::llm::http::roots(&full) {
+                                    let pos = v.get("ca_cert").map_or(v.pos, |f| f.pos);
+                                    errs.push(
+                                        at(pos, format!("endpoint group `{name}`: ca_cert: {e}"))
+                                            .hint("give the PEM file of the CA that signed the server's certificate (relative to the pipeline file)"),
+                                    );
+                                }
+                                *p = full.display().to_string();
                             }
                             g
                         }
@@ -632,7 +645,7 @@ pub fn load(
 }
 
 /// The fields of an endpoint group, for hints.
-const ENDPOINT_GROUP_FIELDS: &str = "urls, profile, api_key_env, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s";
+const ENDPOINT_GROUP_FIELDS: &str = "urls, profile, api_key_env, ca_cert, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s";
 
 /// A deserialization error of an endpoint group, with a hint that fits it: the valid values
 /// of an unknown variant, the closest field of an unknown field, else the group's fields.

@@ -59,6 +59,12 @@ pub struct Args {
     /// [default: no limit].
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Serve https with this PEM certificate chain (with --tls-key) [default: plain http].
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Args {
@@ -89,6 +95,10 @@ impl Args {
         if self.max_model_len.is_some() {
             c.max_model_len = self.max_model_len;
         }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert.clone();
+            c.tls_key = self.tls_key.clone();
+        }
         if let Some(path) = &self.rules {
             c.rules = sim::rules_from_file(path)?;
         }
@@ -108,7 +118,12 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
             .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
         // Tests and scripts read the port from this first line, so it must leave at once.
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{addr}/v1");
+        let scheme = if config.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let _ = writeln!(out, "listening on {scheme}://{addr}/v1");
         let _ = out.flush();
         drop(out);
         eprintln!(

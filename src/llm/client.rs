@@ -73,6 +73,10 @@ pub struct EndpointGroup {
     pub backoff_ms: u64,
     #[serde(default = "d_backoff_max")]
     pub backoff_max_ms: u64,
+    /// A PEM file of CA certificates trusted for this group's `https://` URLs besides the
+    /// platform's (a private CA, a self-signed server); relative to the pipeline file.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
     /// Stop the stage (resumably) when every URL has failed for this many seconds.
     #[serde(default = "d_all_down")]
     pub all_down_s: f64,
@@ -88,6 +92,7 @@ impl EndpointGroup {
             urls,
             profile: Profile::default(),
             api_key_env: None,
+            ca_cert: None,
             max_in_flight: d_in_flight(),
             adaptive: false,
             timeout_s: d_timeout(),
@@ -315,7 +320,13 @@ impl Pool {
             .collect();
         // reqwest (and the platform's root certificates) only for https endpoints.
         let tls = endpoints.iter().any(|e| matches!(e.models, Target::Tls(_)));
-        let http = Transport::new(group.max_in_flight.max(8), tls)?;
+        let roots = match &group.ca_cert {
+            Some(p) if tls => {
+                super::http::roots(std::path::Path::new(p)).map_err(|e| format!("ca_cert: {e}"))?
+            }
+            _ => Vec::new(),
+        };
+        let http = Transport::new(group.max_in_flight.max(8), tls, roots)?;
         Ok(Pool {
             group: group.clone(),
             endpoints,

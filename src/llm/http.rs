@@ -49,6 +49,27 @@ impl Target {
     }
 }
 
+/// The CA certificates of a PEM file (`ca_cert`), for https endpoints whose certificate no
+/// platform root vouches for: a private CA, a self-signed vLLM. Read when the pipeline is
+/// validated, so a wrong path is reported with its line, and again when a stage starts.
+pub fn roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        format!(
+            "{} is not a PEM certificate file: {}",
+            path.display(),
+            chain(&e)
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no `-----BEGIN CERTIFICATE-----` block",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// A whole answer: status, headers and the body read to its end.
 pub struct Reply {
     pub status: StatusCode,
@@ -117,8 +138,13 @@ impl Transport {
     /// `idle`: connections kept open per host (the pool's in-flight limit, so a full window
     /// of requests reuses its connections); `tls`: some endpoint is `https://` (loading the
     /// platform's root certificates reads every file under /etc/ssl/certs, ~0.2 s, so it is
-    /// skipped when none is).
-    pub fn new(idle: usize, tls: bool) -> Result<Transport, String> {
+    /// skipped when none is); `roots`: CA certificates trusted besides the platform's
+    /// (`ca_cert`).
+    pub fn new(
+        idle: usize,
+        tls: bool,
+        roots: Vec<reqwest::Certificate>,
+    ) -> Result<Transport, String> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let plain = Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -128,9 +154,11 @@ impl Transport {
         let mut b = reqwest::Client::builder()
             .pool_max_idle_per_host(idle)
             .tcp_nodelay(true);
-        if !tls {
-            b = b.tls_certs_only([]);
-        }
+        b = if tls {
+            b.tls_certs_merge(roots)
+        } else {
+            b.tls_certs_only([])
+        };
         let tls = b
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
@@ -241,7 +269,20 @@ async fn tls_exchange(req: reqwest::RequestBuilder) -> Result<Reply, HttpError> 
         if e.is_timeout() {
             HttpError::timed_out()
         } else if e.is_connect() {
-            HttpError::unreachable()
+            let why = chain(&e);
+            // A refused handshake is a connect error too, and would read as a server that is
+            // down: say what is wrong and what to do.
+            if why.contains("certificate") {
+                HttpError {
+                    message: format!(
+                        "TLS: {why}; a server with a self-signed certificate or one from a private CA needs `ca_cert: <its CA's PEM file>` on its endpoint group"
+                    ),
+                    timeout: false,
+                    connect: true,
+                }
+            } else {
+                HttpError::unreachable()
+            }
         } else if reading {
             HttpError::other(format!("reading the response body: {}", chain(&e)))
         } else {

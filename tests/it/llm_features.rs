@@ -1173,3 +1173,161 @@ fn a_403_after_successes_fails_only_its_row() {
         "{failed:?}"
     );
 }
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with the openssl command
+/// (Debian's `openssl`): `(ca.pem, cert.pem, key.pem)` in `dir`. A self-signed certificate
+/// alone would not do: rustls refuses a CA certificate as a server's own.
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian's openssl package; .ci/run installs it)");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "2", "-subj", "/CN=ifloom test CA"],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+#[test]
+fn an_https_endpoint_of_a_private_ca_is_refused_clearly_then_trusted_through_ca_cert() {
+    let tmp = tempdir();
+    let (_, cert, key) = private_ca(&tmp.path().join("certs"));
+    let sim = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "1",
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+    ]);
+    assert!(sim.url.starts_with("https://127.0.0.1:"), "{}", sim.url);
+    let p = keyed_pipeline(tmp.path(), &sim.url, 12);
+    let cache = tmp.path().join("c.sqlite");
+    let key_var = "sk-ifloom-tls-5b1e";
+
+    // Not trusted: the endpoint check stops the stage before a row is sent, saying why (not
+    // "connection refused") and what to set.
+    let run = tmp.path().join("run");
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .env("IFLOOM_TEST_KEY", key_var)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("certificate") && e.contains("ca_cert") && !e.contains("connection refused"),
+        "{e}"
+    );
+    assert!(!run.join("stages/ask/manifest.json").exists());
+
+    // A wrong path is a validation error at its line, before anything runs.
+    let text = std::fs::read_to_string(&p).unwrap();
+    let with = |ca: &str| {
+        text.replace(
+            "    api_key_env: IFLOOM_TEST_KEY\n",
+            &format!("    api_key_env: IFLOOM_TEST_KEY\n    ca_cert: {ca}\n"),
+        )
+    };
+    std::fs::write(&p, with("certs/nope.pem")).unwrap();
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("p.yaml:7:14") && e.contains("ca_cert: cannot read") && e.contains("nope.pem"),
+        "{e}"
+    );
+    std::fs::write(&p, with("certs/key.pem")).unwrap();
+    let e = stderr(&ifloom(tmp.path(), &["validate", s(&p)]));
+    assert!(e.contains("holds no `-----BEGIN CERTIFICATE-----`"), "{e}");
+
+    // The CA (relative to the pipeline file): every row answered over https, the key sent.
+    std::fs::write(&p, with("certs/ca.pem")).unwrap();
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .env("IFLOOM_TEST_KEY", key_var)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sql_rows(
+        tmp.path(),
+        &run,
+        "SELECT prompt, response, response_error IS NULL FROM ask",
+    );
+    assert_eq!(rows.len(), 12);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], format!("question number {i}"));
+        assert_eq!(row[1], format!("echo: Q: question number {i}"));
+        assert_eq!(row[2], "true");
+    }
+    assert_eq!(counters(&run)["requests"], 12);
+    // The cache works the same behind TLS: a fresh run directory sends nothing.
+    let again = tmp.path().join("run2");
+    let o = run_cmd(tmp.path(), &p, &again, &cache)
+        .env("IFLOOM_TEST_KEY", key_var)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(counters(&again)["requests"], 0);
+}
