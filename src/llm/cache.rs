@@ -71,8 +71,7 @@ fn open(path: &Path) -> Result<Connection> {
     // NORMAL first: switching a new file to WAL then syncs less.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(sql)?;
+    busy_retry(|| conn.pragma_update(None, "journal_mode", "WAL")).map_err(sql)?;
     // The last connection to close would copy the whole WAL into the file and sync it: ~10 ms
     // at the end of every stage, after its last response. The WAL is as durable as the file
     // (the next open reads it) and commits keep it short (SQLite's auto-checkpoint at 1000
@@ -82,16 +81,60 @@ fn open(path: &Path) -> Result<Connection> {
         true,
     )
     .map_err(sql)?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS responses (
-             id TEXT PRIMARY KEY,
-             model TEXT NOT NULL,
-             body BLOB NOT NULL,
-             created_at INTEGER NOT NULL
-         );",
-    )
-    .map_err(sql)?;
+    // In a write transaction from the start: as a plain statement it begins as a read, and
+    // when another process creates the table first (two runs starting on a new cache file),
+    // the upgrade to a write fails at once with SQLITE_BUSY, never waiting (seen in CI).
+    // Looked up first: an existing cache is opened without a write (a read-only file works).
+    let exists = busy_retry(|| {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'responses'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+    })
+    .map_err(sql)?
+        > 0;
+    if !exists {
+        busy_retry(|| {
+            conn.execute_batch(
+                "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS responses (
+                 id TEXT PRIMARY KEY,
+                 model TEXT NOT NULL,
+                 body BLOB NOT NULL,
+                 created_at INTEGER NOT NULL
+             );
+             COMMIT;",
+            )
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })
+        })
+        .map_err(sql)?;
+    }
     Ok(conn)
+}
+
+/// Run `f` again while it fails with SQLITE_BUSY or SQLITE_LOCKED, up to ~2 s more. Only for
+/// the set-up statements of `open`: switching a new file to WAL while another connection
+/// does the same, or a stale snapshot, returns BUSY without calling the busy handler.
+fn busy_retry<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if tries < 100
+                    && matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// How the cache file is chosen, for messages about it.
@@ -533,6 +576,30 @@ mod tests {
         drop(b);
         assert_eq!(gc(&p, 0).unwrap(), 1);
         assert_eq!(stats(&p).unwrap().responses, 0);
+    }
+
+    #[test]
+    fn connections_opening_one_new_file_at_once_all_succeed() {
+        // Two runs starting on a new cache file (CI saw "database is locked" from one):
+        // 6 connections at a time, 15 new files.
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..15 {
+            let p = dir.path().join(format!("c{round}.sqlite"));
+            let start = std::sync::Barrier::new(6);
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..6)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            open(&p).map(|_| ())
+                        })
+                    })
+                    .collect();
+                for h in hs {
+                    h.join().unwrap().unwrap();
+                }
+            });
+        }
     }
 
     #[test]
