@@ -70,6 +70,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::error::{Error, Result};
@@ -1044,12 +1045,12 @@ impl Listener for SimListener {
                 // axum's own accept loop for TcpListener, which retries transient errors.
                 let (stream, addr) = Listener::accept(l).await;
                 let _ = stream.set_nodelay(true);
-                let stream = Stream::Plain(stream);
+                let stream = Either::Left(stream);
                 (Conn { stream, cut }, addr)
             }
             Incoming::Tls(rx, _) => match rx.recv().await {
                 Some((tls, addr)) => {
-                    let stream = Stream::Tls(Box::new(tls));
+                    let stream = Either::Right(Box::new(tls));
                     (Conn { stream, cut }, addr)
                 }
                 // The handshake task ended (the runtime is shutting down).
@@ -1136,50 +1137,8 @@ struct Conn {
     cut: CutSwitch,
 }
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// Plain TCP or TLS over it; tokio-util's `Either` reads and writes whichever it holds.
+type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 impl Conn {
     fn is_cut(&self) -> bool {

@@ -66,7 +66,7 @@ fn open(path: &Path) -> Result<Connection> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let sql = |e: rusqlite::Error| Error::Internal(format!("cache {}: {e}", path.display()));
-    let conn = Connection::open(path).map_err(sql)?;
+    let mut conn = Connection::open(path).map_err(sql)?;
     conn.busy_timeout(busy_timeout()).map_err(sql)?;
     // NORMAL first: switching a new file to WAL then syncs less.
     conn.pragma_update(None, "synchronous", "NORMAL")
@@ -81,10 +81,10 @@ fn open(path: &Path) -> Result<Connection> {
         true,
     )
     .map_err(sql)?;
-    // In a write transaction from the start: as a plain statement it begins as a read, and
-    // when another process creates the table first (two runs starting on a new cache file),
-    // the upgrade to a write fails at once with SQLITE_BUSY, never waiting (seen in CI).
-    // Looked up first: an existing cache is opened without a write (a read-only file works).
+    // An existing cache is opened without a write (a read-only file works). A new one gets
+    // its table in a write transaction from the start: as a plain statement CREATE begins as
+    // a read, and when another process creates the table first (two runs starting on a new
+    // cache file), the upgrade to a write fails at once with SQLITE_BUSY (seen in CI).
     let exists = busy_retry(|| {
         conn.query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'responses'",
@@ -96,19 +96,16 @@ fn open(path: &Path) -> Result<Connection> {
         > 0;
     if !exists {
         busy_retry(|| {
-            conn.execute_batch(
-                "BEGIN IMMEDIATE;
-             CREATE TABLE IF NOT EXISTS responses (
-                 id TEXT PRIMARY KEY,
-                 model TEXT NOT NULL,
-                 body BLOB NOT NULL,
-                 created_at INTEGER NOT NULL
-             );
-             COMMIT;",
-            )
-            .inspect_err(|_| {
-                let _ = conn.execute_batch("ROLLBACK");
-            })
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS responses (
+                     id TEXT PRIMARY KEY,
+                     model TEXT NOT NULL,
+                     body BLOB NOT NULL,
+                     created_at INTEGER NOT NULL
+                 );",
+            )?;
+            tx.commit()
         })
         .map_err(sql)?;
     }
