@@ -818,6 +818,42 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
         "adaptive: {adaptive} shed answers, fixed window: {fixed}"
     );
 
+    // The default ceiling (512, so adaptive starts at 256 in flight) and the default retry
+    // budget (6) against the same 4-slot server: the first windows are nearly all 429s and
+    // halve the limit down in a few round trips, and no row runs out of retries meanwhile.
+    let sim = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "20",
+        "--per-token-ms",
+        "0",
+        "--max-queue",
+        "0",
+    ]);
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &sim.url, 300, "");
+    set_group(&p, &sim.url, "adaptive: true");
+    let run = tmp.path().join("run");
+    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sql_rows(
+            tmp.path(),
+            &run,
+            "SELECT count(*) FROM ask WHERE response_error IS NULL"
+        )[0][0],
+        "300",
+        "a row ran out of retries while the limit came down; by_status {}",
+        sim.stats()["by_status"]
+    );
+    let st = sim.stats();
+    eprintln!(
+        "from 256 in flight: {} shed answers",
+        st["by_status"]["429"]
+    );
+    assert!(st["by_status"]["429"].as_u64().unwrap_or(0) > 0);
+
     // A server with room for 64 that answers 1% stray 429s: the limit still climbs to 64.
     // (200 ms per request, so a debug-build client on a busy machine keeps 64 in flight.)
     let sim = Sim::start(&[
