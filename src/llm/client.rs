@@ -420,8 +420,9 @@ impl Pool {
         if problems.is_empty() && down.len() < self.endpoints.len() {
             for (i, why) in down {
                 eprintln!(
-                    "ifloom: {} is down ({why}); starting on the other endpoints, probing it every {} s",
-                    self.endpoints[i].url, self.group.bench_s
+                    "ifloom: {}; starting on the other endpoints, probing it every {} s",
+                    unusable(&self.endpoints[i].url, &why),
+                    self.group.bench_s
                 );
                 let ep = &self.endpoints[i];
                 ep.consecutive_failures.store(TRIP_AFTER, Ordering::Release);
@@ -434,7 +435,7 @@ impl Pool {
         }
         problems.extend(
             down.into_iter()
-                .map(|(i, why)| format!("{} is down ({why})", self.endpoints[i].url)),
+                .map(|(i, why)| unusable(&self.endpoints[i].url, &why)),
         );
         if problems.is_empty() {
             Ok(())
@@ -891,6 +892,16 @@ impl Pool {
                 raw: Some(bytes),
             },
         }
+    }
+}
+
+/// An endpoint the health check could not use, and why: a refused certificate is not a
+/// server that is down (it answered the handshake), and reads as what to fix.
+fn unusable(url: &str, why: &str) -> String {
+    if why.starts_with("TLS:") {
+        format!("{url} is not trusted ({why})")
+    } else {
+        format!("{url} is down ({why})")
     }
 }
 

@@ -1278,7 +1278,11 @@ fn an_https_endpoint_of_a_private_ca_is_refused_clearly_then_trusted_through_ca_
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(
-        e.contains("certificate") && e.contains("ca_cert") && !e.contains("connection refused"),
+        e.contains("certificate")
+            && e.contains("ca_cert")
+            && e.contains("is not trusted")
+            && !e.contains("is down")
+            && !e.contains("connection refused"),
         "{e}"
     );
     assert!(!run.join("stages/ask/manifest.json").exists());
