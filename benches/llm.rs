@@ -12,7 +12,9 @@
 //!   of the llm stage (`duration_ms` in its manifest) and of the whole command, at 10k and
 //!   100k requests, then with `adaptive: true` and 1% injected faults (0.5% HTTP 500, 0.5%
 //!   HTTP 429), plus variants that tell the causes apart (faults alone, adaptive alone, an
-//!   in-flight window equal to the slots, a 1024 window, a slower server). The default window
+//!   in-flight window equal to the slots, a 1024 window, a slower server), and the fault runs
+//!   again with requests of a real length (1 s at 10k, 200 ms at 100k), where the simulator's
+//!   `Retry-After: 1` is as small beside a request as in a real run. The default window
 //!   is 512 (2x the slots). The simulator plans each slot's next start on its own clock, so
 //!   late timers on the shared 2 cores delay responses, not capacity; its `active_seconds`
 //!   (first planned start to last planned end) is reported beside the bound.
