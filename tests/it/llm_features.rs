@@ -576,10 +576,27 @@ fn raw_server(answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -
 }
 
 /// [`raw_server`], also handing `seen` the head (request line and header lines, as sent) of
-/// every request, GET /models included.
+/// every request, GET /models included. A 429 asks for a long wait (`retry-after: 600`).
 fn raw_server_seeing(
     seen: impl Fn(&str) + Send + Sync + 'static,
     answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static,
+) -> String {
+    raw_server_headers(seen, move |body| {
+        let (status, out) = answer(body);
+        let wait = if status == 429 {
+            "retry-after: 600\r\n"
+        } else {
+            ""
+        };
+        (status, out, wait.to_string())
+    })
+}
+
+/// [`raw_server_seeing`] whose `answer` also gives the response's extra header lines (each
+/// ending in `\r\n`).
+fn raw_server_headers(
+    seen: impl Fn(&str) + Send + Sync + 'static,
+    answer: impl Fn(&str) -> (u16, Vec<u8>, String) + Send + Sync + 'static,
 ) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let seen = std::sync::Arc::new(seen);
@@ -613,23 +630,18 @@ fn raw_server_seeing(
                 seen(&head);
                 let mut body = vec![0; len];
                 let _ = r.read_exact(&mut body);
-                let (status, out) = if first.starts_with("GET") {
+                let (status, out, extra) = if first.starts_with("GET") {
                     (
                         200,
                         br#"{"object":"list","data":[{"id":"sim-model","object":"model"}]}"#
                             .to_vec(),
+                        String::new(),
                     )
                 } else {
                     answer(&String::from_utf8_lossy(&body))
                 };
-                // A 429 asks for a long wait (Retry-After: 600).
-                let wait = if status == 429 {
-                    "retry-after: 600\r\n"
-                } else {
-                    ""
-                };
                 let head = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{wait}content-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
                     out.len()
                 );
                 let _ = conn.write_all(head.as_bytes());
@@ -1046,6 +1058,73 @@ fn a_dry_run_says_how_samples_become_http_requests() {
         e.contains("4 rows x 3 sample(s): 12 distinct requests, 0 already cached, 12 to send")
             && e.contains("go out as one HTTP request with n: 3"),
         "{e}"
+    );
+}
+
+#[test]
+fn a_429_with_retry_after_ms_is_retried_after_the_milliseconds_not_the_seconds() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Every first attempt gets a 429 saying `retry-after: 600` and, more precisely (as OpenAI
+    // sends it), `retry-after-ms: 30`; every retry is answered. Waiting out the 600 s would
+    // announce it on stderr and hang the stage (a hang, not a speed, is what this guards).
+    let posts = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = posts.clone();
+    let tried = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let url = raw_server_headers(
+        |_| {},
+        move |body| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let v: Value = serde_json::from_str(body).unwrap();
+            let prompt = v["messages"][0]["content"].as_str().unwrap().to_string();
+            if tried.lock().unwrap().insert(prompt) {
+                (
+                    429,
+                    br#"{"error":{"message":"slow down"}}"#.to_vec(),
+                    "retry-after: 600\r\nretry-after-ms: 30\r\n".to_string(),
+                )
+            } else {
+                (
+                    200,
+                    br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#.to_vec(),
+                    String::new(),
+                )
+            }
+        },
+    );
+    let tmp = tempdir();
+    let p = pipeline(tmp.path(), &numbered(0..4), &chat_stage(&url, ""));
+    let run = tmp.path().join("run");
+    let mut child = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the stage waited out `retry-after: 600` instead of `retry-after-ms: 30`");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(!err.contains("asked to wait"), "{err}");
+    assert_eq!(
+        posts.load(Ordering::SeqCst),
+        8,
+        "one 429 and one answer per row"
+    );
+    assert_eq!(
+        scalar(
+            tmp.path(),
+            &run,
+            "SELECT count(*) FROM ask WHERE response = 'fine'"
+        ),
+        "4"
     );
 }
 
