@@ -381,7 +381,7 @@ impl Pool {
                 .get(&ep.models, self.auth.as_ref(), Duration::from_secs(10))
                 .await;
             match answer {
-                Err(e) => down.push((i, e.message)),
+                Err(e) => down.push((i, e)),
                 Ok(r) if !r.status.is_success() => {
                     let hint =
                         if r.status == hyper::StatusCode::NOT_FOUND && !ep.url.ends_with("/v1") {
@@ -418,24 +418,24 @@ impl Pool {
         // and probed like a replica that dies mid-stage. Any other problem (a wrong model, an
         // error answer) is a configuration mistake and stops the stage before it sends.
         if problems.is_empty() && down.len() < self.endpoints.len() {
-            for (i, why) in down {
+            for (i, e) in down {
                 eprintln!(
                     "ifloom: {}; starting on the other endpoints, probing it every {} s",
-                    unusable(&self.endpoints[i].url, &why),
+                    unusable(&self.endpoints[i].url, &e),
                     self.group.bench_s
                 );
                 let ep = &self.endpoints[i];
                 ep.consecutive_failures.store(TRIP_AFTER, Ordering::Release);
                 self.bench(ep);
                 if let Ok(mut l) = ep.last_error.lock() {
-                    *l = Some(why);
+                    *l = Some(e.message);
                 }
             }
             return Ok(());
         }
         problems.extend(
             down.into_iter()
-                .map(|(i, why)| unusable(&self.endpoints[i].url, &why)),
+                .map(|(i, e)| unusable(&self.endpoints[i].url, &e)),
         );
         if problems.is_empty() {
             Ok(())
@@ -897,12 +897,13 @@ impl Pool {
 
 /// An endpoint the health check could not use, and why: a refused certificate is not a
 /// server that is down (it answered the handshake), and reads as what to fix.
-fn unusable(url: &str, why: &str) -> String {
-    if why.starts_with("TLS:") {
-        format!("{url} is not trusted ({why})")
+fn unusable(url: &str, e: &super::http::HttpError) -> String {
+    let state = if e.untrusted {
+        "is not trusted"
     } else {
-        format!("{url} is down ({why})")
-    }
+        "is down"
+    };
+    format!("{url} {state} ({})", e.message)
 }
 
 /// How long the server asked to wait: OpenAI's `retry-after-ms` (milliseconds, more precise
@@ -910,28 +911,30 @@ fn unusable(url: &str, why: &str) -> String {
 fn wait_asked(headers: &hyper::HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     text("retry-after-ms")
-        .and_then(|v| match v.trim().parse::<f64>() {
-            Ok(ms) if ms.is_finite() && ms >= 0.0 => {
-                Some(Duration::from_secs_f64((ms / 1000.0).min(3600.0)))
-            }
-            _ => None,
-        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|ms| wait_of(ms / 1000.0))
         .or_else(|| text("retry-after").and_then(retry_after))
+}
+
+/// A wait of `s` seconds, capped at an hour; `None` for a negative or non-finite number.
+fn wait_of(s: f64) -> Option<Duration> {
+    (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(3600.0)))
 }
 
 /// A `Retry-After` header: seconds, or an HTTP date (RFC 9110), capped at an hour (a server
 /// asking for more is not one to wait for row by row).
 fn retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
-    let d = match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s.min(3600.0)),
-        Ok(_) => return None,
-        Err(_) => httpdate::parse_http_date(v)
-            .ok()?
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    };
-    Some(d.min(Duration::from_secs(3600)))
+    match v.parse::<f64>() {
+        Ok(s) => wait_of(s),
+        Err(_) => {
+            let d = httpdate::parse_http_date(v)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Some(d.min(Duration::from_secs(3600)))
+        }
+    }
 }
 
 /// What a body that does not parse is, when its headers say: a server that compresses or

@@ -85,6 +85,8 @@ pub struct HttpError {
     pub timeout: bool,
     /// No connection could be made.
     pub connect: bool,
+    /// The server's certificate was refused (a connect error too): not a server that is down.
+    pub untrusted: bool,
 }
 
 impl HttpError {
@@ -93,6 +95,7 @@ impl HttpError {
             message,
             timeout: false,
             connect: false,
+            untrusted: false,
         }
     }
 
@@ -101,6 +104,7 @@ impl HttpError {
             message: "timed out".into(),
             timeout: true,
             connect: false,
+            untrusted: false,
         }
     }
 
@@ -109,6 +113,7 @@ impl HttpError {
             message: "connection refused or unreachable".into(),
             timeout: false,
             connect: true,
+            untrusted: false,
         }
     }
 }
@@ -279,6 +284,7 @@ async fn tls_exchange(req: reqwest::RequestBuilder) -> Result<Reply, HttpError> 
                     ),
                     timeout: false,
                     connect: true,
+                    untrusted: true,
                 }
             } else {
                 HttpError::unreachable()
