@@ -752,46 +752,14 @@ fn main() {
         // decoding a few hundred tokens takes seconds): the server's `Retry-After: 1` and the
         // client's 0.5 s backoff are then small beside a request, as they are in real runs,
         // instead of 20 and 10 requests long. Still 40 waves at 10k, 391 at 100k.
-        row(
-            "adaptive+faults, 1 s requests",
-            10_000,
-            256,
-            1000,
-            512,
-            true,
-            true,
-            &mut md,
-        );
-        row(
-            "faults only, 1 s requests",
-            10_000,
-            256,
-            1000,
-            512,
-            false,
-            true,
-            &mut md,
-        );
-        row(
-            "adaptive+faults, 200 ms requests",
-            100_000,
-            256,
-            200,
-            512,
-            true,
-            true,
-            &mut md,
-        );
-        row(
-            "faults only, 200 ms requests",
-            100_000,
-            256,
-            200,
-            512,
-            false,
-            true,
-            &mut md,
-        );
+        for (label, rows, base, adaptive) in [
+            ("adaptive+faults, 1 s requests", 10_000, 1000, true),
+            ("faults only, 1 s requests", 10_000, 1000, false),
+            ("adaptive+faults, 200 ms requests", 100_000, 200, true),
+            ("faults only, 200 ms requests", 100_000, 200, false),
+        ] {
+            row(label, rows, 256, base, 512, adaptive, true, &mut md);
+        }
         let _ = writeln!(
             md,
             "\nCompletion tokens per response (echo answers): {tokens:.1}; per-token time is 0, so the bound is exact. \

@@ -768,10 +768,9 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
             );
         std::fs::write(p, text).unwrap();
     };
-    // A server with 4 slots that sheds (429, Retry-After: 1) whatever it cannot start at once.
-    // A fixed window of 64 keeps requests bouncing; the adaptive one backs off to about the
-    // server's size.
-    let sheds = |adaptive: bool| {
+    // A server with 4 slots that sheds (429, Retry-After: 1) whatever it cannot start at once;
+    // every row is answered, with the endpoint group `group`. Returns the shed answers.
+    let sheds = |group: &str| {
         let sim = Sim::start(&[
             "--slots",
             "4",
@@ -784,13 +783,7 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
         ]);
         let tmp = tempdir();
         let p = pipeline(tmp.path(), &sim.url, 300, "");
-        set_group(
-            &p,
-            &sim.url,
-            &format!(
-                "max_in_flight: 64\n    adaptive: {adaptive}\n    max_retries: 50\n    backoff_ms: 20\n    backoff_max_ms: 100"
-            ),
-        );
+        set_group(&p, &sim.url, group);
         let run = tmp.path().join("run");
         let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
         assert!(o.status.success(), "{}", stderr(&o));
@@ -801,16 +794,23 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
                 "SELECT count(*) FROM ask WHERE response_error IS NULL"
             )[0][0],
             "300",
-            "every row answered"
+            "a row ran out of retries; by_status {}",
+            sim.stats()["by_status"]
         );
         let st = sim.stats();
         assert!(st["max_in_flight_seen"].as_u64().unwrap() <= 4);
         st["by_status"]["429"].as_u64().unwrap_or(0)
     };
-    // Measured here (2026-11-27, debug build): 1776-1914 shed answers for the fixed window,
-    // 158-166 adaptive (starting at 32 in flight; 90-100 when it started at 8).
-    let fixed = sheds(false);
-    let adaptive = sheds(true);
+    // A fixed window of 64 keeps requests bouncing; the adaptive one backs off to about the
+    // server's size. Measured here (2026-11-27, debug build): 1776-1914 shed answers for the
+    // fixed window, 158-166 adaptive (starting at 32 in flight; 90-100 when it started at 8).
+    let group = |adaptive: bool| {
+        format!(
+            "max_in_flight: 64\n    adaptive: {adaptive}\n    max_retries: 50\n    backoff_ms: 20\n    backoff_max_ms: 100"
+        )
+    };
+    let fixed = sheds(&group(false));
+    let adaptive = sheds(&group(true));
     eprintln!("shed answers: fixed window {fixed}, adaptive {adaptive}");
     assert!(fixed >= 200, "the fixed window was shed only {fixed} times");
     assert!(
@@ -821,38 +821,9 @@ fn adaptive_limit_backs_off_a_shedding_server_and_grows_past_stray_429s() {
     // The default ceiling (512, so adaptive starts at 256 in flight) and the default retry
     // budget (6) against the same 4-slot server: the first windows are nearly all 429s and
     // halve the limit down in a few round trips, and no row runs out of retries meanwhile.
-    let sim = Sim::start(&[
-        "--slots",
-        "4",
-        "--base-ms",
-        "20",
-        "--per-token-ms",
-        "0",
-        "--max-queue",
-        "0",
-    ]);
-    let tmp = tempdir();
-    let p = pipeline(tmp.path(), &sim.url, 300, "");
-    set_group(&p, &sim.url, "adaptive: true");
-    let run = tmp.path().join("run");
-    let o = run_llm(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        sql_rows(
-            tmp.path(),
-            &run,
-            "SELECT count(*) FROM ask WHERE response_error IS NULL"
-        )[0][0],
-        "300",
-        "a row ran out of retries while the limit came down; by_status {}",
-        sim.stats()["by_status"]
-    );
-    let st = sim.stats();
-    eprintln!(
-        "from 256 in flight: {} shed answers",
-        st["by_status"]["429"]
-    );
-    assert!(st["by_status"]["429"].as_u64().unwrap_or(0) > 0);
+    let shed = sheds("adaptive: true");
+    eprintln!("from 256 in flight: {shed} shed answers");
+    assert!(shed > 0);
 
     // A server with room for 64 that answers 1% stray 429s: the limit still climbs to 64.
     // (200 ms per request, so a debug-build client on a busy machine keeps 64 in flight.)

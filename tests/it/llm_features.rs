@@ -1061,6 +1061,30 @@ fn a_dry_run_says_how_samples_become_http_requests() {
     );
 }
 
+/// Run `cmd` to its end and return its status and stderr; kill it and panic with `hang` when
+/// it runs past `secs` seconds (guards tests against a hang, not a speed).
+fn finish_within(
+    mut cmd: std::process::Command,
+    secs: u64,
+    hang: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{hang}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
 #[test]
 fn a_429_with_retry_after_ms_is_retried_after_the_milliseconds_not_the_seconds() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1094,23 +1118,11 @@ fn a_429_with_retry_after_ms_is_retried_after_the_milliseconds_not_the_seconds()
     let tmp = tempdir();
     let p = pipeline(tmp.path(), &numbered(0..4), &chat_stage(&url, ""));
     let run = tmp.path().join("run");
-    let mut child = run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the stage waited out `retry-after: 600` instead of `retry-after-ms: 30`");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = finish_within(
+        run_cmd(tmp.path(), &p, &run, &tmp.path().join("c.sqlite")),
+        120,
+        "the stage waited out `retry-after: 600` instead of `retry-after-ms: 30`",
+    );
     assert!(status.success(), "{err}");
     assert!(!err.contains("asked to wait"), "{err}");
     assert_eq!(
@@ -1146,28 +1158,16 @@ fn a_refused_key_also_stops_requests_sleeping_out_a_retry_after() {
         &numbered(0..8),
         &chat_stage(&url, "    max_in_flight: 1\n"),
     );
-    let mut child = run_cmd(
-        tmp.path(),
-        &p,
-        &tmp.path().join("run"),
-        &tmp.path().join("c.sqlite"),
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the stage waited out the Retry-After after a 401");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = finish_within(
+        run_cmd(
+            tmp.path(),
+            &p,
+            &tmp.path().join("run"),
+            &tmp.path().join("c.sqlite"),
+        ),
+        60,
+        "the stage waited out the Retry-After after a 401",
+    );
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("HTTP 401") && err.contains("set `api_key_env`"),
