@@ -1,6 +1,7 @@
 -- The funnel: for every stage (side tables left out) the rows it read, the rows it wrote, the
 -- share kept and why rows went (an export keeps its input as its table: its reason says how many
--- records went into the files). A stage reading several tables (a join, a union of rounds)
+-- records went into the files). Stages are described by what their kind can do
+-- (`ifloom_stages.capabilities`). A stage reading several tables (a join, a union of rounds)
 -- shows the tables it combines instead of a ratio.
 -- Usage: ifloom sql --run runs/NAME -f sql/funnel.sql
 WITH c AS (
@@ -24,15 +25,16 @@ SELECT s.id                                                   AS stage,
        CASE
          WHEN s.kind = 'input' THEN 'input'
          WHEN p.rows IS NULL THEN 'combines ' || s.parents
-         WHEN s.kind = 'dedup' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' exact duplicates removed'
-         WHEN s.kind = 'minhash' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' near duplicates removed'
-         WHEN s.kind = 'decontaminate' THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' removed by decontamination'
-         WHEN s.kind = 'llm' THEN CAST(coalesce(c.failures, 0) AS VARCHAR) || ' request failures (dead-lettered), '
+         WHEN array_has(s.capabilities, 'removes_rows')
+           THEN CAST(coalesce(c.removed, 0) AS VARCHAR) || ' ' || s.removed_rows
+         WHEN array_has(s.capabilities, 'sends_requests')
+           THEN CAST(coalesce(c.failures, 0) AS VARCHAR) || ' request failures (dead-lettered), '
                                   || CAST(coalesce(c.parse_failures, 0) AS VARCHAR) || ' parse failures (kept, unparsed)'
          WHEN s.kind = 'export' THEN CAST(coalesce(c.written, 0) AS VARCHAR) || ' records written, '
                                      || CAST(coalesce(c.skipped, 0) AS VARCHAR) || ' empty skipped, '
                                      || CAST(coalesce(c.truncated, 0) AS VARCHAR) || ' truncated left out'
-         WHEN s.kind = 'verdict' THEN CAST(coalesce(c.unjudged, 0) AS VARCHAR) || ' unjudged (kept, in neither SFT nor DPO)'
+         WHEN array_has(s.capabilities, 'produces_verdicts')
+           THEN CAST(coalesce(c.unjudged, 0) AS VARCHAR) || ' unjudged (kept, in neither SFT nor DPO)'
          WHEN s.rows < p.rows THEN CAST(p.rows - s.rows AS VARCHAR) || ' filtered out by the stage''s query'
          WHEN s.rows > p.rows THEN 'one input row became several'
          ELSE ''

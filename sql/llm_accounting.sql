@@ -1,4 +1,4 @@
--- LLM accounting per llm stage: HTTP requests sent, rows answered from the response cache,
+-- LLM accounting per stage that sends requests (llm stages): HTTP requests sent, rows answered from the response cache,
 -- retries, failures after every retry, replies that did not parse, tokens, the stage's wall time,
 -- throughput, and GPU-seconds (wall time x the GPUs behind the endpoints; 0 = not given).
 -- requests .. completion_tokens are what the stage's last run did (a resumed or retried stage
@@ -38,5 +38,5 @@ SELECT s.id AS stage,
        CASE WHEN ${gpus} > 0 THEN round(s.duration_ms / 1000.0 * ${gpus}, 1) END AS gpu_seconds
 FROM ifloom_stages s
 JOIN c ON c.stage = s.id
-WHERE s.kind = 'llm'
+WHERE array_has(s.capabilities, 'sends_requests')
 ORDER BY s.finished_at, s.id;

@@ -18,7 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use polars::prelude::{DataFrame, ParquetReader, ParquetWriter, SerReader};
 
 use crate::error::{Error, Result};
-use crate::stages::Table;
+use crate::table::Table;
 
 /// Shared settings for running queries.
 #[derive(Debug, Clone)]
@@ -28,8 +28,9 @@ pub struct Engine {
     pub spill_dir: Option<PathBuf>,
     pub target_partitions: usize,
     pub rt: tokio::runtime::Handle,
-    /// The LLM response cache (shared across runs and pipelines).
-    pub cache_path: PathBuf,
+    /// The response cache named on the command line (`--cache`); `None`: the default of the
+    /// kind that keeps one (the llm stage's is `$IFLOOM_CACHE`, else under `~/.cache/ifloom`).
+    pub cache_path: Option<PathBuf>,
 }
 
 impl Engine {
@@ -39,7 +40,7 @@ impl Engine {
             spill_dir: None,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             rt,
-            cache_path: crate::llm::cache::default_path(),
+            cache_path: None,
         }
     }
 
@@ -220,4 +221,25 @@ pub fn polars_arrow_schema(df: &mut DataFrame) -> Result<SchemaRef> {
     ParquetWriter::new(&mut buf).finish(df)?;
     let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(buf))?;
     Ok(b.schema().clone())
+}
+
+/// DataFusion messages start with the error class; keep the part that says what is wrong.
+pub fn tidy_sql_error(e: &datafusion::error::DataFusionError) -> String {
+    let s = e.to_string();
+    let s = s
+        .strip_prefix("Error during planning: ")
+        .or_else(|| s.strip_prefix("SQL error: "))
+        .unwrap_or(&s)
+        .replace("Schema error: ", "");
+    // sqlparser errors print as `ParserError("...")`: keep the words inside.
+    let s = ["ParserError(\"", "TokenizerError(\""]
+        .iter()
+        .find_map(|p| s.strip_prefix(p)?.strip_suffix("\")"))
+        .map_or(s.clone(), |inner| inner.replace("\\\"", "\""));
+    // One line, so the message stays on its `error:` line.
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

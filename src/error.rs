@@ -44,6 +44,15 @@ impl Diagnostic {
         }
         self
     }
+
+    /// A fallback hint: kept only when no better one (a "did you mean") was set before.
+    pub fn hint_if_none(self, hint: impl Into<String>) -> Self {
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(hint)
+        }
+    }
 }
 
 impl fmt::Display for Diagnostic {

@@ -6,12 +6,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::cancel::{Cancel, INTERRUPTED_MSG};
 use crate::compile::Plan;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::input;
-use crate::stages::{RunCtx, Table};
+use crate::stages::{Capability, RunCtx};
 use crate::store::{Manifest, RunDir, RunInfo, SideTable, now, schema_info};
+use crate::table::Table;
 
 #[derive(Debug, Default)]
 pub struct RunOptions {
@@ -21,6 +23,8 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Run only this stage and what it depends on.
     pub until: Option<String>,
+    /// The run's stop signals (Ctrl-C and its grace period), handed to every stage.
+    pub cancel: Cancel,
 }
 
 /// A finished table, and whether it was reused rather than computed.
@@ -97,7 +101,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
         if ready.is_empty() {
             if opts.dry_run {
                 eprintln!(
-                    "  (dry run) not reached, downstream of an LLM stage: {}",
+                    "  (dry run) not reached, downstream of a stage that sends requests: {}",
                     pending.join(", ")
                 );
                 break;
@@ -112,6 +116,12 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             .iter()
             .filter_map(|i| done.get(&i.id).cloned())
             .collect();
+        let shared = Shared {
+            plan,
+            dir,
+            engine,
+            cancel: &opts.cancel,
+        };
         let results: Vec<(String, Result<Option<Finished>>)> = std::thread::scope(|s| {
             let handles: Vec<_> = ready
                 .iter()
@@ -123,12 +133,11 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                         id.clone(),
                         s.spawn(move || {
                             if opts.dry_run
-                                && let Some(r) =
-                                    dry_run_one(plan, dir, engine, id, done, inputs.clone())
+                                && let Some(r) = dry_run_one(&shared, id, done, inputs.clone())
                             {
                                 return r.map(|_| None);
                             }
-                            run_one(plan, dir, engine, id, done, inputs, forced).map(Some)
+                            run_one(&shared, id, done, inputs, forced).map(Some)
                         }),
                     )
                 })
@@ -165,13 +174,10 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
         }
         // Ctrl-C during a stage that still finished (its requests came back within the grace
         // period): the run stops here all the same; the rest is for the rerun.
-        if failure.is_none()
-            && !pending.is_empty()
-            && crate::llm::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if failure.is_none() && !pending.is_empty() && opts.cancel.is_interrupted() {
             failure = Some(Error::usage(format!(
                 "{} (not started: {})",
-                crate::llm::INTERRUPTED_MSG,
+                INTERRUPTED_MSG,
                 pending.join(", ")
             )));
         }
@@ -195,16 +201,32 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
     }
 }
 
+/// What the stages of a run share.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    plan: &'a Plan,
+    dir: &'a RunDir,
+    engine: &'a Engine,
+    cancel: &'a Cancel,
+}
+
 /// A dry run of one stage: `None` when the kind sends nothing (it then runs normally).
 fn dry_run_one(
-    plan: &Plan,
-    dir: &RunDir,
-    engine: &Engine,
+    shared: &Shared,
     id: &str,
     done: &HashMap<String, Table>,
     inputs: Vec<Table>,
 ) -> Option<Result<()>> {
+    let Shared {
+        plan,
+        dir,
+        engine,
+        cancel,
+    } = *shared;
     let s = plan.pipeline.stage(id)?;
+    if !crate::stages::kind_can(&s.kind, Capability::SendsRequests) {
+        return None;
+    }
     let deps = plan.deps.get(id).cloned().unwrap_or_default();
     let parents: Vec<Table> = deps.iter().map(|d| done[d].clone()).collect();
     let tmp = dir
@@ -218,8 +240,9 @@ fn dry_run_one(
         engine,
         inputs,
         run_dir: &dir.path,
+        cancel,
     };
-    let report = s.stage.dry_run(&ctx)?;
+    let report = s.stage.dry_run(&ctx);
     Some(report.map(|text| eprintln!("  {id} ({}) dry run:\n{text}", s.kind)))
 }
 
@@ -235,14 +258,18 @@ fn table_of(dir: &RunDir, id: &str, m: &Manifest) -> Result<Table> {
 }
 
 fn run_one(
-    plan: &Plan,
-    dir: &RunDir,
-    engine: &Engine,
+    shared: &Shared,
     id: &str,
     done: &HashMap<String, Table>,
     inputs: Vec<Table>,
     forced: bool,
 ) -> Result<(Table, bool)> {
+    let Shared {
+        plan,
+        dir,
+        engine,
+        cancel,
+    } = *shared;
     let fp = plan.fingerprints.get(id).cloned().unwrap_or_default();
     let stage = plan.pipeline.stage(id);
     let kind = stage.map_or("input", |s| s.kind.as_str());
@@ -290,6 +317,7 @@ fn run_one(
             engine,
             inputs,
             run_dir: &dir.path,
+            cancel,
         };
         s.stage
             .run(&ctx)

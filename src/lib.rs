@@ -10,19 +10,24 @@
 //!
 //! - [`yaml`]: a positioned YAML tree and a serde deserializer over it (every error at its
 //!   line:column, many errors per file).
-//! - [`spec`]: the pipeline file's types and parsing, `${params.x}` / `${ENV}` interpolation.
-//! - [`stages`]: the [`stages::Stage`] trait and one file per stage kind (`sql`, `transform`,
-//!   `dedup`, `minhash`, `decontaminate`, `output`, `export`, `verdict`); adding a kind is one
-//!   file plus one line in [`stages::registry`].
+//! - [`spec`]: the pipeline file's types and loading (named steps that each collect errors),
+//!   `${params.x}` / `${ENV}` interpolation, the top-level sections of stage families.
 //! - [`compile`]: spec → plan: ids, references, cycles, inputs and each stage's output schema,
 //!   with all problems reported together.
+//! - [`stages`]: the [`stages::Stage`] trait, the registry of kinds with their
+//!   [`stages::Capability`]s, and one file or folder per kind (`sql`, `transform`, `dedup`,
+//!   `minhash`, `decontaminate`, `output`, `export`, `verdict`, `llm/`); adding a kind is its
+//!   file plus one line in [`stages::registry`]. The core asks for capabilities, never names.
+//! - [`table`]: finished tables and the helpers every kind reads them with.
 //! - [`input`]: reading Parquet / JSONL / JSON / CSV inputs and giving each row its `_id`.
-//! - [`llm`]: the `llm` stage kind: templates, canonical requests and their ids, the endpoint
-//!   pool (retries, concurrency) and its HTTP transport, the SQLite response cache, and
-//!   parsing of messy output.
+//! - [`llm`]: the LLM client library behind the `llm` kind: canonical requests and their
+//!   ids, the endpoint pool (retries, concurrency) and its HTTP transport, response decoding,
+//!   the SQLite response cache, and parsing of messy output.
 //! - [`engine`]: the DataFusion session (bounded memory) and the Parquet bridge to Polars.
 //! - [`store`]: the run directory: manifests, atomic stage commits, the run lock.
 //! - [`exec`]: running a plan, reusing stages whose fingerprint has not changed.
+//! - [`cancel`]: the run's stop signals (Ctrl-C, its grace period, a failed stage) as one
+//!   handle every stage gets.
 //! - [`query`]: `ifloom sql` over a run's tables.
 //! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
 //!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
@@ -33,6 +38,7 @@
 //! - [`cli`]: the command-line verbs, one file each.
 //! - [`error`]: typed errors and diagnostics.
 
+pub mod cancel;
 pub mod cli;
 pub mod compile;
 pub mod engine;
@@ -47,5 +53,6 @@ pub mod spec;
 pub mod stages;
 pub mod stats;
 pub mod store;
+pub mod table;
 pub mod udf;
 pub mod yaml;

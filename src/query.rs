@@ -26,10 +26,15 @@ pub enum OutFormat {
 /// Name of the virtual table listing the run's tables (from their manifests).
 pub const STAGES_TABLE: &str = "ifloom_stages";
 
-/// One row per finished table: id, kind, rows, bytes, duration, parents, finished_at.
-fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Result<RecordBatch> {
-    use arrow::array::{StringArray, UInt64Array};
+/// One row per finished table: id, kind, rows, bytes, duration, parents, finished_at, and what
+/// its kind can do (`capabilities`, see [`crate::stages::Capability`]; `removed_rows` is what
+/// the funnel calls the rows a row-removing kind removed). Canned queries pick stages by
+/// capability, so a new kind takes part without an edit to them.
+fn stages_batch(tables: &[(crate::table::Table, crate::store::Manifest)]) -> Result<RecordBatch> {
+    use arrow::array::{ListBuilder, StringArray, StringBuilder, UInt64Array};
     use std::sync::Arc;
+    let mut capabilities = ListBuilder::new(StringBuilder::new());
+    let mut removed_rows: Vec<Option<&str>> = Vec::new();
     let mut id = Vec::new();
     let mut kind = Vec::new();
     let mut rows = Vec::new();
@@ -42,6 +47,17 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
         id.push(t.id.clone());
         match &side {
             None => {
+                let entry = crate::stages::kind(&m.kind);
+                for c in crate::stages::Capability::ALL {
+                    if entry.is_some_and(|k| k.can(c)) {
+                        capabilities.values().append_value(c.name());
+                    }
+                }
+                removed_rows.push(
+                    entry
+                        .filter(|k| k.can(crate::stages::Capability::RemovesRows))
+                        .map(|k| k.removed_rows),
+                );
                 kind.push(m.kind.clone());
                 rows.push(m.rows);
                 bytes.push(m.bytes);
@@ -49,12 +65,14 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
             }
             Some(s) => {
                 let st = m.side_tables.iter().find(|x| &x.name == s);
+                removed_rows.push(None);
                 kind.push(format!("{}:{s}", m.kind));
                 rows.push(st.map_or(0, |x| x.rows));
                 bytes.push(0);
                 parents.push(m.id.clone());
             }
         }
+        capabilities.append(true);
         ms.push(m.duration_ms);
         finished.push(m.finished_at.clone());
     }
@@ -66,6 +84,16 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
         arrow::datatypes::Field::new("duration_ms", arrow::datatypes::DataType::UInt64, false),
         arrow::datatypes::Field::new("parents", arrow::datatypes::DataType::Utf8, false),
         arrow::datatypes::Field::new("finished_at", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new(
+            "capabilities",
+            arrow::datatypes::DataType::List(Arc::new(arrow::datatypes::Field::new(
+                "item",
+                arrow::datatypes::DataType::Utf8,
+                true,
+            ))),
+            true,
+        ),
+        arrow::datatypes::Field::new("removed_rows", arrow::datatypes::DataType::Utf8, true),
     ]));
     Ok(RecordBatch::try_new(
         schema,
@@ -77,6 +105,8 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
             Arc::new(UInt64Array::from(ms)),
             Arc::new(StringArray::from(parents)),
             Arc::new(StringArray::from(finished)),
+            Arc::new(capabilities.finish()),
+            Arc::new(StringArray::from(removed_rows)),
         ],
     )?)
 }
@@ -85,9 +115,7 @@ fn stages_batch(tables: &[(crate::stages::Table, crate::store::Manifest)]) -> Re
 /// cache hits, tokens of llm stages, rows removed by dedup, pass/fail of verdicts, ...
 pub const COUNTERS_TABLE: &str = "ifloom_counters";
 
-fn counters_batch(
-    tables: &[(crate::stages::Table, crate::store::Manifest)],
-) -> Result<RecordBatch> {
+fn counters_batch(tables: &[(crate::table::Table, crate::store::Manifest)]) -> Result<RecordBatch> {
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
@@ -150,12 +178,10 @@ pub async fn query(engine: &Engine, dir: &RunDir, sql: &str) -> Result<Vec<Recor
         )));
     }
     let ctx = session(engine, dir).await?;
-    let df = ctx.sql(sql).await.map_err(|e| {
-        Error::usage(format!(
-            "SQL error: {}",
-            crate::stages::sql::tidy_sql_error(&e)
-        ))
-    })?;
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| Error::usage(format!("SQL error: {}", crate::engine::tidy_sql_error(&e))))?;
     Ok(df.collect().await?)
 }
 

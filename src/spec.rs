@@ -529,7 +529,7 @@ pub fn load(
                     // Every bad field of the group at once; the group counts as defined even
                     // when it is wrong, so the stages naming it report nothing more.
                     let (group, recovered) = yaml::collecting(|| {
-                        v.deserialize::<crate::llm::client::EndpointGroup>(&path)
+                        v.deserialize::<crate::llm::pool::EndpointGroup>(&path)
                     });
                     let bad_fields: Vec<String> = recovered
                         .iter()
@@ -578,7 +578,7 @@ pub fn load(
                             }
                             g
                         }
-                        Err(_) => crate::llm::client::EndpointGroup::new(Vec::new()),
+                        Err(_) => crate::llm::pool::EndpointGroup::new(Vec::new()),
                     };
                     // Kept even when wrong: its stages then report nothing more.
                     endpoints.insert(name, group);
@@ -1257,7 +1257,7 @@ pub fn json_schema() -> serde_json::Value {
     let mut g = schemars::SchemaGenerator::default();
     let input = g.subschema_for::<InputSpec>().to_value();
     let group = g
-        .subschema_for::<crate::llm::client::EndpointGroup>()
+        .subschema_for::<crate::llm::pool::EndpointGroup>()
         .to_value();
     let mut kinds = Vec::new();
     for k in stages::registry() {

@@ -4,7 +4,8 @@
 //! The queries are compiled into the binary from the same files a user runs with
 //! `ifloom sql -f sql/NAME.sql --param ...`, so the terminal table, `--json`, the HTML report
 //! and a hand-run query can never disagree. This module only decides which query to run on
-//! which table (llm stages by kind, verdict tables by kind, the columns a user names) and
+//! which table (stages by what their kind can do: those that send requests, remove rows or
+//! produce verdicts; the columns a user names) and
 //! shapes the results; it computes no figure itself except histogram bucket widths.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use serde_json::Value;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::query;
+use crate::stages::Capability;
 use crate::store::{Manifest, RunDir};
 
 /// The canned queries, by file name under `sql/` (all of them: `ifloom sql -f sql/NAME` finds
@@ -195,10 +197,7 @@ impl Runner<'_> {
             .collect();
         let sql = query::substitute(canned(file), &params)?;
         let df = self.ctx.sql(&sql).await.map_err(|e| {
-            Error::usage(format!(
-                "sql/{file}: {}",
-                crate::stages::sql::tidy_sql_error(&e)
-            ))
+            Error::usage(format!("sql/{file}: {}", crate::engine::tidy_sql_error(&e)))
         })?;
         json_rows(&df.collect().await?)
     }
@@ -363,11 +362,15 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         &[],
     )
     .await?;
-    let main: Vec<&(crate::stages::Table, Manifest)> = tables
+    let main: Vec<&(crate::table::Table, Manifest)> = tables
         .iter()
         .filter(|(t, _)| !t.id.contains("__"))
         .collect();
-    let llm: Vec<_> = main.iter().filter(|(_, m)| m.kind == "llm").collect();
+    let can = |m: &Manifest, c: Capability| crate::stages::kind_can(&m.kind, c);
+    let llm: Vec<_> = main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::SendsRequests))
+        .collect();
     if !llm.is_empty() {
         r.add(
             "llm",
@@ -443,10 +446,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             }
         }
     }
-    if main
-        .iter()
-        .any(|(_, m)| matches!(m.kind.as_str(), "dedup" | "minhash" | "decontaminate"))
-    {
+    if main.iter().any(|(_, m)| can(m, Capability::RemovesRows)) {
         r.add(
             "removed",
             "Duplicates and contamination removed",
@@ -456,7 +456,11 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         )
         .await?;
     }
-    for (t, _) in main.iter().filter(|(_, m)| m.kind == "verdict") {
+    let verdicts: Vec<_> = main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::ProducesVerdicts))
+        .collect();
+    for (t, _) in &verdicts {
         let s = &t.schema;
         let instruction = if has(s, "source_id") && has(s, "round") {
             "source_id || '/' || CAST(round AS VARCHAR)".to_string()
@@ -477,6 +481,11 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
                 &p,
             )
             .await?;
+        }
+        // Per-question figures need the judge's answers per question (`scores`, a list of
+        // booleans, as `verdict` writes it); a verdict table may have only `verdict`.
+        if !has(s, "scores") {
+            continue;
         }
         r.add(
             "pass_by_question",
@@ -520,7 +529,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             }
         }
     }
-    for (t, _) in main.iter().filter(|(_, m)| m.kind == "verdict") {
+    for (t, _) in &verdicts {
         if has(&t.schema, "questions") {
             columns.push((t.id.clone(), "questions".into()));
         }
@@ -530,7 +539,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             columns.push(c.clone());
         }
     }
-    let by_id: BTreeMap<&str, &crate::stages::Table> =
+    let by_id: BTreeMap<&str, &crate::table::Table> =
         tables.iter().map(|(t, _)| (t.id.as_str(), t)).collect();
     for (table, column) in columns {
         let Some(t) = by_id.get(table.as_str()) else {

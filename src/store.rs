@@ -20,7 +20,7 @@ use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::stages::Table;
+use crate::table::Table;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ColumnInfo {

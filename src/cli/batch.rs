@@ -10,9 +10,10 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::exec::{self, RunOptions};
 use crate::llm::cache::{Cache, CachedResponse};
-use crate::llm::{self, client};
-use crate::stages::dedup::read_batches;
+use crate::llm::response;
+use crate::stages::llm::{self, LlmStage};
 use crate::store::RunDir;
+use crate::table::{batch_rows, read_batches};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -22,21 +23,13 @@ pub struct Args {
 
 #[derive(Debug, clap::Args)]
 pub struct Common {
-    /// The pipeline file.
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
     /// The LLM stage.
     #[arg(long)]
     pub stage: String,
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    #[arg(long = "set", value_parser = super::parse_kv)]
-    pub set: Vec<(String, String)>,
-    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
-    #[arg(long)]
-    pub profile: Option<String>,
-    /// The response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub place: super::RunPlaceArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -65,36 +58,28 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
 }
 
 fn setup(c: &Common, engine: &Engine) -> Result<(crate::compile::Plan, RunDir, Engine)> {
-    let plan = super::compile_file(&c.file, &super::with_profile(&c.set, &c.profile), engine)?;
+    let plan = c.pipeline.compile(engine)?;
     let Some(stage) = plan.pipeline.stage(&c.stage) else {
         return Err(Error::usage(format!(
             "the pipeline has no stage `{}`",
             c.stage
         )));
     };
-    if stage.stage.llm().is_none() {
+    if stage.stage.downcast_ref::<LlmStage>().is_none() {
         return Err(Error::usage(format!(
             "stage `{}` is a {} stage, not llm",
             c.stage, stage.kind
         )));
     }
-    let dir = RunDir::new(
-        c.run_dir
-            .clone()
-            .unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)),
-    );
-    let mut engine = engine.clone();
-    if let Some(p) = &c.cache {
-        engine.cache_path = p.clone();
-    }
-    Ok((plan, dir, engine))
+    let dir = c.place.run_dir(&plan);
+    Ok((plan, dir, c.place.engine(engine)))
 }
 
 /// The llm stage named on the command line (`setup` checked that it is one).
-fn llm_stage<'p>(c: &Common, plan: &'p crate::compile::Plan) -> &'p llm::LlmStage {
+fn llm_stage<'p>(c: &Common, plan: &'p crate::compile::Plan) -> &'p LlmStage {
     plan.pipeline
         .stage(&c.stage)
-        .and_then(|d| d.stage.llm())
+        .and_then(|d| d.stage.downcast_ref::<LlmStage>())
         .expect("checked by setup")
 }
 
@@ -105,7 +90,7 @@ fn stage_requests(
     plan: &crate::compile::Plan,
     dir: &RunDir,
     engine: &Engine,
-) -> Result<Vec<(String, llm::request::Canonical)>> {
+) -> Result<Vec<(String, crate::llm::request::Canonical)>> {
     // Materialize what needs no LLM (the stage's inputs, if they do not depend on one).
     exec::run(
         plan,
@@ -115,6 +100,7 @@ fn stage_requests(
             force: vec![],
             dry_run: true,
             until: None,
+            cancel: Default::default(),
         },
     )?;
     let def = plan.pipeline.stage(&c.stage).expect("checked");
@@ -133,7 +119,7 @@ fn stage_requests(
         .collect();
     let mut rows = Vec::new();
     for b in read_batches(&files) {
-        rows.extend(llm::batch_rows(&b?)?);
+        rows.extend(batch_rows(&b?)?);
     }
     llm::plan_requests(st, &rows)
 }
@@ -143,7 +129,7 @@ fn export(c: Common, out: PathBuf, engine: &Engine) -> Result<()> {
     let reqs = stage_requests(&c, &plan, &dir, &engine)?;
     let st = llm_stage(&c, &plan);
     let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
-    let cached = Cache::open(&engine.cache_path)?.get_many(&ids)?;
+    let cached = Cache::open(&llm::cache_path(&engine))?.get_many(&ids)?;
     let f = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
     let mut w = BufWriter::new(f);
     let mut n = 0;
@@ -174,20 +160,20 @@ fn import_command(c: &Common) -> String {
         "ifloom".into(),
         "batch".into(),
         "import".into(),
-        path_arg(&c.file),
+        path_arg(&c.pipeline.file),
         "--stage".into(),
         c.stage.clone(),
     ];
-    if let Some(p) = &c.profile {
+    if let Some(p) = &c.pipeline.profile {
         args.extend(["--profile".into(), p.clone()]);
     }
-    for (k, v) in &c.set {
+    for (k, v) in &c.pipeline.set {
         args.extend(["--set".into(), format!("{k}={v}")]);
     }
-    if let Some(d) = &c.run_dir {
+    if let Some(d) = &c.place.run_dir {
         args.extend(["--run-dir".into(), path_arg(d)]);
     }
-    if let Some(p) = &c.cache {
+    if let Some(p) = &c.place.cache {
         args.extend(["--cache".into(), path_arg(p)]);
     }
     args.push("RESULTS.jsonl".into());
@@ -230,7 +216,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
     let st = llm_stage(&c, &plan);
     let ids: Vec<String> = reqs.into_iter().map(|(id, _)| id).collect();
     let f = std::fs::File::open(&results).map_err(|e| Error::io(&results, e))?;
-    let cache = Cache::open(&engine.cache_path)?;
+    let cache = Cache::open(&llm::cache_path(&engine))?;
     let mut seen: HashSet<String> = cache.get_many(&ids)?.into_keys().collect();
     let known: HashSet<String> = ids.into_iter().collect();
     let (mut stored, mut cached, mut failed) = (0usize, 0usize, 0usize);
@@ -280,7 +266,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
                 text: ch.text,
                 reasoning: ch.reasoning,
                 finish_reason: ch.finish_reason,
-                logprobs: crate::llm::kept_logprobs(st.wants_logprobs(), ch.logprobs),
+                logprobs: llm::kept_logprobs(st.wants_logprobs(), ch.logprobs),
                 prompt_tokens: comp.prompt_tokens,
                 completion_tokens: comp.completion_tokens,
                 latency_ms: 0,
@@ -292,7 +278,7 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
     debug_assert_eq!(written, stored as u64);
     let mut report = format!(
         "imported {stored} responses into {}: {} unknown ids skipped, {cached} already cached, {failed} failed",
-        engine.cache_path.display(),
+        llm::cache_path(&engine).display(),
         unknown.len(),
     );
     if !unknown.is_empty() {
@@ -320,8 +306,8 @@ fn import(c: Common, results: PathBuf, engine: &Engine) -> Result<()> {
 /// (vLLM and the OpenAI Batch API put a failed request's error there, with `response` null
 /// or without a body), a status other than 200 with the body's error message, or a 200 body
 /// that is not a completion.
-fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Completion, String> {
-    if client::is_error(&v["error"]) {
+fn result_completion(v: &serde_json::Value) -> std::result::Result<response::Completion, String> {
+    if response::is_error(&v["error"]) {
         return Err(format!("batch error: {}", error_message(&v["error"])));
     }
     let resp = &v["response"];
@@ -336,9 +322,9 @@ fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Compl
     };
     let body = &resp["body"];
     if status != 200 {
-        let why = if client::is_error(&body["error"]) {
+        let why = if response::is_error(&body["error"]) {
             error_message(&body["error"])
-        } else if body.get("message").is_some_and(client::is_error) {
+        } else if body.get("message").is_some_and(response::is_error) {
             // vLLM's older error body: `{"object": "error", "message": ...}`.
             error_message(body)
         } else if body.is_null() {
@@ -351,7 +337,7 @@ fn result_completion(v: &serde_json::Value) -> std::result::Result<client::Compl
         };
         return Err(format!("HTTP {status}: {why}"));
     }
-    client::parse_completion(body.to_string().as_bytes(), 1)
+    response::parse_completion(body.to_string().as_bytes(), 1)
 }
 
 /// The message of an error value: its `message` (or that of an `error` inside it, as vLLM

@@ -1,24 +1,17 @@
-use std::path::PathBuf;
-
 use crate::engine::Engine;
 use crate::error::Result;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The pipeline file.
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
     /// Print Graphviz DOT instead of text.
     #[arg(long)]
     pub dot: bool,
-    #[arg(long = "set", value_parser = super::parse_kv)]
-    pub set: Vec<(String, String)>,
-    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
-    #[arg(long)]
-    pub profile: Option<String>,
 }
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
-    let plan = super::compile_file(&a.file, &super::with_profile(&a.set, &a.profile), engine)?;
+    let plan = a.pipeline.compile(engine)?;
     let kind = |id: &str| {
         plan.pipeline
             .stage(id)

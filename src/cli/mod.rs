@@ -100,6 +100,57 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The pipeline a verb works on and how its file is read, flattened into every verb that
+/// takes one (`validate`, `graph`, `run`, `batch`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// Override a param: key=value (repeatable).
+    #[arg(long = "set", value_parser = parse_kv)]
+    pub set: Vec<(String, String)>,
+    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
+    #[arg(long)]
+    pub profile: Option<String>,
+}
+
+impl PipelineArgs {
+    /// Load and check the pipeline completely (every problem reported together).
+    pub fn compile(&self, engine: &Engine) -> Result<Plan> {
+        compile_file(&self.file, &with_profile(&self.set, &self.profile), engine)
+    }
+}
+
+/// Where a pipeline's run keeps its tables and its responses (`run`, `batch`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunPlaceArgs {
+    /// Where the run's tables go (default: runs/<pipeline name>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+impl RunPlaceArgs {
+    pub fn run_dir(&self, plan: &Plan) -> crate::store::RunDir {
+        crate::store::RunDir::new(
+            self.run_dir
+                .clone()
+                .unwrap_or_else(|| default_run_dir(&plan.pipeline.name)),
+        )
+    }
+
+    /// The engine with this run's cache.
+    pub fn engine(&self, engine: &Engine) -> Engine {
+        let mut engine = engine.clone();
+        if let Some(c) = &self.cache {
+            engine.cache_path = Some(c.clone());
+        }
+        engine
+    }
+}
+
 /// Parse `key=value` for `--set`.
 pub fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')

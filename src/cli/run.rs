@@ -1,24 +1,17 @@
-use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::exec::{self, RunOptions};
-use crate::store::RunDir;
+use crate::stages::{Capability, kind_can};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The pipeline file.
-    pub file: PathBuf,
-    /// Where the run's tables go (default: runs/<pipeline name>).
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Override a param: key=value (repeatable).
-    #[arg(long = "set", value_parser = super::parse_kv)]
-    pub set: Vec<(String, String)>,
-    /// Apply a named param profile from the pipeline's `profiles:` (before any --set).
-    #[arg(long)]
-    pub profile: Option<String>,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
+    #[command(flatten)]
+    pub place: super::RunPlaceArgs,
     /// Recompute this stage and everything downstream (repeatable).
     #[arg(long)]
     pub force: Vec<String>,
@@ -37,9 +30,6 @@ pub struct Args {
     /// stage whose requests go through `batch export` instead).
     #[arg(long)]
     pub until: Option<String>,
-    /// The LLM response cache (default: $IFLOOM_CACHE, else ~/.cache/ifloom/llm-cache.sqlite).
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
     /// After Ctrl-C, how long requests in flight may finish (into the cache) before they are
     /// abandoned; abandoned requests are sent again when the run resumes.
     #[arg(long, default_value_t = 30.0, value_parser = parse_grace)]
@@ -55,17 +45,11 @@ fn parse_grace(s: &str) -> std::result::Result<f64, String> {
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let started = Instant::now();
-    let plan = super::compile_file(&a.file, &super::with_profile(&a.set, &a.profile), engine)?;
-    let dir = RunDir::new(
-        a.run_dir
-            .unwrap_or_else(|| super::default_run_dir(&plan.pipeline.name)),
-    );
-    let mut engine = engine.clone();
+    let plan = a.pipeline.compile(engine)?;
+    let dir = a.place.run_dir(&plan);
+    let mut engine = a.place.engine(engine);
     engine.memory_limit = a.memory_mb << 20;
     engine.spill_dir = Some(dir.path.join("spill"));
-    if let Some(c) = a.cache {
-        engine.cache_path = c;
-    }
     eprintln!(
         "ifloom: running {} into {}",
         plan.pipeline.name,
@@ -75,9 +59,11 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
     // abandon the rest; the stage then stops, the cache is flushed, and the exit is non-zero.
     // A second Ctrl-C exits at once (the cache then loses at most its last 50 ms).
     let grace = std::time::Duration::from_secs_f64(a.grace_s);
+    let cancel = Cancel::new();
+    let signals = cancel.clone();
     engine.rt.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            crate::llm::interrupt();
+            signals.interrupt();
             eprintln!(
                 "ifloom: interrupted; finishing requests in flight for up to {:.0} s (Ctrl-C again to quit now)",
                 grace.as_secs_f64()
@@ -90,7 +76,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
                 }
                 _ = tokio::time::sleep(grace) => {
                     eprintln!("ifloom: grace period over; abandoning requests still in flight (Ctrl-C again to quit now)");
-                    crate::llm::abandon();
+                    signals.abandon();
                     // Tokio keeps the SIGINT handler for the life of the process: without
                     // this, a further Ctrl-C would do nothing.
                     if tokio::signal::ctrl_c().await.is_ok() {
@@ -103,10 +89,10 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let mut force = a.force;
     for s in a.retry_failed {
         match plan.pipeline.stage(&s) {
-            Some(st) if st.kind == "llm" => force.push(s),
+            Some(st) if kind_can(&st.kind, Capability::RetriesFailed) => force.push(s),
             _ => {
                 return Err(crate::error::Error::usage(format!(
-                    "--retry-failed {s}: not an llm stage of this pipeline"
+                    "--retry-failed {s}: not a stage of this pipeline that dead-letters failed rows (an llm stage)"
                 )));
             }
         }
@@ -115,13 +101,14 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         force,
         dry_run: a.dry_run,
         until: a.until.clone(),
+        cancel,
     };
     let report = exec::run(&plan, &dir, &engine, &opts)?;
     // Dead-lettered samples are easy to miss in a stage's counters: say where they are and
     // how to send them again.
     for id in &report.computed {
         if let Some(m) = dir.manifest(id)
-            && m.kind == "llm"
+            && kind_can(&m.kind, Capability::RetriesFailed)
             && let Some(&n) = m.counters.get("failures")
             && n > 0
         {

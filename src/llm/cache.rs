@@ -251,6 +251,12 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(path: &Path) -> Result<Cache> {
+        Cache::open_watched(path, None)
+    }
+
+    /// Open the cache for a stage: when its writer gives up, `stop` wakes the stage's
+    /// requests sleeping out a backoff, so they see the failure and stop.
+    pub fn open_watched(path: &Path, stop: Option<crate::cancel::Cancel>) -> Result<Cache> {
         let reader = open(path)?;
         let (tx, rx) = mpsc::channel::<Queued>();
         let wpath = path.to_path_buf();
@@ -265,7 +271,9 @@ impl Cache {
             if let Err(e) = &r {
                 let _ = wfailed.set(e.to_string());
                 // Requests sleeping out a backoff check again and stop.
-                crate::llm::WAKE.notify_waiters();
+                if let Some(stop) = &stop {
+                    stop.wake();
+                }
             }
             r
         });
@@ -301,7 +309,7 @@ impl Cache {
             && !unsaved.is_empty()
         {
             for id in ids {
-                if let Some(r) = unsaved.get(&crate::llm::id_key(id)) {
+                if let Some(r) = unsaved.get(&super::request::id_key(id)) {
                     queued.insert(id.clone(), CachedResponse::clone(r));
                 }
             }
@@ -342,7 +350,7 @@ impl Cache {
         if let Some(tx) = &self.tx {
             let r = Arc::new(r);
             if let Ok(mut unsaved) = self.unsaved.lock() {
-                unsaved.insert(crate::llm::id_key(&id), Arc::clone(&r));
+                unsaved.insert(super::request::id_key(&id), Arc::clone(&r));
             }
             let _ = tx.send((id, model, r));
         }
@@ -451,7 +459,7 @@ fn write_loop(
         // a second identical request, is dropped here too; the file has one of the two.)
         if let Ok(mut unsaved) = unsaved.lock() {
             for (id, ..) in &bodies {
-                unsaved.remove(&crate::llm::id_key(id));
+                unsaved.remove(&super::request::id_key(id));
             }
         }
         written += bodies.len() as u64;

@@ -284,6 +284,16 @@ fn strict_ok(schema: &serde_json::Value) -> bool {
     }
 }
 
+/// A request id (32 hex digits) as the 128-bit number it spells: the in-flight map's key, kept
+/// off the heap (the map holds every request on the wire, up to two chunks of them).
+pub fn id_key(id: &str) -> u128 {
+    u128::from_str_radix(id, 16).unwrap_or_else(|_| {
+        // Not an id this stage made (it never happens): any stable hash will do.
+        let h = blake3::hash(id.as_bytes());
+        u128::from_le_bytes(h.as_bytes()[..16].try_into().unwrap_or_default())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,14 +23,14 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dedup::{read_batches, string_col};
-use super::minhash::{is_string_type, with_fields};
 use super::{
-    BuildCtx, HintIfNone, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column,
+    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns,
+    text_column,
 };
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
 use crate::spec::Format;
+use crate::table::{is_string_type, read_batches, string_col, with_fields};
 use crate::yaml::Node;
 
 pub const KIND: KindEntry = KindEntry {
@@ -38,6 +38,8 @@ pub const KIND: KindEntry = KindEntry {
     about: "drop rows sharing a word n-gram with reference sets (benchmarks); removed rows in <id>__removed",
     build: super::build::<DecontaminateStage>,
     schema: |g| DecontaminateStage::json_schema(g),
+    capabilities: &[Capability::RemovesRows],
+    removed_rows: "removed by decontamination",
 };
 
 /// Side-table column: the name of the reference set the row matched.
@@ -365,37 +367,12 @@ impl Stage for DecontaminateStage {
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
-        match schema.field_with_name(&self.column) {
-            Err(_) => errs.push(unknown_column(ctx, &["column"], &self.column, schema)),
-            Ok(f) if !is_string_type(f.data_type()) => errs.push(
-                ctx.err(
-                    &["column"],
-                    format!(
-                        "column `{}` is {}, but decontaminate needs a string column",
-                        self.column,
-                        f.data_type()
-                    ),
-                )
-                .hint(format!(
-                    "cast it upstream, e.g. `SELECT CAST({c} AS VARCHAR) AS {c}`",
-                    c = self.column
-                )),
-            ),
-            Ok(_) => {}
-        }
-        for reserved in [REFERENCE, MATCHED] {
-            if has_col(schema, reserved) {
-                errs.push(
-                    ctx.err(
-                        &["from"],
-                        format!(
-                            "the input already has a `{reserved}` column, which decontaminate adds to <id>__removed"
-                        ),
-                    )
-                    .hint("drop or rename it upstream"),
-                );
-            }
-        }
+        errs.extend(text_column(ctx, &self.column, "decontaminate"));
+        errs.extend(reserved_columns(
+            ctx,
+            &[REFERENCE, MATCHED],
+            "which decontaminate adds to <id>__removed",
+        ));
         if errs.is_empty() {
             Ok(schema.clone())
         } else {

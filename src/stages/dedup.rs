@@ -4,33 +4,31 @@
 //! (lowest input position), never whichever partition a thread read first, so reruns keep the
 //! same rows. Removed rows go to the side table `<id>__removed` with `_duplicate_of`.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::File;
+use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, Table, has_col, unknown_column};
+use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
 use crate::spec::ID_COL;
+use crate::table::{DUP_OF, has_col, input_ordinals, read_batches, read_columns, string_col};
 
 pub const KIND: KindEntry = KindEntry {
     name: "dedup",
     about: "exact deduplication on normalized text; removed rows in <id>__removed",
     build: super::build::<DedupStage>,
     schema: |g| DedupStage::json_schema(g),
+    capabilities: &[Capability::RemovesRows],
+    removed_rows: "exact duplicates removed",
 };
-
-/// Column of the side table naming the kept row a removed row duplicates.
-pub const DUP_OF: &str = "_duplicate_of";
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -167,77 +165,6 @@ impl DedupStage {
             })
             .collect())
     }
-}
-
-/// Read only the named top-level columns of Parquet files (a dedup key and `_id` are a small
-/// share of a table's bytes).
-pub fn read_columns<'a>(
-    files: &'a [std::path::PathBuf],
-    names: &'a [&'a str],
-) -> impl Iterator<Item = Result<RecordBatch>> + 'a {
-    read_parquet(files, Some(names))
-}
-
-pub fn read_batches(
-    files: &[std::path::PathBuf],
-) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
-    read_parquet(files, None)
-}
-
-/// Batches of Parquet files in order: all columns, or only `names` (top-level) when given.
-fn read_parquet<'a>(
-    files: &'a [std::path::PathBuf],
-    names: Option<&'a [&'a str]>,
-) -> impl Iterator<Item = Result<RecordBatch>> + 'a {
-    files.iter().flat_map(move |p| {
-        let it: Box<dyn Iterator<Item = Result<RecordBatch>>> =
-            match File::open(p).map_err(|e| Error::io(p, e)).and_then(|f| {
-                let mut b = ParquetRecordBatchReaderBuilder::try_new(f)?;
-                if let Some(names) = names {
-                    let roots: Vec<usize> = names
-                        .iter()
-                        .filter_map(|n| b.schema().index_of(n).ok())
-                        .collect();
-                    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), roots);
-                    b = b.with_projection(mask);
-                }
-                Ok(b.with_batch_size(65536).build()?)
-            }) {
-                Ok(r) => Box::new(r.map(|b| b.map_err(Error::from))),
-                Err(e) => Box::new(std::iter::once(Err(e))),
-            };
-        it
-    })
-}
-
-pub fn string_col(batch: &RecordBatch, name: &str) -> Result<StringArray> {
-    let a = batch
-        .column_by_name(name)
-        .ok_or_else(|| Error::Internal(format!("no column {name}")))?;
-    let a = cast(a, &DataType::Utf8)?;
-    Ok(a.as_any()
-        .downcast_ref::<StringArray>()
-        .expect("cast to Utf8")
-        .clone())
-}
-
-/// Position of each wanted `_id` in the inputs (declaration order, then row order).
-pub fn input_ordinals(inputs: &[Table], wanted: &HashSet<String>) -> Result<HashMap<String, u64>> {
-    let mut out = HashMap::new();
-    let mut ord = 0u64;
-    for t in inputs {
-        for b in read_columns(&t.files, &[ID_COL]) {
-            let b = b?;
-            let ids = string_col(&b, ID_COL)?;
-            for i in 0..ids.len() {
-                if wanted.contains(ids.value(i)) {
-                    out.entry(ids.value(i).to_string()).or_insert(ord);
-                }
-                ord += 1;
-            }
-        }
-    }
-    Ok(out)
 }
 
 impl Stage for DedupStage {

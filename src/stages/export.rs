@@ -30,16 +30,17 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::dedup::read_batches;
-use super::output::OutFormat;
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column};
+use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
 use crate::error::{Diagnostic, Error, Result};
+use crate::table::{OutFormat, batch_rows, has_col, read_batches};
 
 pub const KIND: KindEntry = KindEntry {
     name: "export",
     about: "SFT/DPO datasets in trainer formats (messages, alpaca, TRL, LLaMA-Factory), read back to check",
     build: super::build::<ExportStage>,
     schema: |g| ExportStage::json_schema(g),
+    capabilities: &[],
+    removed_rows: "",
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -120,25 +121,7 @@ impl ExportStage {
     }
 
     fn targets(&self, run_dir: &Path) -> Vec<(OutFormat, PathBuf)> {
-        let base = Path::new(&self.path);
-        let base = if base.is_absolute() {
-            base.to_path_buf()
-        } else {
-            run_dir.join(base)
-        };
-        self.formats
-            .iter()
-            .map(|f| {
-                let ext = match f {
-                    OutFormat::Parquet => "parquet",
-                    OutFormat::Jsonl => "jsonl",
-                };
-                let mut p = base.clone().into_os_string();
-                p.push(".");
-                p.push(ext);
-                (*f, PathBuf::from(p))
-            })
-            .collect()
+        OutFormat::targets(&self.path, &self.formats, run_dir)
     }
 
     /// The answer columns the format writes: `response`, or `chosen` and `rejected`.
@@ -480,7 +463,7 @@ impl Stage for ExportStage {
                 };
                 errs.push(
                     unknown_column(ctx, &[path], &col, schema)
-                        .hint_if_none_else(format!("set `{field}:` to the column that holds it")),
+                        .hint_if_none(format!("set `{field}:` to the column that holds it")),
                 );
             }
         }
@@ -521,7 +504,7 @@ impl Stage for ExportStage {
                 }
             };
             w.write(&b)?;
-            for row in crate::llm::batch_rows(&b)? {
+            for row in batch_rows(&b)? {
                 // Before the empty-text check: an answer cut off before any text (a reasoning
                 // model that spent max_tokens thinking) counts as truncated.
                 if flags
@@ -650,20 +633,6 @@ fn merge_dataset_info(path: &Path, name: &str, entry: Value) -> Result<()> {
     std::fs::write(&t, serde_json::to_vec_pretty(&Value::Object(info))?)
         .map_err(|e| Error::io(&t, e))?;
     std::fs::rename(&t, path).map_err(|e| Error::io(path, e))
-}
-
-trait HintElse {
-    fn hint_if_none_else(self, h: String) -> Self;
-}
-
-impl HintElse for Diagnostic {
-    fn hint_if_none_else(self, h: String) -> Self {
-        if self.hint.is_some() {
-            self
-        } else {
-            self.hint(h)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -21,16 +21,19 @@ use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dedup::{DUP_OF, input_ordinals, read_batches, string_col};
-use super::{BuildCtx, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column};
+use super::{
+    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns,
+    text_column,
+};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
 use crate::spec::ID_COL;
+use crate::table::{DUP_OF, input_ordinals, read_batches, string_col, with_fields};
 use crate::yaml::Node;
 
 pub const KIND: KindEntry = KindEntry {
@@ -38,6 +41,8 @@ pub const KIND: KindEntry = KindEntry {
     about: "near-duplicate removal with MinHash LSH on one text column; removed rows in <id>__removed",
     build: super::build::<MinHashStage>,
     schema: |g| MinHashStage::json_schema(g),
+    capabilities: &[Capability::RemovesRows],
+    removed_rows: "near duplicates removed",
 };
 
 /// Column of the main table: the cluster a kept row heads.
@@ -317,17 +322,6 @@ impl UnionFind {
     }
 }
 
-/// `schema` with extra fields appended.
-pub(crate) fn with_fields(schema: &Schema, extra: &[Field]) -> SchemaRef {
-    let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
-    fields.extend(extra.iter().cloned().map(Arc::new));
-    Arc::new(Schema::new(fields))
-}
-
-pub(crate) fn is_string_type(t: &DataType) -> bool {
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-}
-
 impl MinHashStage {
     pub fn params(&self) -> &Params {
         &self.params
@@ -475,35 +469,12 @@ impl Stage for MinHashStage {
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
-        match schema.field_with_name(&self.column) {
-            Err(_) => errs.push(unknown_column(ctx, &["column"], &self.column, schema)),
-            Ok(f) if !is_string_type(f.data_type()) => errs.push(
-                ctx.err(
-                    &["column"],
-                    format!(
-                        "column `{}` is {}, but minhash needs a string column",
-                        self.column,
-                        f.data_type()
-                    ),
-                )
-                .hint(format!(
-                    "cast it upstream, e.g. `SELECT CAST({c} AS VARCHAR) AS {c}`",
-                    c = self.column
-                )),
-            ),
-            Ok(_) => {}
-        }
-        for reserved in [CLUSTER, DUP_OF, SIMILARITY] {
-            if has_col(schema, reserved) {
-                errs.push(
-                    ctx.err(
-                        &["from"],
-                        format!("the input already has a `{reserved}` column, which minhash adds"),
-                    )
-                    .hint("drop or rename it upstream"),
-                );
-            }
-        }
+        errs.extend(text_column(ctx, &self.column, "minhash"));
+        errs.extend(reserved_columns(
+            ctx,
+            &[CLUSTER, DUP_OF, SIMILARITY],
+            "which minhash adds",
+        ));
         if errs.is_empty() {
             Ok(with_fields(
                 schema,

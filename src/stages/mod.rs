@@ -6,24 +6,29 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use serde::de::DeserializeOwned;
 
+use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::{Diagnostic, Result};
 use crate::spec::StageDef;
+use crate::table::Table;
 use crate::yaml::Node;
 
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
+pub mod llm;
 pub mod minhash;
 pub mod output;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
+
+#[cfg(test)]
+mod test_verdict;
 
 /// The registry of stage kinds.
 pub fn registry() -> &'static [KindEntry] {
@@ -36,9 +41,61 @@ pub fn registry() -> &'static [KindEntry] {
         output::KIND,
         export::KIND,
         verdict::KIND,
-        crate::llm::KIND,
+        llm::KIND,
+        // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
+        #[cfg(test)]
+        test_verdict::KIND,
     ];
     KINDS
+}
+
+/// The registry entry of a kind, by name (`None` for `input` and unknown names).
+pub fn kind(name: &str) -> Option<&'static KindEntry> {
+    registry().iter().find(|k| k.name == name)
+}
+
+/// Does the kind of this name declare this capability? (`input` tables declare none.)
+pub fn kind_can(name: &str, capability: Capability) -> bool {
+    kind(name).is_some_and(|k| k.can(capability))
+}
+
+/// What a kind can do, declared on its registry entry. The verbs and statistics that treat
+/// some stages specially (`stats`, `report`, `run --dry-run`, `run --retry-failed`) ask for a
+/// capability, never for a kind's name, so a new kind takes part by declaring it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// A `verdict` column (`pass` / `fail` / `unjudged`) per row, and those three counters:
+    /// pass rates in `stats` and the report (per question too when the table has `scores`,
+    /// the judge's answers as a list of booleans).
+    ProducesVerdicts,
+    /// Removes rows, each kept in `<id>__removed`; the counter `removed` counts them.
+    RemovesRows,
+    /// Sends requests to servers: `--dry-run` shows them ([`Stage::dry_run`]) instead, and
+    /// `stats` accounts for them (the `<output>_latency_ms` / `_cached` columns and counters
+    /// `requests`, `cache_hits`, tokens).
+    SendsRequests,
+    /// Dead-letters rows that failed for good in `<id>__failed` (counter `failures`);
+    /// `run --retry-failed <id>` recomputes the stage to try them again.
+    RetriesFailed,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 4] = [
+        Capability::ProducesVerdicts,
+        Capability::RemovesRows,
+        Capability::SendsRequests,
+        Capability::RetriesFailed,
+    ];
+
+    /// The name in `ifloom_stages.capabilities` (what canned SQL filters on).
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::ProducesVerdicts => "produces_verdicts",
+            Capability::RemovesRows => "removes_rows",
+            Capability::SendsRequests => "sends_requests",
+            Capability::RetriesFailed => "retries_failed",
+        }
+    }
 }
 
 /// Deserializes a kind's own fields into its stage object.
@@ -52,9 +109,18 @@ pub struct KindEntry {
     pub build: BuildFn,
     /// JSON Schema of the kind's own fields.
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+    /// What the kind can do (see [`Capability`]).
+    pub capabilities: &'static [Capability],
+    /// What the funnel of `ifloom stats` says of the rows a [`Capability::RemovesRows`] kind
+    /// removed, after their count ("exact duplicates removed").
+    pub removed_rows: &'static str,
 }
 
 impl KindEntry {
+    pub fn can(&self, capability: Capability) -> bool {
+        self.capabilities.contains(&capability)
+    }
+
     /// Field names the kind accepts, for "unknown field" hints.
     pub fn fields(&self) -> Vec<String> {
         let mut g = schemars::SchemaGenerator::default();
@@ -76,7 +142,7 @@ pub struct BuildCtx {
     pub file: PathBuf,
     pub dir: PathBuf,
     /// Endpoint groups from the pipeline's top-level `endpoints:`.
-    pub endpoints: BTreeMap<String, crate::llm::client::EndpointGroup>,
+    pub endpoints: BTreeMap<String, crate::llm::pool::EndpointGroup>,
 }
 
 /// Deserialize a kind's config from its node and let it check itself.
@@ -102,7 +168,7 @@ pub enum Arity {
     AtLeastOne,
 }
 
-pub trait Stage: std::fmt::Debug + Send + Sync {
+pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
     /// Bump when the kind's output for the same config changes, so stored tables are redone.
     fn version(&self) -> u32 {
         1
@@ -144,18 +210,31 @@ pub trait Stage: std::fmt::Debug + Send + Sync {
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
 
-    /// The LLM stage behind this object, for the verbs that work on LLM requests.
-    fn llm(&self) -> Option<&crate::llm::LlmStage> {
-        None
-    }
-
-    /// For `run --dry-run`: what the stage would send, without sending it. `None` for kinds
-    /// that send nothing (they run normally in a dry run).
-    fn dry_run(&self, _ctx: &RunCtx) -> Option<Result<String>> {
-        None
+    /// For `run --dry-run`, asked of kinds with [`Capability::SendsRequests`] (the others run
+    /// normally in a dry run): what the stage would send, without sending it.
+    fn dry_run(&self, _ctx: &RunCtx) -> Result<String> {
+        Ok("    (this kind shows nothing of what it would send)".into())
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput>;
+}
+
+/// The concrete stage behind a `dyn Stage`, for the verbs that work on one kind's stages
+/// (`batch` on llm stages): `stage.downcast_ref::<LlmStage>()`.
+pub trait AsAny {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl dyn Stage {
+    pub fn downcast_ref<T: Stage + 'static>(&self) -> Option<&T> {
+        self.as_any().downcast_ref::<T>()
+    }
 }
 
 /// What `plan` sees.
@@ -182,14 +261,6 @@ impl PlanCtx<'_> {
     }
 }
 
-/// One finished table: its Parquet files and schema.
-#[derive(Debug, Clone)]
-pub struct Table {
-    pub id: String,
-    pub files: Vec<PathBuf>,
-    pub schema: SchemaRef,
-}
-
 /// What `run` sees.
 pub struct RunCtx<'a> {
     pub id: &'a str,
@@ -203,6 +274,9 @@ pub struct RunCtx<'a> {
     /// Finished input tables, in declaration order (dedup ranks rows by their position).
     pub inputs: Vec<Table>,
     pub run_dir: &'a Path,
+    /// The run's stop signals (Ctrl-C, its grace period); [`Cancel::for_stage`] gives a stage
+    /// one of its own to stop.
+    pub cancel: &'a Cancel,
 }
 
 impl RunCtx<'_> {
@@ -221,11 +295,6 @@ pub struct RunOutput {
     pub counters: BTreeMap<String, i64>,
 }
 
-/// Schema helper: does the schema have this column?
-pub fn has_col(schema: &SchemaRef, name: &str) -> bool {
-    schema.field_with_name(name).is_ok()
-}
-
 /// A diagnostic for a missing column, with "did you mean".
 pub fn unknown_column(ctx: &PlanCtx, path: &[&str], col: &str, schema: &SchemaRef) -> Diagnostic {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -234,20 +303,39 @@ pub fn unknown_column(ctx: &PlanCtx, path: &[&str], col: &str, schema: &SchemaRe
         .hint_if_none(format!("available columns: {}", names.join(", ")))
 }
 
-pub trait HintIfNone {
-    fn hint_if_none(self, h: String) -> Self;
-}
-
-impl HintIfNone for Diagnostic {
-    fn hint_if_none(self, h: String) -> Self {
-        if self.hint.is_some() {
-            self
-        } else {
-            self.hint(h)
-        }
+/// A problem with the text column a kind works on (`column:`): unknown, or not a string.
+pub fn text_column(ctx: &PlanCtx, column: &str, kind: &str) -> Option<Diagnostic> {
+    let schema = ctx.parent();
+    match schema.field_with_name(column) {
+        Err(_) => Some(unknown_column(ctx, &["column"], column, schema)),
+        Ok(f) if !crate::table::is_string_type(f.data_type()) => Some(
+            ctx.err(
+                &["column"],
+                format!(
+                    "column `{column}` is {}, but {kind} needs a string column",
+                    f.data_type()
+                ),
+            )
+            .hint(format!(
+                "cast it upstream, e.g. `SELECT CAST({column} AS VARCHAR) AS {column}`"
+            )),
+        ),
+        Ok(_) => None,
     }
 }
 
-pub fn arc_schema(s: arrow::datatypes::Schema) -> SchemaRef {
-    Arc::new(s)
+/// A problem for each column a kind adds that its input already has (`adds` ends the
+/// message: "which minhash adds").
+pub fn reserved_columns(ctx: &PlanCtx, reserved: &[&str], adds: &str) -> Vec<Diagnostic> {
+    reserved
+        .iter()
+        .filter(|c| crate::table::has_col(ctx.parent(), c))
+        .map(|c| {
+            ctx.err(
+                &["from"],
+                format!("the input already has a `{c}` column, {adds}"),
+            )
+            .hint("drop or rename it upstream")
+        })
+        .collect()
 }

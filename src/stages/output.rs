@@ -15,32 +15,18 @@ use parquet::arrow::ArrowWriter;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dedup::read_batches;
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, has_col, unknown_column};
+use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
 use crate::error::{Diagnostic, Error, Result};
+use crate::table::{OutFormat, has_col, read_batches};
 
 pub const KIND: KindEntry = KindEntry {
     name: "output",
     about: "write a table to a file as Parquet and/or JSONL",
     build: super::build::<OutputStage>,
     schema: |g| OutputStage::json_schema(g),
+    capabilities: &[],
+    removed_rows: "",
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum OutFormat {
-    Parquet,
-    Jsonl,
-}
-
-impl OutFormat {
-    fn ext(self) -> &'static str {
-        match self {
-            OutFormat::Parquet => "parquet",
-            OutFormat::Jsonl => "jsonl",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -66,21 +52,7 @@ fn default_formats() -> Vec<OutFormat> {
 impl OutputStage {
     /// Where each format is written for a run directory.
     pub fn targets(&self, run_dir: &Path) -> Vec<(OutFormat, PathBuf)> {
-        let base = Path::new(&self.path);
-        let base = if base.is_absolute() {
-            base.to_path_buf()
-        } else {
-            run_dir.join(base)
-        };
-        self.formats
-            .iter()
-            .map(|f| {
-                let mut p = base.clone().into_os_string();
-                p.push(".");
-                p.push(f.ext());
-                (*f, PathBuf::from(p))
-            })
-            .collect()
+        OutFormat::targets(&self.path, &self.formats, run_dir)
     }
 
     /// Selected and renamed columns: (source name, output name).

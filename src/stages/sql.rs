@@ -20,6 +20,8 @@ pub const KIND: KindEntry = KindEntry {
     about: "a DataFusion SQL query; every `from` table is visible under its id",
     build: super::build::<SqlStage>,
     schema: |g| SqlStage::json_schema(g),
+    capabilities: &[],
+    removed_rows: "",
 };
 
 /// A SQL query, inline (`query`) or from a file (`file`, relative to the pipeline file).
@@ -53,27 +55,6 @@ fn sql_options() -> SQLOptions {
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false)
-}
-
-/// DataFusion messages start with the error class; keep the part that says what is wrong.
-pub fn tidy_sql_error(e: &datafusion::error::DataFusionError) -> String {
-    let s = e.to_string();
-    let s = s
-        .strip_prefix("Error during planning: ")
-        .or_else(|| s.strip_prefix("SQL error: "))
-        .unwrap_or(&s)
-        .replace("Schema error: ", "");
-    // sqlparser errors print as `ParserError("...")`: keep the words inside.
-    let s = ["ParserError(\"", "TokenizerError(\""]
-        .iter()
-        .find_map(|p| s.strip_prefix(p)?.strip_suffix("\")"))
-        .map_or(s.clone(), |inner| inner.replace("\\\"", "\""));
-    // One line, so the message stays on its `error:` line.
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 impl Stage for SqlStage {
@@ -145,7 +126,7 @@ impl Stage for SqlStage {
                 vec![
                     ctx.err(
                         &[self.where_()],
-                        format!("SQL does not plan: {}", tidy_sql_error(&e)),
+                        format!("SQL does not plan: {}", engine::tidy_sql_error(&e)),
                     )
                     .hint(format!(
                         "tables visible here: {}",

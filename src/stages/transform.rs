@@ -22,6 +22,8 @@ pub const KIND: KindEntry = KindEntry {
     about: "lazy Polars operations with SQL-syntax expressions",
     build: super::build::<TransformStage>,
     schema: |g| TransformStage::json_schema(g),
+    capabilities: &[],
+    removed_rows: "",
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

@@ -29,15 +29,17 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::dedup::read_batches;
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
+use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
 use crate::error::{Diagnostic, Error, Result};
+use crate::table::read_batches;
 
 pub const KIND: KindEntry = KindEntry {
     name: "verdict",
     about: "pass/fail/unjudged from a judge's YES/NO answers to numbered evaluation questions",
     build: super::build::<VerdictStage>,
     schema: |g| VerdictStage::json_schema(g),
+    capabilities: &[Capability::ProducesVerdicts],
+    removed_rows: "",
 };
 
 fn d_judgement() -> String {
