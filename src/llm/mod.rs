@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod endpoints;
 pub mod http;
 pub mod parse;
 pub mod request;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use self::cache::{Cache, CachedResponse};
 use self::client::{CallError, EndpointGroup, Pool};
+use self::endpoints::Endpoints;
 use self::parse::ParseSpec;
 use self::request::{Api, Canonical, Message, Profile, Sampling};
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
@@ -882,19 +884,20 @@ impl Stage for LlmStage {
             errs.push(at(&["messages"], format!("template syntax error: {e}")));
         }
         // The endpoint group: named (top level `endpoints:`) or inline.
+        let no_groups = Endpoints::default();
+        let groups = ctx
+            .section::<Endpoints>(endpoints::SECTION.name)
+            .unwrap_or(&no_groups);
         let group = match (&self.endpoint, self.endpoints.is_empty()) {
-            (Some(name), true) => match ctx.endpoints.get(name) {
+            (Some(name), true) => match groups.get(name) {
                 Some(g) => Some(g.clone()),
                 None => {
                     errs.push(
                         at(&["endpoint"], format!("unknown endpoint group `{name}`"))
-                            .maybe_hint(did_you_mean(
-                                name,
-                                ctx.endpoints.keys().map(String::as_str),
-                            ))
+                            .maybe_hint(did_you_mean(name, groups.names()))
                             .hint_or(format!(
                                 "define it under the top-level `endpoints:` (defined: {})",
-                                ctx.endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                                groups.names().collect::<Vec<_>>().join(", ")
                             )),
                     );
                     None
