@@ -934,6 +934,14 @@ impl Stage for LlmStage {
                 ));
             }
         }
+        // The same rule and words as for an endpoint group (`EndpointGroup::problems`): 0 is
+        // a mistake, not a request for the smallest value.
+        if self.max_in_flight == Some(0) {
+            errs.push(at(
+                &["max_in_flight"],
+                "max_in_flight: must be at least 1".into(),
+            ));
+        }
         if let Some(mut g) = group {
             if let Some(p) = self.profile {
                 g.profile = p;
@@ -942,7 +950,7 @@ impl Stage for LlmStage {
                 g.api_key_env = Some(k.clone());
             }
             if let Some(m) = self.max_in_flight {
-                g.max_in_flight = m.max(1);
+                g.max_in_flight = m;
             }
             self.group = Some(g);
         }
