@@ -337,7 +337,9 @@ fn scan_inputs(pipeline: &Pipeline, errs: &mut Vec<Diagnostic>) -> HashMap<Strin
 }
 
 /// Plan stages in dependency order: every table's schema. A stage whose parents failed is
-/// skipped silently so one mistake is reported once, not again by every descendant.
+/// skipped silently so one mistake is reported once, not again by every descendant; a parent
+/// whose errors leave its schema known (`Stage::schema_despite_errors`) has not failed in this
+/// sense.
 fn plan_schemas(
     pipeline: &Pipeline,
     graph: &Graph,
@@ -400,7 +402,14 @@ fn plan_schemas(
             Ok(schema) => {
                 schemas.insert(id.clone(), schema);
             }
-            Err(mut e) => errs.append(&mut e),
+            Err(mut e) => {
+                errs.append(&mut e);
+                // The validation fails either way; a schema the errors leave known lets the
+                // descendants be checked too, so their mistakes are not found one run later.
+                if let Some(schema) = s.stage.schema_despite_errors(&ctx) {
+                    schemas.insert(id.clone(), schema);
+                }
+            }
         }
     }
     schemas

@@ -1080,6 +1080,24 @@ impl Stage for LlmStage {
         }
     }
 
+    // Checking past errors (issue 25): whatever `plan` found wrong (template variables,
+    // column params), the stage adds the same columns, so the stages downstream are checked
+    // in the same validation.
+    fn schema_despite_errors(&self, ctx: &PlanCtx) -> Option<SchemaRef> {
+        let parent = ctx.parent();
+        let added = self.new_fields();
+        // An added column that clashes with an upstream one leaves the output unclear.
+        if added
+            .iter()
+            .any(|f| parent.field_with_name(f.name()).is_ok())
+        {
+            return None;
+        }
+        let fields: Vec<Field> = parent.fields().iter().map(|f| f.as_ref().clone()).collect();
+        Some(Arc::new(Schema::new([fields, added].concat())))
+    }
+    // End of checking past errors.
+
     fn llm(&self) -> Option<&LlmStage> {
         Some(self)
     }

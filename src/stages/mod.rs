@@ -189,6 +189,15 @@ pub trait Stage: std::fmt::Debug + Send + Sync {
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
 
+    /// The output schema when [`plan`](Stage::plan) found errors that leave it known (a
+    /// template naming a missing column does not change the columns an llm stage adds). With
+    /// it the stages downstream are still checked, so one validation reports their mistakes
+    /// too; without it (`None`, the default) they are skipped, as their errors could be
+    /// consequences of this stage's.
+    fn schema_despite_errors(&self, _ctx: &PlanCtx) -> Option<SchemaRef> {
+        None
+    }
+
     /// The LLM stage behind this object, for the verbs that work on LLM requests.
     fn llm(&self) -> Option<&crate::llm::LlmStage> {
         None
