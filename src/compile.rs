@@ -61,6 +61,10 @@ impl Plan {
     }
 }
 
+/// Compile a pipeline file into a [`Plan`]. A sequence of steps, each adding what it finds to
+/// one list of diagnostics, so every problem of the file is reported in one validation:
+/// load (parse) → check_ids → resolve_references → find_cycles → scan_inputs →
+/// plan_schemas → fingerprints (only for a pipeline without errors).
 pub fn compile(
     file: &Path,
     overrides: &[(String, String)],
@@ -68,9 +72,36 @@ pub fn compile(
     engine: &Engine,
 ) -> Result<Plan, Diagnostics> {
     let (pipeline, mut errs) = spec::load(file, overrides, env).map_err(Diagnostics)?;
-    let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let duplicates = check_ids(&pipeline, &mut errs);
+    let graph = resolve_references(&pipeline, &duplicates, &mut errs);
+    let (order, in_cycle) = find_cycles(&pipeline, &graph.deps, &mut errs);
+    let scans = scan_inputs(&pipeline, &mut errs);
+    let schemas = plan_schemas(
+        &pipeline, &graph, &order, &in_cycle, &scans, engine, &mut errs,
+    );
+    if !errs.is_empty() {
+        errs.sort_by_key(|e| e.pos);
+        return Err(Diagnostics(errs));
+    }
+    let fingerprints = fingerprints(&pipeline, &order, &graph.deps, &scans);
+    Ok(Plan {
+        pipeline,
+        order,
+        deps: graph.deps,
+        schemas,
+        scans,
+        fingerprints,
+    })
+}
 
-    // Ids: one namespace for inputs and stages.
+/// A diagnostic in the pipeline file.
+fn at(pipeline: &Pipeline, pos: Pos, message: String) -> Diagnostic {
+    Diagnostic::new(&pipeline.file, pos, message)
+}
+
+/// Ids: one namespace for inputs and stages. Returns the indexes of the stages whose id was
+/// taken already.
+fn check_ids(pipeline: &Pipeline, errs: &mut Vec<Diagnostic>) -> BTreeSet<usize> {
     let mut seen: HashMap<String, Pos> = HashMap::new();
     let mut duplicates: BTreeSet<usize> = BTreeSet::new();
     for i in &pipeline.inputs {
@@ -80,7 +111,8 @@ pub fn compile(
         if let Some(first) = seen.get(&s.id) {
             duplicates.insert(idx);
             errs.push(
-                d(
+                at(
+                    pipeline,
                     s.node.pos_at(&["id"]),
                     format!(
                         "duplicate id `{}` (first defined at line {})",
@@ -94,8 +126,23 @@ pub fn compile(
             seen.insert(s.id.clone(), s.node.pos_at(&["id"]));
         }
     }
+    duplicates
+}
 
-    // References.
+/// The tables each stage reads.
+struct Graph {
+    /// Every stage's dependencies (`from` first, then extra deps), by id.
+    deps: HashMap<String, Vec<String>>,
+    /// Stages that read no table, themselves, an unknown table or a broken one: not planned.
+    bad_refs: BTreeSet<String>,
+}
+
+/// References: every table a stage reads must be an input or another stage.
+fn resolve_references(
+    pipeline: &Pipeline,
+    duplicates: &BTreeSet<usize>,
+    errs: &mut Vec<Diagnostic>,
+) -> Graph {
     let mut known: Vec<String> = pipeline.all_ids().iter().map(|s| s.to_string()).collect();
     known.extend(pipeline.broken.iter().cloned());
     let mut deps: HashMap<String, Vec<String>> = HashMap::new();
@@ -106,7 +153,7 @@ pub fn compile(
         let duplicate = duplicates.contains(&idx);
         if s.from.is_empty() {
             errs.push(
-                d(s.pos, "missing field `from`".into())
+                at(pipeline, s.pos, "missing field `from`".into())
                     .stage(&s.id)
                     .hint("name the input or stage this one reads: `from: <id>`"),
             );
@@ -114,7 +161,8 @@ pub fn compile(
         }
         if s.stage.arity() == Arity::One && s.from.len() > 1 {
             errs.push(
-                d(
+                at(
+                    pipeline,
                     s.from[1].1,
                     format!(
                         "{} stage reads one table, but `from` names {}",
@@ -132,7 +180,7 @@ pub fn compile(
                 // Reported here, not again as a one-stage cycle.
                 if !duplicate {
                     errs.push(
-                        d(pos, format!("stage `{}` reads itself", s.id))
+                        at(pipeline, pos, format!("stage `{}` reads itself", s.id))
                             .stage(&s.id)
                             .hint("read an earlier stage"),
                     );
@@ -144,13 +192,14 @@ pub fn compile(
                 bad_refs.insert(s.id.clone());
             } else if !known.contains(&name) {
                 errs.push(
-                    d(
+                    at(
+                        pipeline,
                         pos,
                         format!("unknown table `{name}`: no input or stage has this id"),
                     )
                     .stage(&s.id)
                     .maybe_hint(did_you_mean(&name, known.iter().map(String::as_str)))
-                    .hint_else(format!("known ids: {}", known.join(", "))),
+                    .hint_if_none(format!("known ids: {}", known.join(", "))),
                 );
                 bad_refs.insert(s.id.clone());
             }
@@ -160,8 +209,16 @@ pub fn compile(
             deps.insert(s.id.clone(), ds);
         }
     }
+    Graph { deps, bad_refs }
+}
 
-    // Cycles, printed as a chain.
+/// Cycles, each printed as a chain. Returns a dependency order (inputs first, in file order,
+/// then stages) and the stages on a cycle.
+fn find_cycles(
+    pipeline: &Pipeline,
+    deps: &HashMap<String, Vec<String>>,
+    errs: &mut Vec<Diagnostic>,
+) -> (Vec<String>, BTreeSet<String>) {
     let mut order: Vec<String> = pipeline.inputs.iter().map(|i| i.id.clone()).collect();
     let mut state: HashMap<String, u8> = HashMap::new(); // 1 = visiting, 2 = done
     let mut in_cycle: BTreeSet<String> = BTreeSet::new();
@@ -198,7 +255,7 @@ pub fn compile(
     for s in &pipeline.stages {
         visit(
             &s.id,
-            &deps,
+            deps,
             &mut state,
             &mut Vec::new(),
             &mut order,
@@ -209,7 +266,8 @@ pub fn compile(
         let first = &chain[0];
         if let Some(s) = pipeline.stage(first) {
             errs.push(
-                d(
+                at(
+                    pipeline,
                     s.node.pos_at(&["from"]),
                     format!("cycle: {}", chain.join(" → ")),
                 )
@@ -219,17 +277,19 @@ pub fn compile(
         }
         in_cycle.extend(chain);
     }
+    (order, in_cycle)
+}
 
-    // Inputs: resolve, read completely, infer schemas.
-    let mut schemas: HashMap<String, SchemaRef> = HashMap::new();
+/// Inputs: resolve, read completely, infer schemas.
+fn scan_inputs(pipeline: &Pipeline, errs: &mut Vec<Diagnostic>) -> HashMap<String, InputScan> {
     let mut scans: HashMap<String, InputScan> = HashMap::new();
-    let mut fingerprints: HashMap<String, String> = HashMap::new();
     for i in &pipeline.inputs {
         let mut bad = false;
         if let Some(s) = &i.spec.sample {
             if s.n.is_some() == s.fraction.is_some() {
                 errs.push(
-                    d(
+                    at(
+                        pipeline,
                         i.node.pos_at(&["sample"]),
                         format!(
                             "input `{}`: sample takes exactly one of `n` and `fraction`",
@@ -241,7 +301,8 @@ pub fn compile(
                 bad = true;
             }
             if s.fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
-                errs.push(d(
+                errs.push(at(
+                    pipeline,
                     i.node.pos_at(&["sample", "fraction"]),
                     format!("input `{}`: fraction must be between 0 and 1", i.id),
                 ));
@@ -253,20 +314,13 @@ pub fn compile(
         }
         match input::scan(i, &pipeline.dir) {
             Ok(scan) => {
-                schemas.insert(i.id.clone(), scan.schema());
-                let fp = hash_json(&serde_json::json!({
-                    "input": INPUT_VERSION,
-                    "id": i.id,
-                    "spec": {"format": scan.format, "limit": i.spec.limit, "sample": i.spec.sample},
-                    "content": scan.content_hash,
-                }));
-                fingerprints.insert(i.id.clone(), fp);
                 scans.insert(i.id.clone(), scan);
             }
             Err(e) => {
                 let pos = i.node.pos_at(&["path"]);
                 errs.push(
-                    d(
+                    at(
+                        pipeline,
                         if i.node.get("path").is_some() {
                             pos
                         } else {
@@ -279,21 +333,37 @@ pub fn compile(
             }
         }
     }
+    scans
+}
 
-    // Plan stages in dependency order; a stage whose parents failed is skipped silently so
-    // one mistake is reported once, not again by every descendant.
+/// Plan stages in dependency order: every table's schema. A stage whose parents failed is
+/// skipped silently so one mistake is reported once, not again by every descendant; a parent
+/// whose errors leave its schema known (`Stage::schema_despite_errors`) has not failed in this
+/// sense.
+fn plan_schemas(
+    pipeline: &Pipeline,
+    graph: &Graph,
+    order: &[String],
+    in_cycle: &BTreeSet<String>,
+    scans: &HashMap<String, InputScan>,
+    engine: &Engine,
+    errs: &mut Vec<Diagnostic>,
+) -> HashMap<String, SchemaRef> {
+    let mut schemas: HashMap<String, SchemaRef> = scans
+        .iter()
+        .map(|(id, scan)| (id.clone(), scan.schema()))
+        .collect();
     for id in order
         .iter()
         .filter(|id| !scans.contains_key(*id) && pipeline.input(id).is_none())
     {
-        if bad_refs.contains(id) || in_cycle.contains(id) {
+        if graph.bad_refs.contains(id) || in_cycle.contains(id) {
             continue;
         }
         let Some(s) = pipeline.stage(id) else {
             continue;
         };
-        let ds = &deps[id];
-        let Some(parents) = ds
+        let Some(parents) = graph.deps[id]
             .iter()
             .map(|p| schemas.get(p).map(|s| (p.clone(), s.clone())))
             .collect::<Option<Vec<_>>>()
@@ -306,7 +376,8 @@ pub fn compile(
                 .is_some_and(|(_, sc)| sc.field_with_name(ID_COL).is_err())
         {
             errs.push(
-                d(
+                at(
+                    pipeline,
                     s.from.first().map_or(s.pos, |f| f.1),
                     format!(
                         "input table `{}` has no `{ID_COL}` column, which {} stage needs",
@@ -323,42 +394,66 @@ pub fn compile(
         }
         let ctx = PlanCtx {
             def: s,
-            file,
+            file: &pipeline.file,
             parents,
             engine,
         };
         match s.stage.plan(&ctx) {
             Ok(schema) => {
                 schemas.insert(id.clone(), schema);
-                let parent_fps: Vec<String> = ds
-                    .iter()
-                    .map(|p| fingerprints.get(p).cloned().unwrap_or_default())
-                    .collect();
-                let fp = hash_json(&serde_json::json!({
-                    "kind": s.kind,
-                    "version": s.stage.version(),
-                    "config": s.stage.fingerprint(),
-                    "parents": ds,
-                    "parent_fingerprints": parent_fps,
-                }));
-                fingerprints.insert(id.clone(), fp);
             }
-            Err(mut e) => errs.append(&mut e),
+            Err(mut e) => {
+                errs.append(&mut e);
+                // The validation fails either way; a schema the errors leave known lets the
+                // descendants be checked too, so their mistakes are not found one run later.
+                if let Some(schema) = s.stage.schema_despite_errors(&ctx) {
+                    schemas.insert(id.clone(), schema);
+                }
+            }
         }
     }
+    schemas
+}
 
-    if !errs.is_empty() {
-        errs.sort_by_key(|e| e.pos);
-        return Err(Diagnostics(errs));
+/// Every table's fingerprint, in dependency order: an input's covers its spec and content, a
+/// stage's its kind, version, config and its parents' fingerprints.
+fn fingerprints(
+    pipeline: &Pipeline,
+    order: &[String],
+    deps: &HashMap<String, Vec<String>>,
+    scans: &HashMap<String, InputScan>,
+) -> HashMap<String, String> {
+    let mut fingerprints: HashMap<String, String> = HashMap::new();
+    for id in order {
+        let fp = if let Some(scan) = scans.get(id) {
+            let Some(i) = pipeline.input(id) else {
+                continue;
+            };
+            hash_json(&serde_json::json!({
+                "input": INPUT_VERSION,
+                "id": i.id,
+                "spec": {"format": scan.format, "limit": i.spec.limit, "sample": i.spec.sample},
+                "content": scan.content_hash,
+            }))
+        } else {
+            let (Some(s), Some(ds)) = (pipeline.stage(id), deps.get(id)) else {
+                continue;
+            };
+            let parent_fps: Vec<String> = ds
+                .iter()
+                .map(|p| fingerprints.get(p).cloned().unwrap_or_default())
+                .collect();
+            hash_json(&serde_json::json!({
+                "kind": s.kind,
+                "version": s.stage.version(),
+                "config": s.stage.fingerprint(),
+                "parents": ds,
+                "parent_fingerprints": parent_fps,
+            }))
+        };
+        fingerprints.insert(id.clone(), fp);
     }
-    Ok(Plan {
-        pipeline,
-        order,
-        deps,
-        schemas,
-        scans,
-        fingerprints,
-    })
+    fingerprints
 }
 
 /// "a dedup", "an output": a stage kind with its article.
@@ -374,18 +469,4 @@ fn a_kind(kind: &str) -> String {
 pub fn hash_json(v: &serde_json::Value) -> String {
     let s = serde_json::to_string(v).unwrap_or_default();
     blake3::hash(s.as_bytes()).to_hex()[..32].to_string()
-}
-
-trait HintElse {
-    fn hint_else(self, h: String) -> Self;
-}
-
-impl HintElse for Diagnostic {
-    fn hint_else(self, h: String) -> Self {
-        if self.hint.is_some() {
-            self
-        } else {
-            self.hint(h)
-        }
-    }
 }

@@ -2,29 +2,34 @@
 //! [`Pipeline`], collecting every error (syntax, unknown fields, wrong types, unknown params)
 //! instead of stopping at the first.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Diagnostic, did_you_mean};
-use crate::stages::{self, BuildCtx, Stage};
+use crate::stages::{self, BuildCtx, SectionCtx, Stage};
 use crate::yaml::{self, Node, Pos, Value};
 
-/// Top-level keys of a pipeline file (also the order of the JSON Schema's properties).
-pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "name",
-    "description",
-    "params",
-    "profiles",
-    "endpoints",
-    "inputs",
-    "stages",
-];
+/// Top-level keys of a pipeline file, in the order hints list them: the family sections (see
+/// [`stages::sections`]) come between `profiles` and `inputs`.
+pub fn top_level_keys() -> Vec<&'static str> {
+    let sections = stages::sections().iter().map(|s| s.name);
+    ["name", "description", "params", "profiles"]
+        .into_iter()
+        .chain(sections)
+        .chain(["inputs", "stages"])
+        .collect()
+}
 
 /// The override key that carries `--profile NAME` into [`load`].
 pub const PROFILE_KEY: &str = "@profile";
+
+/// Where problems of the whole file and of the command line (`--set`, `--profile`) point.
+const START: Pos = Pos { line: 1, col: 1 };
 
 /// Reserved row-identity column, added to every input row.
 pub const ID_COL: &str = "_id";
@@ -160,22 +165,59 @@ impl Pipeline {
 
 /// Read and parse a pipeline file. Errors that leave nothing to check further (unreadable
 /// file, YAML syntax, not a mapping) are `Err`; all others come back beside the partly parsed
-/// pipeline so compilation can go on and report the rest too. `overrides` are `--set key=value` pairs. `env` looks up
-/// environment variables (a closure so tests need not touch the process environment).
+/// pipeline so compilation can go on and report the rest too. `overrides` are `--set key=value`
+/// pairs (and `--profile` as [`PROFILE_KEY`]). `env` looks up environment variables (a closure
+/// so tests need not touch the process environment).
+///
+/// A sequence of steps, each adding what it finds to one list: every mistake of the file is
+/// reported in one go, not one per attempt.
 pub fn load(
     file: &Path,
     overrides: &[(String, String)],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Pipeline, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
-    let start = Pos { line: 1, col: 1 };
+    let text = read_text(file)?;
+    let mut root = parse_yaml(file, &text)?;
+    let dir = folder_of(file);
+
+    let mut errs = Vec::new();
+    check_top_level_keys(file, &root, &mut errs);
+    let params = read_params(file, &root, overrides, env, &mut errs);
+    let mut broken = interpolate_pipeline(file, &mut root, &params.values, env, &mut errs);
+    let name = read_name(file, &root, &mut errs);
+    let description = root
+        .get("description")
+        .and_then(|d| d.as_str().map(str::to_string));
+    let inputs = parse_inputs(file, &root, &mut broken, &mut errs);
+    let build = BuildCtx {
+        file: file.to_path_buf(),
+        sections: parse_sections(file, &dir, &root, &mut errs),
+        dir,
+    };
+    let stages = parse_stages(&root, &build, &mut broken, &mut errs);
+
+    let pipeline = Pipeline {
+        file: file.to_path_buf(),
+        dir: build.dir,
+        name,
+        description,
+        params: params.literal,
+        inputs,
+        stages,
+        broken,
+    };
+    Ok((pipeline, errs))
+}
+
+/// The file's text; unreadable or not UTF-8 ends the load.
+fn read_text(file: &Path) -> Result<String, Vec<Diagnostic>> {
     let bytes = std::fs::read(file).map_err(|e| {
         vec![
-            at(start, format!("cannot read pipeline file: {e}"))
+            Diagnostic::new(file, START, format!("cannot read pipeline file: {e}"))
                 .hint("check the path; pipelines usually live in pipelines/"),
         ]
     })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
         let prefix = &e.as_bytes()[..valid];
         let line = prefix.iter().filter(|b| **b == b'\n').count() + 1;
@@ -186,27 +228,24 @@ pub fn load(
                 .map_or(0, |p| p + 1)
             + 1;
         vec![
-            at(Pos { line, col }, "pipeline file is not valid UTF-8".into())
+            Diagnostic::new(file, Pos { line, col }, "pipeline file is not valid UTF-8")
                 .hint("save the file as UTF-8"),
         ]
-    })?;
-    let mut root = yaml::parse(&text).map_err(|e| {
-        vec![at(e.pos, format!("YAML syntax error: {}", e.message)).hint("fix the YAML syntax")]
-    })?;
-    let mut errs = Vec::new();
-    let dir = file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
+    })
+}
 
-    let Value::Map(entries) = &root.value else {
+/// The YAML tree, which must be a mapping; a syntax error or another shape ends the load.
+fn parse_yaml(file: &Path, text: &str) -> Result<Node, Vec<Diagnostic>> {
+    let root = yaml::parse(text).map_err(|e| {
+        vec![
+            Diagnostic::new(file, e.pos, format!("YAML syntax error: {}", e.message))
+                .hint("fix the YAML syntax"),
+        ]
+    })?;
+    if !matches!(root.value, Value::Map(_)) {
         return Err(vec![
-            at(
+            Diagnostic::new(
+                file,
                 root.pos,
                 format!(
                     "a pipeline file must be a mapping, found {}",
@@ -215,30 +254,84 @@ pub fn load(
             )
             .hint("start with `name:`, `inputs:` and `stages:`"),
         ]);
-    };
-    for (k, _) in entries {
+    }
+    Ok(root)
+}
+
+/// Folder of the pipeline file: relative paths start here.
+fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn check_top_level_keys(file: &Path, root: &Node, errs: &mut Vec<Diagnostic>) {
+    let known = top_level_keys();
+    for (k, _) in root.as_map().unwrap_or(&[]) {
         let key = k.scalar_text();
-        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+        if !known.contains(&key.as_str()) {
             errs.push(
-                at(k.pos, format!("unknown field `{key}`"))
-                    .maybe_hint(did_you_mean(&key, TOP_LEVEL_KEYS.iter().copied()))
-                    .hint_or(format!("expected one of {}", TOP_LEVEL_KEYS.join(", "))),
+                Diagnostic::new(file, k.pos, format!("unknown field `{key}`"))
+                    .maybe_hint(did_you_mean(&key, known.iter().copied()))
+                    .hint_if_none(format!("expected one of {}", known.join(", "))),
             );
         }
     }
+}
 
-    // Params first: they are interpolated into everything else.
-    let mut params: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    let mut param_nodes: BTreeMap<String, Node> = BTreeMap::new();
+/// The pipeline's params, resolved.
+struct Params {
+    /// What `${params.x}` gives: after `--profile`, `--set` and the environment.
+    values: BTreeMap<String, serde_json::Value>,
+    /// As written or set, never environment-expanded: what a run records.
+    literal: BTreeMap<String, serde_json::Value>,
+}
+
+/// Params first: they are interpolated into everything else. Declared values, then the chosen
+/// profile's, then `--set`; each param may read the environment, but not other params.
+fn read_params(
+    file: &Path,
+    root: &Node,
+    overrides: &[(String, String)],
+    env: &dyn Fn(&str) -> Option<String>,
+    errs: &mut Vec<Diagnostic>,
+) -> Params {
+    let mut nodes = declared_params(file, root, errs);
+    let profiles = read_profiles(file, root, &nodes, errs);
+    let chosen = apply_profile(file, overrides, &profiles, &mut nodes, errs);
+    let sets: Vec<(String, String)> = overrides
+        .iter()
+        .filter(|(k, _)| k != PROFILE_KEY)
+        .cloned()
+        .collect();
+    apply_sets(file, &sets, &mut nodes, errs);
+    let empty = BTreeMap::new();
+    let mut values = BTreeMap::new();
+    for (k, node) in nodes.iter_mut() {
+        interpolate(node, &empty, env, file, errs);
+        values.insert(k.clone(), node.to_json());
+    }
+    let chosen = chosen.and_then(|name| profiles.get(&name));
+    Params {
+        values,
+        literal: literal_params(root, chosen, &sets),
+    }
+}
+
+/// The `params:` mapping as written.
+fn declared_params(file: &Path, root: &Node, errs: &mut Vec<Diagnostic>) -> BTreeMap<String, Node> {
+    let mut nodes = BTreeMap::new();
     if let Some(p) = root.get("params") {
         match &p.value {
             Value::Map(m) => {
                 for (k, v) in m {
-                    param_nodes.insert(k.scalar_text(), v.clone());
+                    nodes.insert(k.scalar_text(), v.clone());
                 }
             }
             Value::Null => {}
-            _ => errs.push(at(
+            _ => errs.push(Diagnostic::new(
+                file,
                 p.pos,
                 format!(
                     "params: invalid type: {}, expected a mapping of names to values",
@@ -247,103 +340,124 @@ pub fn load(
             )),
         }
     }
-    // Profiles: named sets of param values (`--profile local`), checked whether used or not.
-    let mut profile_nodes: BTreeMap<String, Vec<(Node, Node)>> = BTreeMap::new();
-    if let Some(p) = root.get("profiles") {
-        match &p.value {
-            Value::Map(m) => {
-                for (name, body) in m {
-                    match &body.value {
-                        Value::Map(kv) => {
-                            for (k, _) in kv {
-                                let key = k.scalar_text();
-                                if !param_nodes.contains_key(&key) {
-                                    errs.push(
-                                        at(
-                                            k.pos,
-                                            format!(
-                                                "profile `{}` sets `{key}`, which is not a param",
-                                                name.scalar_text()
-                                            ),
-                                        )
-                                        .maybe_hint(did_you_mean(
-                                            &key,
-                                            param_nodes.keys().map(String::as_str),
-                                        ))
-                                        .hint_or("declare it under `params:` first".into()),
-                                    );
-                                }
-                            }
-                            profile_nodes.insert(name.scalar_text(), kv.clone());
-                        }
-                        _ => errs.push(
-                            at(
-                                body.pos,
-                                format!(
-                                    "profiles.{}: expected a mapping of params to values",
-                                    name.scalar_text()
-                                ),
-                            )
-                            .hint("profiles: {local: {rows: 8, samples: 2}}"),
-                        ),
-                    }
-                }
-            }
-            _ => errs.push(
-                at(
-                    p.pos,
-                    "profiles: expected a mapping of profile names".into(),
-                )
-                .hint("profiles: {local: {rows: 8}}"),
-            ),
-        }
-    }
-    let mut chosen_profile = None;
-    for (k, v) in overrides.iter().filter(|(k, _)| k == PROFILE_KEY) {
-        let _ = k;
-        match profile_nodes.get(v) {
-            Some(kv) => {
-                chosen_profile = Some(v.clone());
-                for (pk, pv) in kv {
-                    let key = pk.scalar_text();
-                    if param_nodes.contains_key(&key) {
-                        param_nodes.insert(key, pv.clone());
-                    }
-                }
-            }
-            None => errs.push(
-                at(
-                    start,
-                    format!("--profile {v}: the pipeline has no profile `{v}`"),
-                )
-                .maybe_hint(did_you_mean(v, profile_nodes.keys().map(String::as_str)))
-                .hint_or(format!(
-                    "profiles: {}",
-                    if profile_nodes.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        profile_nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-                    }
-                )),
-            ),
-        }
-    }
-    let overrides: Vec<(String, String)> = overrides
-        .iter()
-        .filter(|(k, _)| k != PROFILE_KEY)
-        .cloned()
-        .collect();
-    let overrides = &overrides[..];
-    for (k, v) in overrides {
-        if !param_nodes.contains_key(k) {
-            let known: Vec<&str> = param_nodes.keys().map(String::as_str).collect();
+    nodes
+}
+
+/// Profiles: named sets of param values (`--profile local`), checked whether used or not.
+fn read_profiles(
+    file: &Path,
+    root: &Node,
+    params: &BTreeMap<String, Node>,
+    errs: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Vec<(Node, Node)>> {
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let mut profiles = BTreeMap::new();
+    let Some(p) = root.get("profiles") else {
+        return profiles;
+    };
+    let Value::Map(m) = &p.value else {
+        errs.push(
+            at(
+                p.pos,
+                "profiles: expected a mapping of profile names".into(),
+            )
+            .hint("profiles: {local: {rows: 8}}"),
+        );
+        return profiles;
+    };
+    for (name, body) in m {
+        let Value::Map(kv) = &body.value else {
             errs.push(
                 at(
-                    start,
+                    body.pos,
+                    format!(
+                        "profiles.{}: expected a mapping of params to values",
+                        name.scalar_text()
+                    ),
+                )
+                .hint("profiles: {local: {rows: 8, samples: 2}}"),
+            );
+            continue;
+        };
+        for (k, _) in kv {
+            let key = k.scalar_text();
+            if !params.contains_key(&key) {
+                errs.push(
+                    at(
+                        k.pos,
+                        format!(
+                            "profile `{}` sets `{key}`, which is not a param",
+                            name.scalar_text()
+                        ),
+                    )
+                    .maybe_hint(did_you_mean(&key, params.keys().map(String::as_str)))
+                    .hint_if_none("declare it under `params:` first"),
+                );
+            }
+        }
+        profiles.insert(name.scalar_text(), kv.clone());
+    }
+    profiles
+}
+
+/// `--profile NAME`: its values replace the declared ones. Returns the profile applied.
+fn apply_profile(
+    file: &Path,
+    overrides: &[(String, String)],
+    profiles: &BTreeMap<String, Vec<(Node, Node)>>,
+    params: &mut BTreeMap<String, Node>,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<String> {
+    let mut chosen = None;
+    for (_, v) in overrides.iter().filter(|(k, _)| k == PROFILE_KEY) {
+        let Some(kv) = profiles.get(v) else {
+            errs.push(
+                Diagnostic::new(
+                    file,
+                    START,
+                    format!("--profile {v}: the pipeline has no profile `{v}`"),
+                )
+                .maybe_hint(did_you_mean(v, profiles.keys().map(String::as_str)))
+                .hint_if_none(format!(
+                    "profiles: {}",
+                    if profiles.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                )),
+            );
+            continue;
+        };
+        chosen = Some(v.clone());
+        for (pk, pv) in kv {
+            let key = pk.scalar_text();
+            if params.contains_key(&key) {
+                params.insert(key, pv.clone());
+            }
+        }
+    }
+    chosen
+}
+
+/// `--set key=value`: the value replaces the param's, at the param's position.
+fn apply_sets(
+    file: &Path,
+    sets: &[(String, String)],
+    params: &mut BTreeMap<String, Node>,
+    errs: &mut Vec<Diagnostic>,
+) {
+    for (k, v) in sets {
+        let Some(pos) = params.get(k).map(|n| n.pos) else {
+            let known: Vec<&str> = params.keys().map(String::as_str).collect();
+            errs.push(
+                Diagnostic::new(
+                    file,
+                    START,
                     format!("--set {k}={v}: the pipeline has no param `{k}`"),
                 )
                 .maybe_hint(did_you_mean(k, known.iter().copied()))
-                .hint_or(format!(
+                .hint_if_none(format!(
                     "declared params: {}",
                     if known.is_empty() {
                         "(none)".to_string()
@@ -353,332 +467,248 @@ pub fn load(
                 )),
             );
             continue;
-        }
-        let pos = param_nodes[k].pos;
+        };
         let mut n = Node::new(yaml::resolve_plain(v), pos);
         n.raw = Some(v.clone());
-        param_nodes.insert(k.clone(), n);
+        params.insert(k.clone(), n);
     }
-    // Params may themselves read the environment, but not other params.
-    let empty = BTreeMap::new();
-    for (k, node) in param_nodes.iter_mut() {
-        interpolate(node, &empty, env, file, &mut errs);
-        params.insert(k.clone(), node.to_json());
-    }
-    // Record params literally as written or set, never their environment-expanded values.
-    let mut literal_params = BTreeMap::new();
+}
+
+/// Params literally as written, then as the profile and `--set` changed them; never their
+/// environment-expanded values (a run records these).
+fn literal_params(
+    root: &Node,
+    profile: Option<&Vec<(Node, Node)>>,
+    sets: &[(String, String)],
+) -> BTreeMap<String, serde_json::Value> {
+    let mut literal = BTreeMap::new();
     if let Some(Value::Map(m)) = root.get("params").map(|p| &p.value) {
         for (k, v) in m {
-            literal_params.insert(k.scalar_text(), v.to_json());
+            literal.insert(k.scalar_text(), v.to_json());
         }
     }
-    if let Some(name) = &chosen_profile
-        && let Some(kv) = profile_nodes.get(name)
-    {
-        for (pk, pv) in kv {
-            if literal_params.contains_key(&pk.scalar_text()) {
-                literal_params.insert(pk.scalar_text(), pv.to_json());
-            }
+    for (pk, pv) in profile.into_iter().flatten() {
+        if literal.contains_key(&pk.scalar_text()) {
+            literal.insert(pk.scalar_text(), pv.to_json());
         }
     }
-    for (k, v) in overrides {
-        if literal_params.contains_key(k) {
-            literal_params.insert(
+    for (k, v) in sets {
+        if literal.contains_key(k) {
+            literal.insert(
                 k.clone(),
-                yaml::Node::new(yaml::resolve_plain(v), start).to_json(),
+                Node::new(yaml::resolve_plain(v), START).to_json(),
             );
         }
     }
+    literal
+}
 
-    // Interpolate each input and stage on its own: one whose `${...}` failed is marked
-    // broken, so later checks skip it instead of reporting the same mistake again.
+/// Interpolate params and the environment into the inputs, the family sections and the stages
+/// (after expanding `repeat` blocks). Each input and stage on its own: one whose `${...}`
+/// failed is returned as broken, so later checks skip it instead of reporting the same
+/// mistake again.
+fn interpolate_pipeline(
+    file: &Path,
+    root: &mut Node,
+    params: &BTreeMap<String, serde_json::Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errs: &mut Vec<Diagnostic>,
+) -> Vec<String> {
     let mut broken: Vec<String> = Vec::new();
-    if let Value::Map(m) = &mut root.value {
-        for (k, v) in m.iter_mut() {
-            match (k.as_str(), &mut v.value) {
-                (Some("inputs"), Value::Map(entries)) => {
-                    for (ik, iv) in entries.iter_mut() {
-                        let before = errs.len();
-                        interpolate(iv, &params, env, file, &mut errs);
-                        if errs.len() > before {
-                            broken.push(ik.scalar_text());
-                        }
+    let Value::Map(m) = &mut root.value else {
+        return broken;
+    };
+    for (k, v) in m.iter_mut() {
+        match (k.as_str(), &mut v.value) {
+            (Some("inputs"), Value::Map(entries)) => {
+                for (ik, iv) in entries.iter_mut() {
+                    let before = errs.len();
+                    interpolate(iv, params, env, file, errs);
+                    if errs.len() > before {
+                        broken.push(ik.scalar_text());
                     }
                 }
-                (Some("endpoints"), _) => interpolate(v, &params, env, file, &mut errs),
-                (Some("stages"), Value::Seq(items)) => {
-                    // `repeat` blocks become their rounds' stages before anything else looks
-                    // at the list, so ids, references and columns of every round are checked
-                    // like hand-written stages.
-                    let taken = std::mem::take(items);
-                    *items = expand_repeats(taken, &params, env, file, &mut errs);
-                    for item in items.iter_mut() {
-                        let before = errs.len();
-                        interpolate(item, &params, env, file, &mut errs);
-                        if errs.len() > before
-                            && let Some(id) = item.get("id")
-                        {
-                            broken.push(id.scalar_text());
-                        }
-                    }
-                }
-                _ => {}
             }
+            (Some("stages"), Value::Seq(items)) => {
+                // `repeat` blocks become their rounds' stages before anything else looks at
+                // the list, so ids, references and columns of every round are checked like
+                // hand-written stages.
+                let taken = std::mem::take(items);
+                *items = expand_repeats(taken, params, env, file, errs);
+                for item in items.iter_mut() {
+                    let before = errs.len();
+                    interpolate(item, params, env, file, errs);
+                    if errs.len() > before
+                        && let Some(id) = item.get("id")
+                    {
+                        broken.push(id.scalar_text());
+                    }
+                }
+            }
+            (Some(key), _) if stages::sections().iter().any(|s| s.name == key) => {
+                interpolate(v, params, env, file, errs)
+            }
+            _ => {}
         }
     }
+    broken
+}
 
-    let name = match root.get("name") {
-        Some(n) => match n.as_str() {
-            Some(s) if valid_name(s) => s.to_string(),
-            Some(s) => {
-                errs.push(
-                    at(n.pos, format!("name `{s}` is not a valid pipeline name"))
-                        .hint("use letters, digits, '_' and '-' (it names the run directory)"),
-                );
-                s.to_string()
-            }
-            None => {
-                errs.push(at(
-                    n.pos,
-                    format!("name: invalid type: {}, expected a string", n.type_name()),
-                ));
-                String::new()
-            }
-        },
-        None => {
+fn read_name(file: &Path, root: &Node, errs: &mut Vec<Diagnostic>) -> String {
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let Some(n) = root.get("name") else {
+        errs.push(
+            at(root.pos, "missing field `name`".into()).hint("add `name: my_pipeline` at the top"),
+        );
+        return String::new();
+    };
+    match n.as_str() {
+        Some(s) if valid_name(s) => s.to_string(),
+        Some(s) => {
             errs.push(
-                at(root.pos, "missing field `name`".into())
-                    .hint("add `name: my_pipeline` at the top"),
+                at(n.pos, format!("name `{s}` is not a valid pipeline name"))
+                    .hint("use letters, digits, '_' and '-' (it names the run directory)"),
             );
+            s.to_string()
+        }
+        None => {
+            errs.push(at(
+                n.pos,
+                format!("name: invalid type: {}, expected a string", n.type_name()),
+            ));
             String::new()
         }
-    };
-    let description = root
-        .get("description")
-        .and_then(|d| d.as_str().map(str::to_string));
+    }
+}
 
+/// The `inputs:` mapping. An input with errors is added to `broken` instead.
+fn parse_inputs(
+    file: &Path,
+    root: &Node,
+    broken: &mut Vec<String>,
+    errs: &mut Vec<Diagnostic>,
+) -> Vec<InputDef> {
+    let at = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
     let mut inputs = Vec::new();
-    if let Some(node) = root.get("inputs") {
-        match &node.value {
-            Value::Map(m) => {
-                for (k, v) in m {
-                    let id = k.scalar_text();
-                    if broken.contains(&id) {
-                        continue;
-                    }
-                    if !valid_name(&id) {
-                        errs.push(
-                            at(k.pos, format!("input id `{id}` is not a valid name"))
-                                .hint("use letters, digits and '_' (it becomes a SQL table name)"),
-                        );
-                    }
-                    // `name: path` is short for `name: {path: path}`.
-                    let spec = if let Value::Str(s) = &v.value {
-                        Ok(InputSpec {
-                            path: s.clone(),
-                            format: None,
-                            limit: None,
-                            sample: None,
-                        })
-                    } else {
-                        // Every bad field of the input at once (see `yaml::collecting`).
-                        let path = format!("inputs.{id}");
-                        let (spec, recovered) =
-                            yaml::collecting(|| v.deserialize::<InputSpec>(&path));
-                        match (spec, recovered.is_empty()) {
-                            (Ok(spec), true) => Ok::<_, Vec<yaml::DeError>>(spec),
-                            (spec, _) => Err(recovered.into_iter().chain(spec.err()).collect()),
-                        }
-                    };
-                    match spec {
-                        Ok(spec) => inputs.push(InputDef {
-                            id,
-                            pos: k.pos,
-                            node: v.clone(),
-                            spec,
-                        }),
-                        Err(es) => {
-                            broken.push(id);
-                            for e in es {
-                                errs.push(
-                                    at(e.pos.unwrap_or(v.pos), e.to_string())
-                                        .hint("an input takes path, format, limit and sample"),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            _ => errs.push(at(
-                node.pos,
-                format!(
-                    "inputs: invalid type: {}, expected a mapping of input ids to files",
-                    node.type_name()
-                ),
-            )),
-        }
-    }
-
-    let mut endpoints = BTreeMap::new();
-    if let Some(node) = root.get("endpoints") {
-        match &node.value {
-            Value::Map(m) => {
-                for (k, v) in m {
-                    let name = k.scalar_text();
-                    let path = format!("endpoints.{name}");
-                    // Every bad field of the group at once; the group counts as defined even
-                    // when it is wrong, so the stages naming it report nothing more.
-                    let (group, recovered) = yaml::collecting(|| {
-                        v.deserialize::<crate::llm::pool::EndpointGroup>(&path)
-                    });
-                    let bad_fields: Vec<String> = recovered
-                        .iter()
-                        .map(|e| {
-                            let rest = e.path.strip_prefix(&path).unwrap_or_default();
-                            let rest = rest.trim_start_matches('.');
-                            rest.split(['.', '['])
-                                .next()
-                                .unwrap_or_default()
-                                .to_string()
-                        })
-                        .collect();
-                    for e in recovered.iter().chain(group.as_ref().err()) {
-                        errs.push(endpoint_error(file, v, e));
-                    }
-                    let group = match group {
-                        Ok(mut g) => {
-                            if g.urls.is_empty() && !bad_fields.iter().any(|f| f == "urls") {
-                                errs.push(
-                                    at(v.pos, format!("endpoint group `{name}` has no urls"))
-                                        .hint("urls: [\"http://127.0.0.1:8000/v1\"]"),
-                                );
-                            }
-                            for p in g.problems() {
-                                // `field: problem`: point at the field (unless its value was
-                                // already reported as the wrong type).
-                                let field = p.split(':').next().unwrap_or_default();
-                                if bad_fields.iter().any(|f| f == field) {
-                                    continue;
-                                }
-                                let pos = v.get(field).map_or(v.pos, |f| f.pos);
-                                errs.push(at(pos, format!("endpoint group `{name}`: {p}")));
-                            }
-                            // Relative to the pipeline file, like its inputs; read now, so a
-                            // wrong path is an error with its line, not a failed stage.
-                            if let Some(p) = &mut g.ca_cert {
-                                let full = dir.join(&*p);
-                                if let Err(e) = crate::llm::http::roots(&full) {
-                                    let pos = v.get("ca_cert").map_or(v.pos, |f| f.pos);
-                                    errs.push(
-                                        at(pos, format!("endpoint group `{name}`: ca_cert: {e}"))
-                                            .hint("give the PEM file of the CA that signed the server's certificate (relative to the pipeline file)"),
-                                    );
-                                }
-                                *p = full.display().to_string();
-                            }
-                            g
-                        }
-                        Err(_) => crate::llm::pool::EndpointGroup::new(Vec::new()),
-                    };
-                    // Kept even when wrong: its stages then report nothing more.
-                    endpoints.insert(name, group);
-                }
-            }
-            _ => errs.push(at(
-                node.pos,
-                format!(
-                    "endpoints: invalid type: {}, expected a mapping of group names",
-                    node.type_name()
-                ),
-            )),
-        }
-    }
-
-    let mut stages_out = Vec::new();
-    let build = BuildCtx {
-        file: file.to_path_buf(),
-        dir: dir.clone(),
-        endpoints,
+    let Some(node) = root.get("inputs") else {
+        return inputs;
     };
-    match root.get("stages") {
-        Some(node) => match &node.value {
-            Value::Seq(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let id = item.get("id").map(Node::scalar_text);
-                    match parse_stage(i, item, &build) {
-                        Ok(s) if !broken.contains(&s.id) => stages_out.push(s),
-                        Ok(_) => {}
-                        Err(mut e) => {
-                            errs.append(&mut e);
-                            broken.extend(id);
-                        }
-                    }
-                }
-            }
-            _ => errs.push(
-                at(
-                    node.pos,
-                    format!(
-                        "stages: invalid type: {}, expected a list",
-                        node.type_name()
-                    ),
-                )
-                .hint("write each stage as a list item starting with `- id:`"),
+    let Value::Map(m) = &node.value else {
+        errs.push(at(
+            node.pos,
+            format!(
+                "inputs: invalid type: {}, expected a mapping of input ids to files",
+                node.type_name()
             ),
-        },
-        None => {
-            errs.push(at(root.pos, "missing field `stages`".into()).hint("add a `stages:` list"))
-        }
-    }
-
-    let pipeline = Pipeline {
-        file: file.to_path_buf(),
-        dir,
-        name,
-        description,
-        params: literal_params,
-        inputs,
-        stages: stages_out,
-        broken,
+        ));
+        return inputs;
     };
-    Ok((pipeline, errs))
-}
-
-/// The fields of an endpoint group, for hints.
-const ENDPOINT_GROUP_FIELDS: &str = "urls, profile, api_key_env, ca_cert, max_in_flight, adaptive, timeout_s, max_retries, backoff_ms, backoff_max_ms, all_down_s, bench_s";
-
-/// A deserialization error of an endpoint group, with a hint that fits it: the valid values
-/// of an unknown variant, the closest field of an unknown field, else the group's fields.
-fn endpoint_error(file: &Path, group: &Node, e: &yaml::DeError) -> Diagnostic {
-    let d = Diagnostic::new(file, e.pos.unwrap_or(group.pos), e.to_string());
-    match unknown_name(&e.message) {
-        Some((name, expected)) if e.message.starts_with("unknown variant") => {
-            let field = e.path.rsplit('.').next().unwrap_or("the value");
-            let valid = format!("{field} is one of: {}", expected.join(", "));
-            match did_you_mean(&name, expected.iter().map(String::as_str)) {
-                Some(dym) => d.hint(format!("{dym} {valid}")),
-                None => d.hint(valid),
+    for (k, v) in m {
+        let id = k.scalar_text();
+        if broken.contains(&id) {
+            continue;
+        }
+        if !valid_name(&id) {
+            errs.push(
+                at(k.pos, format!("input id `{id}` is not a valid name"))
+                    .hint("use letters, digits and '_' (it becomes a SQL table name)"),
+            );
+        }
+        // `name: path` is short for `name: {path: path}`.
+        let spec = if let Value::Str(s) = &v.value {
+            Ok(InputSpec {
+                path: s.clone(),
+                format: None,
+                limit: None,
+                sample: None,
+            })
+        } else {
+            // Every bad field of the input at once (see `yaml::collecting`).
+            let path = format!("inputs.{id}");
+            let (spec, recovered) = yaml::collecting(|| v.deserialize::<InputSpec>(&path));
+            match (spec, recovered.is_empty()) {
+                (Ok(spec), true) => Ok::<_, Vec<yaml::DeError>>(spec),
+                (spec, _) => Err(recovered.into_iter().chain(spec.err()).collect()),
+            }
+        };
+        match spec {
+            Ok(spec) => inputs.push(InputDef {
+                id,
+                pos: k.pos,
+                node: v.clone(),
+                spec,
+            }),
+            Err(es) => {
+                broken.push(id);
+                for e in es {
+                    errs.push(
+                        at(e.pos.unwrap_or(v.pos), e.to_string())
+                            .hint("an input takes path, format, limit and sample"),
+                    );
+                }
             }
         }
-        Some((name, expected)) => d
-            .maybe_hint(did_you_mean(&name, expected.iter().map(String::as_str)))
-            .hint_or(format!("an endpoint group takes {ENDPOINT_GROUP_FIELDS}")),
-        None => d.hint(format!("an endpoint group takes {ENDPOINT_GROUP_FIELDS}")),
     }
+    inputs
 }
 
-trait HintOr {
-    fn hint_or(self, h: String) -> Self;
-}
-
-impl HintOr for Diagnostic {
-    fn hint_or(self, h: String) -> Self {
-        if self.hint.is_some() {
-            self
-        } else {
-            self.hint(h)
+/// Each family section the file has, parsed by its own entry (see [`stages::sections`]).
+fn parse_sections(
+    file: &Path,
+    dir: &Path,
+    root: &Node,
+    errs: &mut Vec<Diagnostic>,
+) -> BTreeMap<&'static str, Arc<dyn Any + Send + Sync>> {
+    let ctx = SectionCtx { file, dir };
+    let mut out = BTreeMap::new();
+    for section in stages::sections() {
+        if let Some(node) = root.get(section.name) {
+            let (value, mut found) = (section.parse)(node, &ctx);
+            errs.append(&mut found);
+            out.insert(section.name, Arc::from(value));
         }
     }
+    out
+}
+
+/// The `stages:` list. A stage with errors is added to `broken` instead.
+fn parse_stages(
+    root: &Node,
+    build: &BuildCtx,
+    broken: &mut Vec<String>,
+    errs: &mut Vec<Diagnostic>,
+) -> Vec<StageDef> {
+    let at = |pos: Pos, msg: String| Diagnostic::new(&build.file, pos, msg);
+    let mut stages_out = Vec::new();
+    let Some(node) = root.get("stages") else {
+        errs.push(at(root.pos, "missing field `stages`".into()).hint("add a `stages:` list"));
+        return stages_out;
+    };
+    let Value::Seq(items) = &node.value else {
+        errs.push(
+            at(
+                node.pos,
+                format!(
+                    "stages: invalid type: {}, expected a list",
+                    node.type_name()
+                ),
+            )
+            .hint("write each stage as a list item starting with `- id:`"),
+        );
+        return stages_out;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let id = item.get("id").map(Node::scalar_text);
+        match parse_stage(i, item, build) {
+            Ok(s) if !broken.contains(&s.id) => stages_out.push(s),
+            Ok(_) => {}
+            Err(mut e) => {
+                errs.append(&mut e);
+                broken.extend(id);
+            }
+        }
+    }
+    stages_out
 }
 
 /// Names of inputs, stages and pipelines become SQL table and folder names.
@@ -746,7 +776,7 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
                     at(n.pos, format!("unknown stage kind `{k}`"))
                         .stage(&id)
                         .maybe_hint(did_you_mean(k, kinds.iter().copied()))
-                        .hint_or(format!("kinds: {}", kinds.join(", "))),
+                        .hint_if_none(format!("kinds: {}", kinds.join(", "))),
                 );
                 None
             }
@@ -823,7 +853,7 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
                 at(k.pos, format!("unknown field `{key}`"))
                     .stage(&id)
                     .maybe_hint(did_you_mean(&key, fields.iter().map(String::as_str)))
-                    .hint_or(format!("stage kind `{kind}` takes: {}", fields.join(", "))),
+                    .hint_if_none(format!("stage kind `{kind}` takes: {}", fields.join(", "))),
             );
             unknown.push(key);
         }
@@ -919,7 +949,7 @@ fn subtree_has(node: &Node, pos: Pos) -> bool {
 /// variant gets the closest name (for the stage's own fields, the common ones too).
 fn stage_error(d: Diagnostic, id: &str, kind: &str, fields: &[String]) -> Diagnostic {
     let mut d = d.stage(id);
-    if let Some((name, expected)) = unknown_name(&d.message) {
+    if let Some((name, expected)) = yaml::unknown_name(&d.message) {
         // A field of the stage itself (the message starts with its own path):
         // serde lists only the kind's own fields; name the common ones too.
         let own = d.message.starts_with(&format!("{name}: unknown field "));
@@ -936,27 +966,6 @@ fn stage_error(d: Diagnostic, id: &str, kind: &str, fields: &[String]) -> Diagno
         }
     }
     d
-}
-
-/// From serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"): the
-/// unknown name and the expected ones.
-fn unknown_name(message: &str) -> Option<(String, Vec<String>)> {
-    let start = ["unknown field `", "unknown variant `"]
-        .iter()
-        .find_map(|p| message.find(p).map(|i| i + p.len()))?;
-    let rest = &message[start..];
-    let end = rest.find('`')?;
-    let expected = rest[end + 1..]
-        .split_once("expected")
-        .map(|(_, list)| {
-            list.split('`')
-                .skip(1)
-                .step_by(2)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((rest[..end].to_string(), expected))
 }
 
 /// The fields of a `repeat` block's header.
@@ -1026,7 +1035,7 @@ fn expand_repeats(
                 errs.push(
                     at(k.pos, format!("unknown field `{key}` in repeat"))
                         .maybe_hint(did_you_mean(&key, REPEAT_KEYS.iter().copied()))
-                        .hint_or(format!("expected one of {}", REPEAT_KEYS.join(", "))),
+                        .hint_if_none(format!("expected one of {}", REPEAT_KEYS.join(", "))),
                 );
             }
         }
@@ -1194,7 +1203,7 @@ fn interpolate(
                             errs.push(
                                 Diagnostic::new(file, pos, format!("unknown param `{p}` in `{s}`"))
                                     .maybe_hint(did_you_mean(p, known.iter().copied()))
-                                    .hint_or(format!(
+                                    .hint_if_none(format!(
                                         "declare it under `params:`; declared: {}",
                                         if known.is_empty() {
                                             "(none)".into()
@@ -1256,9 +1265,14 @@ pub fn json_schema() -> serde_json::Value {
     use serde_json::json;
     let mut g = schemars::SchemaGenerator::default();
     let input = g.subschema_for::<InputSpec>().to_value();
-    let group = g
-        .subschema_for::<crate::llm::pool::EndpointGroup>()
-        .to_value();
+    let mut sections = serde_json::Map::new();
+    for s in stages::sections() {
+        let mut v = (s.schema)(&mut g);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("description".into(), json!(s.about));
+        }
+        sections.insert(s.name.into(), v);
+    }
     let mut kinds = Vec::new();
     for k in stages::registry() {
         let mut v = (k.schema)(&mut g).to_value();
@@ -1300,21 +1314,24 @@ pub fn json_schema() -> serde_json::Value {
             "stages": {"type": "array", "description": "The stages of one round."}
         }
     }));
+    let mut properties = json!({
+        "name": {"type": "string", "description": "Pipeline name; names the run directory."},
+        "description": {"type": "string"},
+        "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
+        "profiles": {"type": "object", "description": "Named sets of param values, applied with --profile NAME (before --set).", "additionalProperties": {"type": "object"}},
+        "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
+        "stages": {"type": "array", "items": {"oneOf": kinds}},
+    });
+    if let Some(p) = properties.as_object_mut() {
+        p.extend(sections);
+    }
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ifloom pipeline",
         "type": "object",
         "additionalProperties": false,
         "required": ["name", "stages"],
-        "properties": {
-            "name": {"type": "string", "description": "Pipeline name; names the run directory."},
-            "description": {"type": "string"},
-            "params": {"type": "object", "description": "Named defaults, used as ${params.x}; override with --set x=value."},
-            "profiles": {"type": "object", "description": "Named sets of param values, applied with --profile NAME (before --set).", "additionalProperties": {"type": "object"}},
-            "endpoints": {"type": "object", "description": "Named groups of OpenAI-compatible servers for llm stages.", "additionalProperties": group},
-            "inputs": {"type": "object", "additionalProperties": {"oneOf": [{"type": "string"}, input]}},
-            "stages": {"type": "array", "items": {"oneOf": kinds}},
-        },
+        "properties": properties,
         "$defs": g.definitions(),
     })
 }

@@ -312,6 +312,27 @@ impl fmt::Display for DeError {
 
 impl std::error::Error for DeError {}
 
+/// From serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"): the
+/// unknown name and the expected ones.
+pub fn unknown_name(message: &str) -> Option<(String, Vec<String>)> {
+    let start = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| message.find(p).map(|i| i + p.len()))?;
+    let rest = &message[start..];
+    let end = rest.find('`')?;
+    let expected = rest[end + 1..]
+        .split_once("expected")
+        .map(|(_, list)| {
+            list.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((rest[..end].to_string(), expected))
+}
+
 impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
         DeError {

@@ -518,7 +518,7 @@ mod tests {
         let ctx = BuildCtx {
             file: dir.path().join("p.yaml"),
             dir: dir.path().to_path_buf(),
-            endpoints: Default::default(),
+            sections: Default::default(),
         };
         let node = Node::new(crate::yaml::Value::Map(vec![]), Default::default());
         let mut s: DecontaminateStage = serde_json::from_value(serde_json::json!({

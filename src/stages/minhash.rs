@@ -760,7 +760,7 @@ mod tests {
         let ctx = BuildCtx {
             file: "p.yaml".into(),
             dir: ".".into(),
-            endpoints: Default::default(),
+            sections: Default::default(),
         };
         let node = Node::new(crate::yaml::Value::Map(vec![]), Default::default());
         s.prepare(&node, &ctx)
@@ -793,7 +793,7 @@ mod tests {
         let ctx = BuildCtx {
             file: "p.yaml".into(),
             dir: ".".into(),
-            endpoints: Default::default(),
+            sections: Default::default(),
         };
         let node = Node::new(crate::yaml::Value::Map(vec![]), Default::default());
         let e = bad.prepare(&node, &ctx).unwrap_err();

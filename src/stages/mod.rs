@@ -2,10 +2,14 @@
 //! return this stage's output schema or every problem found, with no I/O beyond schema reads)
 //! and *run* (given the parents' Parquet files, write this stage's table).
 //!
-//! Adding a kind is one new file plus one line in [`registry`].
+//! Adding a kind is one new file plus one line in [`registry`]. A top-level section of the
+//! pipeline file that only one family of kinds reads (`endpoints:` for llm stages) is one
+//! [`SectionEntry`] in [`sections`], parsed by that family's module.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use serde::de::DeserializeOwned;
@@ -136,13 +140,55 @@ impl KindEntry {
     }
 }
 
+/// The registry of top-level sections that belong to one family of kinds. The pipeline
+/// parser knows them only through this list: their keys are accepted at the top level,
+/// interpolated like the rest, parsed by their entry, and handed to the kinds in
+/// [`BuildCtx::section`].
+pub fn sections() -> &'static [SectionEntry] {
+    static SECTIONS: &[SectionEntry] = &[llm::endpoints::SECTION];
+    SECTIONS
+}
+
+/// Parses a section's node (after interpolation) into the value its kinds read, with every
+/// problem found. The value comes back even when there are problems: whatever the section
+/// still defines keeps the kinds from reporting the same mistake again.
+pub type SectionParseFn = fn(&Node, &SectionCtx) -> (Box<dyn Any + Send + Sync>, Vec<Diagnostic>);
+
+/// What the pipeline parser knows about a top-level section.
+pub struct SectionEntry {
+    /// Its top-level key.
+    pub name: &'static str,
+    /// One line on what it holds (its description in the JSON Schema).
+    pub about: &'static str,
+    pub parse: SectionParseFn,
+    /// JSON Schema of the section's value (types it names go in the generator's `$defs`).
+    pub schema: fn(&mut schemars::SchemaGenerator) -> serde_json::Value,
+}
+
+/// What a section's parser sees.
+pub struct SectionCtx<'a> {
+    /// The pipeline file, for diagnostics.
+    pub file: &'a Path,
+    /// Its folder: relative paths in the section start here.
+    pub dir: &'a Path,
+}
+
 /// Context for building a stage object from its YAML.
 #[derive(Debug, Clone)]
 pub struct BuildCtx {
     pub file: PathBuf,
     pub dir: PathBuf,
-    /// Endpoint groups from the pipeline's top-level `endpoints:`.
-    pub endpoints: BTreeMap<String, crate::llm::pool::EndpointGroup>,
+    /// The parsed top-level sections by name (see [`sections`]); one the file leaves out is
+    /// absent.
+    pub sections: BTreeMap<&'static str, Arc<dyn Any + Send + Sync>>,
+}
+
+impl BuildCtx {
+    /// The parsed section `name`, as the type its parser made; `None` when the file has no
+    /// such section.
+    pub fn section<T: Any>(&self, name: &str) -> Option<&T> {
+        self.sections.get(name)?.downcast_ref()
+    }
 }
 
 /// Deserialize a kind's config from its node and let it check itself.
@@ -209,6 +255,15 @@ pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>>;
+
+    /// The output schema when [`plan`](Stage::plan) found errors that leave it known (a
+    /// template naming a missing column does not change the columns an llm stage adds). With
+    /// it the stages downstream are still checked, so one validation reports their mistakes
+    /// too; without it (`None`, the default) they are skipped, as their errors could be
+    /// consequences of this stage's.
+    fn schema_despite_errors(&self, _ctx: &PlanCtx) -> Option<SchemaRef> {
+        None
+    }
 
     /// For `run --dry-run`, asked of kinds with [`Capability::SendsRequests`] (the others run
     /// normally in a dry run): what the stage would send, without sending it.

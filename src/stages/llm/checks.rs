@@ -2,6 +2,7 @@
 //! templates, response schemas, endpoints) and its columns against the parent's schema
 //! (`plan`: template variables, per-row params, clashing output names).
 
+use super::endpoints::{self, Endpoints};
 use super::*;
 
 impl LlmStage {
@@ -152,19 +153,20 @@ impl LlmStage {
             errs.push(at(&["messages"], format!("template syntax error: {e}")));
         }
         // The endpoint group: named (top level `endpoints:`) or inline.
+        let no_groups = Endpoints::default();
+        let groups = ctx
+            .section::<Endpoints>(endpoints::SECTION.name)
+            .unwrap_or(&no_groups);
         let group = match (&self.endpoint, self.endpoints.is_empty()) {
-            (Some(name), true) => match ctx.endpoints.get(name) {
+            (Some(name), true) => match groups.get(name) {
                 Some(g) => Some(g.clone()),
                 None => {
                     errs.push(
                         at(&["endpoint"], format!("unknown endpoint group `{name}`"))
-                            .maybe_hint(did_you_mean(
-                                name,
-                                ctx.endpoints.keys().map(String::as_str),
-                            ))
+                            .maybe_hint(did_you_mean(name, groups.names()))
                             .hint_if_none(format!(
                                 "define it under the top-level `endpoints:` (defined: {})",
-                                ctx.endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                                groups.names().collect::<Vec<_>>().join(", ")
                             )),
                     );
                     None
@@ -201,6 +203,14 @@ impl LlmStage {
                 ));
             }
         }
+        // The same rule and words as for an endpoint group (`EndpointGroup::problems`): 0 is
+        // a mistake, not a request for the smallest value.
+        if self.max_in_flight == Some(0) {
+            errs.push(at(
+                &["max_in_flight"],
+                "max_in_flight: must be at least 1".into(),
+            ));
+        }
         if let Some(mut g) = group {
             if let Some(p) = self.profile {
                 g.profile = p;
@@ -209,7 +219,7 @@ impl LlmStage {
                 g.api_key_env = Some(k.clone());
             }
             if let Some(m) = self.max_in_flight {
-                g.max_in_flight = m.max(1);
+                g.max_in_flight = m;
             }
             self.group = Some(g);
         }

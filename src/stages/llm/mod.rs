@@ -35,6 +35,7 @@ use crate::table::{batch_rows, read_batches};
 use crate::yaml::Node;
 
 mod checks;
+pub mod endpoints;
 mod progress;
 mod rounds;
 mod templates;
@@ -372,6 +373,22 @@ impl Stage for LlmStage {
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         self.check_plan(ctx)
+    }
+
+    /// A bad template or per-row param leaves the columns this stage adds as they are, so
+    /// the stages below are still checked; an added column that clashes with an upstream one
+    /// leaves the output unclear, and they are not.
+    fn schema_despite_errors(&self, ctx: &PlanCtx) -> Option<SchemaRef> {
+        let parent = ctx.parent();
+        let added = self.new_fields();
+        if added
+            .iter()
+            .any(|f| parent.field_with_name(f.name()).is_ok())
+        {
+            return None;
+        }
+        let fields: Vec<Field> = parent.fields().iter().map(|f| f.as_ref().clone()).collect();
+        Some(Arc::new(Schema::new([fields, added].concat())))
     }
 
     fn dry_run(&self, ctx: &RunCtx) -> Result<String> {
