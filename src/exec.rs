@@ -133,11 +133,11 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
                         id.clone(),
                         s.spawn(move || {
                             if opts.dry_run
-                                && let Some(r) = dry_run_one(&shared, id, done, inputs.clone())
+                                && let Some(r) = dry_run_one(shared, id, done, inputs.clone())
                             {
                                 return r.map(|_| None);
                             }
-                            run_one(&shared, id, done, inputs, forced).map(Some)
+                            run_one(shared, id, done, inputs, forced).map(Some)
                         }),
                     )
                 })
@@ -212,17 +212,16 @@ struct Shared<'a> {
 
 /// A dry run of one stage: `None` when the kind sends nothing (it then runs normally).
 fn dry_run_one(
-    shared: &Shared,
-    id: &str,
-    done: &HashMap<String, Table>,
-    inputs: Vec<Table>,
-) -> Option<Result<()>> {
-    let Shared {
+    Shared {
         plan,
         dir,
         engine,
         cancel,
-    } = *shared;
+    }: Shared,
+    id: &str,
+    done: &HashMap<String, Table>,
+    inputs: Vec<Table>,
+) -> Option<Result<()>> {
     let s = plan.pipeline.stage(id)?;
     if !crate::stages::kind_can(&s.kind, Capability::SendsRequests) {
         return None;
@@ -258,18 +257,17 @@ fn table_of(dir: &RunDir, id: &str, m: &Manifest) -> Result<Table> {
 }
 
 fn run_one(
-    shared: &Shared,
+    Shared {
+        plan,
+        dir,
+        engine,
+        cancel,
+    }: Shared,
     id: &str,
     done: &HashMap<String, Table>,
     inputs: Vec<Table>,
     forced: bool,
 ) -> Result<(Table, bool)> {
-    let Shared {
-        plan,
-        dir,
-        engine,
-        cancel,
-    } = *shared;
     let fp = plan.fingerprints.get(id).cloned().unwrap_or_default();
     let stage = plan.pipeline.stage(id);
     let kind = stage.map_or("input", |s| s.kind.as_str());
