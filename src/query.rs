@@ -48,10 +48,8 @@ fn stages_batch(tables: &[(crate::table::Table, crate::store::Manifest)]) -> Res
         match &side {
             None => {
                 let entry = crate::stages::kind(&m.kind);
-                for c in crate::stages::Capability::ALL {
-                    if entry.is_some_and(|k| k.can(c)) {
-                        capabilities.values().append_value(c.name());
-                    }
+                for c in entry.map_or(&[][..], |k| k.capabilities) {
+                    capabilities.values().append_value(c.name());
                 }
                 removed_rows.push(
                     entry

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::query;
 use crate::stages::Capability;
 use crate::store::{Manifest, RunDir};
+use crate::table::has_col;
 
 /// The canned queries, by file name under `sql/` (all of them: `ifloom sql -f sql/NAME` finds
 /// them here when run outside the repository).
@@ -331,10 +332,6 @@ fn quote_ident(s: &str) -> String {
     }
 }
 
-fn has(schema: &arrow::datatypes::Schema, name: &str) -> bool {
-    schema.field_with_name(name).is_ok()
-}
-
 /// Compute every figure of a run.
 pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<Stats> {
     if !dir.stages().exists() {
@@ -392,7 +389,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             };
             let out = lat.name().trim_end_matches("_latency_ms").to_string();
             let cached = format!("{out}_cached");
-            if !has(&t.schema, &cached) {
+            if !has_col(&t.schema, &cached) {
                 continue;
             }
             let source = if matches!(lat.data_type(), DataType::List(_)) {
@@ -462,9 +459,9 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         .collect();
     for (t, _) in &verdicts {
         let s = &t.schema;
-        let instruction = if has(s, "source_id") && has(s, "round") {
+        let instruction = if has_col(s, "source_id") && has_col(s, "round") {
             "source_id || '/' || CAST(round AS VARCHAR)".to_string()
-        } else if has(s, "source_id") {
+        } else if has_col(s, "source_id") {
             "source_id".to_string()
         } else {
             "_id".to_string()
@@ -472,7 +469,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         let p = [("table", t.id.clone()), ("instruction", instruction)];
         r.add("pass_rates", "Pass rates", 1, "pass_rates.sql", &p)
             .await?;
-        if has(s, "round") {
+        if has_col(s, "round") {
             r.add(
                 "pass_by_round",
                 "Pass rates per augmentation round",
@@ -484,7 +481,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         }
         // Per-question figures need the judge's answers per question (`scores`, a list of
         // booleans, as `verdict` writes it); a verdict table may have only `verdict`.
-        if !has(s, "scores") {
+        if !has_col(s, "scores") {
             continue;
         }
         r.add(
@@ -530,7 +527,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         }
     }
     for (t, _) in &verdicts {
-        if has(&t.schema, "questions") {
+        if has_col(&t.schema, "questions") {
             columns.push((t.id.clone(), "questions".into()));
         }
     }

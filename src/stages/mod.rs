@@ -84,13 +84,6 @@ pub enum Capability {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 4] = [
-        Capability::ProducesVerdicts,
-        Capability::RemovesRows,
-        Capability::SendsRequests,
-        Capability::RetriesFailed,
-    ];
-
     /// The name in `ifloom_stages.capabilities` (what canned SQL filters on).
     pub fn name(self) -> &'static str {
         match self {
