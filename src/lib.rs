@@ -16,8 +16,11 @@
 //!   with all problems reported together.
 //! - [`stages`]: the [`stages::Stage`] trait, the registry of kinds with their
 //!   [`stages::Capability`]s, and one file or folder per kind (`sql`, `transform`, `dedup`,
-//!   `minhash`, `decontaminate`, `output`, `export`, `verdict`, `llm/`); adding a kind is its
+//!   `minhash`, `decontaminate`, `output`, `export`, `verdict`, `ifeval`, `llm/`); adding a kind is its
 //!   file plus one line in [`stages::registry`]. The core asks for capabilities, never names.
+//! - [`ifeval`]: IFEval's 25 verifiable-instruction checks (strict and loose) with the
+//!   Python behaviours they depend on (Punkt sentences, NLTK word cuts, langdetect, `json`,
+//!   `str` case rules); the `ifeval` kind runs them over tables.
 //! - [`table`]: finished tables and the helpers every kind reads them with.
 //! - [`input`]: reading Parquet / JSONL / JSON / CSV inputs and giving each row its `_id`.
 //! - [`llm`]: the LLM client library behind the `llm` kind: canonical requests and their
@@ -44,6 +47,7 @@ pub mod compile;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod ifeval;
 pub mod input;
 pub mod llm;
 pub mod query;

@@ -24,6 +24,7 @@ use crate::yaml::Node;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
+pub mod ifeval;
 pub mod llm;
 pub mod minhash;
 pub mod output;
@@ -45,6 +46,7 @@ pub fn registry() -> &'static [KindEntry] {
         output::KIND,
         export::KIND,
         verdict::KIND,
+        ifeval::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
@@ -81,6 +83,10 @@ pub enum Capability {
     /// Dead-letters rows that failed for good in `<id>__failed` (counter `failures`);
     /// `run --retry-failed <id>` recomputes the stage to try them again.
     RetriesFailed,
+    /// IFEval-style verdicts per instruction: `instruction_id_list` with `strict` and `loose`
+    /// (one bool per instruction) and `prompt_strict` / `prompt_loose`; `stats` shows the
+    /// four accuracies and the accuracy per instruction type.
+    VerifiesInstructions,
 }
 
 impl Capability {
@@ -91,6 +97,7 @@ impl Capability {
             Capability::RemovesRows => "removes_rows",
             Capability::SendsRequests => "sends_requests",
             Capability::RetriesFailed => "retries_failed",
+            Capability::VerifiesInstructions => "verifies_instructions",
         }
     }
 }
