@@ -383,6 +383,55 @@ pub fn charts(st: &Stats) -> Vec<String> {
             true,
         ));
     }
+    if let Some(p) = st.section("ifeval") {
+        let cols = [
+            "prompt_level_strict_acc",
+            "inst_level_strict_acc",
+            "prompt_level_loose_acc",
+            "inst_level_loose_acc",
+        ];
+        let rows: Vec<(String, Vec<f64>)> = p
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(p, r, "table"),
+                    cols.iter().map(|c| num(p, r, c)).collect(),
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "IFEval accuracy",
+            "share of prompts / instructions followed (%)",
+            &[
+                "prompt strict",
+                "instruction strict",
+                "prompt loose",
+                "instruction loose",
+            ],
+            &rows,
+            true,
+        ));
+    }
+    if let Some(p) = st.section("ifeval_by_type") {
+        let rows: Vec<(String, Vec<f64>)> = p
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(p, r, "instruction_type"),
+                    vec![num(p, r, "strict_acc"), num(p, r, "loose_acc")],
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "IFEval accuracy by instruction type",
+            "share of instructions followed (%)",
+            &["strict", "loose"],
+            &rows,
+            true,
+        ));
+    }
     if let Some(l) = st.section("llm") {
         let rows: Vec<(String, Vec<f64>)> = l
             .rows

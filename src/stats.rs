@@ -61,6 +61,14 @@ pub const QUERIES: &[(&str, &str)] = &[
         "duplicates_removed.sql",
         include_str!("../sql/duplicates_removed.sql"),
     ),
+    (
+        "ifeval_accuracy.sql",
+        include_str!("../sql/ifeval_accuracy.sql"),
+    ),
+    (
+        "ifeval_by_type.sql",
+        include_str!("../sql/ifeval_by_type.sql"),
+    ),
 ];
 
 fn canned(name: &str) -> &'static str {
@@ -505,6 +513,34 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             .await?;
         }
     }
+    // Verifiable-instruction tables: IFEval's four accuracies, and per instruction type where
+    // the table names its instructions as IFEval does.
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::VerifiesInstructions))
+    {
+        r.add(
+            "ifeval",
+            "IFEval accuracy (prompt / instruction level, strict / loose)",
+            1,
+            "ifeval_accuracy.sql",
+            &[("table", t.id.clone())],
+        )
+        .await?;
+        if has_col(&t.schema, "instruction_id_list") {
+            r.add(
+                "ifeval_by_type",
+                "IFEval accuracy per instruction type",
+                2,
+                "ifeval_by_type.sql",
+                &[
+                    ("table", t.id.clone()),
+                    ("instructions", "instruction_id_list".into()),
+                ],
+            )
+            .await?;
+        }
+    }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,
     // and whatever the user asked for.
     let mut columns: Vec<(String, String)> = Vec::new();
@@ -573,7 +609,7 @@ fn cell(column: &str, v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(0.0);
-            if column.ends_with("_rate") || column == "kept" {
+            if column.ends_with("_rate") || column.ends_with("_acc") || column == "kept" {
                 format!("{:.1}%", f * 100.0)
             } else if n.is_f64() {
                 let s = format!("{f:.3}");
@@ -762,7 +798,8 @@ pub fn render_comparison(c: &Comparison) -> String {
                     let (a, b) = (cell(col, &d.a), cell(col, &d.b));
                     cells.push(match d.delta {
                         Some(x) if x != 0.0 => {
-                            let pct = col.ends_with("_rate") || col == "kept";
+                            let pct =
+                                col.ends_with("_rate") || col.ends_with("_acc") || col == "kept";
                             let x = if pct { x * 100.0 } else { x };
                             let s = format!("{x:+.3}");
                             let s = s.trim_end_matches('0').trim_end_matches('.');

@@ -60,14 +60,31 @@ pub fn count_sentences(text: &str) -> usize {
 
 /// `PunktLanguageVars._re_non_word_chars`: characters that cannot appear within words.
 fn is_non_word(c: char) -> bool {
-    matches!(c, ')' | '"' | ';' | '}' | ']' | '*' | ':' | '@' | '\'' | '(' | '{' | '[' | '!' | '?')
+    matches!(
+        c,
+        ')' | '"' | ';' | '}' | ']' | '*' | ':' | '@' | '\'' | '(' | '{' | '[' | '!' | '?'
+    )
 }
 
 /// `_re_word_start`: a word may start with anything else.
 fn is_word_start(c: char) -> bool {
     !matches!(
         c,
-        '(' | '"' | '`' | '{' | '[' | ':' | ';' | '&' | '#' | '*' | '@' | ')' | '}' | ']' | '-' | ','
+        '(' | '"'
+            | '`'
+            | '{'
+            | '['
+            | ':'
+            | ';'
+            | '&'
+            | '#'
+            | '*'
+            | '@'
+            | ')'
+            | '}'
+            | ']'
+            | '-'
+            | ','
     )
 }
 
@@ -190,7 +207,10 @@ impl Token {
     }
 
     fn first_upper(&self) -> bool {
-        self.tok.chars().next().is_some_and(|c| is_upper(c.encode_utf8(&mut [0; 4])))
+        self.tok
+            .chars()
+            .next()
+            .is_some_and(|c| is_upper(c.encode_utf8(&mut [0; 4])))
     }
 
     fn first_lower(&self) -> bool {
@@ -271,7 +291,11 @@ fn ortho_heuristic(t: &Token, p: &Params) -> Starter {
     if ";:,.!?".contains(t.tok.as_str()) {
         return Starter::No;
     }
-    let ortho = p.ortho_context.get(t.type_no_sentperiod()).copied().unwrap_or(0);
+    let ortho = p
+        .ortho_context
+        .get(t.type_no_sentperiod())
+        .copied()
+        .unwrap_or(0);
     if t.first_upper() && ortho & ORTHO_LC != 0 && ortho & ORTHO_MID_UC == 0 {
         return Starter::Yes;
     }
@@ -378,7 +402,10 @@ fn slices_from_text(s: &[char]) -> Vec<(usize, usize)> {
     let mut prev: Option<Candidate> = None;
     for m in candidates(s) {
         let before = &s[prev_slice.1..m.at];
-        let last_ws = (0..before.len()).rev().find(|&i| is_ascii_ws(before[i])).unwrap_or(0);
+        let last_ws = (0..before.len())
+            .rev()
+            .find(|&i| is_ascii_ws(before[i]))
+            .unwrap_or(0);
         let start = if last_ws != 0 {
             last_ws + prev_slice.1 + 1
         } else {

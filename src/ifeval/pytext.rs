@@ -77,6 +77,9 @@ mod tests {
     #[test]
     fn strip_takes_what_python_calls_whitespace() {
         assert_eq!(strip("\u{1f} a b\u{a0}\n"), "a b");
-        assert_eq!(split_whitespace(" a\u{2003}b  c ").collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            split_whitespace(" a\u{2003}b  c ").collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
     }
 }

@@ -26,8 +26,31 @@ pub fn count_upper_words(text: &str) -> usize {
 fn is_separator(c: char) -> bool {
     matches!(
         c,
-        ';' | '@' | '#' | '$' | '%' | '&' | '?' | '!' | '*' | '(' | ')' | '[' | ']' | '{' | '}'
-            | '<' | '>' | '"' | '`' | '«' | '»' | '“' | '”' | '‘' | '’' | '„'
+        ';' | '@'
+            | '#'
+            | '$'
+            | '%'
+            | '&'
+            | '?'
+            | '!'
+            | '*'
+            | '('
+            | ')'
+            | '['
+            | ']'
+            | '{'
+            | '}'
+            | '<'
+            | '>'
+            | '"'
+            | '`'
+            | '«'
+            | '»'
+            | '“'
+            | '”'
+            | '‘'
+            | '’'
+            | '„'
     )
 }
 
@@ -76,10 +99,10 @@ pub(super) fn is_decimal(c: char) -> bool {
 /// Bengali, ..., fullwidth): each block's digits are ten consecutive code points ending in 9.
 fn is_nd(c: char) -> bool {
     const ZEROS: &[u32] = &[
-        0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66,
-        0xDE6, 0xE50, 0xED0, 0xF20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80,
-        0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50,
-        0xABF0, 0xFF10,
+        0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66, 0xDE6,
+        0xE50, 0xED0, 0xF20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90,
+        0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0,
+        0xFF10,
     ];
     let u = c as u32;
     ZEROS.iter().any(|&z| (z..z + 10).contains(&u))
@@ -124,7 +147,11 @@ fn split_contractions(piece: &str) -> Vec<&str> {
     let n = piece.len();
     if n >= 2 && piece.is_char_boundary(n - 2) {
         let tail = &piece[n - 2..];
-        if ANY_CASE_ENDINGS.iter().any(|e| tail.eq_ignore_ascii_case(e)) && split_at(n - 2) {
+        if ANY_CASE_ENDINGS
+            .iter()
+            .any(|e| tail.eq_ignore_ascii_case(e))
+            && split_at(n - 2)
+        {
             return vec![&piece[..n - 2], tail];
         }
     }

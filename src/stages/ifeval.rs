@@ -14,8 +14,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, ListArray, ListBuilder, RecordBatch,
-    StringArray,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, ListArray, ListBuilder, RecordBatch, StringArray,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -38,7 +37,10 @@ pub const KIND: KindEntry = KindEntry {
     about: "IFEval's 25 verifiable-instruction checks (strict and loose) on responses",
     build: super::build::<IfevalStage>,
     schema: |g| IfevalStage::json_schema(g),
-    capabilities: &[Capability::ProducesVerdicts, Capability::VerifiesInstructions],
+    capabilities: &[
+        Capability::ProducesVerdicts,
+        Capability::VerifiesInstructions,
+    ],
     removed_rows: "",
 };
 
@@ -281,9 +283,15 @@ impl IfevalStage {
                     Err("instruction_id_list is null".to_string())
                 } else {
                     let v = ids.value(i);
-                    let v = v.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+                    let v = v
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .expect("cast to Utf8");
                     v.iter()
-                        .map(|s| s.map(str::to_string).ok_or("an instruction id is null".into()))
+                        .map(|s| {
+                            s.map(str::to_string)
+                                .ok_or("an instruction id is null".into())
+                        })
                         .collect()
                 };
                 let response = (!response.is_null(i)).then(|| response.value(i).to_string());
@@ -352,7 +360,9 @@ impl IfevalStage {
 
 /// Per row, the kwargs objects (one per instruction), from a list of structs, a list of JSON
 /// strings or a JSON-array string.
-fn kwargs_objects(col: &ArrayRef) -> Result<Vec<std::result::Result<Vec<Map<String, Value>>, String>>> {
+fn kwargs_objects(
+    col: &ArrayRef,
+) -> Result<Vec<std::result::Result<Vec<Map<String, Value>>, String>>> {
     let objects = |v: Value| -> std::result::Result<Vec<Map<String, Value>>, String> {
         match v {
             Value::Null => Err("kwargs is null".into()),

@@ -7,6 +7,7 @@ mod bad_pipelines;
 mod cache_batch;
 mod engine;
 mod export;
+mod ifeval;
 mod llm;
 mod llm_features;
 mod near_dup;
