@@ -467,6 +467,6 @@ fn a_kind(kind: &str) -> String {
 }
 
 pub fn hash_json(v: &serde_json::Value) -> String {
-    let s = serde_json::to_string(v).unwrap_or_default();
+    let s = crate::json::canonical_string(v);
     blake3::hash(s.as_bytes()).to_hex()[..32].to_string()
 }

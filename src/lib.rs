@@ -39,6 +39,7 @@
 //!   from one canned query of `sql/`; `--compare` pairs two runs.
 //! - [`udf`]: SQL functions ifloom adds to DataFusion (`to_json`).
 //! - [`cli`]: the command-line verbs, one file each.
+//! - [`json`]: canonical JSON (sorted keys) for everything that is hashed.
 //! - [`error`]: typed errors and diagnostics.
 
 pub mod cancel;
@@ -49,6 +50,7 @@ pub mod error;
 pub mod exec;
 pub mod ifeval;
 pub mod input;
+pub mod json;
 pub mod llm;
 pub mod query;
 pub mod report;

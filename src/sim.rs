@@ -250,41 +250,8 @@ pub fn rules_from_file(path: &Path) -> Result<Vec<Rule>> {
 /// The key the counters use for a request without `x-ifloom-request-id`: xxh3-64 (hex) of the
 /// body's canonical JSON (object keys sorted, no whitespace).
 pub fn request_key(body: &Value) -> String {
-    let mut s = String::new();
-    canonical_json(body, &mut s);
+    let s = crate::json::canonical_string(body);
     format!("{:016x}", xxh3_64(s.as_bytes()))
-}
-
-// Sorted by hand rather than relying on serde_json's map order, which a dependency enabling
-// `preserve_order` would silently change.
-fn canonical_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<_> = m.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(v, out);
-            }
-            out.push('}');
-        }
-        Value::Array(a) => {
-            out.push('[');
-            for (i, v) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(v, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }
 
 /// Serve the simulator on `listener` until the process ends (or the task is aborted). In
@@ -1202,9 +1169,10 @@ mod tests {
         let a: Value = serde_json::from_str(r#"{"b": 1, "a": {"y": [1, 2], "x": "s"}}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[1,2]},"b":1}"#).unwrap();
         assert_eq!(request_key(&a), request_key(&b));
-        let mut s = String::new();
-        canonical_json(&a, &mut s);
-        assert_eq!(s, r#"{"a":{"x":"s","y":[1,2]},"b":1}"#);
+        assert_eq!(
+            crate::json::canonical_string(&a),
+            r#"{"a":{"x":"s","y":[1,2]},"b":1}"#
+        );
     }
 
     #[test]

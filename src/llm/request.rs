@@ -101,7 +101,25 @@ pub struct Canonical {
 impl Canonical {
     /// Hash of the canonical JSON (keys in struct order, maps sorted): the cache key.
     pub fn id(&self) -> String {
-        let s = serde_json::to_string(self).unwrap_or_default();
+        // Objects inside (a response schema, an extra_body value) are written with sorted
+        // keys whatever serde_json's map order is (see `crate::json`); without any, the
+        // struct serializes as it is (the common case, no copy).
+        let nested = self
+            .response_schema
+            .iter()
+            .chain(self.sampling.extra_body.values())
+            .any(crate::json::has_object);
+        let s = if nested {
+            let mut c = self.clone();
+            c.response_schema = c.response_schema.as_ref().map(crate::json::sorted);
+            for v in c.sampling.extra_body.values_mut() {
+                *v = crate::json::sorted(v);
+            }
+            serde_json::to_string(&c)
+        } else {
+            serde_json::to_string(self)
+        }
+        .unwrap_or_default();
         blake3::hash(s.as_bytes()).to_hex()[..32].to_string()
     }
 
@@ -326,6 +344,37 @@ mod tests {
         c.sampling.temperature = Some(0.8);
         assert_ne!(a.id(), c.id());
         assert_eq!(a.id(), req().id());
+    }
+
+    /// serde_json keeps insertion order when any crate of the build enables its
+    /// `preserve_order` feature (langdetect does); a cache key must not change with it.
+    #[test]
+    fn id_does_not_depend_on_the_key_order_of_a_schema_or_extra_body() {
+        let schema = |first_b: bool| {
+            let mut m = serde_json::Map::new();
+            let (x, y) = (
+                (
+                    "b".to_string(),
+                    serde_json::json!({"z": 1, "y": [{"q": 1, "p": 2}]}),
+                ),
+                ("a".to_string(), serde_json::json!("s")),
+            );
+            if first_b {
+                m.insert(x.0, x.1);
+                m.insert(y.0, y.1);
+            } else {
+                m.insert(y.0, y.1);
+                m.insert(x.0, x.1);
+            }
+            serde_json::Value::Object(m)
+        };
+        let (mut a, mut b) = (req(), req());
+        a.response_schema = Some(schema(true));
+        b.response_schema = Some(schema(false));
+        a.sampling.extra_body = [("kw".to_string(), schema(true))].into();
+        b.sampling.extra_body = [("kw".to_string(), schema(false))].into();
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.id(), req().id());
     }
 
     #[test]

@@ -235,9 +235,12 @@ fn text_column_at(ctx: &PlanCtx, column: &str, field: &str) -> Option<Diagnostic
     Some(ctx.err(&[field], d.message).maybe_hint(d.hint))
 }
 
+/// A row's kwargs objects, or why they cannot be read.
+type RowKwargs = std::result::Result<Vec<Map<String, Value>>, String>;
+
 type RowInput = (
     std::result::Result<Vec<String>, String>,
-    std::result::Result<Vec<Map<String, Value>>, String>,
+    RowKwargs,
     Option<String>,
 );
 
@@ -360,10 +363,8 @@ impl IfevalStage {
 
 /// Per row, the kwargs objects (one per instruction), from a list of structs, a list of JSON
 /// strings or a JSON-array string.
-fn kwargs_objects(
-    col: &ArrayRef,
-) -> Result<Vec<std::result::Result<Vec<Map<String, Value>>, String>>> {
-    let objects = |v: Value| -> std::result::Result<Vec<Map<String, Value>>, String> {
+fn kwargs_objects(col: &ArrayRef) -> Result<Vec<RowKwargs>> {
+    let objects = |v: Value| -> RowKwargs {
         match v {
             Value::Null => Err("kwargs is null".into()),
             Value::Array(items) => items
@@ -401,7 +402,7 @@ fn kwargs_objects(
 }
 
 /// A JSON array of kwargs objects.
-fn objects_of(v: Value) -> std::result::Result<Vec<Map<String, Value>>, String> {
+fn objects_of(v: Value) -> RowKwargs {
     match v {
         Value::Array(items) => items
             .into_iter()
