@@ -61,14 +61,15 @@ fn rules() -> Value {
     let all_no = r#"{"Question 1": {"explanation": "no", "score": "NO"}, "Question 2": {"explanation": "no", "score": "NO"}, "Question 3": {"explanation": "no", "score": "NO"}}"#;
     let composed = |extra: &str, q: &str, cat: &str| {
         format!(
-            r#"{{"augmented_query": "${{q}} {extra}", "eval_question": "{q}", "category": "{cat}"}}"#
+            r#"{{"augmented query": "${{q}} {extra}", "question": ["{q}"], "category": "{cat}"}}"#
         )
     };
     json!({"rules": [
-        {"match": r"(?s)<response>\nGOOD", "response": yes},
-        {"match": r"(?s)<response>\nFAIR", "response": one_no},
-        {"match": r"(?s)<response>\nBAD", "response": all_no},
-        {"match": r"(?s)<response>\n", "response": "I am not sure how to judge this one."},
+        // The judge (the authors' prompt quotes the response after `[Response] `).
+        {"match": r"\[Response\] GOOD", "response": yes},
+        {"match": r"\[Response\] FAIR", "response": one_no},
+        {"match": r"\[Response\] BAD", "response": all_no},
+        {"match": r"\[Response\] ", "response": "I am not sure how to judge this one."},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*End with a question\.)\n</query>",
          "response": composed("Use fewer than 80 words.", "Does the response use fewer than 80 words?", "numerical")},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*Use bullet points\.)\n</query>",

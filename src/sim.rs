@@ -44,6 +44,9 @@
 //!   their planned end: positive when timers fire late), `active_seconds` (from the first
 //!   planned start to the last planned end).
 //!   Only completion requests are counted.
+//! - **Recording.** With `record`, every completion request's body is appended to that file
+//!   as one JSON line, as received, so a test can check what a client sent (the messages of
+//!   a multi-turn request, its params).
 
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io;
@@ -119,6 +122,9 @@ pub struct SimConfig {
     pub tls_cert: Option<PathBuf>,
     /// ... and its private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// Append every completion request's JSON body to this file, one line each (what a test
+    /// checks the client sent: messages, params).
+    pub record: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -140,6 +146,7 @@ impl Default for SimConfig {
             rules: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            record: None,
         }
     }
 }
@@ -262,7 +269,18 @@ pub async fn serve(config: SimConfig, listener: TcpListener) -> Result<()> {
         (Some(cert), Some(key)) => tls_handshakes(listener, tls_config(cert, key)?),
         _ => Incoming::Plain(listener),
     };
+    let recorder = match &config.record {
+        Some(path) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?,
+        )),
+        None => None,
+    };
     let sim = Arc::new(Sim {
+        recorder,
         rules: config.compile_rules()?,
         slots: Semaphore::new(config.slots),
         free_at: Mutex::new(
@@ -306,6 +324,8 @@ struct Sim {
     free_at: Mutex<BinaryHeap<std::cmp::Reverse<Instant>>>,
     stats: Mutex<Stats>,
     next_id: AtomicU64,
+    /// `record`: the file request bodies are appended to.
+    recorder: Option<Mutex<std::fs::File>>,
 }
 
 #[derive(Default)]
@@ -400,6 +420,11 @@ impl Sim {
         cut: &CutSwitch,
     ) -> Response {
         let parsed = serde_json::from_slice::<Value>(body);
+        if let (Some(rec), Ok(v)) = (&self.recorder, &parsed) {
+            use std::io::Write as _;
+            let mut f = rec.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(f, "{v}");
+        }
         let key = match headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
             Some(id) => id.to_string(),
             None => match &parsed {

@@ -289,7 +289,8 @@ struct Params {
 }
 
 /// Params first: they are interpolated into everything else. Declared values, then the chosen
-/// profile's, then `--set`; each param may read the environment, but not other params.
+/// profile's, then `--set`; each param may read the environment and the params declared above
+/// it (`judge_model: ${params.model}`), resolved in declaration order, so there is no cycle.
 fn read_params(
     file: &Path,
     root: &Node,
@@ -306,16 +307,73 @@ fn read_params(
         .cloned()
         .collect();
     apply_sets(file, &sets, &mut nodes, errs);
-    let empty = BTreeMap::new();
+    let order: Vec<String> = match root.get("params").map(|p| &p.value) {
+        Some(Value::Map(m)) => m.iter().map(|(k, _)| k.scalar_text()).collect(),
+        _ => Vec::new(),
+    };
     let mut values = BTreeMap::new();
-    for (k, node) in nodes.iter_mut() {
-        interpolate(node, &empty, env, file, errs);
+    for (i, k) in order.iter().enumerate() {
+        let Some(node) = nodes.get_mut(k) else {
+            continue;
+        };
+        // The params from this one down are declared but not readable yet: said as such
+        // (not as unknown), and given as null so the same mistake is not reported twice.
+        let later = &order[i..];
+        forward_param_refs(node, k, later, file, errs);
+        let mut visible = values.clone();
+        for l in later {
+            visible.insert(l.clone(), serde_json::Value::Null);
+        }
+        interpolate(node, &visible, env, file, errs);
         values.insert(k.clone(), node.to_json());
     }
     let chosen = chosen.and_then(|name| profiles.get(&name));
     Params {
         values,
         literal: literal_params(root, chosen, &sets),
+    }
+}
+
+/// A param that reads itself or a param declared below it: an error (declaration order is
+/// the evaluation order).
+fn forward_param_refs(
+    node: &Node,
+    name: &str,
+    later: &[String],
+    file: &Path,
+    errs: &mut Vec<Diagnostic>,
+) {
+    match &node.value {
+        Value::Seq(items) => {
+            for it in items {
+                forward_param_refs(it, name, later, file, errs);
+            }
+        }
+        Value::Map(m) => {
+            for (_, v) in m {
+                forward_param_refs(v, name, later, file, errs);
+            }
+        }
+        Value::Str(s) => {
+            for l in later {
+                if s.contains(&format!("${{params.{l}}}")) {
+                    let what = if l == name {
+                        "itself".to_string()
+                    } else {
+                        format!("`{l}`, declared below it")
+                    };
+                    errs.push(
+                        Diagnostic::new(
+                            file,
+                            node.pos,
+                            format!("param `{name}` reads {what}"),
+                        )
+                        .hint("a param may read only the params declared above it; move it below the params it reads"),
+                    );
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1252,12 +1310,44 @@ fn interpolate(
                 }
                 Some(serde_json::Value::Number(n)) => Value::Float(n.as_f64().unwrap_or(0.0)),
                 Some(serde_json::Value::Null) => Value::Null,
+                // A param holding a mapping or a list (e.g. a response_format schema, set by
+                // a profile) is that mapping or list here.
+                Some(v @ (serde_json::Value::Object(_) | serde_json::Value::Array(_))) => {
+                    node_from_json(&v, pos).value
+                }
                 _ => Value::Str(out),
             };
             node.raw = Some(raw);
         }
         _ => {}
     }
+}
+
+/// A YAML node tree for a JSON value, every node at `pos` (where the `${params.x}` was).
+fn node_from_json(v: &serde_json::Value, pos: Pos) -> Node {
+    let value = match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(0.0)),
+        },
+        serde_json::Value::String(s) => Value::Str(s.clone()),
+        serde_json::Value::Array(a) => {
+            Value::Seq(a.iter().map(|x| node_from_json(x, pos)).collect())
+        }
+        serde_json::Value::Object(m) => Value::Map(
+            m.iter()
+                .map(|(k, x)| {
+                    (
+                        Node::new(Value::Str(k.clone()), pos),
+                        node_from_json(x, pos),
+                    )
+                })
+                .collect(),
+        ),
+    };
+    Node::new(value, pos)
 }
 
 /// JSON Schema of pipeline files, generated from the Rust types (for editors).

@@ -2,10 +2,14 @@
 //!
 //! - `to_json(x)`: any value (struct, list, scalar) as JSON text. Pipelines build LLM targets
 //!   and exports that are JSON documents (an UltraComposer target is
-//!   `{"augmented_query": …, "eval_question": …}`), and string concatenation cannot escape
+//!   `{"augmented query": …, "question": […]}`), and string concatenation cannot escape
 //!   quotes and newlines correctly.
 //! - `word_count(text)`: the number of whitespace-separated words (as `regexp_count(text,
 //!   '\S+')`, several times faster: the statistics count words of every response).
+//! - `py_repr(x)`: a value as Python's `repr()` writes it (`[{'from': 'human', 'value':
+//!   "it's"}]`, `None`, `True`), struct fields in their order. UltraIF's UltraComposer reads
+//!   a conversation's history as the Python repr of its turns (`augment_query.py` formats the
+//!   list into its prompt), so its inputs and training pairs are written with this.
 
 use std::sync::Arc;
 
@@ -23,6 +27,164 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(WordCount {
         signature: Signature::string(1, Volatility::Immutable),
     }));
+    ctx.register_udf(ScalarUDF::new_from_impl(PyRepr {
+        signature: Signature::any(1, Volatility::Immutable),
+    }));
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PyRepr {
+    signature: Signature,
+}
+
+/// `s` as a Python string literal, as `repr(s)` writes it: single quotes unless the text has
+/// a single quote and no double quote; backslash, the quote, `\t`, `\n`, `\r` escaped;
+/// other control characters, non-ASCII spaces and format characters as `\xNN` / `\uNNNN`
+/// / `\UNNNNNNNN` (Python's "not printable", for the characters that occur in text).
+pub fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            ' ' => out.push(' '),
+            c if !py_printable(c) => {
+                let n = c as u32;
+                if n <= 0xff {
+                    out.push_str(&format!("\\x{n:02x}"));
+                } else if n <= 0xffff {
+                    out.push_str(&format!("\\u{n:04x}"));
+                } else {
+                    out.push_str(&format!("\\U{n:08x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// Python's `str.isprintable` for one character (space aside): not a control, separator
+/// (space, line, paragraph), format or private-use character.
+fn py_printable(c: char) -> bool {
+    let n = c as u32;
+    !(c.is_control()
+        || c.is_whitespace()
+        || matches!(n, 0xad | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f | 0x180e | 0x200b..=0x200f
+            | 0x202a..=0x202e | 0x2060..=0x2064 | 0x2066..=0x206f | 0xfeff | 0xfff9..=0xfffb
+            | 0xe000..=0xf8ff))
+}
+
+/// Row `i` of `a` as Python's repr.
+fn py_repr_at(a: &dyn Array, i: usize) -> DfResult<String> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::*;
+    if a.is_null(i) {
+        return Ok("None".into());
+    }
+    let float = |f: f64| {
+        if f.is_nan() {
+            "nan".to_string()
+        } else if f.is_infinite() {
+            if f > 0.0 { "inf" } else { "-inf" }.to_string()
+        } else if f.fract() == 0.0 && f.abs() < 1e16 {
+            format!("{f:.1}")
+        } else {
+            format!("{f}")
+        }
+    };
+    Ok(match a.data_type() {
+        DataType::Null => "None".into(),
+        DataType::Boolean => if a.as_boolean().value(i) {
+            "True"
+        } else {
+            "False"
+        }
+        .into(),
+        DataType::Int8 => a.as_primitive::<Int8Type>().value(i).to_string(),
+        DataType::Int16 => a.as_primitive::<Int16Type>().value(i).to_string(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().value(i).to_string(),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
+        DataType::UInt8 => a.as_primitive::<UInt8Type>().value(i).to_string(),
+        DataType::UInt16 => a.as_primitive::<UInt16Type>().value(i).to_string(),
+        DataType::UInt32 => a.as_primitive::<UInt32Type>().value(i).to_string(),
+        DataType::UInt64 => a.as_primitive::<UInt64Type>().value(i).to_string(),
+        DataType::Float32 => float(a.as_primitive::<Float32Type>().value(i) as f64),
+        DataType::Float64 => float(a.as_primitive::<Float64Type>().value(i)),
+        DataType::Utf8 => py_str_repr(a.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => py_str_repr(a.as_string::<i64>().value(i)),
+        DataType::Utf8View => py_str_repr(a.as_string_view().value(i)),
+        DataType::List(_) => py_repr_list(a.as_list::<i32>().value(i).as_ref())?,
+        DataType::LargeList(_) => py_repr_list(a.as_list::<i64>().value(i).as_ref())?,
+        DataType::Struct(fields) => {
+            let st = a.as_struct();
+            let mut parts = Vec::with_capacity(fields.len());
+            for (f, col) in fields.iter().zip(st.columns()) {
+                parts.push(format!(
+                    "{}: {}",
+                    py_str_repr(f.name()),
+                    py_repr_at(col.as_ref(), i)?
+                ));
+            }
+            format!("{{{}}}", parts.join(", "))
+        }
+        t => {
+            return Err(DataFusionError::Plan(format!(
+                "py_repr: values of type {t} are not supported (text, numbers, booleans, lists and structs are)"
+            )));
+        }
+    })
+}
+
+fn py_repr_list(items: &dyn Array) -> DfResult<String> {
+    let parts = (0..items.len())
+        .map(|j| py_repr_at(items, j))
+        .collect::<DfResult<Vec<_>>>()?;
+    Ok(format!("[{}]", parts.join(", ")))
+}
+
+impl ScalarUDFImpl for PyRepr {
+    fn name(&self) -> &str {
+        "py_repr"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("py_repr takes one argument".into()))?;
+        let out = (0..a.len())
+            .map(|i| {
+                if a.is_null(i) {
+                    Ok(None)
+                } else {
+                    py_repr_at(a.as_ref(), i).map(Some)
+                }
+            })
+            .collect::<DfResult<StringArray>>()?;
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -158,6 +320,40 @@ mod tests {
         assert_eq!(v, serde_json::json!({"q": "say \"hi\"\n", "n": 2}));
         assert_eq!(s(1).unwrap(), "[1,2]");
         assert_eq!(s(2), None);
+    }
+
+    /// Expected strings written by hand from Python's rules (what `repr()` prints).
+    #[tokio::test]
+    async fn py_repr_writes_what_python_prints() {
+        assert_eq!(py_str_repr("plain"), "'plain'");
+        assert_eq!(py_str_repr("it's"), "\"it's\"");
+        assert_eq!(py_str_repr("both ' and \""), "'both \\' and \"'");
+        assert_eq!(py_str_repr("a\\b\nc\td"), "'a\\\\b\\nc\\td'");
+        assert_eq!(
+            py_str_repr("caf\u{e9} \u{a0}x\u{7}"),
+            "'caf\u{e9} \\xa0x\\x07'"
+        );
+        let ctx = SessionContext::new();
+        register_all(&ctx);
+        let df = ctx
+            .sql(r#"SELECT py_repr(make_array(named_struct('from', 'human', 'value', 'Hi, it''s me'), named_struct('from', 'gpt', 'value', 'Hello'))) AS h,
+                           py_repr(make_array(1, 2)) AS l,
+                           py_repr(named_struct('ok', true, 'x', 1.5, 'n', CAST(NULL AS VARCHAR))) AS s,
+                           py_repr(CAST(NULL AS VARCHAR)) AS z"#)
+            .await
+            .unwrap();
+        let b = &df.collect().await.unwrap()[0];
+        let s = |i: usize| {
+            let c = b.column(i).as_any().downcast_ref::<StringArray>().unwrap();
+            (!arrow::array::Array::is_null(c, 0)).then(|| c.value(0).to_string())
+        };
+        assert_eq!(
+            s(0).unwrap(),
+            r#"[{'from': 'human', 'value': "Hi, it's me"}, {'from': 'gpt', 'value': 'Hello'}]"#
+        );
+        assert_eq!(s(1).unwrap(), "[1, 2]");
+        assert_eq!(s(2).unwrap(), "{'ok': True, 'x': 1.5, 'n': None}");
+        assert_eq!(s(3), None);
     }
 
     #[tokio::test]

@@ -65,6 +65,9 @@ pub struct Args {
     /// The PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Append each completion request's JSON body to this file, one line per request.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 impl Args {
@@ -98,6 +101,9 @@ impl Args {
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert.clone();
             c.tls_key = self.tls_key.clone();
+        }
+        if self.record.is_some() {
+            c.record = self.record.clone();
         }
         if let Some(path) = &self.rules {
             c.rules = sim::rules_from_file(path)?;

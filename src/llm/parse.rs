@@ -57,6 +57,12 @@ pub enum ParseSpec {
 #[serde(deny_unknown_fields)]
 pub struct JsonSpec {
     pub fields: Vec<FieldSpec>,
+    /// When no JSON object in the answer reads as the fields: read each field from the text
+    /// after its quoted key (`"name":`) up to the next declared key, as UltraIF's scripts do
+    /// for models that leave quotes inside strings unescaped. String and list_string fields
+    /// only; the result is marked repaired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub split_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -167,7 +173,21 @@ impl ParseSpec {
     /// any request is sent.
     pub fn check(&self) -> Result<(), String> {
         match self {
-            ParseSpec::Json(j) => check_fields(&j.fields, ""),
+            ParseSpec::Json(j) => {
+                check_fields(&j.fields, "")?;
+                if j.split_keys
+                    && let Some(f) = j
+                        .fields
+                        .iter()
+                        .find(|f| !matches!(f.ty, FieldType::String | FieldType::ListString))
+                {
+                    return Err(format!(
+                        "split_keys reads only string and list_string fields; `{}` is not one",
+                        f.name
+                    ));
+                }
+                Ok(())
+            }
             ParseSpec::Regex(r) => {
                 let re = compiled(&r.pattern)?;
                 if re.capture_names().flatten().next().is_none() {
@@ -288,14 +308,19 @@ pub fn strip_reasoning(text: &str) -> (String, Option<String>) {
 pub fn parse(spec: &ParseSpec, text: &str) -> Result<Parsed, ParseError> {
     match spec {
         ParseSpec::Json(j) => {
-            let (v, repaired) = find_json(text, true)?;
-            let Value::Object(obj) = v else {
-                return Err(ParseError::NotObject(kind(&v)));
-            };
-            Ok(Parsed {
-                value: Value::Object(check_object(&obj, &j.fields, "")?),
-                repaired,
-            })
+            let found = find_json(text, true).and_then(|(v, repaired)| {
+                let Value::Object(obj) = v else {
+                    return Err(ParseError::NotObject(kind(&v)));
+                };
+                Ok(Parsed {
+                    value: Value::Object(check_object(&obj, &j.fields, "")?),
+                    repaired,
+                })
+            });
+            match found {
+                Err(e) if j.split_keys => split_keys(text, &j.fields).ok_or(e),
+                found => found,
+            }
         }
         ParseSpec::Regex(r) => parse_regex(r, text).map(|value| Parsed {
             value,
@@ -306,6 +331,88 @@ pub fn parse(spec: &ParseSpec, text: &str) -> Result<Parsed, ParseError> {
             repaired: false,
         }),
     }
+}
+
+/// `split_keys`: each declared field read from the text between its quoted key and the next
+/// declared key (or the end), in the first fenced block if there is one. `None` when a
+/// required field has no key in the text.
+fn split_keys(text: &str, fields: &[FieldSpec]) -> Option<Parsed> {
+    let fenced = fenced_blocks(text);
+    let mut body = fenced.first().copied().unwrap_or(text).trim();
+    // Inside the outermost braces, when there are any: prose around them is not a value.
+    if let (Some(o), Some(c)) = (body.find('{'), body.rfind('}'))
+        && o < c
+    {
+        body = &body[o + 1..c];
+    }
+    // (where the key starts, where its value starts, field)
+    let mut keys: Vec<(usize, usize, &FieldSpec)> = Vec::new();
+    for f in fields {
+        let re = Regex::new(&format!(r#"["']{}["']\s*:"#, regex::escape(&f.name))).ok()?;
+        if let Some(m) = re.find(body) {
+            keys.push((m.start(), m.end(), f));
+        }
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    keys.sort_by_key(|k| k.0);
+    let mut out = Map::new();
+    for (n, (_, start, f)) in keys.iter().enumerate() {
+        let end = keys.get(n + 1).map_or(body.len(), |k| k.0);
+        let raw = body[*start..end].trim();
+        let raw = raw.strip_suffix(',').unwrap_or(raw).trim();
+        let v = match f.ty {
+            FieldType::ListString => {
+                match raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+                    Some(inner) => match serde_json::from_str::<Vec<String>>(raw) {
+                        Ok(items) => Value::from(items),
+                        Err(_) if inner.trim().is_empty() => Value::Array(Vec::new()),
+                        // One question whose quotes were not escaped.
+                        Err(_) => Value::from(vec![split_string(inner)]),
+                    },
+                    None if raw == "null" => Value::Null,
+                    None => Value::from(vec![split_string(raw)]),
+                }
+            }
+            _ if raw == "null" => Value::Null,
+            _ => Value::String(split_string(raw)),
+        };
+        out.insert(f.name.clone(), v);
+    }
+    for f in fields {
+        match out.get(&f.name) {
+            None | Some(Value::Null) if f.required => return None,
+            None => {
+                out.insert(f.name.clone(), Value::Null);
+            }
+            _ => {}
+        }
+    }
+    // In the declared order, as `check_object` writes it.
+    let value = fields
+        .iter()
+        .map(|f| (f.name.clone(), out.remove(&f.name).unwrap_or(Value::Null)))
+        .collect();
+    Some(Parsed {
+        value: Value::Object(value),
+        repaired: true,
+    })
+}
+
+/// A string value as the model wrote it: a valid JSON string decoded, else the text inside
+/// its outer quotes (inner quotes kept as written).
+fn split_string(raw: &str) -> String {
+    let raw = raw.trim();
+    if let Ok(s) = serde_json::from_str::<String>(raw) {
+        return s;
+    }
+    for q in ['"', '\''] {
+        if raw.len() >= 2 && raw.starts_with(q) && raw.ends_with(q) {
+            return raw[1..raw.len() - 1].to_string();
+        }
+    }
+    raw.to_string()
 }
 
 /// The first JSON object or array in `text` (or the whole text if it is JSON), and whether it
@@ -975,7 +1082,71 @@ mod tests {
     }
 
     fn json_spec(fields: Vec<FieldSpec>) -> ParseSpec {
-        ParseSpec::Json(JsonSpec { fields })
+        ParseSpec::Json(JsonSpec {
+            fields,
+            split_keys: false,
+        })
+    }
+
+    /// UltraComposer's answer fields, with the key-splitting fallback.
+    fn composer_spec() -> ParseSpec {
+        ParseSpec::Json(JsonSpec {
+            fields: vec![
+                f("augmented query", FieldType::String, true),
+                f("question", FieldType::ListString, true),
+            ],
+            split_keys: true,
+        })
+    }
+
+    #[test]
+    fn split_keys_reads_unescaped_quotes_and_a_bare_question() {
+        let spec = composer_spec();
+        // Valid JSON: read as JSON, not repaired.
+        let p = parse(
+            &spec,
+            r#"{"augmented query": "Write a poem.", "question": ["Is it a poem?"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.value,
+            json!({"augmented query": "Write a poem.", "question": ["Is it a poem?"]})
+        );
+        assert!(!p.repaired);
+        // Quotes left unescaped inside both values, in a fence, pretty-printed.
+        let t = "```json\n{\n    \"augmented query\": \"Write a poem titled \"Sky\".\",\n    \"question\": [\"Is it titled \"Sky\"?\"]\n}\n```";
+        let p = parse(&spec, t).unwrap();
+        assert_eq!(
+            p.value,
+            json!({"augmented query": "Write a poem titled \"Sky\".", "question": ["Is it titled \"Sky\"?"]})
+        );
+        assert!(p.repaired);
+        // A question given as a string, not a list: one question.
+        let p = parse(
+            &spec,
+            r#"Sure: {"augmented query": "Say hi.", "question": "Does it say hi?"} Done."#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.value,
+            json!({"augmented query": "Say hi.", "question": ["Does it say hi?"]})
+        );
+        // Without split_keys the same answers fail.
+        let strict = json_spec(vec![
+            f("augmented query", FieldType::String, true),
+            f("question", FieldType::ListString, true),
+        ]);
+        assert!(parse(&strict, t).is_err());
+        // No key at all: the JSON error stands.
+        assert_eq!(err(&spec, "I cannot do that."), "no JSON object found");
+        // A required key missing.
+        assert!(parse(&spec, r#"{"augmented query": "Say "hi"."}"#).is_err());
+        // Only string fields.
+        let bad = ParseSpec::Json(JsonSpec {
+            fields: vec![f("n", FieldType::Int, false)],
+            split_keys: true,
+        });
+        assert!(bad.check().unwrap_err().contains("split_keys"));
     }
 
     fn ok(text: &str) -> (Value, bool) {

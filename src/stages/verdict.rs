@@ -13,6 +13,12 @@
 //!   responses nobody judged into DPO as "rejected"; here they reach neither SFT nor DPO and
 //!   are counted apart (`unjudged` counter, `verdict_error` says why).
 //!
+//! That is `pass_rule: all_yes` (the default). `pass_rule: no_no` is the rule of UltraIF's
+//! `rejection_sampling.py`: a response passes when no question is answered NO, so a question
+//! the judge skipped or scored unreadably does not hold it back; it fails when one is NO, and
+//! is unjudged only when the answer has no JSON, no readable score at all, or the row has no
+//! questions.
+//!
 //! Added columns: `verdict`, `n_questions`, `n_yes`, `n_no`, `scores` (one bool per question,
 //! null where the judge gave no readable score), `verdict_error`.
 
@@ -70,6 +76,27 @@ pub struct VerdictStage {
     /// Field of a question's object that holds YES/NO (a bare string or bool also works).
     #[serde(default = "d_score_field")]
     pub score_field: String,
+    /// `all_yes`: pass when every question has a YES; `no_no`: pass when no question has a
+    /// NO (UltraIF's script).
+    #[serde(default, skip_serializing_if = "PassRule::is_default")]
+    pub pass_rule: PassRule,
+}
+
+/// When a judged response passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PassRule {
+    /// Every question answered YES; a missing or unreadable answer leaves it unjudged.
+    #[default]
+    AllYes,
+    /// No question answered NO (UltraIF's `rejection_sampling.py`).
+    NoNo,
+}
+
+impl PassRule {
+    fn is_default(&self) -> bool {
+        *self == PassRule::AllYes
+    }
 }
 
 const ADDED: &[&str] = &[
@@ -90,13 +117,32 @@ pub struct Judged {
 }
 
 impl Judged {
+    /// The verdict by `all_yes`.
     pub fn verdict(&self) -> &'static str {
-        if self.error.is_some() || self.scores.iter().any(Option::is_none) {
-            "unjudged"
-        } else if self.scores.iter().all(|s| *s == Some(true)) {
-            "pass"
-        } else {
-            "fail"
+        self.verdict_by(PassRule::AllYes)
+    }
+
+    pub fn verdict_by(&self, rule: PassRule) -> &'static str {
+        let any_no = self.scores.contains(&Some(false));
+        match rule {
+            PassRule::AllYes => {
+                if self.error.is_some() || self.scores.iter().any(Option::is_none) {
+                    "unjudged"
+                } else if !any_no {
+                    "pass"
+                } else {
+                    "fail"
+                }
+            }
+            PassRule::NoNo => {
+                if any_no {
+                    "fail"
+                } else if self.scores.iter().any(Option::is_some) {
+                    "pass"
+                } else {
+                    "unjudged"
+                }
+            }
         }
     }
 }
@@ -238,7 +284,7 @@ impl VerdictStage {
             };
             let t = (!text.is_null(row)).then(|| text.value(row));
             let j = self.judge(t, n);
-            let v = j.verdict();
+            let v = j.verdict_by(self.pass_rule);
             counts[match v {
                 "pass" => 0,
                 "fail" => 1,
@@ -371,6 +417,7 @@ mod tests {
             questions: d_questions(),
             key: d_key(),
             score_field: d_score_field(),
+            pass_rule: PassRule::AllYes,
         }
     }
 
@@ -431,6 +478,48 @@ mod tests {
         // The reasoning block mentions a NO; only the answer after it counts.
         let t = "<think>{\"Question 1\": {\"score\": \"NO\"}}</think>{\"Question 1\": {\"score\": \"YES\"}}";
         assert_eq!(v(t, 1).0, "pass");
+    }
+
+    #[test]
+    fn no_no_passes_what_has_no_no() {
+        let by = |t: &str, n: usize| {
+            let j = stage().judge(Some(t), n);
+            (j.verdict_by(PassRule::AllYes), j.verdict_by(PassRule::NoNo))
+        };
+        // Question 2 skipped: unjudged by all_yes, a pass by no_no.
+        assert_eq!(
+            by(r#"{"Question 1": {"score": "YES"}}"#, 2),
+            ("unjudged", "pass")
+        );
+        // An unreadable score beside a YES: likewise.
+        assert_eq!(
+            by(
+                r#"{"Question 1": {"score": "YES"}, "Question 2": {"score": "partly"}}"#,
+                2
+            ),
+            ("unjudged", "pass")
+        );
+        // A NO with a question missing: unjudged by all_yes, a failure by no_no.
+        assert_eq!(
+            by(r#"{"Question 1": {"score": "NO"}}"#, 2),
+            ("unjudged", "fail")
+        );
+        // The same where both rules agree.
+        assert_eq!(
+            by(r#"{"Question 1": "YES", "Question 2": "YES"}"#, 2),
+            ("pass", "pass")
+        );
+        assert_eq!(
+            by(r#"{"Question 1": "YES", "Question 2": "NO"}"#, 2),
+            ("fail", "fail")
+        );
+        // Nothing readable: unjudged by both.
+        assert_eq!(by("no JSON here", 2), ("unjudged", "unjudged"));
+        assert_eq!(
+            by(r#"{"Question 1": {"score": "maybe"}}"#, 1),
+            ("unjudged", "unjudged")
+        );
+        assert_eq!(by(r#"{"Question 1": "YES"}"#, 0), ("unjudged", "unjudged"));
     }
 
     #[test]

@@ -1494,7 +1494,8 @@ fn the_readme_llm_stage_example_validates() {
     std::fs::write(tmp.path().join("prompts/answer.j2"), "{{ prompt }}").unwrap();
     std::fs::write(
         tmp.path().join("in.jsonl"),
-        "{\"_id\": 1, \"prompt\": \"hi\"}\n",
+        // `history`: the earlier turns the example's `turns:` entry reads.
+        "{\"_id\": 1, \"prompt\": \"hi\", \"history\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n",
     )
     .unwrap();
     std::fs::write(tmp.path().join("p.yaml"), format!("name: readme\n{block}")).unwrap();

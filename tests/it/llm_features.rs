@@ -1414,3 +1414,85 @@ fn an_https_endpoint_of_a_private_ca_is_refused_clearly_then_trusted_through_ca_
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(counters(&again)["requests"], 0);
 }
+
+/// `turns: <column>`: a row's earlier turns go out as chat messages at that place (ShareGPT's
+/// `from`/`value` or `role`/`content`); a null column sends none; a turn with a role no chat
+/// server knows dead-letters its row with the reason. Checked in the bodies the simulator got.
+#[test]
+fn turns_become_chat_messages() {
+    let tmp = tempdir();
+    let record = tmp.path().join("requests.jsonl");
+    let sim = Sim::start(&["--slots", "4", "--base-ms", "1", "--record", s(&record)]);
+    let rows = [
+        json!({"prompt": "q1", "history": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        json!({"prompt": "q2", "history": null}),
+        json!({"prompt": "q3", "history": [{"role": "narrator", "content": "once"}]}),
+    ];
+    let stage = format!(
+        "    endpoints: [\"{}\"]\n    messages:\n      - {{role: system, content: \"Be brief.\"}}\n      - turns: history\n      - {{role: user, content: \"Q: {{{{ prompt }}}}\"}}\n",
+        sim.url
+    );
+    let p = pipeline(tmp.path(), &rows, &stage);
+    let run = tmp.path().join("run");
+    run_llm_ok(tmp.path(), &p, &run, &tmp.path().join("c.sqlite"));
+    let sent: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut msgs: Vec<Value> = sent.iter().map(|r| r["messages"].clone()).collect();
+    msgs.sort_by_key(|m| m.to_string());
+    assert_eq!(
+        msgs,
+        vec![
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: q2"}]),
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Q: q1"}]),
+        ]
+    );
+    assert_eq!(scalar(tmp.path(), &run, "SELECT count(*) FROM ask"), "2");
+    let failed = sql_json(tmp.path(), &run, "SELECT reason FROM ask__failed");
+    assert_eq!(failed.len(), 1);
+    let reason = failed[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(
+            "turn 1 of `history` has a role other than user/human, assistant/gpt or system"
+        ),
+        "{reason}"
+    );
+}
+
+#[test]
+fn turns_mistakes_are_named_at_validate_time() {
+    let tmp = tempdir();
+    let rows = [json!({"prompt": "q1", "history": "not turns"})];
+    // Config: a turns entry with a role, a message without one.
+    let stage = "    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - {turns: history, role: user}\n      - {content: \"Q\"}\n";
+    let p = pipeline(tmp.path(), &rows, stage);
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(":11:9: stage 'ask': a `turns` entry takes no `role`, `content` or `file`"),
+        "{e}"
+    );
+    assert!(
+        e.contains(":12:9: stage 'ask': a message needs a `role`"),
+        "{e}"
+    );
+    // Plan: a text column, and a column that does not exist (with a suggestion).
+    let stage = "    endpoints: [\"http://127.0.0.1:9/v1\"]\n    messages:\n      - turns: history\n      - turns: histroy\n      - {role: user, content: \"Q\"}\n";
+    let p = pipeline(tmp.path(), &rows, stage);
+    let o = ifloom(tmp.path(), &["validate", s(&p)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(":11:16: stage 'ask': turns: column `history` is Utf8, expected a list of {role, content} or {from, value}"),
+        "{e}"
+    );
+    assert!(
+        e.contains(":12:16: stage 'ask'") && e.contains("histroy"),
+        "{e}"
+    );
+    assert!(e.contains("history"), "{e}");
+}

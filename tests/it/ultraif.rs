@@ -43,27 +43,27 @@ const MESSY_YES: &str = "Sure! Here is my evaluation: {'Question 1': {'explanati
 fn ultraif_rules() -> Value {
     let composed = |q: &str, extra: &str, question: &str, cat: &str| {
         format!(
-            r#"{{"augmented_query": "{q} {extra}", "eval_question": "{question}", "category": "{cat}"}}"#
+            r#"{{"augmented query": "{q} {extra}", "question": ["{question}"], "category": "{cat}"}}"#
         )
     };
     json!({"rules": [
-        // The judge: its prompt quotes the response.
-        {"match": r"(?s)<response>\nGOOD", "response": ALL_YES},
-        {"match": r"(?s)<response>\nBAD2", "response": ALL_NO},
-        {"match": r"(?s)<response>\nBAD", "response": FIRST_NO},
-        {"match": r"(?s)<response>\nOKAY", "response": MESSY_YES},
-        {"match": r"(?s)<response>\nUNCLEAR", "response": "The response seems fine to me overall."},
+        // The judge (the authors' prompt): it quotes the response after `[Response] `.
+        {"match": r"\[Response\] GOOD", "response": ALL_YES},
+        {"match": r"\[Response\] BAD2", "response": ALL_NO},
+        {"match": r"\[Response\] BAD", "response": FIRST_NO},
+        {"match": r"\[Response\] OKAY", "response": MESSY_YES},
+        {"match": r"\[Response\] UNCLEAR", "response": "The response seems fine to me overall."},
         // The composer: round 2 adds a second constraint to what round 1 added.
         {"match": r"(?s)<query>\nName a fruit\.", "response": composed("Name a fruit.", "Answer in JSON for the human evaluator.", "Is it JSON?", "format")},
         {"match": r"(?s)<query>\nTell me a joke\.", "response": "I would rather not add anything."},
-        {"match": r"(?s)<query>\nSay hello\.", "response": r#"{"augmented_query": "Say hello.", "eval_question": "Does it say hello?", "category": "content"}"#},
+        {"match": r"(?s)<query>\nSay hello\.", "response": r#"{"augmented query": "Say hello.", "question": ["Does it say hello?"], "category": "content"}"#},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*Use bullet points\.)\n</query>", "response": composed("${q}", "End with a question.", "Does the response end with a question?", "stylistic")},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*)\n</query>", "response": composed("${q}", "Use bullet points.", "Does the response use bullet points?", "format")},
-        // The responder: K = 3 choices per augmented instruction.
-        {"match": "^Describe a sunrise", "responses": ["GOOD: gold light over the hills?", "BAD: it is morning", "BAD2: no"]},
-        {"match": "^Explain recursion", "responses": ["GOOD: a function calling itself?", "GOOD: see recursion?", "OKAY: base case and step?"]},
-        {"match": "^List three colours", "responses": ["BAD: red", "BAD: red green", "BAD2: none"]},
-        {"match": "^Summarize the news", "responses": ["GOOD: this answer is far too long for the token limit of this test so it gets cut off", "GOOD: short news?", "UNCLEAR: hmm"]},
+        // The responder (the authors' prompt): K = 3 choices per augmented instruction.
+        {"match": r"^Now please answer[^\n]*\n\[Query\] Describe a sunrise", "responses": ["GOOD: gold light over the hills?", "BAD: it is morning", "BAD2: no"]},
+        {"match": r"^Now please answer[^\n]*\n\[Query\] Explain recursion", "responses": ["GOOD: a function calling itself?", "GOOD: see recursion?", "OKAY: base case and step?"]},
+        {"match": r"^Now please answer[^\n]*\n\[Query\] List three colours", "responses": ["BAD: red", "BAD: red green", "BAD2: none"]},
+        {"match": r"^Now please answer[^\n]*\n\[Query\] Summarize the news", "responses": ["GOOD: this answer is far too long for the token limit of this test so it gets cut off", "GOOD: short news?", "UNCLEAR: hmm"]},
     ]})
 }
 
@@ -89,10 +89,15 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn fixture() -> Fixture {
+    fixture_with(ultraif_rules())
+}
+
+/// [`fixture`] with other simulator rules.
+fn fixture_with(rules: Value) -> Fixture {
     let tmp = tempdir();
     let dir = tmp.path().to_path_buf();
     write_jsonl(&dir.join("in.jsonl"), &instructions());
-    std::fs::write(dir.join("rules.json"), ultraif_rules().to_string()).unwrap();
+    std::fs::write(dir.join("rules.json"), rules.to_string()).unwrap();
     let sim = Sim::start(&[
         "--slots",
         "16",
@@ -102,6 +107,8 @@ pub(crate) fn fixture() -> Fixture {
         "0",
         "--rules",
         s(&dir.join("rules.json")),
+        "--record",
+        s(&dir.join("requests.jsonl")),
     ]);
     Fixture {
         _tmp: tmp,
@@ -313,19 +320,77 @@ fn dpo_pair_choice_and_every_round_generation() {
     assert_eq!(count(&run, "sft"), 6);
 }
 
+/// Rules for both prompt sets of `ultraif_composer_data.yaml`: the authors' prompts (keyed on
+/// their `Query: ` / `Constraint: ` lines; answers in their shape, fenced, Python literals)
+/// and ifloom's (`<instruction>` / `<constraint>` tags; answers in its shape). Both describe
+/// the same decompositions, so both sets must give the same pairs.
 fn composer_rules() -> Value {
+    let authors_q = |c: &str| format!(r"(?s)\nConstraint: {c}\n```json");
     json!({"rules": [
-        // The question writer: its prompt quotes the constraint.
+        // The authors' question writer: the real constraint line is followed by the fence.
+        {"match": authors_q("in French"), "response": "```json\n{\n    \"question\": \"Is the response written in French?\"\n}\n```"},
+        {"match": authors_q("exactly 3 lines"), "response": r#"{"question": "Does the response have exactly 3 lines?"}"#},
+        {"match": authors_q("friendly"), "response": r#"{"question": ""}"#},
+        {"match": authors_q("[^\n]*"), "response": r#"{'question': 'Is it all lowercase?',}"#},
+        // The authors' decomposer, keyed on the query line after the definition.
+        {"match": r"Definition of Constraint:[^\n]*\n\nQuery: Write a poem in French in exactly 3 lines\.", "response": "```json\n{\n    \"Complex\": True,\n    \"Basic Query\": \"Write a poem.\",\n    \"Numerical Constraints\": [{\"constraint\": \"exactly 3 lines\", \"simplified query\": \"Write a poem in French.\"}],\n    \"Format Constraints\": [{\"constraint\": \"a poem\", \"simplified query\": \"Write a poem in French in exactly 3 lines.\"}],\n    \"Linguistic Constraints\": [{\"constraint\": \"in French\", \"simplified query\": \"Write a poem in exactly 3 lines.\"}],\n}\n```"},
+        {"match": r"Definition of Constraint:[^\n]*\n\nQuery: What is 2\+2\?", "response": "```json\n{\n    \"Complex\": False\n}\n```"},
+        {"match": r"Definition of Constraint:[^\n]*\n\nQuery: Write a friendly note", "response": r#"{"Complex": true, "Basic Query": "Write a note.", "Stylistic Constraints": [{"constraint": "friendly", "simplified query": "Write a note."}], "Linguistic Constraints": [{"constraint": "all lowercase", "simplified query": "Write a friendly note."}]}"#},
+        {"match": r"Definition of Constraint:[^\n]*\n\nQuery: Shout", "response": "I cannot decompose this."},
+        // ifloom's question writer: its prompt quotes the constraint.
         {"match": r"(?s)<constraint>\nin French", "response": r#"{"question": "Is the response written in French?"}"#},
         {"match": r"(?s)<constraint>\nexactly 3 lines", "response": r#"{"question": "Does the response have exactly 3 lines?"}"#},
         {"match": r"(?s)<constraint>\nfriendly", "response": r#"{"question": ""}"#},
         {"match": r"(?s)<constraint>\n", "response": r#"{"question": "Is it all lowercase?"}"#},
-        // The decomposer, keyed on the instruction.
+        // ifloom's decomposer, keyed on the instruction.
         {"match": r"(?s)<instruction>\nWrite a poem in French in exactly 3 lines\.", "response": r#"{"has_constraints": true, "basic_query": "Write a poem.", "constraints": {"content": [], "numerical": [{"constraint": "exactly 3 lines", "simplified_query": "Write a poem in French."}], "stylistic": [], "format": [{"constraint": "a poem", "simplified_query": "Write a poem in French in exactly 3 lines."}], "linguistic": [{"constraint": "in French", "simplified_query": "Write a poem in exactly 3 lines."}]}}"#},
         {"match": r"(?s)<instruction>\nWhat is 2\+2\?", "response": "```python\n{'has_constraints': False, 'basic_query': 'What is 2+2?', 'constraints': {'content': [], 'numerical': [], 'stylistic': [], 'format': [], 'linguistic': []}}\n```"},
         {"match": r"(?s)<instruction>\nWrite a friendly note", "response": r#"{"has_constraints": true, "basic_query": "Write a note.", "constraints": {"stylistic": [{"constraint": "friendly", "simplified_query": "Write a note."}], "linguistic": [{"constraint": "all lowercase", "simplified_query": "Write a friendly note."}]}}"#},
         {"match": r"(?s)<instruction>\nShout", "response": "I cannot decompose this."},
     ]})
+}
+
+/// The note's earlier turns (ShareGPT), and how Python's repr() prints them (written by hand:
+/// the value with an apostrophe is double-quoted).
+const NOTE_HISTORY_REPR: &str =
+    r#"[{'from': 'human', 'value': "Hi, it's Ann."}, {'from': 'gpt', 'value': 'Hello Ann!'}]"#;
+
+fn note_history() -> Value {
+    json!([{"from": "human", "value": "Hi, it's Ann."}, {"from": "gpt", "value": "Hello Ann!"}])
+}
+
+fn run_composer_data(dir: &Path, sim: &Sim, run: &str, extra: &[&str]) -> std::path::PathBuf {
+    let run = dir.join(run);
+    let data = format!("data={}", s(&dir.join("in.jsonl")));
+    let url = format!("url={}", sim.url);
+    let cache = dir.join("cache.sqlite");
+    let mut args = vec![
+        "run",
+        "pipelines/ultraif_composer_data.yaml",
+        "--run-dir",
+        s(&run),
+        "--cache",
+        s(&cache),
+        "--set",
+        &data,
+        "--set",
+        &url,
+        "--set",
+        "model=sim-model",
+        "--set",
+        "history_expr=history",
+    ];
+    args.extend_from_slice(extra);
+    ok(&root(), &args);
+    run
+}
+
+fn lines_of(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -337,7 +402,7 @@ fn composer_data_counts_and_targets() {
         &[
             json!({"prompt": "Write a poem in French in exactly 3 lines."}),
             json!({"prompt": "What is 2+2?"}),
-            json!({"prompt": "Write a friendly note, all lowercase."}),
+            json!({"prompt": "Write a friendly note, all lowercase.", "history": note_history()}),
             json!({"prompt": "Shout at the clouds loudly."}),
         ],
     );
@@ -350,14 +415,431 @@ fn composer_data_counts_and_targets() {
         "--rules",
         s(&dir.join("rules.json")),
     ]);
+    // The note's input carries its history as UltraComposer reads it; the others have none.
+    let note_input =
+        format!("[history]: {NOTE_HISTORY_REPR} \n [initial query]: Write a friendly note.");
+    let expected_pairs = [
+        (
+            "[initial query]: Write a poem in French.".to_string(),
+            json!({"augmented query": "Write a poem in French in exactly 3 lines.", "question": ["Does the response have exactly 3 lines?"]}),
+            "numerical",
+        ),
+        (
+            "[initial query]: Write a poem in exactly 3 lines.".to_string(),
+            json!({"augmented query": "Write a poem in French in exactly 3 lines.", "question": ["Is the response written in French?"]}),
+            "linguistic",
+        ),
+        (
+            note_input.clone(),
+            json!({"augmented query": "Write a friendly note, all lowercase.", "question": ["Is it all lowercase?"]}),
+            "linguistic",
+        ),
+    ];
+    for (set, run) in [("authors", "run"), ("ifloom", "run-ifloom")] {
+        let prompts = format!("prompts={set}");
+        let run = run_composer_data(dir, &sim, run, &["--set", &prompts]);
+        // The poem has 3 constraints (one whose simplified query is the poem itself), the sum
+        // none, the note 2 ("friendly" gets an empty question), and the last answer does not
+        // parse.
+        assert_eq!(count(&run, "decomposed"), 4, "{set}");
+        assert_eq!(count(&run, "constraints"), 5, "{set}");
+        assert_eq!(count(&run, "questions"), 5, "{set}");
+        let pairs = query(
+            &run,
+            "SELECT prompt, response, category FROM composer_pairs ORDER BY category, prompt",
+        );
+        let got: Vec<(String, Value, String)> = pairs
+            .iter()
+            .map(|p| {
+                (
+                    p["prompt"].as_str().unwrap().to_string(),
+                    serde_json::from_str(p["response"].as_str().unwrap()).unwrap(),
+                    p["category"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut want: Vec<(String, Value, String)> = expected_pairs
+            .iter()
+            .map(|(p, r, c)| (p.clone(), r.clone(), c.to_string()))
+            .collect();
+        want.sort_by(|a, b| (&a.2, &a.0).cmp(&(&b.2, &b.0)));
+        assert_eq!(got, want, "{set}");
+    }
     let run = dir.join("run");
-    let data = format!("data={}", s(&dir.join("in.jsonl")));
-    let url = format!("url={}", sim.url);
+    // The SFT export, read back: a user turn with UltraComposer's input and an assistant turn
+    // whose JSON has exactly the authors' keys, the question a list.
+    let sft = lines_of(&run.join("out/composer_sft_messages.jsonl"));
+    assert_eq!(sft.len(), 3);
+    for line in &sft {
+        let m = line["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0]["role"], "user");
+        assert!(
+            m[0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("[initial query]: ")
+        );
+        assert_eq!(m[1]["role"], "assistant");
+        let target: Value = serde_json::from_str(m[1]["content"].as_str().unwrap()).unwrap();
+        let keys: Vec<&String> = target.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["augmented query", "question"]);
+        assert_eq!(target["question"].as_array().unwrap().len(), 1);
+    }
+    assert!(
+        sft.iter()
+            .any(|l| l["messages"][0]["content"] == note_input.as_str())
+    );
+    // The authors' own record shape (UltraComposer/sft_data.py): "simplified query", "query"
+    // and "tool", the JSON text of {"question": [q]}.
+    let upstream = lines_of(&run.join("out/ultracomposer_sft.jsonl"));
+    assert_eq!(upstream.len(), 3);
+    let note = upstream
+        .iter()
+        .find(|r| r["simplified query"] == "Write a friendly note.")
+        .unwrap();
+    let keys: Vec<&str> = note
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["query", "simplified query", "tool"]);
+    assert_eq!(note["query"], "Write a friendly note, all lowercase.");
+    let tool: Value = serde_json::from_str(note["tool"].as_str().unwrap()).unwrap();
+    assert_eq!(tool, json!({"question": ["Is it all lowercase?"]}));
+
+    // The other direction: a composer that answers exactly these training targets to exactly
+    // these inputs (what a composer trained on the pairs learns) drives ultraif.yaml with
+    // `composer: finetuned`: the simplified queries come back augmented with their question.
+    let rules: Vec<Value> = sft
+        .iter()
+        .map(|l| {
+            json!({"match": format!("^{}$", regex::escape(l["messages"][0]["content"].as_str().unwrap())),
+                   "response": l["messages"][1]["content"]})
+        })
+        .collect();
+    std::fs::write(dir.join("rules2.json"), json!({"rules": rules}).to_string()).unwrap();
+    let sim2 = Sim::start(&[
+        "--slots",
+        "8",
+        "--base-ms",
+        "1",
+        "--rules",
+        s(&dir.join("rules2.json")),
+    ]);
+    write_jsonl(
+        &dir.join("simplified.jsonl"),
+        &[
+            json!({"prompt": "Write a poem in French."}),
+            json!({"prompt": "Write a poem in exactly 3 lines."}),
+            json!({"prompt": "Write a friendly note.", "history": note_history()}),
+        ],
+    );
+    let run2 = dir.join("back");
+    let data = format!("data={}", s(&dir.join("simplified.jsonl")));
+    let url = format!("url={}", sim2.url);
+    let curl = format!("composer_url={}", sim2.url);
     ok(
         &root(),
         &[
             "run",
-            "pipelines/ultraif_composer_data.yaml",
+            "pipelines/ultraif.yaml",
+            "--run-dir",
+            s(&run2),
+            "--cache",
+            s(&dir.join("cache.sqlite")),
+            "--until",
+            "query_r1",
+            "--set",
+            &data,
+            "--set",
+            &url,
+            "--set",
+            &curl,
+            "--set",
+            "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+            "--set",
+            "composer=finetuned",
+            "--set",
+            "rounds=1",
+            "--set",
+            "history_expr=history",
+        ],
+    );
+    let back = query(
+        &run2,
+        "SELECT query, questions, guard FROM query_r1 ORDER BY query, questions",
+    );
+    assert_eq!(
+        back,
+        vec![
+            json!({"query": "Write a friendly note, all lowercase.", "questions": ["Is it all lowercase?"], "guard": "ok"}),
+            json!({"query": "Write a poem in French in exactly 3 lines.", "questions": ["Does the response have exactly 3 lines?"], "guard": "ok"}),
+            json!({"query": "Write a poem in French in exactly 3 lines.", "questions": ["Is the response written in French?"], "guard": "ok"}),
+        ]
+    );
+}
+
+/// Recorded answers in UltraComposer's format through `composer: finetuned`, two rounds:
+/// fenced and pretty-printed, unfenced, Python literals, quotes left unescaped (the authors'
+/// key-splitting fallback), a bare-string question, an empty question list, the authors' two
+/// guard strings, an unchanged query and prose.
+#[test]
+fn finetuned_composer_reads_ultracomposer_answers() {
+    let rules = json!({"rules": [
+        {"match": r"^\[initial query\]: Describe a sunrise\.$",
+         "response": "```json\n{\n    \"augmented query\": \"Describe a sunrise. Use bullet points.\",\n    \"question\": [\"Does the response use bullet points?\"]\n}\n```"},
+        {"match": r"^\[initial query\]: Describe a sunrise\. Use bullet points\.$",
+         "response": r#"{"augmented query": "Describe a sunrise. Use bullet points. End with a question.", "question": ["Does the response end with a question?"]}"#},
+        {"match": r"^\[initial query\]: Explain recursion\.$",
+         "response": "{'augmented query': 'Explain recursion in three sentences.', 'question': ['Does the response have exactly three sentences?']}"},
+        {"match": r"^\[initial query\]: Explain recursion in three sentences\.$",
+         "response": r#"{"augmented query": "Explain recursion in three sentences, titled "Loops".", "question": ["Is the response titled "Loops"?"]}"#},
+        {"match": r"^\[initial query\]: Name a fruit\.$",
+         "response": r#"{"augmented query": "Name a fruit and explain it to the human evaluator.", "question": ["Is it explained?"]}"#},
+        {"match": r"^\[initial query\]: List three colours\.$",
+         "response": r#"{"augmented query": "List three colours. Please provide the response in JSON format.", "question": ["Is it JSON?"]}"#},
+        {"match": r"^\[initial query\]: Say hello\.$",
+         "response": r#"{"augmented query": "Say hello.", "question": ["Does it say hello?"]}"#},
+        {"match": r"^\[initial query\]: Tell me a joke\.$", "response": "I would rather not add anything."},
+        {"match": r"^\[initial query\]: Summarize the news\.$",
+         "response": r#"{"augmented query": "Summarize the news in French.", "question": "Is the summary in French?"}"#},
+        {"match": r"^\[initial query\]: Summarize the news in French\.$",
+         "response": r#"{"augmented query": "Summarize the news in French, briefly.", "question": []}"#},
+    ]});
+    let f = fixture_with(rules);
+    let record = f.dir.join("requests.jsonl");
+    let run = f.dir.join("ft");
+    let data = format!("data={}", s(&f.dir.join("in.jsonl")));
+    let url = format!("url={}", f.sim.url);
+    let curl = format!("composer_url={}", f.sim.url);
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/ultraif.yaml",
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&f.dir.join("cache.sqlite")),
+            "--until",
+            "augmented",
+            "--set",
+            &data,
+            "--set",
+            &url,
+            "--set",
+            &curl,
+            "--set",
+            "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+            "--set",
+            "composer=finetuned",
+            "--set",
+            "rounds=2",
+        ],
+    );
+    // Round 1: Describe (fenced), Explain (Python literals), Summarize (a bare-string
+    // question) are augmented; Name a fruit and List leak the authors' guard strings; Say
+    // hello comes back unchanged; the joke has no JSON. Round 2: the three augmented ones
+    // are asked anew (the others' query did not change: cache hits, the same answers);
+    // Describe (unfenced) and Explain (unescaped quotes) are augmented again, Summarize's
+    // empty question list is `empty`.
+    let guards = query(
+        &run,
+        "SELECT round, guard, count(*) AS n FROM augmented GROUP BY round, guard ORDER BY round, guard",
+    );
+    assert_eq!(
+        guards,
+        vec![
+            json!({"round": 1, "guard": "leak", "n": 2}),
+            json!({"round": 1, "guard": "ok", "n": 3}),
+            json!({"round": 1, "guard": "unchanged", "n": 1}),
+            json!({"round": 1, "guard": "unparsed", "n": 1}),
+            json!({"round": 2, "guard": "empty", "n": 1}),
+            json!({"round": 2, "guard": "leak", "n": 2}),
+            json!({"round": 2, "guard": "ok", "n": 2}),
+            json!({"round": 2, "guard": "unchanged", "n": 1}),
+            json!({"round": 2, "guard": "unparsed", "n": 1}),
+        ]
+    );
+    let r2 = query(
+        &run,
+        "SELECT query, questions, categories FROM query_r2 WHERE cardinality(questions) > 0 ORDER BY query",
+    );
+    assert_eq!(
+        r2,
+        vec![
+            json!({"query": "Describe a sunrise. Use bullet points. End with a question.",
+                   "questions": ["Does the response use bullet points?", "Does the response end with a question?"],
+                   "categories": [null, null]}),
+            json!({"query": "Explain recursion in three sentences, titled \"Loops\".",
+                   "questions": ["Does the response have exactly three sentences?", "Is the response titled \"Loops\"?"],
+                   "categories": [null, null]}),
+            json!({"query": "Summarize the news in French.", "questions": ["Is the summary in French?"],
+                   "categories": [null]}),
+        ]
+    );
+    // 7 composer requests in round 1, 3 in round 2; nothing else was sent (--until).
+    let sent = lines_of(&record);
+    assert_eq!(sent.len(), 10);
+    // Each is one user message, UltraComposer's input, at the authors' temperature, with no
+    // response format imposed on the model.
+    let first = sent
+        .iter()
+        .find(|r| r["messages"][0]["content"] == "[initial query]: Describe a sunrise.")
+        .expect("the composer got the authors' input");
+    assert_eq!(first["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(first["messages"][0]["role"], "user");
+    assert_eq!(first["temperature"], 0.7);
+    assert!(first.get("response_format").is_none());
+}
+
+/// The two pass rules on the same judged table (the judge's answers come from the cache the
+/// second time). Judge answers changed from `ultraif_rules`: "BAD: it is morning" gets only
+/// Question 1, a NO; "BAD: red green" only Question 1, a YES; "BAD2: none" a YES and an
+/// unreadable "N/A".
+#[test]
+fn pass_rules_on_the_same_judged_table() {
+    let mut rules = ultraif_rules();
+    let extra = [
+        json!({"match": r"\[Response\] BAD: it is morning", "response": r#"{"Question 1": {"explanation": "no", "score": "NO"}}"#}),
+        json!({"match": r"\[Response\] BAD: red green", "response": r#"{"Question 1": {"explanation": "ok", "score": "YES"}}"#}),
+        json!({"match": r"\[Response\] BAD2: none", "response": r#"{"Question 1": {"score": "YES"}, "Question 2": {"score": "N/A"}}"#}),
+    ];
+    let list = rules["rules"].as_array_mut().unwrap();
+    for (i, r) in extra.into_iter().enumerate() {
+        list.insert(i, r);
+    }
+    let f = fixture_with(rules);
+    let all_yes = run_ultraif(&f, "all_yes", &[]);
+    let sent = f.sim.requests();
+    let no_no = run_ultraif(&f, "no_no", &["--set", "pass_rule=no_no"]);
+    assert_eq!(
+        f.sim.requests(),
+        sent,
+        "the judge's answers came from the cache"
+    );
+    let rates = |run: &Path| {
+        ok(
+            &root(),
+            &[
+                "sql",
+                "--run",
+                s(run),
+                "--format",
+                "jsonl",
+                "-f",
+                "sql/pass_rates.sql",
+                "--param",
+                "table=judged",
+                "--param",
+                "instruction=source_id",
+            ],
+        )
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect::<Vec<_>>()
+    };
+    // all_yes. Describe: GOOD pass, BAD unjudged (Q2 missing), BAD2 fail. Explain: 3 pass.
+    // List: BAD fail, "red green" and "none" unjudged. Summarize: 2 pass, UNCLEAR unjudged.
+    // SFT 3/4 (not List), DPO 1/4 (Describe), responses 6/(6+2), unjudged 4/12.
+    assert_eq!(
+        rates(&all_yes),
+        vec![
+            json!({"table": "judged", "instructions": 4, "responses": 12, "pass": 6, "fail": 2,
+                    "unjudged": 4, "sft_pass_rate": 0.75, "dpo_pass_rate": 0.25,
+                    "response_pass_rate": 0.75, "judge_parse_failure_rate": 0.3333})
+        ]
+    );
+    // no_no. Describe: BAD now fails (a NO). List: "red green" and "none" pass (no NO).
+    // SFT 4/4, DPO 2/4 (Describe, List), responses 8/(8+3), unjudged 1/12 (UNCLEAR).
+    assert_eq!(
+        rates(&no_no),
+        vec![
+            json!({"table": "judged", "instructions": 4, "responses": 12, "pass": 8, "fail": 3,
+                    "unjudged": 1, "sft_pass_rate": 1.0, "dpo_pass_rate": 0.5,
+                    "response_pass_rate": 0.7273, "judge_parse_failure_rate": 0.0833})
+        ]
+    );
+    // What reaches SFT and DPO follows: List gains its first passing sample (1), and a pair.
+    assert_eq!(count(&all_yes, "sft"), 3);
+    assert_eq!(count(&no_no, "sft"), 4);
+    assert_eq!(
+        query(&no_no, "SELECT response FROM sft WHERE prompt LIKE 'List%'"),
+        vec![json!({"response": "BAD: red green"})]
+    );
+    assert_eq!(count(&all_yes, "dpo"), 1);
+    assert_eq!(
+        query(&no_no, "SELECT chosen, rejected FROM dpo ORDER BY chosen"),
+        vec![
+            json!({"chosen": "BAD: red green", "rejected": "BAD: red"}),
+            json!({"chosen": "GOOD: gold light over the hills?", "rejected": "BAD: it is morning"}),
+        ]
+    );
+}
+
+/// A multi-turn instruction: the composer reads its history as UltraComposer does, the
+/// responder gets the earlier turns as chat messages between the system prompt and the
+/// instruction, and the judge, on its own server and model, sees the same turns.
+#[test]
+fn multi_turn_context_and_a_separate_judge() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    write_jsonl(
+        &dir.join("in.jsonl"),
+        &[json!({"prompt": "Now make it rhyme.", "history": [
+            {"from": "human", "value": "Write a line about the sea."},
+            {"from": "gpt", "value": "The sea is wide."}]})],
+    );
+    let composer_input = "[history]: [{'from': 'human', 'value': 'Write a line about the sea.'}, {'from': 'gpt', 'value': 'The sea is wide.'}] \n [initial query]: Now make it rhyme.";
+    let main_rules = json!({"rules": [
+        {"match": format!("^{}$", regex::escape(composer_input)),
+         "response": r#"{"augmented query": "Now make it rhyme, in two lines.", "question": ["Does the response have two lines?"]}"#},
+        {"match": r"\[Query\] Now make it rhyme, in two lines\.$", "response": "The sea is wide, the sky is blue."},
+    ]});
+    let judge_rules = json!({"rules": [
+        {"match": r"\[Response\] The sea is wide", "response": r#"{"Question 1": {"explanation": "two lines", "score": "YES"}}"#},
+    ]});
+    std::fs::write(dir.join("main.json"), main_rules.to_string()).unwrap();
+    std::fs::write(dir.join("judge.json"), judge_rules.to_string()).unwrap();
+    let (main_rec, judge_rec) = (dir.join("main.jsonl"), dir.join("judge.jsonl"));
+    let main = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "1",
+        "--rules",
+        s(&dir.join("main.json")),
+        "--record",
+        s(&main_rec),
+    ]);
+    let judge = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "1",
+        "--model",
+        "judge-model",
+        "--rules",
+        s(&dir.join("judge.json")),
+        "--record",
+        s(&judge_rec),
+    ]);
+    let run = dir.join("run");
+    let data = format!("data={}", s(&dir.join("in.jsonl")));
+    let url = format!("url={}", main.url);
+    let curl = format!("composer_url={}", main.url);
+    let jurl = format!("judge_url={}", judge.url);
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/ultraif.yaml",
             "--run-dir",
             s(&run),
             "--cache",
@@ -367,38 +849,80 @@ fn composer_data_counts_and_targets() {
             "--set",
             &url,
             "--set",
+            &curl,
+            "--set",
+            &jurl,
+            "--set",
+            "judge_model=judge-model",
+            "--set",
             "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+            "--set",
+            "composer=finetuned",
+            "--set",
+            "rounds=1",
+            "--set",
+            "samples=1",
+            "--set",
+            "history_expr=history",
         ],
     );
-    // The poem has 3 constraints (one whose simplified query is the poem itself), the sum
-    // none (Python literals in a fence), the note 2 ("friendly" gets an empty question), and
-    // the last answer does not parse.
-    assert_eq!(count(&run, "decomposed"), 4);
-    assert_eq!(count(&run, "constraints"), 5);
-    assert_eq!(count(&run, "questions"), 5);
-    let pairs = query(
-        &run,
-        "SELECT prompt, response, category FROM composer_pairs ORDER BY prompt",
-    );
-    assert_eq!(pairs.len(), 3, "{pairs:?}");
-    let target: Value = serde_json::from_str(pairs[0]["response"].as_str().unwrap()).unwrap();
-    assert_eq!(pairs[0]["prompt"], "Write a friendly note.");
+    let main_sent = lines_of(&main_rec);
+    let judge_sent = lines_of(&judge_rec);
+    // The main server: the composer and the responder; the judge server: the judge only.
+    assert_eq!(main_sent.len(), 2);
+    assert_eq!(judge_sent.len(), 1);
     assert_eq!(
-        target,
-        json!({"augmented_query": "Write a friendly note, all lowercase.", "eval_question": "Is it all lowercase?"})
+        main_sent[0]["messages"],
+        json!([{"role": "user", "content": composer_input}])
     );
-    let cats: Vec<&str> = pairs
-        .iter()
-        .map(|p| p["category"].as_str().unwrap())
-        .collect();
-    assert_eq!(cats, ["linguistic", "numerical", "linguistic"]);
-    let sft: Vec<Value> = std::fs::read_to_string(run.join("out/composer_sft_messages.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(sft.len(), 3);
-    assert_eq!(sft[0]["messages"][0]["role"], "user");
+    let system = "You are an expert tasked with answering the given query. Please provide a clear and concise response directly, without introductory phrases such as 'What a great question,' 'Here is the answer,' or similar expressions. Focus solely on addressing the query.";
+    let instruction = "Now please answer the given query while stritly following its inside constraints.\n[Query] Now make it rhyme, in two lines.";
+    assert_eq!(
+        main_sent[1]["messages"],
+        json!([
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Write a line about the sea."},
+            {"role": "assistant", "content": "The sea is wide."},
+            {"role": "user", "content": instruction},
+        ])
+    );
+    assert_eq!(judge_sent[0]["model"], "judge-model");
+    let jm = judge_sent[0]["messages"].as_array().unwrap();
+    assert_eq!(jm.len(), 3);
+    assert_eq!(
+        jm[0],
+        json!({"role": "user", "content": "Write a line about the sea."})
+    );
+    assert_eq!(
+        jm[1],
+        json!({"role": "assistant", "content": "The sea is wide."})
+    );
+    let prompt = jm[2]["content"].as_str().unwrap();
+    assert!(
+        prompt.starts_with("You are an expert that is good at judging"),
+        "{prompt}"
+    );
+    assert!(
+        prompt.contains("[Query] Now make it rhyme, in two lines.\n[Response] The sea is wide, the sky is blue.\n[Evaluator Question] 1. Does the response have two lines?\n\n\nFor each question"),
+        "{prompt}"
+    );
+    // It passed, and the SFT export writes the same turns before it.
+    assert_eq!(
+        query(&run, "SELECT verdict FROM judged"),
+        vec![json!({"verdict": "pass"})]
+    );
+    let sft = lines_of(&run.join("out/sft_messages.jsonl"));
+    assert_eq!(
+        sft[0]["messages"],
+        json!([
+            {"role": "user", "content": "Write a line about the sea."},
+            {"role": "assistant", "content": "The sea is wide."},
+            {"role": "user", "content": "Now make it rhyme, in two lines."},
+            {"role": "assistant", "content": "The sea is wide, the sky is blue."},
+        ])
+    );
 }
 
 /// Both pipelines read each shared dataset named by a profile (Arena-Hard, OASST, InfoBench)
@@ -514,4 +1038,65 @@ fn data_profiles_read_the_shared_datasets() {
         got.iter().any(|(_, h)| *h > 0),
         "the sample has multi-turn conversations"
     );
+}
+
+/// Structured output is off by default (the authors' scripts send none); the `local` profile
+/// gives the composer a schema of UltraComposer's keys and the judge JSON mode, through
+/// params that hold mappings. Seen in the bodies the simulator got (llama.cpp's dialect).
+#[test]
+fn structured_output_is_a_param_the_local_profile_turns_on() {
+    let f = fixture();
+    let record = f.dir.join("requests.jsonl");
+    let url = format!("url={}", f.sim.url);
+    let curl = format!("composer_url={}", f.sim.url);
+    let data = format!("data={}", s(&f.dir.join("in.jsonl")));
+    let cache = f.dir.join("cache.sqlite");
+    for (run, profile) in [("plain", None), ("local", Some("local"))] {
+        let before = if record.exists() {
+            lines_of(&record).len()
+        } else {
+            0
+        };
+        let run_dir = f.dir.join(run);
+        let mut args = vec![
+            "run",
+            "pipelines/ultraif.yaml",
+            "--run-dir",
+            s(&run_dir),
+            "--cache",
+            s(&cache),
+            "--until",
+            "compose_r1",
+            "--set",
+            &data,
+            "--set",
+            &url,
+            "--set",
+            &curl,
+            "--set",
+            "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+            "--set",
+            "rows=1",
+        ];
+        if let Some(p) = profile {
+            args.extend(["--profile", p]);
+        }
+        ok(&root(), &args);
+        let sent = lines_of(&record).split_off(before);
+        assert_eq!(sent.len(), 1, "{run}");
+        let rf = &sent[0]["response_format"];
+        match profile {
+            None => assert!(rf.is_null(), "{run}: {rf}"),
+            Some(_) => {
+                assert_eq!(rf["type"], "json_object");
+                assert_eq!(
+                    rf["schema"]["required"],
+                    json!(["augmented query", "question"])
+                );
+                assert_eq!(rf["schema"]["properties"]["question"]["type"], "array");
+            }
+        }
+    }
 }

@@ -92,6 +92,31 @@ impl LlmStage {
         }
         for (i, m) in self.messages.iter().enumerate() {
             let path = ["messages", &i.to_string()];
+            if let Some(col) = &m.turns {
+                if m.role.is_some() || m.content.is_some() || m.file.is_some() {
+                    errs.push(
+                        at(
+                            &path,
+                            "a `turns` entry takes no `role`, `content` or `file`".into(),
+                        )
+                        .hint("give the earlier turns as their own entry: - {turns: history}"),
+                    );
+                } else if self.api == Api::Completions {
+                    errs.push(at(
+                        &["messages", &i.to_string(), "turns"],
+                        "`turns` needs api: chat (a completions prompt has no messages)".into(),
+                    ));
+                } else {
+                    self.turns.push((self.templates.len(), col.clone()));
+                }
+                continue;
+            }
+            let Some(role) = &m.role else {
+                errs.push(at(&path, "a message needs a `role`".into()).hint(
+                    "{role: user, content: \"...\"}, or {turns: <column>} for earlier turns",
+                ));
+                continue;
+            };
             let src = match (&m.content, &m.file) {
                 (Some(c), None) => Some(c.clone()),
                 (None, Some(f)) => match std::fs::read_to_string(ctx.dir.join(f)) {
@@ -116,7 +141,8 @@ impl LlmStage {
                 }
             };
             if let Some(s) = src {
-                self.templates.push((m.role.clone(), s));
+                self.templates.push((role.clone(), s));
+                self.template_msg.push(i);
             }
         }
         if self.api == Api::Completions
@@ -308,6 +334,29 @@ impl LlmStage {
                 Ok(_) => {}
             }
         }
+        for (_, column) in &self.turns {
+            let i = self
+                .messages
+                .iter()
+                .position(|m| m.turns.as_ref() == Some(column))
+                .unwrap_or_default()
+                .to_string();
+            let path = ["messages", i.as_str(), "turns"];
+            match schema.field_with_name(column) {
+                Err(_) => errs.push(crate::stages::unknown_column(ctx, &path, column, schema)),
+                Ok(f) if !turns_type_ok(f.data_type()) => errs.push(
+                    ctx.err(
+                        &path,
+                        format!(
+                            "turns: column `{column}` is {}, expected a list of {{role, content}} or {{from, value}}",
+                            f.data_type()
+                        ),
+                    )
+                    .hint("build it in an upstream sql stage, e.g. make_array(named_struct('role', 'user', 'content', q1), named_struct('role', 'assistant', 'content', a1))"),
+                ),
+                Ok(_) => {}
+            }
+        }
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         for f in self.new_fields() {
             if cols.contains(&f.name().as_str()) {
@@ -326,6 +375,28 @@ impl LlmStage {
         } else {
             Err(errs)
         }
+    }
+}
+
+/// A column `turns:` can read: a list of structs with text `role` and `content` (or
+/// ShareGPT's `from` and `value`), or an untyped null.
+fn turns_type_ok(t: &DataType) -> bool {
+    let text =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    match t {
+        DataType::Null => true,
+        DataType::List(f) | DataType::LargeList(f) => match f.data_type() {
+            DataType::Struct(fields) => {
+                let has = |name: &str| {
+                    fields
+                        .iter()
+                        .any(|x| x.name() == name && text(x.data_type()))
+                };
+                (has("role") && has("content")) || (has("from") && has("value"))
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 

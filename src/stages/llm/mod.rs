@@ -114,15 +114,21 @@ impl ParamKind {
 }
 
 /// A message; `content` is a Jinja template over the row's columns, inline or from `file`
-/// (relative to the pipeline file, e.g. `prompts/judge.j2`).
+/// (relative to the pipeline file, e.g. `prompts/judge.j2`). Or `turns: <column>`: the
+/// row's earlier conversation turns, one chat message each, at this place.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageSpec {
-    pub role: String,
+    #[serde(default)]
+    pub role: Option<String>,
     #[serde(default)]
     pub content: Option<String>,
     #[serde(default)]
     pub file: Option<String>,
+    /// A list column of turns, `{role, content}` or ShareGPT's `{from, value}` (`human` →
+    /// user, `gpt` → assistant), each sent as its own message; null or empty sends none.
+    #[serde(default)]
+    pub turns: Option<String>,
 }
 
 /// A parameter value: a literal, or `{column: name}` to take it from the row.
@@ -263,6 +269,14 @@ pub struct LlmStage {
     #[serde(skip)]
     #[schemars(skip)]
     templates: Vec<(String, String)>,
+    /// The message (index in `messages`) each template comes from.
+    #[serde(skip)]
+    #[schemars(skip)]
+    template_msg: Vec<usize>,
+    /// `turns:` entries: (number of templates before it, column).
+    #[serde(skip)]
+    #[schemars(skip)]
+    turns: Vec<(usize, String)>,
 }
 
 impl LlmStage {
@@ -353,7 +367,7 @@ impl Stage for LlmStage {
     fn fingerprint(&self) -> serde_json::Value {
         // The semantic request (templates, model, params, samples) and what is done with the
         // answer; endpoints, profile, keys and concurrency are left out on purpose.
-        serde_json::json!({
+        let mut f = serde_json::json!({
             "model": self.model,
             "api": self.api,
             "templates": self.templates,
@@ -368,7 +382,12 @@ impl Stage for LlmStage {
             "clamp_max_tokens": self.clamp_max_tokens,
             "reasoning": self.reasoning,
             "output": self.output,
-        })
+        });
+        // Only when used, so the stages without turns keep their fingerprints.
+        if !self.turns.is_empty() {
+            f["turns"] = serde_json::json!(self.turns);
+        }
+        f
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {

@@ -22,9 +22,19 @@ impl LlmStage {
         self.api == Api::Completions && i + 1 == self.templates.len()
     }
 
+    /// The message template `i` comes from.
+    fn template_message(&self, i: usize) -> usize {
+        self.template_msg.get(i).copied().unwrap_or(i)
+    }
+
     /// The file template `i` was read from, if it was.
     pub(super) fn template_file(&self, i: usize) -> Option<&str> {
-        self.messages.get(i).and_then(|m| m.file.as_deref())
+        if self.is_prompt(i) {
+            return None;
+        }
+        self.messages
+            .get(self.template_message(i))
+            .and_then(|m| m.file.as_deref())
     }
 
     /// Where template `i` is written in the pipeline file, for errors about it: `prompt`, or
@@ -38,7 +48,11 @@ impl LlmStage {
         } else {
             "content"
         };
-        vec!["messages".into(), i.to_string(), key.into()]
+        vec![
+            "messages".into(),
+            self.template_message(i).to_string(),
+            key.into(),
+        ]
     }
 
     pub(super) fn column_params(&self) -> [(&'static str, &Option<ParamValue>, ParamKind); 7] {
@@ -67,6 +81,9 @@ impl LlmStage {
                 cols.insert(column.clone());
             }
         }
+        for (_, column) in &self.turns {
+            cols.insert(column.clone());
+        }
         cols.into_iter().collect()
     }
 
@@ -91,7 +108,13 @@ impl LlmStage {
         env: &'e minijinja::Environment<'static>,
     ) -> std::result::Result<Renderer<'e>, String> {
         let mut messages = Vec::new();
+        let turns_before = |k: usize, messages: &mut Vec<(String, Template<'e>)>| {
+            for (_, column) in self.turns.iter().filter(|(at, _)| *at == k) {
+                messages.push((String::new(), Template::Turns(column.clone())));
+            }
+        };
         for (i, (role, src)) in self.templates.iter().enumerate() {
+            turns_before(i, &mut messages);
             let t = env
                 .get_template(&format!("m{i}"))
                 .map_err(|e| e.to_string())?;
@@ -111,6 +134,7 @@ impl LlmStage {
             };
             messages.push((role.clone(), m));
         }
+        turns_before(self.templates.len(), &mut messages);
         Ok(Renderer { messages })
     }
 
@@ -123,13 +147,19 @@ impl LlmStage {
         // Converted once for all of the row's templates (`render(row)` converts per call).
         let mut context = None;
         let mut rendered = Vec::with_capacity(renderer.messages.len());
-        for (i, (role, t)) in renderer.messages.iter().enumerate() {
+        let mut i = 0;
+        for (role, t) in &renderer.messages {
             let content = match t {
                 Template::Fixed(text) => text.clone(),
                 Template::PerRow(t) => t
                     .render(context.get_or_insert_with(|| minijinja::Value::from_serialize(row)))
                     .map_err(|e| format!("template for message {}: {e}", i + 1))?,
+                Template::Turns(column) => {
+                    rendered.extend(turn_messages(row.get(column), column)?);
+                    continue;
+                }
             };
+            i += 1;
             rendered.push(Message {
                 role: role.clone(),
                 content,
@@ -202,6 +232,52 @@ pub(super) enum Template<'e> {
     /// Reads no variable: rendered once.
     Fixed(String),
     PerRow(minijinja::Template<'e, 'e>),
+    /// `turns: column`: the row's earlier turns, one message each.
+    Turns(String),
+}
+
+/// The chat messages of a `turns` column's value: `{role, content}` or ShareGPT's
+/// `{from, value}` per turn (`human` → user, `gpt` → assistant); null or missing: none.
+pub(super) fn turn_messages(
+    v: Option<&serde_json::Value>,
+    column: &str,
+) -> std::result::Result<Vec<Message>, String> {
+    use serde_json::Value;
+    let turns = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(format!("turns: `{column}` is not a list of turns: {other}"));
+        }
+    };
+    let mut out = Vec::with_capacity(turns.len());
+    for (n, t) in turns.iter().enumerate() {
+        let field = |a: &str, b: &str| {
+            t.get(a)
+                .filter(|x| !x.is_null())
+                .or_else(|| t.get(b).filter(|x| !x.is_null()))
+        };
+        let bad = |what: &str| format!("turns: turn {} of `{column}` {what}: {t}", n + 1);
+        let role = match field("role", "from").and_then(Value::as_str) {
+            Some("user" | "human") => "user",
+            Some("assistant" | "gpt" | "chatgpt" | "bot" | "model") => "assistant",
+            Some("system") => "system",
+            Some(_) => {
+                return Err(bad(
+                    "has a role other than user/human, assistant/gpt or system",
+                ));
+            }
+            None => return Err(bad("has no `role` (or `from`)")),
+        };
+        let Some(content) = field("content", "value").and_then(Value::as_str) else {
+            return Err(bad("has no text `content` (or `value`)"));
+        };
+        out.push(Message {
+            role: role.into(),
+            content: content.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// The template context of each row: the `columns` of `batch` (those the templates and the
