@@ -498,12 +498,13 @@ fn composer_data_counts_and_targets() {
         .iter()
         .find(|r| r["simplified query"] == "Write a friendly note.")
         .unwrap();
-    let keys: Vec<&str> = note
+    let mut keys: Vec<&str> = note
         .as_object()
         .unwrap()
         .keys()
         .map(String::as_str)
         .collect();
+    keys.sort_unstable();
     assert_eq!(keys, ["query", "simplified query", "tool"]);
     assert_eq!(note["query"], "Write a friendly note, all lowercase.");
     let tool: Value = serde_json::from_str(note["tool"].as_str().unwrap()).unwrap();
