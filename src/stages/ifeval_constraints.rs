@@ -77,9 +77,31 @@ pub struct IfevalConstraintsStage {
     /// Most constraints per prompt (default 3).
     #[serde(default = "d_max")]
     pub max_constraints: usize,
-    /// The instruction types to draw from (default: all 25 IFEval types).
+    /// The instruction types to draw from (default: all 25 IFEval types): a list, or one
+    /// string of comma-separated ids (what `--set types=a,b` can pass).
     #[serde(default)]
-    pub types: Option<Vec<String>>,
+    pub types: Option<TypeList>,
+}
+
+/// A list of instruction ids, or one comma-separated string of them.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TypeList {
+    List(Vec<String>),
+    Csv(String),
+}
+
+impl TypeList {
+    fn names(&self) -> Vec<String> {
+        match self {
+            TypeList::List(v) => v.clone(),
+            TypeList::Csv(s) => s
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        }
+    }
 }
 
 const ADDED: [&str; 5] = [
@@ -101,11 +123,14 @@ impl IfevalConstraintsStage {
     fn types(&self) -> Vec<&'static str> {
         match &self.types {
             None => INSTRUCTION_IDS.to_vec(),
-            Some(ts) => INSTRUCTION_IDS
-                .iter()
-                .copied()
-                .filter(|id| ts.iter().any(|t| t == id))
-                .collect(),
+            Some(ts) => {
+                let ts = ts.names();
+                INSTRUCTION_IDS
+                    .iter()
+                    .copied()
+                    .filter(|id| ts.iter().any(|t| t == id))
+                    .collect()
+            }
         }
     }
 }
@@ -116,7 +141,13 @@ impl Stage for IfevalConstraintsStage {
     }
 
     fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+        json!({
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "min_constraints": self.min_constraints,
+            "max_constraints": self.max_constraints,
+            "types": self.types.as_ref().map(|_| self.types()),
+        })
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
@@ -154,9 +185,9 @@ impl Stage for IfevalConstraintsStage {
                 ),
             ));
         }
-        if let Some(ts) = &self.types {
+        if let Some(ts) = self.types.as_ref().map(TypeList::names) {
             let mut seen = HashSet::new();
-            for t in ts {
+            for t in &ts {
                 if !INSTRUCTION_IDS.contains(&t.as_str()) {
                     errs.push(
                         ctx.err(&["types"], format!("unknown IFEval instruction type {t:?}"))
