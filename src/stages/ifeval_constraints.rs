@@ -168,10 +168,9 @@ impl Stage for IfevalConstraintsStage {
             ),
             Ok(_) => {}
         }
-        if self.min_constraints < 1
-            || self.min_constraints > self.max_constraints
-            || self.max_constraints > MAX_CONSTRAINTS
-        {
+        let range_ok = (1..=self.max_constraints).contains(&self.min_constraints)
+            && self.max_constraints <= MAX_CONSTRAINTS;
+        if !range_ok {
             let at = if self.min_constraints < 1 {
                 "min_constraints"
             } else {
@@ -186,6 +185,7 @@ impl Stage for IfevalConstraintsStage {
             ));
         }
         if let Some(ts) = self.types.as_ref().map(TypeList::names) {
+            let before = errs.len();
             let mut seen = HashSet::new();
             for t in &ts {
                 if !INSTRUCTION_IDS.contains(&t.as_str()) {
@@ -211,7 +211,8 @@ impl Stage for IfevalConstraintsStage {
                 );
             }
             let types = self.types();
-            if !types.is_empty()
+            if range_ok
+                && errs.len() == before
                 && largest_compatible(&types, self.min_constraints) < self.min_constraints
             {
                 errs.push(
