@@ -28,9 +28,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder,
-};
+use arrow::array::{Array, ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use schemars::JsonSchema;
@@ -227,7 +225,11 @@ impl Stage for IfevalConstraintsStage {
                 );
             }
         }
-        errs.extend(reserved_columns(ctx, &ADDED, "which ifeval_constraints adds"));
+        errs.extend(reserved_columns(
+            ctx,
+            &ADDED,
+            "which ifeval_constraints adds",
+        ));
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -347,8 +349,14 @@ const REGISTRY_CONFLICTS: [(&str, Conflicts); 25] = {
     [
         ("keywords:existence", Only(&["keywords:existence"])),
         ("keywords:frequency", Only(&["keywords:frequency"])),
-        ("keywords:forbidden_words", Only(&["keywords:forbidden_words"])),
-        ("keywords:letter_frequency", Only(&["keywords:letter_frequency"])),
+        (
+            "keywords:forbidden_words",
+            Only(&["keywords:forbidden_words"]),
+        ),
+        (
+            "keywords:letter_frequency",
+            Only(&["keywords:letter_frequency"]),
+        ),
         (
             "language:response_language",
             Only(&[
@@ -414,7 +422,10 @@ const REGISTRY_CONFLICTS: [(&str, Conflicts); 25] = {
             "detectable_format:json_format",
             AllBut(&["keywords:forbidden_words", "keywords:existence"]),
         ),
-        ("detectable_format:title", Only(&["detectable_format:title"])),
+        (
+            "detectable_format:title",
+            Only(&["detectable_format:title"]),
+        ),
         (
             "combination:two_responses",
             AllBut(&[
@@ -467,7 +478,10 @@ const REGISTRY_CONFLICTS: [(&str, Conflicts); 25] = {
 /// marked `Section 1` (the splitter is matched case-sensitively).
 pub const EXTRA_CONFLICTS: [(&str, &str); 4] = [
     ("language:response_language", "keywords:letter_frequency"),
-    ("language:response_language", "change_case:capital_word_frequency"),
+    (
+        "language:response_language",
+        "change_case:capital_word_frequency",
+    ),
     (
         "language:response_language",
         "length_constraints:nth_paragraph_first_word",
@@ -558,7 +572,10 @@ struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64, row_id: &str) -> Rng {
-        Rng(xxhash_rust::xxh3::xxh3_64_with_seed(row_id.as_bytes(), seed))
+        Rng(xxhash_rust::xxh3::xxh3_64_with_seed(
+            row_id.as_bytes(),
+            seed,
+        ))
     }
 
     fn next(&mut self) -> u64 {
@@ -596,36 +613,148 @@ impl Rng {
 
 /// Words too common to be keywords (ifloom's list).
 const STOPWORDS: &[&str] = &[
-    "about", "above", "after", "again", "also", "among", "another", "answer", "because", "been",
-    "before", "being", "below", "between", "both", "could", "describe", "does", "doing", "down",
-    "each", "explain", "following", "from", "give", "have", "having", "help", "here", "into",
-    "just", "know", "like", "make", "many", "more", "most", "much", "must", "need", "only",
-    "other", "over", "please", "same", "should", "some", "such", "tell", "than", "that", "their",
-    "them", "then", "there", "these", "they", "this", "those", "through", "under", "until",
-    "upon", "using", "very", "want", "were", "what", "when", "where", "which", "while", "will",
-    "with", "within", "without", "would", "write", "your", "yours",
+    "about",
+    "above",
+    "after",
+    "again",
+    "also",
+    "among",
+    "another",
+    "answer",
+    "because",
+    "been",
+    "before",
+    "being",
+    "below",
+    "between",
+    "both",
+    "could",
+    "describe",
+    "does",
+    "doing",
+    "down",
+    "each",
+    "explain",
+    "following",
+    "from",
+    "give",
+    "have",
+    "having",
+    "help",
+    "here",
+    "into",
+    "just",
+    "know",
+    "like",
+    "make",
+    "many",
+    "more",
+    "most",
+    "much",
+    "must",
+    "need",
+    "only",
+    "other",
+    "over",
+    "please",
+    "same",
+    "should",
+    "some",
+    "such",
+    "tell",
+    "than",
+    "that",
+    "their",
+    "them",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "those",
+    "through",
+    "under",
+    "until",
+    "upon",
+    "using",
+    "very",
+    "want",
+    "were",
+    "what",
+    "when",
+    "where",
+    "which",
+    "while",
+    "will",
+    "with",
+    "within",
+    "without",
+    "would",
+    "write",
+    "your",
+    "yours",
 ];
 
 /// Keywords to work into an answer when the prompt offers none (ifloom's list; the reference
 /// draws from a 200-word list, not copied here).
 const KEYWORDS: &[&str] = &[
-    "balance", "benefit", "challenge", "community", "detail", "example", "future", "history",
-    "journey", "morning", "network", "pattern", "practice", "quality", "question", "reason",
-    "resource", "season", "simple", "solution",
+    "balance",
+    "benefit",
+    "challenge",
+    "community",
+    "detail",
+    "example",
+    "future",
+    "history",
+    "journey",
+    "morning",
+    "network",
+    "pattern",
+    "practice",
+    "quality",
+    "question",
+    "reason",
+    "resource",
+    "season",
+    "simple",
+    "solution",
 ];
 
 /// Words to forbid: fillers that models overuse, so avoiding them is a real constraint that
 /// never fights the prompt's topic (ifloom's list).
 pub const FORBIDDEN: &[&str] = &[
-    "actually", "additionally", "basically", "crucial", "delve", "essentially", "furthermore",
-    "importantly", "literally", "moreover", "overall", "really", "simply", "truly", "ultimately",
+    "actually",
+    "additionally",
+    "basically",
+    "crucial",
+    "delve",
+    "essentially",
+    "furthermore",
+    "importantly",
+    "literally",
+    "moreover",
+    "overall",
+    "really",
+    "simply",
+    "truly",
+    "ultimately",
     "utilize",
 ];
 
 /// First words of a paragraph (ifloom's list).
 pub const FIRST_WORDS: &[&str] = &[
-    "first", "next", "finally", "today", "imagine", "consider", "historically", "interestingly",
-    "fortunately", "meanwhile", "sometimes", "instead",
+    "first",
+    "next",
+    "finally",
+    "today",
+    "imagine",
+    "consider",
+    "historically",
+    "interestingly",
+    "fortunately",
+    "meanwhile",
+    "sometimes",
+    "instead",
 ];
 
 /// End phrases: the reference's two, and four more of ifloom's.
@@ -770,7 +899,11 @@ impl Draw<'_> {
             // Reference: 1..=20. "Less than 1" or "2" cannot be met by an answer.
             "length_constraints:number_sentences" => {
                 let relation = self.relation();
-                let (lo, hi) = if relation == "at least" { (2, 12) } else { (4, 15) };
+                let (lo, hi) = if relation == "at least" {
+                    (2, 12)
+                } else {
+                    (4, 15)
+                };
                 json!({ "num_sentences": self.rng.range(lo, hi), "relation": relation })
             }
             // Reference: 1..=5; one paragraph asks for no divider, so 2..=5.
@@ -780,7 +913,11 @@ impl Draw<'_> {
             // Reference: 100..=500, either relation. Multiples of 10 read naturally.
             "length_constraints:number_words" => {
                 let relation = self.relation();
-                let (lo, hi) = if relation == "at least" { (5, 40) } else { (5, 30) };
+                let (lo, hi) = if relation == "at least" {
+                    (5, 40)
+                } else {
+                    (5, 30)
+                };
                 json!({ "num_words": 10 * self.rng.range(lo, hi), "relation": relation })
             }
             "length_constraints:nth_paragraph_first_word" => {
@@ -814,7 +951,11 @@ impl Draw<'_> {
             // than" starts at 5.
             "change_case:capital_word_frequency" => {
                 let relation = self.relation();
-                let (lo, hi) = if relation == "at least" { (2, 10) } else { (5, 15) };
+                let (lo, hi) = if relation == "at least" {
+                    (2, 10)
+                } else {
+                    (5, 15)
+                };
                 json!({ "capital_frequency": self.rng.range(lo, hi), "capital_relation": relation })
             }
             // constrained_response, json_format, title, two_responses, english_capital,
@@ -975,7 +1116,8 @@ pub fn render(id: &str, kw: &Map<String, Value>, variant: u64) -> String {
             r
         }
     };
-    let pick = |templates: &[String]| templates[(variant % templates.len() as u64) as usize].clone();
+    let pick =
+        |templates: &[String]| templates[(variant % templates.len() as u64) as usize].clone();
     match id {
         "keywords:existence" => pick(&[
             format!("Include the keywords {} in your response.", list("keywords")),
@@ -996,20 +1138,16 @@ pub fn render(id: &str, kw: &Map<String, Value>, variant: u64) -> String {
                 plural(n("frequency"), "time", "times")
             ),
         ]),
-        "keywords:forbidden_words" => pick(&[
-            format!(
-                "Do not include the words {} in your response.",
-                list("forbidden_words")
-            ),
-            format!(
-                "Avoid the words {} anywhere in your answer.",
-                list("forbidden_words")
-            ),
-            format!(
-                "Your answer must not contain {}.",
-                list("forbidden_words")
-            ),
-        ]),
+        "keywords:forbidden_words" => {
+            let n_words = kw.get("forbidden_words").and_then(Value::as_array).map_or(0, Vec::len);
+            let the = if n_words == 1 { "the word" } else { "the words" };
+            let ws = list("forbidden_words");
+            pick(&[
+                format!("Do not include {the} {ws} in your response."),
+                format!("Avoid {the} {ws} anywhere in your answer."),
+                format!("Your answer must not contain {ws}."),
+            ])
+        }
         "keywords:letter_frequency" => pick(&[
             format!(
                 "In your response, the letter {} should appear {} {} times.",
@@ -1161,7 +1299,7 @@ pub fn render(id: &str, kw: &Map<String, Value>, variant: u64) -> String {
         ]),
         "startend:end_checker" => pick(&[
             format!(
-                "Finish your response with this exact phrase {}. No other words should follow this phrase.",
+                "Finish your response with this exact phrase: \"{}\" No other words should follow this phrase.",
                 s("end_phrase")
             ),
             format!(
@@ -1263,10 +1401,19 @@ mod tests {
             "detectable_format:json_format",
             "keywords:forbidden_words"
         ));
-        assert!(conflicts("detectable_format:json_format", "punctuation:no_comma"));
-        assert!(!conflicts("combination:two_responses", "punctuation:no_comma"));
+        assert!(conflicts(
+            "detectable_format:json_format",
+            "punctuation:no_comma"
+        ));
+        assert!(!conflicts(
+            "combination:two_responses",
+            "punctuation:no_comma"
+        ));
         assert!(conflicts("combination:two_responses", "startend:quotation"));
-        assert!(!conflicts("combination:repeat_prompt", "detectable_format:title"));
+        assert!(!conflicts(
+            "combination:repeat_prompt",
+            "detectable_format:title"
+        ));
         assert!(conflicts("startend:quotation", "detectable_format:title"));
         assert!(!conflicts("startend:quotation", "punctuation:no_comma"));
         for t in INSTRUCTION_IDS {
@@ -1313,7 +1460,10 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 25, "missing: {:?}", {
-            let mut m: Vec<_> = INSTRUCTION_IDS.iter().filter(|t| !seen.contains(*t)).collect();
+            let mut m: Vec<_> = INSTRUCTION_IDS
+                .iter()
+                .filter(|t| !seen.contains(*t))
+                .collect();
             m.sort();
             m
         });
@@ -1364,8 +1514,12 @@ mod tests {
         let (mut with_comma, mut without) = (0, 0);
         for i in 0..300 {
             let id = format!("{i}");
-            with_comma += sample("Hello, world and more", &id, 0, &pair, 1, 2).ids.len();
-            without += sample("Hello world and more", &id, 0, &pair, 1, 2).ids.len();
+            with_comma += sample("Hello, world and more", &id, 0, &pair, 1, 2)
+                .ids
+                .len();
+            without += sample("Hello world and more", &id, 0, &pair, 1, 2)
+                .ids
+                .len();
         }
         assert!(with_comma < 400 && without > 400, "{with_comma} {without}");
         // Sections in an all-capitals answer are marked SECTION; keywords of one row differ.
@@ -1385,7 +1539,10 @@ mod tests {
             );
             assert_eq!(s.ids.len(), 4);
             let kw = |t: &str| &s.kwargs[s.ids.iter().position(|x| *x == t).unwrap()];
-            assert_eq!(kw("detectable_format:multiple_sections")["section_spliter"], "SECTION");
+            assert_eq!(
+                kw("detectable_format:multiple_sections")["section_spliter"],
+                "SECTION"
+            );
             let ks = kw("keywords:existence")["keywords"].as_array().unwrap();
             let f = &kw("keywords:frequency")["keyword"];
             assert_ne!(ks[0], ks[1]);
@@ -1396,11 +1553,21 @@ mod tests {
     #[test]
     fn the_ground_truth_is_the_python_literal_open_instruct_reads() {
         let s = Sampled {
-            ids: vec!["keywords:existence", "punctuation:no_comma", "combination:repeat_prompt"],
+            ids: vec![
+                "keywords:existence",
+                "punctuation:no_comma",
+                "combination:repeat_prompt",
+            ],
             kwargs: vec![
-                json!({"keywords": ["lighthouse", "season"]}).as_object().unwrap().clone(),
+                json!({"keywords": ["lighthouse", "season"]})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
                 Map::new(),
-                json!({"prompt_to_repeat": "Say \"hi\"\nit's me"}).as_object().unwrap().clone(),
+                json!({"prompt_to_repeat": "Say \"hi\"\nit's me"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
             ],
             texts: vec![],
         };
@@ -1410,7 +1577,12 @@ mod tests {
         );
         let n = Sampled {
             ids: vec!["length_constraints:number_words"],
-            kwargs: vec![json!({"num_words": 120, "relation": "less than"}).as_object().unwrap().clone()],
+            kwargs: vec![
+                json!({"num_words": 120, "relation": "less than"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ],
             texts: vec!["Answer with less than 120 words.".into()],
         };
         assert_eq!(
@@ -1426,7 +1598,10 @@ mod tests {
     #[test]
     fn plan_time_checks_refuse_types_that_cannot_reach_the_minimum() {
         assert_eq!(
-            largest_compatible(&["detectable_format:json_format", "detectable_format:title"], 2),
+            largest_compatible(
+                &["detectable_format:json_format", "detectable_format:title"],
+                2
+            ),
             1
         );
         assert_eq!(largest_compatible(&INSTRUCTION_IDS, 5), 5);

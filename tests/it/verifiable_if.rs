@@ -165,8 +165,12 @@ fn python_literal(text: &str) -> Value {
                                         'u' => 4,
                                         _ => 8,
                                     };
-                                    let h: String = (0..n).map(|_| self.c.next().unwrap()).collect();
-                                    out.push(char::from_u32(u32::from_str_radix(&h, 16).unwrap()).unwrap());
+                                    let h: String =
+                                        (0..n).map(|_| self.c.next().unwrap()).collect();
+                                    out.push(
+                                        char::from_u32(u32::from_str_radix(&h, 16).unwrap())
+                                            .unwrap(),
+                                    );
                                 }
                                 c => out.push(c),
                             },
@@ -238,7 +242,11 @@ fn python_reads(labels: &[String]) -> Option<Vec<Value>> {
     }
     drop(stdin);
     let out = child.wait_with_output().ok()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(
         String::from_utf8(out.stdout)
             .unwrap()
@@ -302,7 +310,10 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
         &run_dir,
         "SELECT prompt, _reference FROM clean_seeds__removed",
     );
-    assert_eq!(removed, vec![json!({"prompt": ifeval_prompt(), "_reference": "ifeval"})]);
+    assert_eq!(
+        removed,
+        vec![json!({"prompt": ifeval_prompt(), "_reference": "ifeval"})]
+    );
 
     // Each prompt got both types (2 of 2, in a seeded order), the sentences after a blank line.
     let constrained = sql_json(
@@ -330,10 +341,15 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
             .collect();
         assert_eq!(
             r["constrained_prompt"],
-            json!(format!("{}\n\n{}", r["prompt"].as_str().unwrap(), texts.join("\n")))
+            json!(format!(
+                "{}\n\n{}",
+                r["prompt"].as_str().unwrap(),
+                texts.join("\n")
+            ))
         );
         assert!(
-            texts.iter().any(|t| t.contains("comma")) && texts.iter().any(|t| t.contains("quotation")),
+            texts.iter().any(|t| t.contains("comma"))
+                && texts.iter().any(|t| t.contains("quotation")),
             "{texts:?}"
         );
     }
@@ -421,7 +437,9 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     assert_eq!(pairs, want_pairs);
     for r in &dpo {
         assert!(
-            constrained.iter().any(|c| c["constrained_prompt"] == r["prompt"]),
+            constrained
+                .iter()
+                .any(|c| c["constrained_prompt"] == r["prompt"]),
             "{r}"
         );
     }
@@ -446,7 +464,14 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
         sorted.sort();
         assert_eq!(
             sorted,
-            ["constraint", "constraint_type", "dataset", "ground_truth", "key", "messages"]
+            [
+                "constraint",
+                "constraint_type",
+                "dataset",
+                "ground_truth",
+                "key",
+                "messages"
+            ]
         );
         assert_eq!(r["dataset"], "ifeval");
         let c = constrained.iter().find(|c| c["_id"] == r["key"]).unwrap();
@@ -544,5 +569,9 @@ fn all_25_types_on_real_prompts_give_rlvr_rows_that_read_back() {
         None,
     );
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("punctuation:no_comma"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("punctuation:no_comma"),
+        "{}",
+        stderr(&o)
+    );
 }
