@@ -25,6 +25,7 @@ pub mod decontaminate;
 pub mod dedup;
 pub mod export;
 pub mod ifeval;
+pub mod ifeval_constraints;
 pub mod llm;
 pub mod minhash;
 pub mod output;
@@ -47,6 +48,7 @@ pub fn registry() -> &'static [KindEntry] {
         export::KIND,
         verdict::KIND,
         ifeval::KIND,
+        ifeval_constraints::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]

@@ -17,3 +17,4 @@ mod sim;
 mod slt;
 mod stats;
 mod ultraif;
+mod verifiable_if;
