@@ -18,7 +18,7 @@
 //!
 //! * **ifloom**: the stage's own `duration_ms` (manifest) and the whole `ifloom run`;
 //! * **reference** (`benches/ifeval_reference.py`, 2 worker processes, as many as cores) on
-//!   the first `IFLOOM_IFEVAL_PY_ROWS` rows (default 20,000): rows/s, and the ratio;
+//!   the first `IFLOOM_IFEVAL_PY_ROWS` rows (default: all): rows/s, and the ratio;
 //! * **agreement** on those rows: share of instruction-level verdicts equal to the
 //!   reference's, strict and loose, and prompt-level; disagreements listed by type.
 
@@ -76,7 +76,7 @@ fn variant(response: &str, v: usize) -> String {
 
 fn main() {
     let rows = env_num("IFLOOM_IFEVAL_ROWS", 100_000);
-    let py_rows = env_num("IFLOOM_IFEVAL_PY_ROWS", 20_000).min(rows);
+    let py_rows = env_num("IFLOOM_IFEVAL_PY_ROWS", rows).min(rows);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let prompts_file = root.join("../shared/data/ifeval/input_data.jsonl");
     let responses_dir = std::env::var("IFLOOM_IFEVAL_RESPONSES")
@@ -107,9 +107,12 @@ fn main() {
         })
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("input_response_data") && n.ends_with(".jsonl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("input_response_data")
+                    && n.ends_with(".jsonl")
+                    // an older copy of a file kept beside it (`NAME.v<commit>.jsonl`)
+                    && !n.contains(".v")
+            })
         })
         .collect();
     files.sort();
@@ -232,9 +235,11 @@ fn main() {
     let t = Instant::now();
     let o = Command::new(&python)
         .arg(&script)
-        .args(["--workers", "2"])
-        .arg(dir.join("head.jsonl"))
+        // Google's current instructions.py counts a non-letter `letter` as given, as ifloom
+        // does; if-verifiable's older copy draws a random letter instead.
+        .args(["--workers", "2", "--letter-frequency", "literal", "-o"])
         .arg(dir.join("ref.jsonl"))
+        .arg(dir.join("head.jsonl"))
         .output()
         .unwrap();
     let ref_s = t.elapsed().as_secs_f64();

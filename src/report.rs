@@ -421,7 +421,10 @@ pub fn charts(st: &Stats) -> Vec<String> {
                 // `detectable_format:number_bullet_lists` → `number_bullet_lists`: the part
                 // after the group is unique and fits the label column.
                 let id = text(p, r, "instruction_type");
-                let short = id.split_once(':').map_or(id.as_str(), |(_, t)| t).to_string();
+                let short = id
+                    .split_once(':')
+                    .map_or(id.as_str(), |(_, t)| t)
+                    .to_string();
                 (short, vec![num(p, r, "strict_acc"), num(p, r, "loose_acc")])
             })
             .collect();

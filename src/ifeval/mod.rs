@@ -592,6 +592,17 @@ pub fn loose_variants(response: &str) -> [String; 8] {
     ]
 }
 
+/// The loose variants other than the response itself, without repeats.
+fn distinct_variants(response: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(7);
+    for v in loose_variants(response).into_iter().skip(1) {
+        if v != response && !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
+}
+
 /// Check one response against its instructions in strict and loose mode. `kwargs` holds one
 /// JSON object per instruction (aligned with `ids`).
 pub fn evaluate(ids: &[&str], kwargs: &[Map<String, Value>], response: &str) -> RowVerdict {
@@ -610,7 +621,9 @@ pub fn evaluate(ids: &[&str], kwargs: &[Map<String, Value>], response: &str) -> 
         v.loose = vec![None; ids.len()];
         return v;
     }
-    let mut variants: Option<[String; 8]> = None;
+    // The loose variants, each distinct text once: without `*` or blank edge lines, several
+    // are the same string, and checking a text twice gives the same answer.
+    let mut variants: Option<Vec<String>> = None;
     for (id, kw) in ids.iter().zip(kwargs) {
         match Instruction::parse(id, kw) {
             Ok(ins) => {
@@ -619,9 +632,8 @@ pub fn evaluate(ids: &[&str], kwargs: &[Map<String, Value>], response: &str) -> 
                 let strict = check(response);
                 let loose = strict
                     || variants
-                        .get_or_insert_with(|| loose_variants(response))
+                        .get_or_insert_with(|| distinct_variants(response))
                         .iter()
-                        .skip(1)
                         .any(|r| check(r));
                 v.strict.push(Some(strict));
                 v.loose.push(Some(loose));

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use arrow::array::AsArray;
 use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, ListArray, ListBuilder, RecordBatch, StringArray,
 };
@@ -195,25 +196,37 @@ impl Stage for IfevalStage {
         let mut out = RunOutput::default();
         for b in read_batches(&ctx.parent().files) {
             let b = b?;
-            let rows = self.rows(&b)?;
-            let verdicts: Vec<RowVerdict> = rows
-                .par_iter()
-                .map(|(ids, kwargs, response)| match (ids, kwargs, response) {
-                    (Ok(ids), Ok(kwargs), Some(r)) => {
-                        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                        ifeval::evaluate(&ids, kwargs, r)
-                    }
-                    (ids, kwargs, response) => {
-                        let n = ids.as_ref().map_or(0, Vec::len);
-                        let why = match (ids, kwargs) {
-                            (Err(e), _) | (_, Err(e)) => e.clone(),
-                            _ if response.is_none() => "the response is null".to_string(),
-                            _ => unreachable!(),
-                        };
-                        RowVerdict {
-                            strict: vec![None; n],
-                            loose: vec![None; n],
-                            errors: vec![why],
+            let (response, ids, kwargs) = self.inputs(&b)?;
+            let (response, ids) = (response.as_string::<i32>(), ids.as_list::<i32>());
+            // Rows are read where they are checked, on the worker threads: responses are
+            // borrowed from the batch, not copied.
+            let verdicts: Vec<RowVerdict> = kwargs
+                .into_par_iter()
+                .enumerate()
+                .map(|(i, kwargs)| {
+                    let ids_i = (!ids.is_null(i)).then(|| ids.value(i));
+                    let ids_i: std::result::Result<Vec<&str>, String> = match &ids_i {
+                        None => Err("instruction_id_list is null".into()),
+                        Some(v) => v
+                            .as_string::<i32>()
+                            .iter()
+                            .map(|s| s.ok_or_else(|| "an instruction id is null".to_string()))
+                            .collect(),
+                    };
+                    let response = (!response.is_null(i)).then(|| response.value(i));
+                    match (ids_i, kwargs, response) {
+                        (Ok(ids), Ok(kwargs), Some(r)) => ifeval::evaluate(&ids, &kwargs, r),
+                        (ids, kwargs, _) => {
+                            let n = ids.as_ref().map_or(0, Vec::len);
+                            let why = match (ids, kwargs) {
+                                (Err(e), _) | (_, Err(e)) => e,
+                                _ => "the response is null".to_string(),
+                            };
+                            RowVerdict {
+                                strict: vec![None; n],
+                                loose: vec![None; n],
+                                errors: vec![why],
+                            }
                         }
                     }
                 })
@@ -238,12 +251,6 @@ fn text_column_at(ctx: &PlanCtx, column: &str, field: &str) -> Option<Diagnostic
 /// A row's kwargs objects, or why they cannot be read.
 type RowKwargs = std::result::Result<Vec<Map<String, Value>>, String>;
 
-type RowInput = (
-    std::result::Result<Vec<String>, String>,
-    RowKwargs,
-    Option<String>,
-);
-
 impl IfevalStage {
     fn out_schema(&self, parent: &Schema) -> SchemaRef {
         with_fields(
@@ -259,48 +266,21 @@ impl IfevalStage {
         )
     }
 
-    /// Each row's ids, kwargs and response, or why they cannot be read.
-    fn rows(&self, b: &RecordBatch) -> Result<Vec<RowInput>> {
+    /// The batch's response column as Utf8, its instruction ids as a list of Utf8, and each
+    /// row's kwargs objects (or why they cannot be read).
+    fn inputs(&self, b: &RecordBatch) -> Result<(ArrayRef, ArrayRef, Vec<RowKwargs>)> {
         let col = |name: &str| {
             b.column_by_name(name)
                 .cloned()
                 .ok_or_else(|| Error::Internal(format!("ifeval: no column {name}")))
         };
         let response = cast(&col(&self.response)?, &DataType::Utf8)?;
-        let response = response
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| Error::Internal("response is not Utf8".into()))?;
         let ids = cast(
             &col(&self.instructions)?,
             &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
         )?;
-        let ids = ids
-            .as_any()
-            .downcast_ref::<ListArray>()
-            .ok_or_else(|| Error::Internal("instructions is not a list".into()))?;
         let kwargs = kwargs_objects(&col(&self.kwargs)?)?;
-        Ok((0..b.num_rows())
-            .map(|i| {
-                let ids = if ids.is_null(i) {
-                    Err("instruction_id_list is null".to_string())
-                } else {
-                    let v = ids.value(i);
-                    let v = v
-                        .as_any()
-                        .downcast_ref::<StringArray>()
-                        .expect("cast to Utf8");
-                    v.iter()
-                        .map(|s| {
-                            s.map(str::to_string)
-                                .ok_or("an instruction id is null".into())
-                        })
-                        .collect()
-                };
-                let response = (!response.is_null(i)).then(|| response.value(i).to_string());
-                (ids, kwargs[i].clone(), response)
-            })
-            .collect())
+        Ok((response, ids, kwargs))
     }
 
     fn columns(&self, verdicts: &[RowVerdict], out: &mut RunOutput) -> Vec<ArrayRef> {
@@ -364,6 +344,87 @@ impl IfevalStage {
 /// Per row, the kwargs objects (one per instruction), from a list of structs, a list of JSON
 /// strings or a JSON-array string.
 fn kwargs_objects(col: &ArrayRef) -> Result<Vec<RowKwargs>> {
+    if let Some(rows) = kwargs_from_structs(col) {
+        return Ok(rows);
+    }
+    kwargs_through_json(col)
+}
+
+/// The common shape (a list of structs of strings, numbers, booleans and string lists, as
+/// IFEval's JSONL reads) read straight from Arrow, without writing and parsing JSON text;
+/// `None` for any other shape.
+fn kwargs_from_structs(col: &ArrayRef) -> Option<Vec<RowKwargs>> {
+    use arrow::array::StructArray;
+    use arrow::datatypes::{Float64Type, Int64Type};
+    let list = col.as_any().downcast_ref::<ListArray>()?;
+    let structs = list.values().as_any().downcast_ref::<StructArray>()?;
+    enum Col<'a> {
+        Str(&'a StringArray),
+        Int(&'a arrow::array::Int64Array),
+        Float(&'a arrow::array::Float64Array),
+        Bool(&'a BooleanArray),
+        Strs(&'a ListArray),
+        Null,
+    }
+    let mut cols = Vec::new();
+    for (f, c) in structs.fields().iter().zip(structs.columns()) {
+        let col = match f.data_type() {
+            DataType::Utf8 => Col::Str(c.as_string::<i32>()),
+            DataType::Int64 => Col::Int(c.as_primitive::<Int64Type>()),
+            DataType::Float64 => Col::Float(c.as_primitive::<Float64Type>()),
+            DataType::Boolean => Col::Bool(c.as_boolean()),
+            DataType::List(i) if i.data_type() == &DataType::Utf8 => Col::Strs(c.as_list::<i32>()),
+            DataType::Null => Col::Null,
+            _ => return None,
+        };
+        cols.push((f.name().clone(), col));
+    }
+    let object = |i: usize| -> Map<String, Value> {
+        let mut m = Map::new();
+        if structs.is_null(i) {
+            return m;
+        }
+        for (name, c) in &cols {
+            let v = match c {
+                Col::Null => continue,
+                Col::Str(a) if a.is_valid(i) => Value::from(a.value(i)),
+                Col::Int(a) if a.is_valid(i) => Value::from(a.value(i)),
+                Col::Float(a) if a.is_valid(i) => Value::from(a.value(i)),
+                Col::Bool(a) if a.is_valid(i) => Value::from(a.value(i)),
+                Col::Strs(a) if a.is_valid(i) => {
+                    let items = a.value(i);
+                    let items = items.as_string::<i32>();
+                    Value::Array(
+                        items
+                            .iter()
+                            .map(|s| s.map_or(Value::Null, Value::from))
+                            .collect(),
+                    )
+                }
+                _ => continue,
+            };
+            m.insert(name.clone(), v);
+        }
+        m
+    };
+    Some(
+        (0..list.len())
+            .map(|r| {
+                if list.is_null(r) {
+                    return Err("kwargs is null".to_string());
+                }
+                let (a, b) = (
+                    list.value_offsets()[r] as usize,
+                    list.value_offsets()[r + 1] as usize,
+                );
+                Ok((a..b).map(object).collect())
+            })
+            .collect(),
+    )
+}
+
+/// Any other shape: each row as JSON, then read.
+fn kwargs_through_json(col: &ArrayRef) -> Result<Vec<RowKwargs>> {
     let objects = |v: Value| -> RowKwargs {
         match v {
             Value::Null => Err("kwargs is null".into()),
