@@ -440,3 +440,35 @@ fn a_replay_file_that_is_not_utf8_is_refused_with_its_line() {
     let err = stderr(&o);
     assert!(err.contains("r.jsonl") && err.contains("UTF-8"), "{err}");
 }
+
+#[test]
+fn kwargs_as_json_strings_or_one_json_array_give_the_same_verdicts() {
+    let tmp = tempdir();
+    // The same two instructions three ways: structs, a list of JSON strings, one JSON array.
+    // "keywords:existence" with ["sun"] and no_comma on "the sun, here": sun found (true),
+    // a comma (false).
+    let rows = [
+        json!({"id": "a", "instruction_id_list": ["keywords:existence", "punctuation:no_comma"], "kwargs": [{"keywords": ["sun"]}, {}], "response": "the sun, here"}),
+    ];
+    let strings = [
+        json!({"id": "b", "instruction_id_list": ["keywords:existence", "punctuation:no_comma"], "kwargs": ["{\"keywords\": [\"sun\"]}", "{}"], "response": "the sun, here"}),
+    ];
+    let array = [
+        json!({"id": "c", "instruction_id_list": ["keywords:existence", "punctuation:no_comma"], "kwargs": "[{\"keywords\": [\"sun\"]}, {}]", "response": "the sun, here"}),
+    ];
+    for (name, rows) in [("structs", &rows), ("strings", &strings), ("array", &array)] {
+        let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(tmp.path().join(format!("{name}.jsonl")), data).unwrap();
+        let p = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!("name: {name}\ninputs:\n  rows: {name}.jsonl\nstages:\n  - id: checked\n    kind: ifeval\n    from: rows\n"),
+        )
+        .unwrap();
+        let run = tmp.path().join(format!("run_{name}"));
+        ok(tmp.path(), &["run", s(&p), "--run-dir", s(&run)]);
+        let got = sql_json(tmp.path(), &run, "SELECT strict, ifeval_error FROM checked");
+        assert_eq!(got[0]["strict"], json!([true, false]), "{name}");
+        assert_eq!(got[0]["ifeval_error"], Value::Null, "{name}");
+    }
+}
