@@ -425,29 +425,6 @@ fn kwargs_from_structs(col: &ArrayRef) -> Option<Vec<RowKwargs>> {
 
 /// Any other shape: each row as JSON, then read.
 fn kwargs_through_json(col: &ArrayRef) -> Result<Vec<RowKwargs>> {
-    let objects = |v: Value| -> RowKwargs {
-        match v {
-            Value::Null => Err("kwargs is null".into()),
-            Value::Array(items) => items
-                .into_iter()
-                .map(|item| match item {
-                    Value::Object(m) => Ok(m),
-                    // An instruction without arguments may have a null entry.
-                    Value::Null => Ok(Map::new()),
-                    Value::String(s) => match serde_json::from_str(&s) {
-                        Ok(Value::Object(m)) => Ok(m),
-                        _ => Err(format!("kwargs entry is not a JSON object: {s:?}")),
-                    },
-                    other => Err(format!("kwargs entry is not an object: {other}")),
-                })
-                .collect(),
-            Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                Ok(v @ Value::Array(_)) => objects_of(v),
-                _ => Err(format!("kwargs is not a JSON array of objects: {s:?}")),
-            },
-            other => Err(format!("kwargs is not a list: {other}")),
-        }
-    };
     let batch = RecordBatch::try_new(
         Arc::new(Schema::new(vec![Field::new(
             "k",
@@ -458,21 +435,33 @@ fn kwargs_through_json(col: &ArrayRef) -> Result<Vec<RowKwargs>> {
     )?;
     Ok(batch_rows(&batch)?
         .into_iter()
-        .map(|mut row| objects(row["k"].take()))
+        .map(|mut row| match row["k"].take() {
+            Value::Null => Err("kwargs is null".into()),
+            // A list column: its entries are objects or JSON-object strings.
+            Value::Array(items) => kwargs_entries(items, true),
+            // One JSON-array string: its entries are objects.
+            Value::String(s) => match serde_json::from_str::<Value>(&s) {
+                Ok(Value::Array(items)) => kwargs_entries(items, false),
+                _ => Err(format!("kwargs is not a JSON array of objects: {s:?}")),
+            },
+            other => Err(format!("kwargs is not a list: {other}")),
+        })
         .collect())
 }
 
-/// A JSON array of kwargs objects.
-fn objects_of(v: Value) -> RowKwargs {
-    match v {
-        Value::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                Value::Object(m) => Ok(m),
-                Value::Null => Ok(Map::new()),
-                other => Err(format!("kwargs entry is not an object: {other}")),
-            })
-            .collect(),
-        other => Err(format!("kwargs is not a list: {other}")),
-    }
+/// The kwargs objects of a row's entries; `strings`: an entry may be a JSON-object string.
+fn kwargs_entries(items: Vec<Value>, strings: bool) -> RowKwargs {
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Object(m) => Ok(m),
+            // An instruction without arguments may have a null entry.
+            Value::Null => Ok(Map::new()),
+            Value::String(s) if strings => match serde_json::from_str(&s) {
+                Ok(Value::Object(m)) => Ok(m),
+                _ => Err(format!("kwargs entry is not a JSON object: {s:?}")),
+            },
+            other => Err(format!("kwargs entry is not an object: {other}")),
+        })
+        .collect()
 }

@@ -139,32 +139,6 @@ fn check_golden(rows: &[Value]) {
     }
 }
 
-fn stats_section(stats: &Value, id: &str) -> Vec<serde_json::Map<String, Value>> {
-    let sec = stats["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no section {id}"));
-    let cols: Vec<&str> = sec["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
-    sec["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            cols.iter()
-                .zip(r.as_array().unwrap())
-                .map(|(c, v)| (c.to_string(), v.clone()))
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn replayed_responses_get_the_verdicts_and_accuracies_worked_out_by_hand() {
     let tmp = tempdir();
@@ -224,7 +198,7 @@ fn replayed_responses_get_the_verdicts_and_accuracies_worked_out_by_hand() {
     // (1040, 1127, 1174) / 5 loose (+1001, 1075).
     let stats: Value =
         serde_json::from_str(&ok(tmp.path(), &["stats", "--json", s(&run)])).unwrap();
-    let acc = stats_section(&stats, "ifeval");
+    let acc = crate::stats::section(&stats, "ifeval");
     assert_eq!(acc.len(), 1);
     let a = &acc[0];
     assert_eq!(a["prompts"], json!(7));
@@ -234,7 +208,7 @@ fn replayed_responses_get_the_verdicts_and_accuracies_worked_out_by_hand() {
     assert_eq!(a["prompt_level_loose_acc"], json!(0.7143));
     assert_eq!(a["inst_level_loose_acc"], json!(0.8333));
     assert_eq!(a["unchecked"], json!(0));
-    let by_type = stats_section(&stats, "ifeval_by_type");
+    let by_type = crate::stats::section(&stats, "ifeval_by_type");
     let t = |id: &str| {
         by_type
             .iter()

@@ -16,7 +16,7 @@ fn stats_json(args: &[&str]) -> Value {
 }
 
 /// The rows of a section as objects keyed by column.
-fn section(stats: &Value, id: &str) -> Vec<serde_json::Map<String, Value>> {
+pub(crate) fn section(stats: &Value, id: &str) -> Vec<serde_json::Map<String, Value>> {
     let sec = stats["sections"]
         .as_array()
         .unwrap()

@@ -256,32 +256,6 @@ fn python_reads(labels: &[String]) -> Option<Vec<Value>> {
     )
 }
 
-fn stats_section(stats: &Value, id: &str) -> Vec<serde_json::Map<String, Value>> {
-    let sec = stats["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no section {id}"));
-    let cols: Vec<&str> = sec["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
-    sec["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            cols.iter()
-                .zip(r.as_array().unwrap())
-                .map(|(c, v)| (c.to_string(), v.clone()))
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     let tmp = tempdir();
@@ -500,7 +474,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     //   quotation: harbour s0 s1, tides s1, bakery s0, violin s0 s1 = 6 of 8
     let stats: Value =
         serde_json::from_str(&ok(tmp.path(), &["stats", "--json", s(&run_dir)])).unwrap();
-    let rates = stats_section(&stats, "pass_rates");
+    let rates = crate::stats::section(&stats, "pass_rates");
     let checked = rates.iter().find(|r| r["table"] == "checked").unwrap();
     assert_eq!(checked["instructions"], json!(4));
     assert_eq!(checked["pass"], json!(4));
@@ -508,7 +482,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     assert_eq!(checked["sft_pass_rate"], json!(0.75));
     assert_eq!(checked["dpo_pass_rate"], json!(0.5));
     assert_eq!(checked["response_pass_rate"], json!(0.5));
-    let by_type = stats_section(&stats, "ifeval_by_type");
+    let by_type = crate::stats::section(&stats, "ifeval_by_type");
     let t = |id: &str| {
         by_type
             .iter()
