@@ -34,6 +34,8 @@
 //! - [`query`]: `ifloom sql` over a run's tables.
 //! - [`sim`]: a simulated OpenAI-compatible server behaving like vLLM under load (latency,
 //!   queueing, seeded faults, rule-based answers) for tests, benchmarks and offline demos.
+//! - [`sandbox`]: untrusted Python (LLM-written verifier functions) run in a pool of locked-down
+//!   worker processes, never in ifloom's, with a result cache; the AutoIF kinds use it.
 //! - [`report`]: `ifloom report`: one self-contained HTML page, inline SVG charts, sample rows.
 //! - [`stats`]: `ifloom stats`: funnel, LLM accounting, pass rates and dataset figures, each
 //!   from one canned query of `sql/`; `--compare` pairs two runs.
@@ -54,6 +56,7 @@ pub mod json;
 pub mod llm;
 pub mod query;
 pub mod report;
+pub mod sandbox;
 pub mod sim;
 pub mod spec;
 pub mod stages;
