@@ -103,7 +103,7 @@ fn format_of(def: &InputDef, files: &[PathBuf]) -> Result<Format, InputError> {
     Format::from_path(&files[0].to_string_lossy()).ok_or_else(|| {
         ierr(
             format!("cannot tell the format of {}", files[0].display()),
-            Some("add `format: jsonl` (or parquet, json, csv)"),
+            Some("add `format: jsonl` (or parquet, json, csv, text)"),
         )
     })
 }
@@ -171,7 +171,36 @@ pub fn read(
         Format::Json => read_json(files, f),
         Format::Csv => read_csv(files, f),
         Format::Parquet => read_parquet(files, f),
+        Format::Text => read_text(files, f),
     }
+}
+
+/// One row per line (a final line without a newline counts; a final empty one does not), in a
+/// column `text` without the line break (`\r\n` or `\n`).
+fn read_text(
+    files: &[PathBuf],
+    f: &mut dyn FnMut(RecordBatch) -> Result<(), InputError>,
+) -> Result<(), InputError> {
+    let schema = Arc::new(Schema::new(vec![arrow::datatypes::Field::new(
+        "text",
+        arrow::datatypes::DataType::Utf8,
+        false,
+    )]));
+    for file in files {
+        let bytes = read_utf8(file)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text
+            .split_terminator('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .collect();
+        for chunk in lines.chunks(BATCH) {
+            let col = arrow::array::StringArray::from(chunk.to_vec());
+            let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(col)])
+                .map_err(|e| ierr(format!("{}: {e}", file.display()), None))?;
+            f(b)?;
+        }
+    }
+    Ok(())
 }
 
 fn utf8_line<'a>(bytes: &'a [u8], file: &Path, line: usize) -> Result<&'a str, InputError> {

@@ -42,6 +42,8 @@ pub enum Format {
     Jsonl,
     Json,
     Csv,
+    /// Plain text, one row per line in a column `text` (AutoIF's seed instruction files).
+    Text,
 }
 
 impl Format {
@@ -53,6 +55,7 @@ impl Format {
             "jsonl" | "ndjson" => Format::Jsonl,
             "json" => Format::Json,
             "csv" => Format::Csv,
+            "txt" => Format::Text,
             _ => return None,
         })
     }

@@ -10,6 +10,11 @@
 //!   "it's"}]`, `None`, `True`), struct fields in their order. UltraIF's UltraComposer reads
 //!   a conversation's history as the Python repr of its turns (`augment_query.py` formats the
 //!   list into its prompt), so its inputs and training pairs are written with this.
+//! - `string_list(text)`: the list of strings an LLM wrote somewhere in its answer, from the
+//!   first `[` to the last `]`, read as JSON or as a Python literal (null when it is not a
+//!   list). AutoIF's back-translation step reads its answers this way (the Flywheel
+//!   re-implementation's `s[s.find('['):s.rfind(']')+1]` and `ast.literal_eval`); an item
+//!   that is itself a list gives its first element, as there.
 
 use std::sync::Arc;
 
@@ -30,6 +35,78 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(PyRepr {
         signature: Signature::any(1, Volatility::Immutable),
     }));
+    ctx.register_udf(ScalarUDF::new_from_impl(StringList {
+        signature: Signature::string(1, Volatility::Immutable),
+    }));
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct StringList {
+    signature: Signature,
+}
+
+/// See the module doc: `string_list(text)`.
+pub fn string_list(text: &str) -> Option<Vec<String>> {
+    let (start, end) = (text.find('[')?, text.rfind(']')?);
+    if end < start {
+        return None;
+    }
+    let slice = &text[start..=end];
+    let v: serde_json::Value = serde_json::from_str(slice)
+        .or_else(|_| serde_json::from_str(&crate::llm::parse::repair(slice)))
+        .ok()?;
+    let items = v.as_array()?;
+    items
+        .iter()
+        .map(|item| match item {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(a) => a.first()?.as_str().map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ScalarUDFImpl for StringList {
+    fn name(&self) -> &str {
+        "string_list"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Utf8,
+            true,
+        ))))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("string_list takes one argument".into()))?;
+        let a = arrow::compute::cast(a, &DataType::Utf8)?;
+        let a = a
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| DataFusionError::Internal("string_list: not text".into()))?;
+        let mut b = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());
+        for v in a.iter() {
+            match v.and_then(string_list) {
+                Some(items) => {
+                    for s in items {
+                        b.values().append_value(s);
+                    }
+                    b.append(true);
+                }
+                None => b.append(false),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(b.finish())))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]

@@ -609,7 +609,7 @@ fn balanced_end(text: &str, start: usize) -> (usize, Result<(), ParseError>) {
 
 /// Rewrite near-JSON into JSON: Python literals, single-quoted strings, trailing commas,
 /// comments, unquoted keys, raw control characters and invalid escapes in strings.
-fn repair(s: &str) -> String {
+pub(crate) fn repair(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
     let mut out = String::with_capacity(s.len() + 16);
     let mut i = 0;

@@ -117,6 +117,11 @@ impl SandboxConfig {
     }
 }
 
+/// The result cache a run uses: `python-cache.sqlite` beside the LLM response cache.
+pub fn cache_path(engine: &crate::engine::Engine) -> PathBuf {
+    crate::stages::llm::cache_path(engine).with_file_name("python-cache.sqlite")
+}
+
 /// The interpreter's path: `name` itself when it has a slash, else the first match on PATH.
 pub fn resolve_python(name: &str) -> std::result::Result<PathBuf, String> {
     let install = "install Python 3 (Debian/Ubuntu: `apt-get install python3`) or set \
@@ -477,7 +482,8 @@ impl Drop for Pool {
 /// A running worker process and its watchdog.
 struct Worker {
     child: Arc<Mutex<Child>>,
-    stdin: ChildStdin,
+    /// `None` once closed (which tells the worker to clean up and exit).
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     /// When the job under way must be finished (ms since `epoch`; 0: no job).
     deadline: Arc<AtomicU64>,
@@ -510,7 +516,7 @@ impl Worker {
         }
         Worker {
             child,
-            stdin,
+            stdin: Some(stdin),
             stdout,
             deadline,
             epoch,
@@ -534,9 +540,10 @@ impl Worker {
         self.deadline.store(ms, Ordering::Relaxed);
         let mut line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
         line.push('\n');
-        self.stdin
+        let stdin = self.stdin.as_mut().ok_or("the worker is closed")?;
+        stdin
             .write_all(line.as_bytes())
-            .and_then(|()| self.stdin.flush())
+            .and_then(|()| stdin.flush())
             .map_err(|e| format!("writing to the worker: {e}"))?;
         let mut answer = String::new();
         let n = self
@@ -568,6 +575,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.alive.store(false, Ordering::Relaxed);
         // Closing stdin ends the worker's loop; it removes its scratch folder and exits.
+        self.stdin.take();
         if let Ok(mut c) = self.child.lock() {
             let deadline = Instant::now() + Duration::from_secs(2);
             while Instant::now() < deadline {

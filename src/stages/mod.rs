@@ -21,6 +21,7 @@ use crate::spec::StageDef;
 use crate::table::Table;
 use crate::yaml::Node;
 
+pub mod cross_validate;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
@@ -29,6 +30,7 @@ pub mod ifeval_constraints;
 pub mod llm;
 pub mod minhash;
 pub mod output;
+pub mod run_verifiers;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
@@ -49,6 +51,8 @@ pub fn registry() -> &'static [KindEntry] {
         verdict::KIND,
         ifeval::KIND,
         ifeval_constraints::KIND,
+        cross_validate::KIND,
+        run_verifiers::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
