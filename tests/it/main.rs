@@ -3,6 +3,7 @@
 
 mod common;
 
+mod autoif;
 mod bad_pipelines;
 mod cache_batch;
 mod engine;
