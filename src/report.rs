@@ -311,6 +311,25 @@ pub fn charts(st: &Stats) -> Vec<String> {
             false,
         ));
     }
+    if let Some(c) = st.section("contamination") {
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    format!("{} {}", text(c, r, "stage"), text(c, r, "reference")),
+                    vec![num(c, r, "ngram_rows"), num(c, r, "near_dup_rows")],
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "Contamination removed per benchmark",
+            "rows",
+            &["shared n-gram", "near duplicate"],
+            &rows,
+            false,
+        ));
+    }
     let rates = ["sft_pass_rate", "dpo_pass_rate", "response_pass_rate"];
     let rate_names = ["SFT pass rate", "DPO pass rate", "response pass rate"];
     if let Some(p) = st.section("pass_by_round") {

@@ -33,6 +33,10 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
     ("llm_latency.sql", include_str!("../sql/llm_latency.sql")),
     ("removed.sql", include_str!("../sql/removed.sql")),
+    (
+        "contamination.sql",
+        include_str!("../sql/contamination.sql"),
+    ),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
@@ -457,6 +461,19 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             "Duplicates and contamination removed",
             3,
             "removed.sql",
+            &[],
+        )
+        .await?;
+    }
+    if main
+        .iter()
+        .any(|(_, m)| can(m, Capability::MatchesReferences))
+    {
+        r.add(
+            "contamination",
+            "Contamination removed per benchmark (reference set)",
+            2,
+            "contamination.sql",
             &[],
         )
         .await?;

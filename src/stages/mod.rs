@@ -89,6 +89,10 @@ pub enum Capability {
     /// (one bool per instruction) and `prompt_strict` / `prompt_loose`; `stats` shows the
     /// four accuracies and the accuracy per instruction type.
     VerifiesInstructions,
+    /// Matches rows against named reference sets (benchmarks): counters `hits_<set>` (rows
+    /// sharing an n-gram) and `near_dups_<set>` (near duplicates without one); `stats` shows
+    /// them per set, and an input reading one of its [`Stage::evaluation_files`] is warned of.
+    MatchesReferences,
 }
 
 impl Capability {
@@ -100,6 +104,7 @@ impl Capability {
             Capability::SendsRequests => "sends_requests",
             Capability::RetriesFailed => "retries_failed",
             Capability::VerifiesInstructions => "verifies_instructions",
+            Capability::MatchesReferences => "matches_references",
         }
     }
 }
@@ -244,6 +249,13 @@ pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
     /// Side tables written next to the main one, registered for SQL as `<id>__<name>`.
     fn side_tables(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// Evaluation sets the stage keeps out of training data (name, file): `decontaminate`'s
+    /// references. A pipeline input that reads one of these files gets a warning when the
+    /// pipeline is checked: the run trains on an evaluation set.
+    fn evaluation_files(&self) -> Vec<(String, PathBuf)> {
+        Vec::new()
     }
 
     /// The semantic configuration: what the fingerprint covers. Operational settings

@@ -5,6 +5,7 @@ mod common;
 
 mod bad_pipelines;
 mod cache_batch;
+mod decontamination;
 mod engine;
 mod export;
 mod ifeval;
