@@ -455,6 +455,32 @@ pub fn charts(st: &Stats) -> Vec<String> {
             true,
         ));
     }
+    // DRFR overall, per subset and per category, one chart each.
+    for (id, title) in [
+        ("drfr", "DRFR (share of YES among judged questions)"),
+        ("drfr_by_subset", "DRFR per subset"),
+        ("drfr_by_category", "DRFR per category"),
+    ] {
+        if let Some(d) = st.section(id) {
+            let rows: Vec<(String, Vec<f64>)> = d
+                .rows
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{} {}", text(d, r, "table"), text(d, r, "slice")),
+                        vec![num(d, r, "drfr"), num(d, r, "drfr_all")],
+                    )
+                })
+                .collect();
+            out.push(hbar(
+                title,
+                "share of questions answered YES (%)",
+                &["judged questions", "all questions (unjudged = NO)"],
+                &rows,
+                true,
+            ));
+        }
+    }
     if let Some(l) = st.section("llm") {
         let rows: Vec<(String, Vec<f64>)> = l
             .rows

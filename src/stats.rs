@@ -37,6 +37,7 @@ pub const QUERIES: &[(&str, &str)] = &[
         "contamination.sql",
         include_str!("../sql/contamination.sql"),
     ),
+    ("drfr.sql", include_str!("../sql/drfr.sql")),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
@@ -558,6 +559,36 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             .await?;
         }
     }
+    // Tables of yes/no answers, one row per evaluation question: DRFR overall and per slice
+    // the table has (InfoBench: subset, category).
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::AnswersQuestions))
+    {
+        r.add(
+            "drfr",
+            "Share of YES among judged questions (InfoBench's DRFR)",
+            2,
+            "drfr.sql",
+            &[("table", t.id.clone()), ("by", "'all'".into())],
+        )
+        .await?;
+        for (col, title) in [
+            ("subset", "DRFR per subset"),
+            ("category", "DRFR per category"),
+        ] {
+            if has_col(&t.schema, col) {
+                r.add(
+                    &format!("drfr_by_{col}"),
+                    title,
+                    2,
+                    "drfr.sql",
+                    &[("table", t.id.clone()), ("by", col.into())],
+                )
+                .await?;
+            }
+        }
+    }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,
     // and whatever the user asked for.
     let mut columns: Vec<(String, String)> = Vec::new();
@@ -626,7 +657,11 @@ fn cell(column: &str, v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(0.0);
-            if column.ends_with("_rate") || column.ends_with("_acc") || column == "kept" {
+            if column.ends_with("_rate")
+                || column.ends_with("_acc")
+                || column.starts_with("drfr")
+                || column == "kept"
+            {
                 format!("{:.1}%", f * 100.0)
             } else if n.is_f64() {
                 let s = format!("{f:.3}");

@@ -10,6 +10,8 @@
 //!   "it's"}]`, `None`, `True`), struct fields in their order. UltraIF's UltraComposer reads
 //!   a conversation's history as the Python repr of its turns (`augment_query.py` formats the
 //!   list into its prompt), so its inputs and training pairs are written with this.
+//! - `yes_no(text, rule)`: a judge's YES/NO answer read by a benchmark's rule, as
+//!   `kind: yes_no` reads it (InfoBench stops questioning after an unreadable answer).
 
 use std::sync::Arc;
 
@@ -30,6 +32,61 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(PyRepr {
         signature: Signature::any(1, Volatility::Immutable),
     }));
+    ctx.register_udf(ScalarUDF::new_from_impl(YesNo {
+        signature: Signature::string(2, Volatility::Immutable),
+    }));
+}
+
+/// `yes_no(text, rule)`: a judge's YES/NO answer as `kind: yes_no` reads it under `rule`
+/// (`infobench`, `eifbench`); null when the text gives none.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct YesNo {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for YesNo {
+    fn name(&self) -> &str {
+        "yes_no"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use crate::stages::yes_no::{Rule, parse};
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [text, rule] = arrays.as_slice() else {
+            return Err(DataFusionError::Plan(
+                "yes_no takes two arguments: yes_no(text, rule)".into(),
+            ));
+        };
+        let text = arrow::compute::cast(text, &DataType::Utf8)?;
+        let rule = arrow::compute::cast(rule, &DataType::Utf8)?;
+        let (text, rule) = (
+            text.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+            rule.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+        );
+        let mut out = arrow::array::BooleanBuilder::with_capacity(text.len());
+        for i in 0..text.len() {
+            if text.is_null(i) || rule.is_null(i) {
+                out.append_null();
+                continue;
+            }
+            let r = Rule::from_name(rule.value(i)).ok_or_else(|| {
+                DataFusionError::Execution(format!(
+                    "yes_no: unknown rule `{}` (infobench, eifbench)",
+                    rule.value(i)
+                ))
+            })?;
+            out.append_option(parse(r, text.value(i)));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]

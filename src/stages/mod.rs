@@ -32,6 +32,7 @@ pub mod output;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
+pub mod yes_no;
 
 #[cfg(test)]
 mod test_verdict;
@@ -49,6 +50,7 @@ pub fn registry() -> &'static [KindEntry] {
         verdict::KIND,
         ifeval::KIND,
         ifeval_constraints::KIND,
+        yes_no::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
@@ -93,6 +95,11 @@ pub enum Capability {
     /// sharing an n-gram) and `near_dups_<set>` (near duplicates without one); `stats` shows
     /// them per set, and an input reading one of its [`Stage::evaluation_files`] is warned of.
     MatchesReferences,
+    /// One row per yes/no evaluation question with the judge's `answer` (bool, null when it
+    /// gave none) and `answer_error`: `stats` shows the share of YES among the judged
+    /// questions (InfoBench's DRFR) overall and per `subset` / `category` where the table has
+    /// them, and EIFBench's three levels where it has `main_id` and `sub_instruction_id`.
+    AnswersQuestions,
 }
 
 impl Capability {
@@ -105,6 +112,7 @@ impl Capability {
             Capability::RetriesFailed => "retries_failed",
             Capability::VerifiesInstructions => "verifies_instructions",
             Capability::MatchesReferences => "matches_references",
+            Capability::AnswersQuestions => "answers_questions",
         }
     }
 }

@@ -9,6 +9,7 @@ mod decontamination;
 mod engine;
 mod export;
 mod ifeval;
+mod infobench;
 mod llm;
 mod llm_features;
 mod near_dup;
