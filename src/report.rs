@@ -455,6 +455,30 @@ pub fn charts(st: &Stats) -> Vec<String> {
             true,
         ));
     }
+    if let Some(e) = st.section("eifbench") {
+        let cols = [
+            "task_level_acc",
+            "constraint_level_acc",
+            "subtask_level_acc",
+        ];
+        let rows: Vec<(String, Vec<f64>)> = e
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(e, r, "table"),
+                    cols.iter().map(|c| num(e, r, c)).collect(),
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "EIFBench accuracy",
+            "share (%)",
+            &["task level", "constraint level", "sub-task level"],
+            &rows,
+            true,
+        ));
+    }
     // DRFR overall, per subset and per category, one chart each.
     for (id, title) in [
         ("drfr", "DRFR (share of YES among judged questions)"),

@@ -38,6 +38,10 @@ pub const QUERIES: &[(&str, &str)] = &[
         include_str!("../sql/contamination.sql"),
     ),
     ("drfr.sql", include_str!("../sql/drfr.sql")),
+    (
+        "eifbench_levels.sql",
+        include_str!("../sql/eifbench_levels.sql"),
+    ),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
@@ -565,6 +569,17 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         .iter()
         .filter(|(_, m)| can(m, Capability::AnswersQuestions))
     {
+        // Questions grouped in sub-tasks of items: EIFBench's three levels.
+        if has_col(&t.schema, "main_id") && has_col(&t.schema, "sub_instruction_id") {
+            r.add(
+                "eifbench",
+                "EIFBench accuracy (task / constraint / sub-task level)",
+                1,
+                "eifbench_levels.sql",
+                &[("table", t.id.clone())],
+            )
+            .await?;
+        }
         r.add(
             "drfr",
             "Share of YES among judged questions (InfoBench's DRFR)",

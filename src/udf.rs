@@ -10,6 +10,8 @@
 //!   "it's"}]`, `None`, `True`), struct fields in their order. UltraIF's UltraComposer reads
 //!   a conversation's history as the Python repr of its turns (`augment_query.py` formats the
 //!   list into its prompt), so its inputs and training pairs are written with this.
+//! - `struct_entries(s)`: a struct used as a map (one field per key, one value type) as a
+//!   list of `{key, value}`, to `unnest` (EIFBench's `sub_instructions`).
 //! - `yes_no(text, rule)`: a judge's YES/NO answer read by a benchmark's rule, as
 //!   `kind: yes_no` reads it (InfoBench stops questioning after an unreadable answer).
 
@@ -32,9 +34,108 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(PyRepr {
         signature: Signature::any(1, Volatility::Immutable),
     }));
+    ctx.register_udf(ScalarUDF::new_from_impl(StructEntries {
+        signature: Signature::any(1, Volatility::Immutable),
+    }));
     ctx.register_udf(ScalarUDF::new_from_impl(YesNo {
         signature: Signature::string(2, Volatility::Immutable),
     }));
+}
+
+/// `struct_entries(s)`: a struct whose fields all have one type, as a list of
+/// `{key, value}` (its non-null fields, in order). JSON objects used as maps (EIFBench's
+/// `sub_instructions`: `sub_instruction_0`, `sub_instruction_1`, ...) read as structs with a
+/// field per key; this turns them into rows SQL can `unnest`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct StructEntries {
+    signature: Signature,
+}
+
+fn entry_type(arg: &DataType) -> DfResult<DataType> {
+    let DataType::Struct(fields) = arg else {
+        return Err(DataFusionError::Plan(format!(
+            "struct_entries takes a struct, not {arg}"
+        )));
+    };
+    let Some(first) = fields.first() else {
+        return Err(DataFusionError::Plan(
+            "struct_entries: the struct has no fields".into(),
+        ));
+    };
+    if let Some(f) = fields.iter().find(|f| f.data_type() != first.data_type()) {
+        return Err(DataFusionError::Plan(format!(
+            "struct_entries: field `{}` is {}, field `{}` is {}; the fields must have one type",
+            first.name(),
+            first.data_type(),
+            f.name(),
+            f.data_type()
+        )));
+    }
+    Ok(DataType::Struct(
+        vec![
+            Field::new("key", DataType::Utf8, false),
+            Field::new("value", first.data_type().clone(), true),
+        ]
+        .into(),
+    ))
+}
+
+impl ScalarUDFImpl for StructEntries {
+    fn name(&self) -> &str {
+        "struct_entries"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        let t = entry_type(arg_types.first().unwrap_or(&DataType::Null))?;
+        Ok(DataType::List(Arc::new(Field::new("item", t, true))))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use arrow::array::{AsArray, ListArray, StructArray, UInt32Array};
+        use arrow::buffer::OffsetBuffer;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("struct_entries takes one argument".into()))?;
+        let DataType::Struct(entry_fields) = entry_type(a.data_type())? else {
+            unreachable!("entry_type returns a struct")
+        };
+        let st = a.as_struct();
+        let names: Vec<&str> = st.fields().iter().map(|f| f.name().as_str()).collect();
+        let children: Vec<&dyn Array> = st.columns().iter().map(|c| c.as_ref()).collect();
+        let all = arrow::compute::concat(&children)?;
+        let n = st.len();
+        let (mut keys, mut take, mut offsets) = (Vec::new(), Vec::new(), vec![0i32]);
+        for row in 0..n {
+            if !st.is_null(row) {
+                for (f, c) in children.iter().enumerate() {
+                    if !c.is_null(row) {
+                        keys.push(names[f]);
+                        take.push((f * n + row) as u32);
+                    }
+                }
+            }
+            offsets.push(keys.len() as i32);
+        }
+        let values = arrow::compute::take(all.as_ref(), &UInt32Array::from(take), None)?;
+        let entries = StructArray::try_new(
+            entry_fields.clone(),
+            vec![Arc::new(StringArray::from(keys)), values],
+            None,
+        )?;
+        let item = Arc::new(Field::new("item", DataType::Struct(entry_fields), true));
+        let list = ListArray::try_new(
+            item,
+            OffsetBuffer::new(offsets.into()),
+            Arc::new(entries),
+            st.nulls().cloned(),
+        )?;
+        Ok(ColumnarValue::Array(Arc::new(list)))
+    }
 }
 
 /// `yes_no(text, rule)`: a judge's YES/NO answer as `kind: yes_no` reads it under `rule`

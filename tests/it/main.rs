@@ -6,6 +6,7 @@ mod common;
 mod bad_pipelines;
 mod cache_batch;
 mod decontamination;
+mod eifbench;
 mod engine;
 mod export;
 mod ifeval;
