@@ -479,6 +479,40 @@ pub fn charts(st: &Stats) -> Vec<String> {
             true,
         ));
     }
+    if let Some(c) = st.section("constraint_accuracy") {
+        let cols = ["constraint_level_acc", "instruction_level_acc"];
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(c, r, "table"),
+                    cols.iter().map(|k| num(c, r, k)).collect(),
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "Constraint scores: accuracy",
+            "share satisfied (%)",
+            &["constraint level", "instruction level"],
+            &rows,
+            true,
+        ));
+    }
+    if let Some(c) = st.section("constraint_accuracy_by_category") {
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| (text(c, r, "category"), vec![num(c, r, "acc")]))
+            .collect();
+        out.push(hbar(
+            "Constraint-level accuracy per category",
+            "share satisfied (%)",
+            &["accuracy"],
+            &rows,
+            true,
+        ));
+    }
     // DRFR overall, per subset and per category, one chart each.
     for (id, title) in [
         ("drfr", "DRFR (share of YES among judged questions)"),

@@ -42,6 +42,14 @@ pub const QUERIES: &[(&str, &str)] = &[
         "eifbench_levels.sql",
         include_str!("../sql/eifbench_levels.sql"),
     ),
+    (
+        "constraint_accuracy.sql",
+        include_str!("../sql/constraint_accuracy.sql"),
+    ),
+    (
+        "constraint_accuracy_by_category.sql",
+        include_str!("../sql/constraint_accuracy_by_category.sql"),
+    ),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
@@ -602,6 +610,33 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
                 )
                 .await?;
             }
+        }
+    }
+    // Per-constraint judge scores: constraint- and instruction-level accuracy, and per
+    // constraint category where the table lists them.
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::ScoresConstraints))
+    {
+        r.add(
+            "constraint_accuracy",
+            "Constraint scores: constraint / instruction level accuracy",
+            1,
+            "constraint_accuracy.sql",
+            &[("table", t.id.clone())],
+        )
+        .await?;
+        if let Ok(f) = t.schema.field_with_name("categories")
+            && matches!(f.data_type(), DataType::List(_))
+        {
+            r.add(
+                "constraint_accuracy_by_category",
+                "Constraint-level accuracy per constraint category",
+                1,
+                "constraint_accuracy_by_category.sql",
+                &[("table", t.id.clone()), ("categories", "categories".into())],
+            )
+            .await?;
         }
     }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,

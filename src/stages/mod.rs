@@ -21,6 +21,7 @@ use crate::spec::StageDef;
 use crate::table::Table;
 use crate::yaml::Node;
 
+pub mod constraint_scores;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
@@ -51,6 +52,7 @@ pub fn registry() -> &'static [KindEntry] {
         ifeval::KIND,
         ifeval_constraints::KIND,
         yes_no::KIND,
+        constraint_scores::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
@@ -100,6 +102,11 @@ pub enum Capability {
     /// questions (InfoBench's DRFR) overall and per `subset` / `category` where the table has
     /// them, and EIFBench's three levels where it has `main_id` and `sub_instruction_id`.
     AnswersQuestions,
+    /// A 0-10 score per constraint of each instruction: `scores`, `satisfied` (lists aligned
+    /// with the constraints), `all_satisfied`, `overall_score`, `n_unscored`; `stats` shows
+    /// constraint- and instruction-level accuracy, and per constraint category where the
+    /// table has `categories` (a list aligned with the constraints).
+    ScoresConstraints,
 }
 
 impl Capability {
@@ -113,6 +120,7 @@ impl Capability {
             Capability::VerifiesInstructions => "verifies_instructions",
             Capability::MatchesReferences => "matches_references",
             Capability::AnswersQuestions => "answers_questions",
+            Capability::ScoresConstraints => "scores_constraints",
         }
     }
 }

@@ -19,5 +19,6 @@ mod report;
 mod sim;
 mod slt;
 mod stats;
+mod trace;
 mod ultraif;
 mod verifiable_if;
