@@ -207,10 +207,12 @@ mod tests {
         assert_eq!(p("  \nYes"), Some(true), "leading whitespace is skipped");
         assert_eq!(p("The answer is YES."), Some(true));
         assert_eq!(p("Answer: NO"), Some(false));
-        // Both, or neither in upper case: no answer.
-        assert_eq!(p("YES and NO"), None);
+        // The prefix decides before anything else.
+        assert_eq!(p("YES and NO"), Some(true));
+        // Otherwise both, or neither in upper case: no answer.
+        assert_eq!(p("It is YES and NO"), None);
         assert_eq!(p("I think the answer is yes"), None);
-        assert_eq!(p("YES, NOT fully"), None, "NOT contains NO");
+        assert_eq!(p("Partly: YES, NOT fully"), None, "NOT contains NO");
         assert_eq!(p(""), None);
     }
 
