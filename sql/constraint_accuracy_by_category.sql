@@ -6,7 +6,7 @@ SELECT category,
        count(*)                                                        AS constraints,
        count(ok)                                                       AS scored,
        count(*) - count(ok)                                            AS unscored,
-       round(avg(CASE WHEN ok THEN 1.0 WHEN NOT ok THEN 0.0 END), 4)   AS acc
+       round(avg(CASE WHEN ok THEN 1.0 WHEN NOT ok THEN 0.0 END), 4)   AS constraint_level_acc
 FROM (SELECT unnest(${categories}) AS category, unnest(satisfied) AS ok FROM ${table})
 GROUP BY category
 ORDER BY constraints DESC, category;

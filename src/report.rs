@@ -503,7 +503,12 @@ pub fn charts(st: &Stats) -> Vec<String> {
         let rows: Vec<(String, Vec<f64>)> = c
             .rows
             .iter()
-            .map(|r| (text(c, r, "category"), vec![num(c, r, "acc")]))
+            .map(|r| {
+                (
+                    text(c, r, "category"),
+                    vec![num(c, r, "constraint_level_acc")],
+                )
+            })
             .collect();
         out.push(hbar(
             "Constraint-level accuracy per category",

@@ -700,6 +700,14 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
     Ok(stats)
 }
 
+/// Is the column a share (shown as a percentage, compared in points)?
+fn is_share(column: &str) -> bool {
+    column.ends_with("_rate")
+        || column.ends_with("_acc")
+        || column.starts_with("drfr")
+        || column == "kept"
+}
+
 /// A cell for the terminal: rates and shares as percentages, floats rounded.
 fn cell(column: &str, v: &Value) -> String {
     match v {
@@ -707,11 +715,7 @@ fn cell(column: &str, v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(0.0);
-            if column.ends_with("_rate")
-                || column.ends_with("_acc")
-                || column.starts_with("drfr")
-                || column == "kept"
-            {
+            if is_share(column) {
                 format!("{:.1}%", f * 100.0)
             } else if n.is_f64() {
                 let s = format!("{f:.3}");
@@ -900,8 +904,7 @@ pub fn render_comparison(c: &Comparison) -> String {
                     let (a, b) = (cell(col, &d.a), cell(col, &d.b));
                     cells.push(match d.delta {
                         Some(x) if x != 0.0 => {
-                            let pct =
-                                col.ends_with("_rate") || col.ends_with("_acc") || col == "kept";
+                            let pct = is_share(col);
                             let x = if pct { x * 100.0 } else { x };
                             let s = format!("{x:+.3}");
                             let s = s.trim_end_matches('0').trim_end_matches('.');

@@ -249,6 +249,12 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
         } else {
             json!(r4(satisfied as f64 / scored as f64))
         };
-        assert_eq!(r.get("acc").cloned().unwrap_or(Value::Null), want, "{r:?}");
+        assert_eq!(
+            r.get("constraint_level_acc")
+                .cloned()
+                .unwrap_or(Value::Null),
+            want,
+            "{r:?}"
+        );
     }
 }
