@@ -5,7 +5,7 @@
 //! counted per constraint and per instruction.
 //!
 //! Reading, in order, never failing the row:
-//! 1. the JSON after `Fine Grained Score` (an object, or a list of objects, as the prompt's
+//! 1. the JSON after the last `Fine Grained Score` that has one (an object, or a list of objects, as the prompt's
 //!    example writes it): entries whose key is a constraint's text (numbering and end
 //!    punctuation aside) go to that constraint; when the entries are as many as the
 //!    constraints, they are taken in order; otherwise the unmatched constraints have none;
@@ -132,11 +132,16 @@ fn line_score(line: &str) -> Option<f64> {
 pub fn parse(text: &str, constraints: &[&str]) -> Vec<Option<f64>> {
     let n = constraints.len();
     let mut out: Vec<Option<f64>> = vec![None; n];
-    if let Some(i) = text
-        .find("Fine Grained Score")
-        .or_else(|| text.find("Fine-Grained Score"))
-        && let Some(v) = json_after(text, i)
-    {
+    // The last `Fine Grained Score` followed by JSON: a judge may restate the format first.
+    let found = text
+        .match_indices("Fine Grained Score")
+        .chain(text.match_indices("Fine-Grained Score"))
+        .map(|(i, _)| i)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .rev()
+        .find_map(|i| json_after(text, i));
+    if let Some(v) = found {
         let mut entries: Vec<(String, Option<f64>)> = Vec::new();
         let objects: Vec<&serde_json::Value> = match &v {
             serde_json::Value::Array(a) => a.iter().collect(),
@@ -370,6 +375,9 @@ mod tests {
         let t = "Explanation: ...\nFine Grained Score: [{\"描述需采用文艺的语气风格\": 10, \"使用比喻手法\": 6, \"字数不少于200字\": \"8\"}]\nConstraints Overall Score: [[7]]";
         assert_eq!(parse(t, &CONS), [Some(10.0), Some(8.0), Some(6.0)]);
         assert_eq!(overall(t), Some(7.0));
+        // The last JSON counts (a judge may restate the format before answering).
+        let t2 = format!("Write the Fine Grained Score as JSON like [{{\"x\": 1}}].\n{t}");
+        assert_eq!(parse(&t2, &CONS), [Some(10.0), Some(8.0), Some(6.0)]);
         // Keys that are not the constraints, as many as the constraints: in order.
         let t = "Fine Grained Score: {\"a\": 1, \"b\": 2, \"c\": 3}";
         assert_eq!(parse(t, &CONS), [Some(1.0), Some(2.0), Some(3.0)]);

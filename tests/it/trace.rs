@@ -258,3 +258,91 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
         );
     }
 }
+
+/// Every judged benchmark pipeline run live (no replay) with the model under test and the
+/// judge both an `ifloom sim` without rules: the model's answers are echoes, and so are the
+/// judge's, which no benchmark's rule reads as intended. Nothing crashes, every question or
+/// constraint is accounted for, and the stats sections are there.
+#[test]
+fn judged_pipelines_run_live_against_the_simulator_and_count_unreadable_judgements() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let sim = Sim::start(&["--slots", "16", "--base-ms", "1", "--per-token-ms", "0"]);
+    for (pipeline, table, sections, rows) in [
+        (
+            "eval_infobench",
+            "infobench_answers",
+            vec!["drfr", "drfr_by_subset"],
+            "rows=2",
+        ),
+        (
+            "eval_eifbench",
+            "eifbench_answers",
+            vec!["eifbench", "drfr"],
+            "rows=1",
+        ),
+        (
+            "eval_trace",
+            "trace_scores",
+            vec!["constraint_accuracy", "constraint_accuracy_by_category"],
+            "rows=3",
+        ),
+    ] {
+        let run = dir.join(pipeline);
+        let file = format!("pipelines/{pipeline}.yaml");
+        let generate = rows.replace("rows", "generate");
+        let sets = [
+            format!("url={}", sim.url),
+            format!("judge_url={}", sim.url),
+            "model=sim-model".into(),
+            "judge_model=sim-model".into(),
+            "judge_profile=vllm".into(),
+            rows.to_string(),
+            generate,
+        ];
+        let cache = dir.join("cache.sqlite");
+        let mut args = vec![
+            "run",
+            file.as_str(),
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&cache),
+        ];
+        for kv in &sets {
+            args.extend(["--set", kv.as_str()]);
+        }
+        ok(&root(), &args);
+        let n: usize = rows[5..].parse().unwrap();
+        let answers = query(&run, "SELECT response FROM answers");
+        assert_eq!(answers.len(), n, "{pipeline}");
+        assert!(
+            answers
+                .iter()
+                .all(|r| r["response"].as_str().unwrap().starts_with("echo: "))
+        );
+        assert!(
+            !query(&run, &format!("SELECT * FROM {table}")).is_empty(),
+            "{pipeline}"
+        );
+        let st: Value = serde_json::from_str(&ok(&root(), &["stats", "--json", s(&run)])).unwrap();
+        for sec in sections {
+            assert!(!section(&st, sec).is_empty(), "{pipeline}: {sec}");
+        }
+    }
+    // InfoBench: the echoed judge prompt has both 'YES' and 'NO': unreadable, so each of the
+    // two instructions stops after question 1 and the rest are not asked.
+    let run = dir.join("eval_infobench");
+    let r = query(
+        &run,
+        "SELECT question_index, answer_error FROM infobench_answers ORDER BY id, question_index",
+    );
+    for row in &r {
+        let want = if row["question_index"] == 1 {
+            "no YES or NO in the judge's answer"
+        } else {
+            "not asked: question 1 got no answer"
+        };
+        assert_eq!(row["answer_error"], want, "{row}");
+    }
+}
