@@ -268,24 +268,27 @@ fn judged_pipelines_run_live_against_the_simulator_and_count_unreadable_judgemen
     let tmp = tempdir();
     let dir = tmp.path();
     let sim = Sim::start(&["--slots", "16", "--base-ms", "1", "--per-token-ms", "0"]);
-    for (pipeline, table, sections, rows) in [
+    for (pipeline, table, sections, rows, chart) in [
         (
             "eval_infobench",
             "infobench_answers",
             vec!["drfr", "drfr_by_subset"],
             "rows=2",
+            "DRFR per subset",
         ),
         (
             "eval_eifbench",
             "eifbench_answers",
             vec!["eifbench", "drfr"],
             "rows=1",
+            "EIFBench accuracy",
         ),
         (
             "eval_trace",
             "trace_scores",
             vec!["constraint_accuracy", "constraint_accuracy_by_category"],
             "rows=3",
+            "Constraint-level accuracy per category",
         ),
     ] {
         let run = dir.join(pipeline);
@@ -329,6 +332,11 @@ fn judged_pipelines_run_live_against_the_simulator_and_count_unreadable_judgemen
         for sec in sections {
             assert!(!section(&st, sec).is_empty(), "{pipeline}: {sec}");
         }
+        // The report charts the benchmark's figures.
+        let page = dir.join(format!("{pipeline}.html"));
+        ok(&root(), &["report", s(&run), "-o", s(&page)]);
+        let html = std::fs::read_to_string(&page).unwrap();
+        assert!(html.contains(chart), "{pipeline}: no chart {chart:?}");
     }
     // InfoBench: the echoed judge prompt has both 'YES' and 'NO': unreadable, so each of the
     // two instructions stops after question 1 and the rest are not asked.
