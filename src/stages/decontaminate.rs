@@ -506,7 +506,11 @@ impl DecontaminateStage {
                         .at(
                             i,
                             "path",
-                            format!("reference file not found: {}", full.display()),
+                            if r.path.contains(['*', '?', '[']) {
+                                format!("no reference file matches {}", full.display())
+                            } else {
+                                format!("reference file not found: {}", full.display())
+                            },
                         )
                         .hint("paths are relative to the file that lists them; check the spelling"),
                 );
