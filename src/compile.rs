@@ -25,6 +25,9 @@ pub struct Plan {
     pub schemas: HashMap<String, SchemaRef>,
     pub scans: HashMap<String, InputScan>,
     pub fingerprints: HashMap<String, String>,
+    /// Problems that do not stop a run (an input that reads an evaluation set), shown by
+    /// every verb that checks the pipeline.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Plan {
@@ -84,6 +87,7 @@ pub fn compile(
         return Err(Diagnostics(errs));
     }
     let fingerprints = fingerprints(&pipeline, &order, &graph.deps, &scans);
+    let warnings = evaluation_set_warnings(&pipeline, &scans);
     Ok(Plan {
         pipeline,
         order,
@@ -91,7 +95,61 @@ pub fn compile(
         schemas,
         scans,
         fingerprints,
+        warnings,
     })
+}
+
+/// A warning for each input that reads a file some stage keeps out of training data
+/// ([`crate::stages::Stage::evaluation_files`]): the run trains on an evaluation set.
+fn evaluation_set_warnings(
+    pipeline: &Pipeline,
+    scans: &HashMap<String, InputScan>,
+) -> Vec<Diagnostic> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    // (input, set, file) → the stages guarding against it, in file order.
+    let mut found: Vec<((usize, String, std::path::PathBuf), Vec<String>)> = Vec::new();
+    for s in &pipeline.stages {
+        for (name, file) in s.stage.evaluation_files() {
+            let file = canon(&file);
+            for (n, i) in pipeline.inputs.iter().enumerate() {
+                let reads = scans
+                    .get(&i.id)
+                    .is_some_and(|scan| scan.files.iter().any(|f| canon(f) == file));
+                if !reads {
+                    continue;
+                }
+                let key = (n, name.clone(), file.clone());
+                match found.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, stages)) => stages.push(s.id.clone()),
+                    None => found.push((key, vec![s.id.clone()])),
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|((n, name, file), stages)| {
+            let i = &pipeline.inputs[n];
+            at(
+                pipeline,
+                i.pos,
+                format!(
+                    "input `{}` reads {}, the evaluation set `{name}`: this run TRAINS ON AN \
+                     EVALUATION SET. {} removes what still shares an n-gram with it, but \
+                     rewrites get through: do not report `{name}` scores of a model trained \
+                     on this data",
+                    i.id,
+                    file.display(),
+                    stages
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            )
+            .hint("seed from data that no benchmark uses for a model you will evaluate")
+        })
+        .collect()
 }
 
 /// A diagnostic in the pipeline file.

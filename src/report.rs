@@ -311,6 +311,25 @@ pub fn charts(st: &Stats) -> Vec<String> {
             false,
         ));
     }
+    if let Some(c) = st.section("contamination") {
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    format!("{} {}", text(c, r, "stage"), text(c, r, "reference")),
+                    vec![num(c, r, "ngram_rows"), num(c, r, "near_dup_rows")],
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "Contamination removed per benchmark",
+            "rows",
+            &["shared n-gram", "near duplicate"],
+            &rows,
+            false,
+        ));
+    }
     let rates = ["sft_pass_rate", "dpo_pass_rate", "response_pass_rate"];
     let rate_names = ["SFT pass rate", "DPO pass rate", "response pass rate"];
     if let Some(p) = st.section("pass_by_round") {
@@ -435,6 +454,95 @@ pub fn charts(st: &Stats) -> Vec<String> {
             &rows,
             true,
         ));
+    }
+    if let Some(e) = st.section("eifbench") {
+        let cols = [
+            "task_level_acc",
+            "constraint_level_acc",
+            "subtask_level_acc",
+        ];
+        let rows: Vec<(String, Vec<f64>)> = e
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(e, r, "table"),
+                    cols.iter().map(|c| num(e, r, c)).collect(),
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "EIFBench accuracy",
+            "share (%)",
+            &["task level", "constraint level", "sub-task level"],
+            &rows,
+            true,
+        ));
+    }
+    if let Some(c) = st.section("constraint_accuracy") {
+        let cols = ["constraint_level_acc", "instruction_level_acc"];
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(c, r, "table"),
+                    cols.iter().map(|k| num(c, r, k)).collect(),
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "Constraint scores: accuracy",
+            "share satisfied (%)",
+            &["constraint level", "instruction level"],
+            &rows,
+            true,
+        ));
+    }
+    if let Some(c) = st.section("constraint_accuracy_by_category") {
+        let rows: Vec<(String, Vec<f64>)> = c
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    text(c, r, "category"),
+                    vec![num(c, r, "constraint_level_acc")],
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "Constraint-level accuracy per category",
+            "share satisfied (%)",
+            &["accuracy"],
+            &rows,
+            true,
+        ));
+    }
+    // DRFR overall, per subset and per category, one chart each.
+    for (id, title) in [
+        ("drfr", "DRFR (share of YES among judged questions)"),
+        ("drfr_by_subset", "DRFR per subset"),
+        ("drfr_by_category", "DRFR per category"),
+    ] {
+        if let Some(d) = st.section(id) {
+            let rows: Vec<(String, Vec<f64>)> = d
+                .rows
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{} {}", text(d, r, "table"), text(d, r, "slice")),
+                        vec![num(d, r, "drfr"), num(d, r, "drfr_all")],
+                    )
+                })
+                .collect();
+            out.push(hbar(
+                title,
+                "share of questions answered YES (%)",
+                &["judged questions", "all questions (unjudged = NO)"],
+                &rows,
+                true,
+            ));
+        }
     }
     if let Some(l) = st.section("llm") {
         let rows: Vec<(String, Vec<f64>)> = l

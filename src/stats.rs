@@ -33,6 +33,23 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
     ("llm_latency.sql", include_str!("../sql/llm_latency.sql")),
     ("removed.sql", include_str!("../sql/removed.sql")),
+    (
+        "contamination.sql",
+        include_str!("../sql/contamination.sql"),
+    ),
+    ("drfr.sql", include_str!("../sql/drfr.sql")),
+    (
+        "eifbench_levels.sql",
+        include_str!("../sql/eifbench_levels.sql"),
+    ),
+    (
+        "constraint_accuracy.sql",
+        include_str!("../sql/constraint_accuracy.sql"),
+    ),
+    (
+        "constraint_accuracy_by_category.sql",
+        include_str!("../sql/constraint_accuracy_by_category.sql"),
+    ),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
@@ -461,6 +478,19 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         )
         .await?;
     }
+    if main
+        .iter()
+        .any(|(_, m)| can(m, Capability::MatchesReferences))
+    {
+        r.add(
+            "contamination",
+            "Contamination removed per benchmark (reference set)",
+            2,
+            "contamination.sql",
+            &[],
+        )
+        .await?;
+    }
     let verdicts: Vec<_> = main
         .iter()
         .filter(|(_, m)| can(m, Capability::ProducesVerdicts))
@@ -541,6 +571,74 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             .await?;
         }
     }
+    // Tables of yes/no answers, one row per evaluation question: DRFR overall and per slice
+    // the table has (InfoBench: subset, category).
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::AnswersQuestions))
+    {
+        // Questions grouped in sub-tasks of items: EIFBench's three levels.
+        if has_col(&t.schema, "main_id") && has_col(&t.schema, "sub_instruction_id") {
+            r.add(
+                "eifbench",
+                "EIFBench accuracy (task / constraint / sub-task level)",
+                1,
+                "eifbench_levels.sql",
+                &[("table", t.id.clone())],
+            )
+            .await?;
+        }
+        r.add(
+            "drfr",
+            "Share of YES among judged questions (InfoBench's DRFR)",
+            2,
+            "drfr.sql",
+            &[("table", t.id.clone()), ("by", "'all'".into())],
+        )
+        .await?;
+        for (col, title) in [
+            ("subset", "DRFR per subset"),
+            ("category", "DRFR per category"),
+        ] {
+            if has_col(&t.schema, col) {
+                r.add(
+                    &format!("drfr_by_{col}"),
+                    title,
+                    2,
+                    "drfr.sql",
+                    &[("table", t.id.clone()), ("by", col.into())],
+                )
+                .await?;
+            }
+        }
+    }
+    // Per-constraint judge scores: constraint- and instruction-level accuracy, and per
+    // constraint category where the table lists them.
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::ScoresConstraints))
+    {
+        r.add(
+            "constraint_accuracy",
+            "Constraint scores: constraint / instruction level accuracy",
+            1,
+            "constraint_accuracy.sql",
+            &[("table", t.id.clone())],
+        )
+        .await?;
+        if let Ok(f) = t.schema.field_with_name("categories")
+            && matches!(f.data_type(), DataType::List(_))
+        {
+            r.add(
+                "constraint_accuracy_by_category",
+                "Constraint-level accuracy per constraint category",
+                1,
+                "constraint_accuracy_by_category.sql",
+                &[("table", t.id.clone()), ("categories", "categories".into())],
+            )
+            .await?;
+        }
+    }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,
     // and whatever the user asked for.
     let mut columns: Vec<(String, String)> = Vec::new();
@@ -602,6 +700,14 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
     Ok(stats)
 }
 
+/// Is the column a share (shown as a percentage, compared in points)?
+fn is_share(column: &str) -> bool {
+    column.ends_with("_rate")
+        || column.ends_with("_acc")
+        || column.starts_with("drfr")
+        || column == "kept"
+}
+
 /// A cell for the terminal: rates and shares as percentages, floats rounded.
 fn cell(column: &str, v: &Value) -> String {
     match v {
@@ -609,7 +715,7 @@ fn cell(column: &str, v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(0.0);
-            if column.ends_with("_rate") || column.ends_with("_acc") || column == "kept" {
+            if is_share(column) {
                 format!("{:.1}%", f * 100.0)
             } else if n.is_f64() {
                 let s = format!("{f:.3}");
@@ -798,8 +904,7 @@ pub fn render_comparison(c: &Comparison) -> String {
                     let (a, b) = (cell(col, &d.a), cell(col, &d.b));
                     cells.push(match d.delta {
                         Some(x) if x != 0.0 => {
-                            let pct =
-                                col.ends_with("_rate") || col.ends_with("_acc") || col == "kept";
+                            let pct = is_share(col);
                             let x = if pct { x * 100.0 } else { x };
                             let s = format!("{x:+.3}");
                             let s = s.trim_end_matches('0').trim_end_matches('.');

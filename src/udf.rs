@@ -15,6 +15,10 @@
 //!   list). AutoIF's back-translation step reads its answers this way (the Flywheel
 //!   re-implementation's `s[s.find('['):s.rfind(']')+1]` and `ast.literal_eval`); an item
 //!   that is itself a list gives its first element, as there.
+//! - `struct_entries(s)`: a struct used as a map (one field per key, one value type) as a
+//!   list of `{key, value}`, to `unnest` (EIFBench's `sub_instructions`).
+//! - `yes_no(text, rule)`: a judge's YES/NO answer read by a benchmark's rule, as
+//!   `kind: yes_no` reads it (InfoBench stops questioning after an unreadable answer).
 
 use std::sync::Arc;
 
@@ -38,37 +42,120 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(StringList {
         signature: Signature::string(1, Volatility::Immutable),
     }));
+    ctx.register_udf(ScalarUDF::new_from_impl(StructEntries {
+        signature: Signature::any(1, Volatility::Immutable),
+    }));
+    ctx.register_udf(ScalarUDF::new_from_impl(YesNo {
+        signature: Signature::string(2, Volatility::Immutable),
+    }));
 }
 
+/// `struct_entries(s)`: a struct whose fields all have one type, as a list of
+/// `{key, value}` (its non-null fields, in order). JSON objects used as maps (EIFBench's
+/// `sub_instructions`: `sub_instruction_0`, `sub_instruction_1`, ...) read as structs with a
+/// field per key; this turns them into rows SQL can `unnest`.
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct StringList {
+struct StructEntries {
     signature: Signature,
 }
 
-/// See the module doc: `string_list(text)`.
-pub fn string_list(text: &str) -> Option<Vec<String>> {
-    let (start, end) = (text.find('[')?, text.rfind(']')?);
-    if end < start {
-        return None;
+fn entry_type(arg: &DataType) -> DfResult<DataType> {
+    let DataType::Struct(fields) = arg else {
+        return Err(DataFusionError::Plan(format!(
+            "struct_entries takes a struct, not {arg}"
+        )));
+    };
+    let Some(first) = fields.first() else {
+        return Err(DataFusionError::Plan(
+            "struct_entries: the struct has no fields".into(),
+        ));
+    };
+    if let Some(f) = fields.iter().find(|f| f.data_type() != first.data_type()) {
+        return Err(DataFusionError::Plan(format!(
+            "struct_entries: field `{}` is {}, field `{}` is {}; the fields must have one type",
+            first.name(),
+            first.data_type(),
+            f.name(),
+            f.data_type()
+        )));
     }
-    let slice = &text[start..=end];
-    let v: serde_json::Value = serde_json::from_str(slice)
-        .or_else(|_| serde_json::from_str(&crate::llm::parse::repair(slice)))
-        .ok()?;
-    let items = v.as_array()?;
-    items
-        .iter()
-        .map(|item| match item {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Array(a) => a.first()?.as_str().map(str::to_string),
-            _ => None,
-        })
-        .collect()
+    Ok(DataType::Struct(
+        vec![
+            Field::new("key", DataType::Utf8, false),
+            Field::new("value", first.data_type().clone(), true),
+        ]
+        .into(),
+    ))
 }
 
-impl ScalarUDFImpl for StringList {
+impl ScalarUDFImpl for StructEntries {
     fn name(&self) -> &str {
-        "string_list"
+        "struct_entries"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        let t = entry_type(arg_types.first().unwrap_or(&DataType::Null))?;
+        Ok(DataType::List(Arc::new(Field::new("item", t, true))))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use arrow::array::{AsArray, ListArray, StructArray, UInt32Array};
+        use arrow::buffer::OffsetBuffer;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("struct_entries takes one argument".into()))?;
+        let DataType::Struct(entry_fields) = entry_type(a.data_type())? else {
+            unreachable!("entry_type returns a struct")
+        };
+        let st = a.as_struct();
+        let names: Vec<&str> = st.fields().iter().map(|f| f.name().as_str()).collect();
+        let children: Vec<&dyn Array> = st.columns().iter().map(|c| c.as_ref()).collect();
+        let all = arrow::compute::concat(&children)?;
+        let n = st.len();
+        let (mut keys, mut take, mut offsets) = (Vec::new(), Vec::new(), vec![0i32]);
+        for row in 0..n {
+            if !st.is_null(row) {
+                for (f, c) in children.iter().enumerate() {
+                    if !c.is_null(row) {
+                        keys.push(names[f]);
+                        take.push((f * n + row) as u32);
+                    }
+                }
+            }
+            offsets.push(keys.len() as i32);
+        }
+        let values = arrow::compute::take(all.as_ref(), &UInt32Array::from(take), None)?;
+        let entries = StructArray::try_new(
+            entry_fields.clone(),
+            vec![Arc::new(StringArray::from(keys)), values],
+            None,
+        )?;
+        let item = Arc::new(Field::new("item", DataType::Struct(entry_fields), true));
+        let list = ListArray::try_new(
+            item,
+            OffsetBuffer::new(offsets.into()),
+            Arc::new(entries),
+            st.nulls().cloned(),
+        )?;
+        Ok(ColumnarValue::Array(Arc::new(list)))
+    }
+}
+
+/// `yes_no(text, rule)`: a judge's YES/NO answer as `kind: yes_no` reads it under `rule`
+/// (`infobench`, `eifbench`); null when the text gives none.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct YesNo {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for YesNo {
+    fn name(&self) -> &str {
+        "yes_no"
     }
 
     fn signature(&self) -> &Signature {
@@ -76,36 +163,38 @@ impl ScalarUDFImpl for StringList {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::List(Arc::new(Field::new(
-            "item",
-            DataType::Utf8,
-            true,
-        ))))
+        Ok(DataType::Boolean)
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use crate::stages::yes_no::{Rule, parse};
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let a = arrays
-            .first()
-            .ok_or_else(|| DataFusionError::Plan("string_list takes one argument".into()))?;
-        let a = arrow::compute::cast(a, &DataType::Utf8)?;
-        let a = a
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| DataFusionError::Internal("string_list: not text".into()))?;
-        let mut b = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());
-        for v in a.iter() {
-            match v.and_then(string_list) {
-                Some(items) => {
-                    for s in items {
-                        b.values().append_value(s);
-                    }
-                    b.append(true);
-                }
-                None => b.append(false),
+        let [text, rule] = arrays.as_slice() else {
+            return Err(DataFusionError::Plan(
+                "yes_no takes two arguments: yes_no(text, rule)".into(),
+            ));
+        };
+        let text = arrow::compute::cast(text, &DataType::Utf8)?;
+        let rule = arrow::compute::cast(rule, &DataType::Utf8)?;
+        let (text, rule) = (
+            text.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+            rule.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+        );
+        let mut out = arrow::array::BooleanBuilder::with_capacity(text.len());
+        for i in 0..text.len() {
+            if text.is_null(i) || rule.is_null(i) {
+                out.append_null();
+                continue;
             }
+            let r = Rule::from_name(rule.value(i)).ok_or_else(|| {
+                DataFusionError::Execution(format!(
+                    "yes_no: unknown rule `{}` (infobench, eifbench)",
+                    rule.value(i)
+                ))
+            })?;
+            out.append_option(parse(r, text.value(i)));
         }
-        Ok(ColumnarValue::Array(Arc::new(b.finish())))
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 
@@ -376,6 +465,74 @@ impl ScalarUDFImpl for ToJson {
     }
 }
 
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct StringList {
+    signature: Signature,
+}
+
+/// See the module doc: `string_list(text)`.
+pub fn string_list(text: &str) -> Option<Vec<String>> {
+    let (start, end) = (text.find('[')?, text.rfind(']')?);
+    if end < start {
+        return None;
+    }
+    let slice = &text[start..=end];
+    let v: serde_json::Value = serde_json::from_str(slice)
+        .or_else(|_| serde_json::from_str(&crate::llm::parse::repair(slice)))
+        .ok()?;
+    v.as_array()?
+        .iter()
+        .map(|item| match item {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(a) => a.first()?.as_str().map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ScalarUDFImpl for StringList {
+    fn name(&self) -> &str {
+        "string_list"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Utf8,
+            true,
+        ))))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = arrays
+            .first()
+            .ok_or_else(|| DataFusionError::Plan("string_list takes one argument".into()))?;
+        let a = arrow::compute::cast(a, &DataType::Utf8)?;
+        let a = a
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| DataFusionError::Internal("string_list: not text".into()))?;
+        let mut b = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());
+        for v in a.iter() {
+            match v.and_then(string_list) {
+                Some(items) => {
+                    for s in items {
+                        b.values().append_value(s);
+                    }
+                    b.append(true);
+                }
+                None => b.append(false),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(b.finish())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +612,28 @@ mod tests {
         let got: Vec<Option<i64>> = w.iter().collect();
         assert_eq!(got, vec![Some(2), Some(0), Some(1), Some(3), Some(3), None]);
         assert_eq!(got, r.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn string_list_reads_json_and_python_lists_from_prose() {
+        assert_eq!(
+            string_list(r#"Here: ["Answer in lowercase.", "Use no capitals."] done"#),
+            Some(vec![
+                "Answer in lowercase.".into(),
+                "Use no capitals.".into()
+            ])
+        );
+        // Python literal (single quotes, an apostrophe inside double quotes), items as lists.
+        assert_eq!(
+            string_list(r#"['Do not ask.', "Don't ask.", ['Nested first', 'x']]"#),
+            Some(vec![
+                "Do not ask.".into(),
+                "Don't ask.".into(),
+                "Nested first".into()
+            ])
+        );
+        assert_eq!(string_list("no list here"), None);
+        assert_eq!(string_list("] backwards ["), None);
+        assert_eq!(string_list("[1, 2]"), None);
     }
 }

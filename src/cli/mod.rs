@@ -163,8 +163,13 @@ fn env_lookup(name: &str) -> Option<String> {
 }
 
 /// Compile a pipeline file, turning diagnostics into [`Error::Invalid`].
+/// Warnings go to stderr.
 pub fn compile_file(file: &Path, set: &[(String, String)], engine: &Engine) -> Result<Plan> {
-    compile::compile(file, set, &env_lookup, engine).map_err(Error::Invalid)
+    let plan = compile::compile(file, set, &env_lookup, engine).map_err(Error::Invalid)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(plan)
 }
 
 /// `runs/<pipeline name>` unless given.

@@ -21,6 +21,7 @@ use crate::spec::StageDef;
 use crate::table::Table;
 use crate::yaml::Node;
 
+pub mod constraint_scores;
 pub mod cross_validate;
 pub mod decontaminate;
 pub mod dedup;
@@ -34,6 +35,7 @@ pub mod run_verifiers;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
+pub mod yes_no;
 
 #[cfg(test)]
 mod test_verdict;
@@ -53,6 +55,8 @@ pub fn registry() -> &'static [KindEntry] {
         ifeval_constraints::KIND,
         cross_validate::KIND,
         run_verifiers::KIND,
+        yes_no::KIND,
+        constraint_scores::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
@@ -93,6 +97,20 @@ pub enum Capability {
     /// (one bool per instruction) and `prompt_strict` / `prompt_loose`; `stats` shows the
     /// four accuracies and the accuracy per instruction type.
     VerifiesInstructions,
+    /// Matches rows against named reference sets (benchmarks): counters `hits_<set>` (rows
+    /// sharing an n-gram) and `near_dups_<set>` (near duplicates without one); `stats` shows
+    /// them per set, and an input reading one of its [`Stage::evaluation_files`] is warned of.
+    MatchesReferences,
+    /// One row per yes/no evaluation question with the judge's `answer` (bool, null when it
+    /// gave none) and `answer_error`: `stats` shows the share of YES among the judged
+    /// questions (InfoBench's DRFR) overall and per `subset` / `category` where the table has
+    /// them, and EIFBench's three levels where it has `main_id` and `sub_instruction_id`.
+    AnswersQuestions,
+    /// A 0-10 score per constraint of each instruction: `scores`, `satisfied` (lists aligned
+    /// with the constraints), `all_satisfied`, `overall_score`, `n_unscored`; `stats` shows
+    /// constraint- and instruction-level accuracy, and per constraint category where the
+    /// table has `categories` (a list aligned with the constraints).
+    ScoresConstraints,
 }
 
 impl Capability {
@@ -104,6 +122,9 @@ impl Capability {
             Capability::SendsRequests => "sends_requests",
             Capability::RetriesFailed => "retries_failed",
             Capability::VerifiesInstructions => "verifies_instructions",
+            Capability::MatchesReferences => "matches_references",
+            Capability::AnswersQuestions => "answers_questions",
+            Capability::ScoresConstraints => "scores_constraints",
         }
     }
 }
@@ -248,6 +269,13 @@ pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
     /// Side tables written next to the main one, registered for SQL as `<id>__<name>`.
     fn side_tables(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// Evaluation sets the stage keeps out of training data (name, file): `decontaminate`'s
+    /// references. A pipeline input that reads one of these files gets a warning when the
+    /// pipeline is checked: the run trains on an evaluation set.
+    fn evaluation_files(&self) -> Vec<(String, PathBuf)> {
+        Vec::new()
     }
 
     /// The semantic configuration: what the fingerprint covers. Operational settings

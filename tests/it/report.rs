@@ -82,11 +82,12 @@ fn report_renders_its_charts_in_headless_chromium() {
             .collect();
         assert!(hits.is_empty(), "{remote} in the report: {hits:?}");
     }
-    // Funnel, pass rates by round, by category, by question, tokens; for each of the 4 llm
+    // Funnel, contamination per benchmark, pass rates by round, by category, by question,
+    // tokens; for each of the 4 llm
     // stages (compose_r1, compose_r2, responses, judge) a latency and an output-length
     // histogram; questions per judged response.
     let charts = html.matches("<svg class=\"chart\"").count();
-    assert_eq!(charts, 5 + 4 * 2 + 1, "charts in the page");
+    assert_eq!(charts, 6 + 4 * 2 + 1, "charts in the page");
     assert!(html.contains("Funnel: rows per stage") && html.contains("latency (ms)"));
     assert!(
         html.contains("GOOD: gold light over the hills?"),
