@@ -39,6 +39,10 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
     ("drfr.sql", include_str!("../sql/drfr.sql")),
     (
+        "verifier_functions.sql",
+        include_str!("../sql/verifier_functions.sql"),
+    ),
+    (
         "eifbench_levels.sql",
         include_str!("../sql/eifbench_levels.sql"),
     ),
@@ -611,6 +615,29 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
                 .await?;
             }
         }
+    }
+    // Cross-validated verifier functions (AutoIF): answers parsed, compiled, functions and
+    // cases kept, and the instructions per drop reason.
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::ValidatesFunctions))
+    {
+        r.add(
+            "verifier_functions",
+            "Verifier functions: answers parsed and compiled, functions and cases kept",
+            1,
+            "verifier_functions.sql",
+            &[("table", t.id.clone()), ("by", "'all'".into())],
+        )
+        .await?;
+        r.add(
+            "verifier_drops",
+            "Verifier functions: instructions per drop reason (null: kept)",
+            1,
+            "verifier_functions.sql",
+            &[("table", t.id.clone()), ("by", "drop_reason".into())],
+        )
+        .await?;
     }
     // Per-constraint judge scores: constraint- and instruction-level accuracy, and per
     // constraint category where the table lists them.

@@ -32,7 +32,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column};
+use super::{
+    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
 use crate::ifeval::{pyjson, pytext};
@@ -44,7 +46,7 @@ pub const KIND: KindEntry = KindEntry {
     about: "AutoIF's cross-validation of LLM-written Python verifier functions on their test cases (sandboxed)",
     build: super::build::<CrossValidateStage>,
     schema: |g| CrossValidateStage::json_schema(g),
-    capabilities: &[],
+    capabilities: &[Capability::ValidatesFunctions],
     removed_rows: "",
 };
 

@@ -111,6 +111,10 @@ pub enum Capability {
     /// constraint- and instruction-level accuracy, and per constraint category where the
     /// table has `categories` (a list aligned with the constraints).
     ScoresConstraints,
+    /// Cross-validates LLM-written verifier functions, one row per instruction with
+    /// `n_answers`, `n_parsed`, `n_compiled`, `n_functions`, `n_cases`, `n_cases_kept`,
+    /// `kept_functions`, `kept`, `drop_reason`: `stats` shows the function-level funnel.
+    ValidatesFunctions,
 }
 
 impl Capability {
@@ -125,6 +129,7 @@ impl Capability {
             Capability::MatchesReferences => "matches_references",
             Capability::AnswersQuestions => "answers_questions",
             Capability::ScoresConstraints => "scores_constraints",
+            Capability::ValidatesFunctions => "validates_functions",
         }
     }
 }
