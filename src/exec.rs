@@ -39,6 +39,17 @@ pub struct RunReport {
 
 pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Result<RunReport> {
     let _lock = dir.lock()?;
+    run_locked(plan, dir, engine, opts)
+}
+
+/// [`run`] for a caller that holds the run directory's lock already (a target run holds it
+/// across all of its passes).
+pub fn run_locked(
+    plan: &Plan,
+    dir: &RunDir,
+    engine: &Engine,
+    opts: &RunOptions,
+) -> Result<RunReport> {
     dir.clean_temporaries();
     // A stage named on the command line must exist (with a "did you mean").
     let named = opts.force.iter().map(|f| ("--force", f));
