@@ -62,10 +62,11 @@ fn problems_error(ps: Vec<Problem>) -> Error {
     let n = ps.len();
     let mut s = String::new();
     for (i, p) in ps.iter().enumerate() {
+        // The first line's `error: ` is the one every command-line error gets.
         if i > 0 {
-            s.push('\n');
+            s.push_str("\nerror: ");
         }
-        s.push_str(&format!("error: {}", p.message));
+        s.push_str(&p.message);
         if let Some(h) = &p.hint {
             s.push_str(&format!("\n  hint: {h}"));
         }

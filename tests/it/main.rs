@@ -16,5 +16,6 @@ mod report;
 mod sim;
 mod slt;
 mod stats;
+mod target;
 mod ultraif;
 mod verifiable_if;
