@@ -294,7 +294,7 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         // Search [lo_n + 1, h.taken - 1]: interpolation and bisection in turn, so it ends
         // in about 2·log2 steps even when the yield is far from even.
         let (a, b) = (lo_n + 1, h.taken - 1);
-        let p = if passes.len() % 2 == 0 {
+        let p = if passes.len().is_multiple_of(2) {
             lo_n + (h.taken - lo_n) / 2
         } else {
             let span = (h.taken - lo_n) as f64;
@@ -388,7 +388,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
