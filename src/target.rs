@@ -277,33 +277,33 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         return Step::Run(n.div_ceil(FIRST_PASS_DIVISOR).clamp(1, avail));
     }
     let sent: u64 = passes.iter().map(|p| p.sent).sum();
-    // The smallest prefix that reached the target, and the largest below it that did not.
-    let hi = passes
-        .iter()
-        .filter(|p| p.target_rows >= n)
-        .min_by_key(|p| p.taken);
-    let lo = passes
-        .iter()
-        .filter(|p| p.target_rows < n && hi.is_none_or(|h| p.taken < h.taken))
-        .max_by_key(|p| p.taken);
-    let (lo_n, lo_t) = lo.map_or((0, 0), |p| (p.taken, p.target_rows));
-    if let Some(h) = hi {
-        if h.taken <= lo_n + 1 {
-            return Step::Done(Stop::Reached, h.prefix);
+    let ((lo_n, lo_t), hi) = bracket(passes, n);
+    if let Some((hi_n, hi_t, hi_prefix)) = hi {
+        if hi_n <= lo_n + 1 {
+            return Step::Done(Stop::Reached, hi_prefix);
         }
-        // Search [lo_n + 1, h.taken - 1]: interpolation and bisection in turn, so it ends
-        // in about 2·log2 steps even when the yield is far from even.
-        let (a, b) = (lo_n + 1, h.taken - 1);
-        let p = if passes.len().is_multiple_of(2) {
-            lo_n + (h.taken - lo_n) / 2
-        } else {
-            let span = (h.taken - lo_n) as f64;
-            let rise = (h.target_rows - lo_t).max(1) as f64;
-            lo_n + ((n - lo_t) as f64 * span / rise).ceil() as u64
+        // Search (lo_n, hi_n) for the smallest prefix that reaches N: interpolation (aimed
+        // half a row below N, so that near a boundary it lands on either side of it), and a
+        // bisection whenever the last probe did not halve the bracket, so that it ends in
+        // about 2·log2 steps even when the yield is far from even.
+        let width = hi_n - lo_n;
+        let halved = match bracket(&passes[..passes.len() - 1], n) {
+            ((a, _), Some((b, _, _))) => 2 * width <= b - a,
+            _ => true,
         };
-        return Step::Run(p.clamp(a, b));
+        let p = if halved && hi_t - lo_t > 3 {
+            let rise = (hi_t - lo_t).max(1) as f64;
+            lo_n + ((n as f64 - 0.5 - lo_t as f64) * width as f64 / rise).ceil() as u64
+        } else {
+            lo_n + width / 2
+        };
+        return Step::Run(p.clamp(lo_n + 1, hi_n - 1));
     }
-    let cur = lo.expect("a pass below the target");
+    let cur = passes
+        .iter()
+        .filter(|p| p.target_rows < n)
+        .max_by_key(|p| p.taken)
+        .expect("a pass below the target");
     if cur.taken < cur.prefix || cur.taken >= avail {
         return Step::Done(Stop::Exhausted, cur.prefix);
     }
@@ -336,6 +336,24 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         }
     }
     Step::Run(next)
+}
+
+/// The search bracket: the largest prefix (rows taken, target rows) below the target that
+/// is smaller than every prefix reaching it (`(0, 0)` when none), and the smallest prefix
+/// reaching it (rows taken, target rows, prefix asked), if any.
+fn bracket(passes: &[Pass], n: u64) -> ((u64, u64), Option<(u64, u64, u64)>) {
+    let hi = passes
+        .iter()
+        .filter(|p| p.target_rows >= n)
+        .min_by_key(|p| p.taken);
+    let lo = passes
+        .iter()
+        .filter(|p| p.target_rows < n && hi.is_none_or(|h| p.taken < h.taken))
+        .max_by_key(|p| p.taken);
+    (
+        lo.map_or((0, 0), |p| (p.taken, p.target_rows)),
+        hi.map(|h| (h.taken, h.target_rows, h.prefix)),
+    )
 }
 
 /// The requests a run reaching the target would send in all, at the rates seen so far:
@@ -466,8 +484,6 @@ pub fn run(
     let save = |s: &State| -> Result<()> {
         write_atomic(&path, serde_json::to_string_pretty(s)?.as_bytes())
     };
-    // The prefix this process last ran a pass on (the tables hold it).
-    let mut last: Option<(u64, RunReport)> = None;
     loop {
         match next_step(&state.passes, t.rows, avail, t.max_requests) {
             Step::Run(n) => {
@@ -478,28 +494,24 @@ pub fn run(
                     thousands(n),
                     t.inputs.join(", ")
                 );
-                let report = pass(plan, dir, engine, opts, t, &written, n)?;
+                let report = pass(plan, dir, engine, opts, t, &written, n, false)?;
                 let facts = facts(dir, t, n, &report)?;
                 state.passes.push(facts);
                 save(&state)?;
                 eprintln!("{}", progress(&state.passes, t, avail));
-                last = Some((n, report));
                 if opts.cancel.is_interrupted() {
                     return Err(Error::usage(INTERRUPTED_MSG));
                 }
             }
             Step::Done(stop, n) => {
-                let report = match last {
-                    Some((p, r)) if p == n => r,
-                    _ => {
-                        eprintln!(
-                            "ifloom: target final pass: the first {} rows of {}",
-                            thousands(n),
-                            t.inputs.join(", ")
-                        );
-                        pass(plan, dir, engine, opts, t, &written, n)?
-                    }
-                };
+                // The final pass runs the whole pipeline (the tables of the target's
+                // ancestors are reused when the last pass was on the same prefix).
+                eprintln!(
+                    "ifloom: target final pass: the first {} rows of {}",
+                    thousands(n),
+                    t.inputs.join(", ")
+                );
+                let report = pass(plan, dir, engine, opts, t, &written, n, true)?;
                 let target_rows = dir.manifest(&t.table).map_or(0, |m| m.rows);
                 state.status = match stop {
                     Stop::Reached => "reached",
@@ -558,7 +570,10 @@ pub fn run(
     }
 }
 
-/// One pass: the pipeline on the first `n` rows of the sliced inputs.
+/// One pass: the pipeline on the first `n` rows of the sliced inputs. Passes before the
+/// final one run only the target and the tables it is computed from (`--until`): the other
+/// stages (exports, the other branches) would be redone on every pass for nothing.
+#[allow(clippy::too_many_arguments)]
 fn pass(
     plan: &mut Plan,
     dir: &RunDir,
@@ -567,9 +582,15 @@ fn pass(
     t: &Target,
     written: &HashMap<String, Option<u64>>,
     n: u64,
+    last: bool,
 ) -> Result<RunReport> {
     plan.set_prefix(&t.inputs, written, Some(n));
-    exec::run_locked(plan, dir, engine, opts)
+    let until = RunOptions {
+        until: (!last).then(|| t.table.clone()),
+        quiet_until: true,
+        ..opts.clone()
+    };
+    exec::run_locked(plan, dir, engine, &until)
 }
 
 /// The facts of a finished pass, read from the manifests.

@@ -148,6 +148,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         dry_run: a.dry_run,
         until: a.until.clone(),
         cancel,
+        ..Default::default()
     };
     let report = match &target {
         Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?.report,
