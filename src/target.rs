@@ -277,10 +277,12 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         return Step::Run(n.div_ceil(FIRST_PASS_DIVISOR).clamp(1, avail));
     }
     let sent: u64 = passes.iter().map(|p| p.sent).sum();
-    let ((lo_n, lo_t), hi) = bracket(passes, n);
-    if let Some((hi_n, hi_t, hi_prefix)) = hi {
+    let (lo, hi) = bracket(passes, n);
+    let (lo_n, lo_t) = lo.map_or((0, 0), |p| (p.taken, p.target_rows));
+    if let Some(h) = hi {
+        let (hi_n, hi_t) = (h.taken, h.target_rows);
         if hi_n <= lo_n + 1 {
-            return Step::Done(Stop::Reached, hi_prefix);
+            return Step::Done(Stop::Reached, h.prefix);
         }
         // Search (lo_n, hi_n) for the smallest prefix that reaches N: interpolation (aimed
         // half a row below N, so that near a boundary it lands on either side of it), and a
@@ -288,7 +290,7 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         // about 2·log2 steps even when the yield is far from even.
         let width = hi_n - lo_n;
         let halved = match bracket(&passes[..passes.len() - 1], n) {
-            ((a, _), Some((b, _, _))) => 2 * width <= b - a,
+            (a, Some(b)) => 2 * width <= b.taken - a.map_or(0, |a| a.taken),
             _ => true,
         };
         let p = if halved && hi_t - lo_t > 3 {
@@ -299,11 +301,7 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         };
         return Step::Run(p.clamp(lo_n + 1, hi_n - 1));
     }
-    let cur = passes
-        .iter()
-        .filter(|p| p.target_rows < n)
-        .max_by_key(|p| p.taken)
-        .expect("a pass below the target");
+    let cur = lo.expect("a pass below the target");
     if cur.taken < cur.prefix || cur.taken >= avail {
         return Step::Done(Stop::Exhausted, cur.prefix);
     }
@@ -338,10 +336,9 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
     Step::Run(next)
 }
 
-/// The search bracket: the largest prefix (rows taken, target rows) below the target that
-/// is smaller than every prefix reaching it (`(0, 0)` when none), and the smallest prefix
-/// reaching it (rows taken, target rows, prefix asked), if any.
-fn bracket(passes: &[Pass], n: u64) -> ((u64, u64), Option<(u64, u64, u64)>) {
+/// The search bracket: the largest pass below the target that is smaller than every pass
+/// reaching it, and the smallest pass reaching it (by rows taken).
+fn bracket(passes: &[Pass], n: u64) -> (Option<&Pass>, Option<&Pass>) {
     let hi = passes
         .iter()
         .filter(|p| p.target_rows >= n)
@@ -350,10 +347,7 @@ fn bracket(passes: &[Pass], n: u64) -> ((u64, u64), Option<(u64, u64, u64)>) {
         .iter()
         .filter(|p| p.target_rows < n && hi.is_none_or(|h| p.taken < h.taken))
         .max_by_key(|p| p.taken);
-    (
-        lo.map_or((0, 0), |p| (p.taken, p.target_rows)),
-        hi.map(|h| (h.taken, h.target_rows, h.prefix)),
-    )
+    (lo, hi)
 }
 
 /// The requests a run reaching the target would send in all, at the rates seen so far:
