@@ -284,17 +284,21 @@ pub fn next_step(passes: &[Pass], n: u64, avail: u64, budget: Option<u64>) -> St
         if hi_n <= lo_n + 1 {
             return Step::Done(Stop::Reached, h.prefix);
         }
-        // Search (lo_n, hi_n) for the smallest prefix that reaches N: interpolation (aimed
-        // half a row below N, so that near a boundary it lands on either side of it), and a
-        // bisection whenever the last probe did not halve the bracket, so that it ends in
-        // about 2·log2 steps even when the yield is far from even.
+        // Search (lo_n, hi_n) for the smallest prefix that reaches N: interpolation, aimed
+        // half a row below N so that near the boundary it lands on either side of it; a
+        // bisection when the bracket holds 3 target rows or fewer (interpolation is a guess
+        // there), or when the last three probes all moved the same end (interpolation
+        // converging from one side), so that it ends in a few more than log2 steps however
+        // uneven the yield.
         let width = hi_n - lo_n;
-        let halved = match bracket(&passes[..passes.len() - 1], n) {
-            (a, Some(b)) => 2 * width <= b.taken - a.map_or(0, |a| a.taken),
-            _ => true,
-        };
-        let p = if halved && hi_t - lo_t > 3 {
-            let rise = (hi_t - lo_t).max(1) as f64;
+        let first_hi = passes.iter().position(|p| p.target_rows >= n).unwrap_or(0);
+        let probes = &passes[first_hi + 1..];
+        let one_sided = probes.len() >= 3
+            && probes[probes.len() - 3..]
+                .windows(2)
+                .all(|w| (w[0].target_rows >= n) == (w[1].target_rows >= n));
+        let p = if hi_t - lo_t > 3 && !one_sided {
+            let rise = (hi_t - lo_t) as f64;
             lo_n + ((n as f64 - 0.5 - lo_t as f64) * width as f64 / rise).ceil() as u64
         } else {
             lo_n + width / 2
