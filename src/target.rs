@@ -386,6 +386,10 @@ pub struct State {
     pub status: String,
     /// The prefix the final tables are computed from, once stopped.
     pub final_prefix: Option<u64>,
+    /// Requests the final pass sent: those of the stages the target is not computed from,
+    /// which only the final pass runs (not under the budget).
+    #[serde(default)]
+    pub final_sent: u64,
 }
 
 /// How a target run ended.
@@ -471,6 +475,7 @@ pub fn run(
             passes: Vec::new(),
             status: "running".into(),
             final_prefix: None,
+            final_sent: 0,
         });
     if !state.passes.is_empty() {
         eprintln!(
@@ -518,8 +523,9 @@ pub fn run(
                 }
                 .into();
                 state.final_prefix = Some(n);
+                state.final_sent = sent_by(dir, &report);
                 save(&state)?;
-                let sent = state.passes.iter().map(|p| p.sent).sum();
+                let sent = state.passes.iter().map(|p| p.sent).sum::<u64>() + state.final_sent;
                 let taken = state
                     .passes
                     .iter()
@@ -551,7 +557,7 @@ pub fn run(
                     ),
                 };
                 eprintln!(
-                    "ifloom: target run {why}; {} requests sent in {} pass(es)",
+                    "ifloom: target run {why}; {} requests sent in {} pass(es) and the final one",
                     thousands(sent),
                     state.passes.len()
                 );
@@ -602,7 +608,17 @@ fn facts(dir: &RunDir, t: &Target, n: u64, report: &RunReport) -> Result<Pass> {
     for i in &t.inputs {
         taken = taken.max(rows(i)?);
     }
-    let sent = report
+    Ok(Pass {
+        prefix: n,
+        taken,
+        target_rows: rows(&t.table)?,
+        sent: sent_by(dir, report),
+    })
+}
+
+/// Requests the stages a pass computed sent to servers (retries included, cache hits not).
+fn sent_by(dir: &RunDir, report: &RunReport) -> u64 {
+    report
         .computed
         .iter()
         .filter_map(|id| dir.manifest(id))
@@ -611,13 +627,7 @@ fn facts(dir: &RunDir, t: &Target, n: u64, report: &RunReport) -> Result<Pass> {
             let c = |k: &str| m.counters.get(k).copied().unwrap_or(0).max(0) as u64;
             c("requests") + c("retries")
         })
-        .sum();
-    Ok(Pass {
-        prefix: n,
-        taken,
-        target_rows: rows(&t.table)?,
-        sent,
-    })
+        .sum()
 }
 
 /// `target sft_clean: 7,412 / 10,000 rows · input 3,000 / 50,000 · requests 41,200

@@ -55,7 +55,8 @@ Target runs (--target TABLE=N [--max-requests M] [--target-input INPUT]):
   each next one grows n by the rows the yield seen so far (TABLE rows per input row) says are
   missing, plus a margin of two standard deviations, at most x4 per pass. A pass that reaches
   N is followed by a search back (all cached) for the smallest prefix whose TABLE has N rows
-  or more; the run ends with a pass on it. Every table is then exactly what the pipeline
+  or more; the run ends with a pass on it (passes before it run only TABLE and the stages
+  it is computed from, the final one everything). Every table is then exactly what the pipeline
   computes from the rows taken: TABLE has N rows when no input row gives more than one of its
   rows, else at most that many minus one over N. It also stops when the input is exhausted,
   or when the next pass is projected to pass --max-requests (requests sent to servers,
