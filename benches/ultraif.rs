@@ -4,6 +4,9 @@
 //!
 //! `CARGO_TARGET_DIR=~/.cache/ifloom/target-bench cargo bench --bench ultraif` (BENCHMARKS.md).
 //!
+//! `IFLOOM_ULTRAIF_TARGET=N` runs a target run instead (`--target sft=N`, issue 21; see
+//! [`target_run`]).
+//!
 //! `IFLOOM_ULTRAIF_ROWS` (default 10,000) generated instructions; the pipeline's defaults
 //! (3 augmentation rounds, K = 5 responses, `dpo_pair: first`), `max_in_flight` 256. The
 //! simulator runs in its own process with `--slots 64 --base-ms 50 --per-token-ms 1` and rules

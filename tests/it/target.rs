@@ -200,6 +200,38 @@ fn target_run_stops_before_the_pass_that_would_pass_the_budget() {
 }
 
 #[test]
+fn target_run_on_an_input_that_runs_out_ends_with_the_whole_input() {
+    let tmp = tempdir();
+    let sim = Sim::start(&[
+        "--slots",
+        "4",
+        "--base-ms",
+        "1",
+        "--rules",
+        s(&rules(tmp.path())),
+    ]);
+    let p = pipeline(tmp.path(), &sim.url);
+    let run = tmp.path().join("run");
+    let cache = tmp.path().join("cache.sqlite");
+    // 200 rows give 40 kept rows, short of 100: 10 rows (2 kept), 40 (×4: 8 kept), 160
+    // (×4: 32 kept), then all 200 (the 68 missing rows need more than there are).
+    let o = run_cmd(tmp.path(), &p, &run, &cache)
+        .args(["--target", "kept=100"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(prefixes(&run), [10, 40, 160, 200], "{err}");
+    assert_eq!(state(&run)["status"], "exhausted");
+    assert_eq!(kept(tmp.path(), &run).len(), 40);
+    assert_eq!(sim.stats()["requests_total"], 200);
+    assert!(
+        err.contains("input exhausted: kept has 40 of 100 rows from all 200 input rows"),
+        "{err}"
+    );
+}
+
+#[test]
 fn killed_target_run_resumes_to_the_tables_of_an_uninterrupted_one() {
     let tmp = tempdir();
     let rules = rules(tmp.path());
