@@ -4,6 +4,9 @@
 //!
 //! `CARGO_TARGET_DIR=~/.cache/ifloom/target-bench cargo bench --bench ultraif` (BENCHMARKS.md).
 //!
+//! `IFLOOM_ULTRAIF_TARGET=N` runs a target run instead (`--target sft=N`, issue 21; see
+//! [`target_run`]).
+//!
 //! `IFLOOM_ULTRAIF_ROWS` (default 10,000) generated instructions; the pipeline's defaults
 //! (3 augmentation rounds, K = 5 responses, `dpo_pair: first`), `max_in_flight` 256. The
 //! simulator runs in its own process with `--slots 64 --base-ms 50 --per-token-ms 1` and rules
@@ -55,7 +58,7 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn rules() -> Value {
+fn rules(failing: Option<&str>) -> Value {
     let yes = r#"{"Question 1": {"explanation": "ok", "score": "YES"}, "Question 2": {"explanation": "ok", "score": "YES"}, "Question 3": {"explanation": "ok", "score": "YES"}}"#;
     let one_no = r#"{"Question 1": {"explanation": "ok", "score": "YES"}, "Question 2": {"explanation": "misses it", "score": "NO"}, "Question 3": {"explanation": "ok", "score": "YES"}}"#;
     let all_no = r#"{"Question 1": {"explanation": "no", "score": "NO"}, "Question 2": {"explanation": "no", "score": "NO"}, "Question 3": {"explanation": "no", "score": "NO"}}"#;
@@ -76,6 +79,10 @@ fn rules() -> Value {
          "response": composed("End with a question.", "Does the response end with a question?", "stylistic")},
         {"match": r"(?s)<query>\n(?P<q>[^\n]*)\n</query>",
          "response": composed("Use bullet points.", "Does the response use bullet points?", "format")},
+        // Target runs: the instructions whose number ends in one of the `failing` pairs of
+        // digits get five bad responses, so they give no SFT row.
+        {"match": failing.map_or("^$".to_string(), |f| format!(r"\[Query\] Task \d*({f}):")),
+         "responses": ["BAD: one", "BAD: two", "BAD: three", "BAD: four", "BAD: five"]},
         {"match": "(?s).*", "responses": [
             "GOOD: - first point about the topic\n- second point, with a detail?",
             "FAIR: - one point only, written as a long sentence that goes on",
@@ -98,8 +105,8 @@ impl Drop for Sim {
     }
 }
 
-fn start_sim(dir: &Path) -> Sim {
-    std::fs::write(dir.join("rules.json"), rules().to_string()).unwrap();
+fn start_sim(dir: &Path, failing: Option<&str>) -> Sim {
+    std::fs::write(dir.join("rules.json"), rules(failing).to_string()).unwrap();
     let mut child = Command::new(BIN)
         .args([
             "sim",
@@ -158,6 +165,12 @@ fn manifest_ms(run: &Path, stage: &str) -> f64 {
 }
 
 fn main() {
+    if let Some(n) = std::env::var("IFLOOM_ULTRAIF_TARGET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return target_run(n);
+    }
     let rows = env_num("IFLOOM_ULTRAIF_ROWS", 10_000);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -170,7 +183,7 @@ fn main() {
         })
         .collect();
     std::fs::write(dir.join("in.jsonl"), data).unwrap();
-    let sim = start_sim(dir);
+    let sim = start_sim(dir, None);
     eprintln!(
         "simulator at {} ({SLOTS} slots, {BASE_MS} ms + {PER_TOKEN_MS} ms/token)",
         sim.url
@@ -270,6 +283,149 @@ fn main() {
          | judged responses, SFT rows, DPO rows | {} | | |",
         if ratio <= TARGET { "met" } else { "missed" },
         counts[0]
+    );
+    println!("{md}");
+    drop(sim);
+}
+
+impl Sim {
+    /// `requests_total` of GET /sim/stats (a plain HTTP/1.0 request).
+    fn requests(&self) -> u64 {
+        use std::io::{Read, Write};
+        let base = self
+            .url
+            .trim_end_matches("/v1")
+            .trim_start_matches("http://")
+            .to_string();
+        let mut s = std::net::TcpStream::connect(&base).unwrap();
+        write!(s, "GET /sim/stats HTTP/1.0\r\nHost: {base}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let v: Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+        v["requests_total"].as_u64().unwrap()
+    }
+}
+
+/// `IFLOOM_ULTRAIF_TARGET=N`: a target run of N SFT rows (`--target sft=N`) over generated
+/// instructions of which 30% can pass (the responses to the other 70%, picked by the last two
+/// digits of their number in a fixed shuffle, are all judged NO). Figures: requests sent ÷
+/// the requests of the smallest prefix that gives N rows (what a run that knew it would
+/// send; target ≤ 1.1), and wall time ÷ the capacity bound of those requests (the same
+/// slot-time bound as the plain run, over every request in the final tables).
+fn target_run(n: usize) {
+    // 70 of the 100 two-digit endings fail, in a fixed shuffle (an LCG), so the yield is even
+    // over a hundred rows but not row by row.
+    let mut endings: Vec<u32> = (0..100).collect();
+    let mut x: u64 = 42;
+    for i in (1..endings.len()).rev() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        endings.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    let failing: Vec<String> = endings[..70].iter().map(|e| format!("{e:02}")).collect();
+    let rows = env_num("IFLOOM_ULTRAIF_ROWS", n * 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data: String = (0..rows)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"prompt": format!("Task {i}: explain {} to a twelve-year-old.", TOPICS[i % TOPICS.len()])})
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), data).unwrap();
+    let sim = start_sim(dir, Some(&failing.join("|")));
+    let run = dir.join("run");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "pipelines/ultraif.yaml", "--run-dir"])
+        .arg(&run)
+        .arg("--cache")
+        .arg(dir.join("cache.sqlite"))
+        .args(["--target", &format!("sft={n}")])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for s in [
+        format!("data={}", dir.join("in.jsonl").display()),
+        format!("url={}", sim.url),
+        format!("composer_url={}", sim.url),
+        "model=sim-model".to_string(),
+        "composer_model=sim-model".to_string(),
+        "max_tokens=256".to_string(),
+    ] {
+        cmd.args(["--set", &s]);
+    }
+    let t = Instant::now();
+    let o = cmd.output().unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for l in err.lines().filter(|l| l.contains("target")) {
+        eprintln!("{l}");
+    }
+    let sent = sim.requests();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("target.json")).unwrap()).unwrap();
+    let passes = state["passes"].as_array().unwrap();
+    let prefix = state["final_prefix"].as_u64().unwrap();
+    let max_taken = passes
+        .iter()
+        .map(|p| p["taken"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    // Every request of the final tables (the smallest prefix), cached or not, and the
+    // slot time the simulator needs for them.
+    let hold = |tokens: &str| format!("({BASE_MS} + {PER_TOKEN_MS} * coalesce({tokens}, 0))");
+    let mut min_requests = 0;
+    let mut work = 0.0;
+    let mut add = |v: &Value| {
+        min_requests += v["n"].as_u64().unwrap();
+        work += v["work"].as_f64().unwrap_or(0.0);
+    };
+    for r in 1..=3 {
+        add(&sql(
+            &run,
+            &format!(
+                "SELECT count(*) AS n, sum({}) AS work FROM compose_r{r}",
+                hold("composed_completion_tokens")
+            ),
+        )[0]);
+    }
+    add(&sql(
+        &run,
+        &format!(
+            "SELECT count(*) AS n, sum(k * {}) AS work FROM (SELECT _id, count(*) AS k, max(word_count(response)) AS longest FROM responses GROUP BY _id)",
+            hold("longest")
+        ),
+    )[0]);
+    add(&sql(
+        &run,
+        &format!(
+            "SELECT count(*) AS n, sum({}) AS work FROM judge",
+            hold("judgement_completion_tokens")
+        ),
+    )[0]);
+    let sft = sql(&run, "SELECT count(*) AS n FROM sft")[0]["n"]
+        .as_u64()
+        .unwrap();
+    let bound = work / SLOTS as f64 / 1000.0;
+    let ratio = sent as f64 / min_requests as f64;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### `ifloom run pipelines/ultraif.yaml --target sft={n}` against `ifloom sim` ({SLOTS} slots, {BASE_MS} ms + {PER_TOKEN_MS} ms/token), {rows} instructions, 30% can pass\n\n\
+         | figure | value | target | |\n|---|---|---|---|\n\
+         | passes (growth and search), final prefix | {} passes, {prefix} instructions (largest taken {max_taken}) | | |\n\
+         | SFT rows in the final table | {sft} | {n} | |\n\
+         | requests sent (the simulator's count) | {sent} | | |\n\
+         | requests of the final prefix (the minimum) | {min_requests} | | |\n\
+         | sent ÷ minimum | {ratio:.3} | ≤ {TARGET} | {} |\n\
+         | capacity bound of the minimum's requests | {bound:.1} s | | |\n\
+         | wall time of the target run | {wall:.1} s | | |\n\
+         | wall ÷ bound | {:.3} | | |",
+        passes.len(),
+        if ratio <= TARGET { "met" } else { "missed" },
+        wall / bound
     );
     println!("{md}");
     drop(sim);

@@ -47,6 +47,28 @@ impl Plan {
         out
     }
 
+    /// Keep only the first `rows` rows of each input in `inputs` (a target run's prefix):
+    /// their `limit` becomes the smaller of `rows` and the limit written in the file (kept in
+    /// `written`), and every fingerprint is computed again, so the stages downstream of them
+    /// are redone and the others reused.
+    pub fn set_prefix(
+        &mut self,
+        inputs: &[String],
+        written: &HashMap<String, Option<u64>>,
+        rows: Option<u64>,
+    ) {
+        for i in self.pipeline.inputs.iter_mut() {
+            if inputs.contains(&i.id) {
+                let own = written.get(&i.id).copied().flatten();
+                i.spec.limit = match (own, rows) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        self.fingerprints = fingerprints(&self.pipeline, &self.order, &self.deps, &self.scans);
+    }
+
     /// `id` and every table downstream of it.
     pub fn descendants(&self, id: &str) -> BTreeSet<String> {
         let mut out = BTreeSet::new();

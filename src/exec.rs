@@ -15,7 +15,7 @@ use crate::stages::{Capability, RunCtx};
 use crate::store::{Manifest, RunDir, RunInfo, SideTable, now, schema_info};
 use crate::table::Table;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     /// Recompute these tables and everything downstream.
     pub force: Vec<String>,
@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub until: Option<String>,
     /// The run's stop signals (Ctrl-C and its grace period), handed to every stage.
     pub cancel: Cancel,
+    /// Say nothing about the stages `until` leaves out (a target run's passes).
+    pub quiet_until: bool,
 }
 
 /// A finished table, and whether it was reused rather than computed.
@@ -39,6 +41,17 @@ pub struct RunReport {
 
 pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Result<RunReport> {
     let _lock = dir.lock()?;
+    run_locked(plan, dir, engine, opts)
+}
+
+/// [`run`] for a caller that holds the run directory's lock already (a target run holds it
+/// across all of its passes).
+pub fn run_locked(
+    plan: &Plan,
+    dir: &RunDir,
+    engine: &Engine,
+    opts: &RunOptions,
+) -> Result<RunReport> {
     dir.clean_temporaries();
     // A stage named on the command line must exist (with a "did you mean").
     let named = opts.force.iter().map(|f| ("--force", f));
@@ -77,7 +90,7 @@ pub fn run(plan: &Plan, dir: &RunDir, engine: &Engine, opts: &RunOptions) -> Res
             let keep = plan.ancestors(u);
             let (kept, left): (Vec<String>, Vec<String>) =
                 plan.order.iter().cloned().partition(|id| keep.contains(id));
-            if !left.is_empty() {
+            if !left.is_empty() && !opts.quiet_until {
                 // Their tables from an earlier run (if any) stay queryable, and may no longer
                 // match the stages run now: run.json says the run is partial.
                 eprintln!(

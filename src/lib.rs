@@ -29,6 +29,8 @@
 //! - [`engine`]: the DataFusion session (bounded memory) and the Parquet bridge to Polars.
 //! - [`store`]: the run directory: manifests, atomic stage commits, the run lock.
 //! - [`exec`]: running a plan, reusing stages whose fingerprint has not changed.
+//! - [`target`]: runs that stop at a target (`run --target TABLE=N`): passes on growing input
+//!   prefixes sized by the yield seen so far, a request budget, resume from `target.json`.
 //! - [`cancel`]: the run's stop signals (Ctrl-C, its grace period, a failed stage) as one
 //!   handle every stage gets.
 //! - [`query`]: `ifloom sql` over a run's tables.
@@ -63,5 +65,6 @@ pub mod stages;
 pub mod stats;
 pub mod store;
 pub mod table;
+pub mod target;
 pub mod udf;
 pub mod yaml;

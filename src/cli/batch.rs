@@ -101,6 +101,7 @@ fn stage_requests(
             dry_run: true,
             until: None,
             cancel: Default::default(),
+            ..Default::default()
         },
     )?;
     let def = plan.pipeline.stage(&c.stage).expect("checked");

@@ -7,6 +7,7 @@ use crate::exec::{self, RunOptions};
 use crate::stages::{Capability, kind_can};
 
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = TARGET_HELP)]
 pub struct Args {
     #[command(flatten)]
     pub pipeline: super::PipelineArgs,
@@ -34,7 +35,33 @@ pub struct Args {
     /// abandoned; abandoned requests are sent again when the run resumes.
     #[arg(long, default_value_t = 30.0, value_parser = parse_grace)]
     pub grace_s: f64,
+    /// Run until stage TABLE has N rows: passes on growing prefixes of the input (see below).
+    #[arg(long, value_name = "TABLE=N")]
+    pub target: Option<String>,
+    /// A target run's request budget: no pass starts that is projected to send more
+    /// requests in all (cache hits are free).
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// The input a target run takes in growing prefixes (repeatable); needed only when the
+    /// target table is computed from several inputs.
+    #[arg(long, value_name = "INPUT")]
+    pub target_input: Vec<String>,
 }
+
+const TARGET_HELP: &str = "\
+Target runs (--target TABLE=N [--max-requests M] [--target-input INPUT]):
+  The run takes the first n rows of the input (a prefix, so the response cache makes every
+  earlier slice free) and runs the whole pipeline on them. The first pass takes N/10 rows;
+  each next one grows n by the rows the yield seen so far (TABLE rows per input row) says are
+  missing, plus a margin of two standard deviations, at most x4 per pass. A pass that reaches
+  N is followed by a search back (all cached) for the smallest prefix whose TABLE has N rows
+  or more; the run ends with a pass on it (passes before it run only TABLE and the stages
+  it is computed from, the final one everything). Every table is then exactly what the pipeline
+  computes from the rows taken: TABLE has N rows when no input row gives more than one of its
+  rows, else at most that many minus one over N. It also stops when the input is exhausted,
+  or when the next pass is projected to pass --max-requests (requests sent to servers,
+  counted after the first pass). The passes are recorded in <run>/target.json: the same
+  command resumes a killed run, and a higher N or budget goes on from the recorded passes.";
 
 fn parse_grace(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
@@ -45,7 +72,27 @@ fn parse_grace(s: &str) -> std::result::Result<f64, String> {
 
 pub fn run(a: Args, engine: &Engine) -> Result<()> {
     let started = Instant::now();
-    let plan = a.pipeline.compile(engine)?;
+    let mut plan = a.pipeline.compile(engine)?;
+    let mut conflicts = Vec::new();
+    for (given, flag) in [
+        (a.dry_run, "--dry-run"),
+        (a.until.is_some(), "--until"),
+        (!a.retry_failed.is_empty(), "--retry-failed"),
+        (!a.force.is_empty(), "--force"),
+    ] {
+        if given {
+            conflicts.push(flag);
+        }
+    }
+    let target = crate::target::check(
+        &plan,
+        &crate::target::TargetArgs {
+            target: a.target.clone(),
+            max_requests: a.max_requests,
+            inputs: a.target_input.clone(),
+            conflicts,
+        },
+    )?;
     let dir = a.place.run_dir(&plan);
     let mut engine = a.place.engine(engine);
     engine.memory_limit = a.memory_mb << 20;
@@ -102,8 +149,12 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         dry_run: a.dry_run,
         until: a.until.clone(),
         cancel,
+        ..Default::default()
     };
-    let report = exec::run(&plan, &dir, &engine, &opts)?;
+    let report = match &target {
+        Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?.report,
+        None => exec::run(&plan, &dir, &engine, &opts)?,
+    };
     // Dead-lettered samples are easy to miss in a stage's counters: say where they are and
     // how to send them again.
     for id in &report.computed {

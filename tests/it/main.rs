@@ -21,5 +21,6 @@ mod sim;
 mod slt;
 mod stats;
 mod trace;
+mod target;
 mod ultraif;
 mod verifiable_if;
