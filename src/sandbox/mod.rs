@@ -14,6 +14,7 @@
 //! - per call a timer raises `TimeoutError` inside the function (upstream AutoIF's
 //!   `signal.alarm`), and the worker kills a child that has not answered `grace` later;
 //! - here, a watchdog kills a worker that has not finished a job in its whole time budget.
+//!
 //! A child or worker that dies is replaced; the call gets the reason; the run goes on.
 //!
 //! Results are cached by (interpreter, limits, source, input) in SQLite
@@ -628,6 +629,9 @@ impl Executions {
     }
 }
 
+/// A job's cache keys: its compile result's, each call's, and each input's canonical JSON.
+type JobKeys = ([u8; 32], Vec<[u8; 32]>, Vec<String>);
+
 /// At most this many inputs per job: a killed run loses at most one job per worker, and
 /// progress moves.
 const JOB_INPUTS: usize = 256;
@@ -646,7 +650,7 @@ pub fn execute(
     let cache = ResultCache::open(cache_path)?;
     let mut out = Executions::default();
     let mut jobs: Vec<Job> = Vec::new();
-    let mut job_keys: Vec<([u8; 32], Vec<[u8; 32]>, Vec<String>)> = Vec::new();
+    let mut job_keys: Vec<JobKeys> = Vec::new();
     for (source, inputs) in wanted {
         let ckey = call_key(config, &version, source, None);
         let compiled = cache.get_compile(&ckey)?;

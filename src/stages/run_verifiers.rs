@@ -172,7 +172,7 @@ impl Stage for RunVerifiersStage {
         let mut out = RunOutput::default();
         *out.counters.entry("calls_executed".into()).or_default() += ex.executed as i64;
         *out.counters.entry("calls_cached".into()).or_default() += ex.from_cache as i64;
-        let judged: Vec<(Vec<Option<i64>>, Vec<&'static str>, Option<f64>)> = rows
+        let judged: Vec<Judged> = rows
             .iter()
             .map(|(response, funcs)| {
                 let Some(r) = response else {
@@ -246,6 +246,9 @@ impl Stage for RunVerifiersStage {
         Ok(out)
     }
 }
+
+/// Per row: `int(value)` per function (null: unusable), each call's outcome, the score.
+type Judged = (Vec<Option<i64>>, Vec<&'static str>, Option<f64>);
 
 fn outcome_name(o: Outcome) -> &'static str {
     match o {

@@ -60,6 +60,9 @@ fn answer_func(line: &Value, i: usize) -> String {
     v["func"].as_str().unwrap().trim().to_string()
 }
 
+/// Per line: n_parsed, n_functions, n_cases, n_cases_kept, kept answer indexes, accuracies k/n.
+type Expected = (i64, i64, i64, i64, &'static [usize], &'static [(i64, i64)]);
+
 #[test]
 fn recorded_verifier_answers_cross_validate_as_the_reference_script_does() {
     let tmp = tempdir();
@@ -98,7 +101,7 @@ fn recorded_verifier_answers_cross_validate_as_the_reference_script_does() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     // (n_parsed, n_functions, n_cases, n_cases_kept, kept answer indexes, accuracies as k/n)
-    let expected: [(i64, i64, i64, i64, &[usize], &[(i64, i64)]); 5] = [
+    let expected: [Expected; 5] = [
         (
             8,
             8,

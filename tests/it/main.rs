@@ -20,7 +20,7 @@ mod report;
 mod sim;
 mod slt;
 mod stats;
-mod trace;
 mod target;
+mod trace;
 mod ultraif;
 mod verifiable_if;
