@@ -30,19 +30,10 @@ fn read_jsonl(p: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn children_rusage() -> (f64, i64) {
+/// CPU seconds (user + system) and peak RSS (KiB) of `who` (`RUSAGE_SELF`, `RUSAGE_CHILDREN`).
+fn rusage(who: libc::c_int) -> (f64, i64) {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    let cpu = ru.ru_utime.tv_sec as f64
-        + ru.ru_utime.tv_usec as f64 / 1e6
-        + ru.ru_stime.tv_sec as f64
-        + ru.ru_stime.tv_usec as f64 / 1e6;
-    (cpu, ru.ru_maxrss)
-}
-
-fn self_rusage() -> (f64, i64) {
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    unsafe { libc::getrusage(who, &mut ru) };
     let cpu = ru.ru_utime.tv_sec as f64
         + ru.ru_utime.tv_usec as f64 / 1e6
         + ru.ru_stime.tv_sec as f64
@@ -151,11 +142,11 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(tmp.join("upstream.json")).unwrap()).unwrap();
     let up_s = up["seconds"].as_f64().unwrap();
     let up_rate = pairs.len() as f64 / up_s;
-    let (child_cpu0, _) = children_rusage();
+    let (child_cpu0, _) = rusage(libc::RUSAGE_CHILDREN);
 
     // ifloom: the pool, cold cache.
     let config = SandboxConfig::default();
-    let (self_cpu0, _) = self_rusage();
+    let (self_cpu0, _) = rusage(libc::RUSAGE_SELF);
     let t = Instant::now();
     let (ex, iso) = sandbox::execute(
         &config,
@@ -166,8 +157,8 @@ fn main() {
     )
     .unwrap();
     let pool_s = t.elapsed().as_secs_f64();
-    let (self_cpu1, self_rss) = self_rusage();
-    let (child_cpu1, child_rss) = children_rusage();
+    let (self_cpu1, self_rss) = rusage(libc::RUSAGE_SELF);
+    let (child_cpu1, child_rss) = rusage(libc::RUSAGE_CHILDREN);
     let pool_cpu = (self_cpu1 - self_cpu0) + (child_cpu1 - child_cpu0);
     let rate = ex.executed as f64 / pool_s;
     // Same answers as upstream where both return a usable value.

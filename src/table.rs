@@ -112,6 +112,16 @@ pub fn is_string_type(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }
 
+/// Is this a list of strings (or a list whose items are all null, as an empty file reads)?
+pub fn is_string_list(t: &DataType) -> bool {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) => {
+            is_string_type(f.data_type()) || f.data_type() == &DataType::Null
+        }
+        _ => false,
+    }
+}
+
 /// Does the schema have this column?
 pub fn has_col(schema: &SchemaRef, name: &str) -> bool {
     schema.field_with_name(name).is_ok()

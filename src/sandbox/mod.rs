@@ -93,6 +93,19 @@ impl SandboxConfig {
         })
     }
 
+    /// [`check`](Self::check)'s problems as diagnostics at the stage's `sandbox:` field (the
+    /// kinds that run Python call this when they are built).
+    pub fn diagnostics(
+        &self,
+        file: &Path,
+        stage: &crate::yaml::Node,
+    ) -> Vec<crate::error::Diagnostic> {
+        self.check()
+            .into_iter()
+            .map(|m| crate::error::Diagnostic::new(file, stage.pos_at(&["sandbox"]), m))
+            .collect()
+    }
+
     /// Problems a pipeline can be told about before anything runs.
     pub fn check(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -115,6 +128,15 @@ impl SandboxConfig {
             out.push("sandbox.workers must be at least 1".into());
         }
         out
+    }
+}
+
+/// Say once per stage when the functions were kept off the network by the guard alone.
+pub fn log_isolation(stage: &str, iso: Option<Isolation>) {
+    if iso == Some(Isolation::GuardOnly) {
+        tracing::warn!(
+            "{stage}: the kernel refused a network namespace; verifier code is kept off the network by the sandbox's guard alone"
+        );
     }
 }
 

@@ -358,7 +358,7 @@ def run_job(job, scratch_root, counter):
         first = current + 1
         if first >= len(inputs):
             break
-    return {"id": job.get("id"), "compile": compiled, "calls": [c for c in calls]}
+    return {"id": job.get("id"), "compile": compiled, "calls": calls}
 
 
 def main():

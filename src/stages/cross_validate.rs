@@ -144,12 +144,7 @@ impl Stage for CrossValidateStage {
         node: &crate::yaml::Node,
         ctx: &super::BuildCtx,
     ) -> Result<(), Vec<Diagnostic>> {
-        let mut errs: Vec<Diagnostic> = self
-            .sandbox
-            .check()
-            .into_iter()
-            .map(|m| Diagnostic::new(&ctx.file, node.pos_at(&["sandbox"]), m))
-            .collect();
+        let mut errs = self.sandbox.diagnostics(&ctx.file, node);
         if !(0.0..=1.0).contains(&self.min_accuracy) {
             errs.push(Diagnostic::new(
                 &ctx.file,
@@ -172,13 +167,8 @@ impl Stage for CrossValidateStage {
         match schema.field_with_name(&self.answers) {
             Err(_) => errs.push(unknown_column(ctx, &["answers"], &self.answers, schema)),
             Ok(f) => {
-                let ok = match f.data_type() {
-                    DataType::List(i) | DataType::LargeList(i) => {
-                        crate::table::is_string_type(i.data_type())
-                            || i.data_type() == &DataType::Null
-                    }
-                    t => crate::table::is_string_type(t),
-                };
+                let t = f.data_type();
+                let ok = crate::table::is_string_list(t) || crate::table::is_string_type(t);
                 if !ok {
                     errs.push(
                         ctx.err(
@@ -229,7 +219,7 @@ impl Stage for CrossValidateStage {
             }
         }
         let (compiled, iso) = sandbox::execute(&self.sandbox, &cache, &sources, &stop, &|_| {})?;
-        log_isolation(ctx.id, iso);
+        sandbox::log_isolation(ctx.id, iso);
         // Phase 2: the instructions that meet the minimums call each function on each case.
         let collected: Vec<Collected> = rows.iter().map(|r| self.collect(r, &compiled)).collect();
         let mut wanted: Vec<(String, Vec<Value>)> = Vec::new();
@@ -280,15 +270,6 @@ impl Stage for CrossValidateStage {
         }
         part.finish(&ctx.schema)?;
         Ok(out)
-    }
-}
-
-/// Say once per stage how the functions were isolated from the network.
-pub fn log_isolation(stage: &str, iso: Option<sandbox::Isolation>) {
-    if iso == Some(sandbox::Isolation::GuardOnly) {
-        tracing::warn!(
-            "{stage}: the kernel refused a network namespace; verifier code is kept off the network by the sandbox's guard alone"
-        );
     }
 }
 

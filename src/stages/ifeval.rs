@@ -31,7 +31,7 @@ use super::{
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
 use crate::ifeval::{self, RowVerdict};
-use crate::table::{batch_rows, read_batches, with_fields};
+use crate::table::{batch_rows, is_string_list, read_batches, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "ifeval",
@@ -93,15 +93,6 @@ const ADDED: [&str; 6] = [
 
 fn bool_list() -> DataType {
     DataType::List(Arc::new(Field::new("item", DataType::Boolean, true)))
-}
-
-fn is_string_list(t: &DataType) -> bool {
-    match t {
-        DataType::List(f) | DataType::LargeList(f) => {
-            crate::table::is_string_type(f.data_type()) || f.data_type() == &DataType::Null
-        }
-        _ => false,
-    }
 }
 
 impl Stage for IfevalStage {

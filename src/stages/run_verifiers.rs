@@ -86,12 +86,7 @@ impl Stage for RunVerifiersStage {
         node: &crate::yaml::Node,
         ctx: &super::BuildCtx,
     ) -> Result<(), Vec<Diagnostic>> {
-        let errs: Vec<Diagnostic> = self
-            .sandbox
-            .check()
-            .into_iter()
-            .map(|m| Diagnostic::new(&ctx.file, node.pos_at(&["sandbox"]), m))
-            .collect();
+        let errs = self.sandbox.diagnostics(&ctx.file, node);
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
@@ -104,10 +99,7 @@ impl Stage for RunVerifiersStage {
         match schema.field_with_name(&self.functions) {
             Err(_) => errs.push(unknown_column(ctx, &["functions"], &self.functions, schema)),
             Ok(f) => {
-                let ok = matches!(f.data_type(),
-                    DataType::List(i) | DataType::LargeList(i)
-                        if crate::table::is_string_type(i.data_type()) || i.data_type() == &DataType::Null);
-                if !ok {
+                if !crate::table::is_string_list(f.data_type()) {
                     errs.push(
                         ctx.err(
                             &["functions"],
@@ -168,7 +160,7 @@ impl Stage for RunVerifiersStage {
         let cache = sandbox::cache_path(ctx.engine);
         let stop = || ctx.cancel.is_interrupted();
         let (ex, iso) = sandbox::execute(&self.sandbox, &cache, &wanted, &stop, &|_| {})?;
-        super::cross_validate::log_isolation(ctx.id, iso);
+        sandbox::log_isolation(ctx.id, iso);
         let mut out = RunOutput::default();
         *out.counters.entry("calls_executed".into()).or_default() += ex.executed as i64;
         *out.counters.entry("calls_cached".into()).or_default() += ex.from_cache as i64;
