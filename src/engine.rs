@@ -49,6 +49,10 @@ impl Engine {
         let mut builder = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(self.memory_limit)));
         if let Some(dir) = &self.spill_dir {
+            // DataFusion creates a missing spill folder with `create_dir` after checking that
+            // it does not exist: two stages starting at once raced, and the loser failed with
+            // "File exists". Created here first, idempotently.
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             builder = builder.with_disk_manager_builder(
                 DiskManagerBuilder::default()
                     .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),

@@ -119,17 +119,31 @@ fn canned_queries_sqllogictest() {
         ],
     );
     // `ultraif_*.slt` run over a run of pipelines/ultraif.yaml against the simulator rules of
-    // tests/it/ultraif.rs; the others over the sample dedup run.
+    // tests/it/ultraif.rs; `judged_*.slt` over the hand-written tables of tests/slt/judged/;
+    // the others over the sample dedup run.
     let uf = crate::ultraif::fixture();
     let ultraif_run = crate::ultraif::run_ultraif(&uf, "run", &[]);
+    let judged_run = tmp.path().join("judged");
+    ok(
+        &root,
+        &[
+            "run",
+            "tests/slt/judged/pipeline.yaml",
+            "--run-dir",
+            judged_run.to_str().unwrap(),
+        ],
+    );
     let files = slt_files(&root.join("tests/slt"));
-    assert!(files.len() >= 2);
+    assert!(files.len() >= 3);
     for f in files {
-        let is_ultraif = f
+        let name = f
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("ultraif_"));
-        let run = if is_ultraif {
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let run = if name.starts_with("ultraif_") {
             ultraif_run.clone()
+        } else if name.starts_with("judged_") {
+            judged_run.clone()
         } else {
             run.clone()
         };
