@@ -580,6 +580,15 @@ impl Stage for ExportStage {
             let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
             jsonl = Some((t, BufWriter::new(f)));
         }
+        // A JSON array, written record by record: `[`, records separated by `,\n`, `]`.
+        let mut json_array: Option<(PathBuf, BufWriter<File>)> = None;
+        if let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Json) {
+            let t = tmp_path(p);
+            let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
+            let mut w = BufWriter::new(f);
+            w.write_all(b"[\n").map_err(|e| Error::io(&t, e))?;
+            json_array = Some((t, w));
+        }
         let want_parquet = targets.iter().any(|(f, _)| *f == OutFormat::Parquet);
         let (mut written, mut skipped, mut truncated) = (0i64, 0i64, 0i64);
         let flags = self.truncation_flags(&ctx.schema);
@@ -612,6 +621,12 @@ impl Stage for ExportStage {
                     serde_json::to_writer(&mut *w, &rec)?;
                     w.write_all(b"\n").map_err(|e| Error::io(&*t, e))?;
                 }
+                if let Some((t, w)) = &mut json_array {
+                    if written > 1 {
+                        w.write_all(b",\n").map_err(|e| Error::io(&*t, e))?;
+                    }
+                    serde_json::to_writer(&mut *w, &rec)?;
+                }
                 if want_parquet {
                     records.push(rec);
                 }
@@ -627,6 +642,11 @@ impl Stage for ExportStage {
             let f = w.into_inner().map_err(|e| Error::io(&t, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(&t, e))?;
         }
+        if let Some((t, mut w)) = json_array.take() {
+            w.write_all(b"\n]\n").map_err(|e| Error::io(&t, e))?;
+            let f = w.into_inner().map_err(|e| Error::io(&t, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&t, e))?;
+        }
         if want_parquet && let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Parquet)
         {
             write_parquet(&tmp_path(p), &records)?;
@@ -637,6 +657,7 @@ impl Stage for ExportStage {
             let t = tmp_path(p);
             let n = match fmt {
                 OutFormat::Jsonl => self.read_back_jsonl(&t)?,
+                OutFormat::Json => self.read_back_json(&t)?,
                 OutFormat::Parquet => crate::engine::count_rows(std::slice::from_ref(&t))? as i64,
             };
             if n != written {
@@ -648,9 +669,10 @@ impl Stage for ExportStage {
             std::fs::rename(&t, p).map_err(|e| Error::io(p, e))?;
         }
         if let Some((_, p)) = targets.first() {
+            // The first JSON file (lines or array) is the one LLaMA-Factory is pointed at.
             let file_name = targets
                 .iter()
-                .find(|(f, _)| *f == OutFormat::Jsonl)
+                .find(|(f, _)| matches!(f, OutFormat::Jsonl | OutFormat::Json))
                 .unwrap_or(&targets[0])
                 .1
                 .file_name()
@@ -673,6 +695,21 @@ impl Stage for ExportStage {
 }
 
 impl ExportStage {
+    fn read_back_json(&self, path: &Path) -> Result<i64> {
+        use serde::Deserializer;
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(f));
+        let n = de
+            .deserialize_seq(CheckArray {
+                format: self.format,
+                path,
+            })
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        de.end()
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        Ok(n)
+    }
+
     fn read_back_jsonl(&self, path: &Path) -> Result<i64> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut n = 0i64;
@@ -682,6 +719,34 @@ impl ExportStage {
             check_record(self.format, &v)
                 .map_err(|e| Error::Internal(format!("{} line {}: {e}", path.display(), i + 1)))?;
             n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Checks each record of a JSON array as it is read, without holding the array.
+struct CheckArray<'a> {
+    format: ExportFormat,
+    path: &'a Path,
+}
+
+impl<'de> serde::de::Visitor<'de> for CheckArray<'_> {
+    type Value = i64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of records")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<i64, A::Error> {
+        let mut n = 0i64;
+        while let Some(v) = seq.next_element::<Value>()? {
+            n += 1;
+            check_record(self.format, &v).map_err(|e| {
+                serde::de::Error::custom(format!("{} record {n}: {e}", self.path.display()))
+            })?;
         }
         Ok(n)
     }
