@@ -430,3 +430,90 @@ fn iopo_seeded_from_trace_warns_that_it_trains_on_an_evaluation_set() {
     assert!(err.contains("`trace`"), "{err}");
     assert!(err.contains("`clean_x1`, `clean_x2`"), "{err}");
 }
+
+#[test]
+fn iopo_reads_an_ultraif_runs_augmented_instructions() {
+    // UltraIF's own test fixture: 4 augmented instructions reach `to_generate`.
+    let f = crate::ultraif::fixture();
+    let ultraif = crate::ultraif::run_ultraif(&f, "ultraif", &[]);
+    assert_eq!(count(&ultraif, "to_generate"), 4);
+    // A second simulator for IOPO: x2 is x1 marked CHANGED with one more constraint, the
+    // answers echo the instruction, and the judge says YES exactly when the echo is of the
+    // instruction judged, so every quadruple passes its four checks.
+    let rules = json!({"rules": [
+        {"match": "(?s)# Original instruction\n<instruction>\n(?P<q>[^\n]*)\n</instruction>",
+         "response": "{\"changed\": [\"Answer in one word.\"], \"instruction\": \"CHANGED ${q} Answer in one word.\"}"},
+        {"match": "(?s)<instruction>\nCHANGED .*<response>\necho: CHANGED ", "response": "YES"},
+        {"match": "(?s)<instruction>\nCHANGED ", "response": "NO"},
+        {"match": "(?s)<response>\necho: CHANGED ", "response": "NO"},
+        {"match": "(?s)<instruction>\n", "response": "YES"},
+    ]});
+    std::fs::write(f.dir.join("iopo_rules.json"), rules.to_string()).unwrap();
+    let sim = Sim::start(&[
+        "--slots",
+        "16",
+        "--base-ms",
+        "1",
+        "--per-token-ms",
+        "0",
+        "--rules",
+        s(&f.dir.join("iopo_rules.json")),
+    ]);
+    let run = f.dir.join("iopo");
+    let data = format!(
+        "data={}",
+        s(&ultraif.join("stages/to_generate/part-*.parquet"))
+    );
+    let url = format!("url={}", sim.url);
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/iopo.yaml",
+            "--profile",
+            "ultraif",
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&f.dir.join("iopo_cache.sqlite")),
+            "--set",
+            &data,
+            "--set",
+            &url,
+            "--set",
+            "model=sim-model",
+        ],
+    );
+    for (table, n) in [
+        ("instructions", 4),
+        ("x2_changed", 4),
+        ("answers", 8),
+        ("judged", 16),
+        ("keep_y2_fails_x1", 4),
+        ("clean_x2", 4),
+        ("dpo", 8),
+    ] {
+        assert_eq!(count(&run, table), n, "rows of {table}");
+    }
+    // x1 is UltraIF's augmented query; its evaluation questions are the constraints.
+    let ultraif_rows = query(
+        &ultraif,
+        "SELECT _id, source_id, query, questions FROM to_generate ORDER BY _id",
+    );
+    let iopo_rows = query(
+        &run,
+        "SELECT i._id, i.source_id, c.x1 AS query, c.constraints AS questions \
+         FROM clean_x2 c JOIN instructions i ON i._id = c.source_id ORDER BY i._id",
+    );
+    assert_eq!(iopo_rows, ultraif_rows);
+    let records = read_json(&run.join("out/iopo/trace.json"));
+    assert_eq!(records.as_array().unwrap().len(), 4);
+    for r in records.as_array().unwrap() {
+        let x1 = r["conversations"][0]["value"].as_str().unwrap();
+        let x2 = r["conversations"][1]["value"].as_str().unwrap();
+        assert_eq!(x2, format!("CHANGED {x1} Answer in one word."));
+        assert_eq!(r["chosen"]["value"], format!("echo: {x1}"));
+        assert_eq!(r["rejected"]["value"], format!("echo: {x2}"));
+    }
+    assert_eq!(jsonl(&run.join("out/dpo_pairs.jsonl")).len(), 8);
+}
