@@ -76,9 +76,10 @@ fn iopo_quadruples_kept_by_four_checks_and_exported_both_ways() {
     )
     .unwrap();
     let ifeval_prompt = ifeval["prompt"].as_str().unwrap();
-    // Items 1-10. 8: the rewrite has no JSON; 9: the rewrite is x1 again; 10 quotes an IFEval
-    // prompt (kept by the judge, removed by decontamination); 2's y2 is cut off by max_tokens.
-    let tasks: Vec<(usize, String)> = (1..=10)
+    // Items 1-11. 8: the rewrite has no JSON; 9: the rewrite is x1 again; 11: the rewrite is
+    // the prompt's placeholder; 10 quotes an IFEval prompt (kept by the judge, removed by
+    // decontamination); 2's y2 is cut off by max_tokens.
+    let tasks: Vec<(usize, String)> = (1..=11)
         .map(|k| {
             let task = match k {
                 4 => "为一家书店写一句宣传语".to_string(),
@@ -148,12 +149,14 @@ fn iopo_quadruples_kept_by_four_checks_and_exported_both_ways() {
             }));
         }
     }
-    // The rewrites: 8 writes no JSON, 9 gives x1 back, the others x2.
+    // The rewrites: 8 writes no JSON, 9 gives x1 back, 11 the placeholder, the others x2.
     let rewrite =
         |k: usize| format!("(?s)# Original instruction\n<instruction>\nITEM-{k} original:");
     rules.push(json!({"match": rewrite(8), "response": "I would rather not change it."}));
     rules.push(json!({"match": rewrite(9),
                       "json": {"changed": [], "instruction": x1(9, &tasks[8].1)}}));
+    rules.push(json!({"match": rewrite(11),
+                      "json": {"changed": ["<a change>"], "instruction": " <the full new instruction> "}}));
     rules.push(json!({
         "match": "(?s)# Original instruction\n<instruction>\nITEM-(\\d+) original:",
         "response": "```json\n{\"changed\": [\"Make it long.\", \"Use an excited tone.\"], \"instruction\": \"ITEM-$1 changed: the same task.\\n1. Make it long.\\n2. Use an excited tone.\"}\n```",
@@ -203,15 +206,15 @@ fn iopo_quadruples_kept_by_four_checks_and_exported_both_ways() {
         stderr(&o)
     );
 
-    // Every table's rows, by hand: 10 items; 8 and 9 lose their rewrite (8 pairs, 16 answers,
+    // Every table's rows, by hand: 11 items; 8, 9 and 11 lose their rewrite (8 pairs, 16 answers,
     // 8 quadruples, 32 judge requests); 7 has an unreadable check, 3, 4, 5 and 6 fail one check
     // each, which leaves 1, 2 and 10; decontamination removes 10.
     let expected = [
-        ("instructions", 10),
-        ("seeds", 10),
-        ("unique_seeds", 10),
-        ("change", 10),
-        ("rewrites", 10),
+        ("instructions", 11),
+        ("seeds", 11),
+        ("unique_seeds", 11),
+        ("change", 11),
+        ("rewrites", 11),
         ("x2_parsed", 9),
         ("x2_changed", 8),
         ("to_answer", 16),
@@ -241,6 +244,7 @@ fn iopo_quadruples_kept_by_four_checks_and_exported_both_ways() {
         status,
         [
             json!({"change_status": "ok", "n": 8}),
+            json!({"change_status": "placeholder", "n": 1}),
             json!({"change_status": "unchanged", "n": 1}),
             json!({"change_status": "unparsed", "n": 1}),
         ]
@@ -296,7 +300,7 @@ fn iopo_quadruples_kept_by_four_checks_and_exported_both_ways() {
             .to_string()
     };
     for (stage, n) in [
-        ("x2_parsed", 1),
+        ("x2_parsed", 2),
         ("x2_changed", 1),
         ("keep_judged", 1),
         ("keep_y1_fits_x1", 1),
