@@ -149,6 +149,8 @@ pub fn batch_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
 pub enum OutFormat {
     Parquet,
     Jsonl,
+    /// One JSON array of records (the `.json` files LLaMA-Factory's own datasets are).
+    Json,
 }
 
 impl OutFormat {
@@ -176,6 +178,7 @@ impl OutFormat {
         match self {
             OutFormat::Parquet => "parquet",
             OutFormat::Jsonl => "jsonl",
+            OutFormat::Json => "json",
         }
     }
 }

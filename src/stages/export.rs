@@ -8,6 +8,14 @@
 //! | `dpo_pairs` | `{"prompt", "chosen", "rejected"}` strings | TRL `DPOTrainer` (standard) |
 //! | `dpo_trl` | `{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}` | TRL `DPOTrainer` (conversational) |
 //! | `dpo_sharegpt` | `{"conversations": [{from, value}], "chosen": {from, value}, "rejected": {…}}` | LLaMA-Factory ranking |
+//! | `iopo` | `{"conversations": [x1 turn, x2 turn], "chosen": y1 turn, "rejected": y2 turn}` (ShareGPT turns) | the IOPO authors' LLaMA-Factory fork (`stage: iopo`) |
+//!
+//! `iopo` is the record of Tongyi-CCAI/Complex-IF's `IOPO/data/trace.json`: two human turns,
+//! the instruction x1 (column `prompt`) and the one with changed constraints x2 (`prompt2`),
+//! then y1 (`chosen`, the answer that fits x1) and y2 (`rejected`, the one that fits x2). The
+//! fork's pairwise processor cuts `conversations` in half (first half x1's prompt, second half
+//! x2's), so earlier turns are written before each of the two instructions. Stock LLaMA-Factory
+//! rejects two human turns in a row: train it on the both-ways DPO pairs instead (README, IOPO).
 //!
 //! Multi-turn history comes from an optional list column of `{role, content}` (or ShareGPT
 //! `{from, value}`) turns before the final prompt. The LLaMA-Factory formats also get their
@@ -51,13 +59,18 @@ pub enum ExportFormat {
     DpoPairs,
     DpoTrl,
     DpoSharegpt,
+    Iopo,
 }
 
 impl ExportFormat {
+    /// Formats with a chosen and a rejected answer.
     fn is_dpo(self) -> bool {
         matches!(
             self,
-            ExportFormat::DpoPairs | ExportFormat::DpoTrl | ExportFormat::DpoSharegpt
+            ExportFormat::DpoPairs
+                | ExportFormat::DpoTrl
+                | ExportFormat::DpoSharegpt
+                | ExportFormat::Iopo
         )
     }
 }
@@ -81,6 +94,10 @@ pub struct ExportStage {
     /// Column with the final user turn.
     #[serde(default = "d_prompt")]
     pub prompt: String,
+    /// Column with the second instruction x2, the one with changed constraints (format `iopo`
+    /// only; default `prompt2`).
+    #[serde(default)]
+    pub prompt2: Option<String>,
     /// Column with the answer (SFT formats; default `response`).
     #[serde(default)]
     pub response: Option<String>,
@@ -119,6 +136,9 @@ impl ExportStage {
     fn rejected_col(&self) -> String {
         self.rejected.clone().unwrap_or_else(|| "rejected".into())
     }
+    fn prompt2_col(&self) -> String {
+        self.prompt2.clone().unwrap_or_else(|| "prompt2".into())
+    }
 
     fn targets(&self, run_dir: &Path) -> Vec<(OutFormat, PathBuf)> {
         OutFormat::targets(&self.path, &self.formats, run_dir)
@@ -153,6 +173,9 @@ impl ExportStage {
     /// Columns the format reads, each with its YAML field.
     fn columns(&self) -> Vec<(&'static str, String)> {
         let mut c = vec![("prompt", self.prompt.clone())];
+        if self.format == ExportFormat::Iopo {
+            c.push(("prompt2", self.prompt2_col()));
+        }
         if self.format.is_dpo() {
             c.push(("chosen", self.chosen_col()));
             c.push(("rejected", self.rejected_col()));
@@ -248,6 +271,34 @@ impl ExportStage {
                 }
                 Value::Object(o)
             }
+            ExportFormat::Iopo => {
+                let prompt2 = text(&self.prompt2_col())?;
+                let from = |role: &str| if role == "assistant" { "gpt" } else { "human" };
+                let half = |x: &str| {
+                    let mut t: Vec<Value> = history
+                        .iter()
+                        .map(|(r, c)| json!({"from": from(r), "value": c}))
+                        .collect();
+                    t.push(json!({"from": "human", "value": x}));
+                    t
+                };
+                let mut conv = half(&prompt);
+                conv.extend(half(&prompt2));
+                let mut o = Map::new();
+                o.insert("conversations".into(), Value::Array(conv));
+                o.insert(
+                    "chosen".into(),
+                    json!({"from": "gpt", "value": text(&self.chosen_col())?}),
+                );
+                o.insert(
+                    "rejected".into(),
+                    json!({"from": "gpt", "value": text(&self.rejected_col())?}),
+                );
+                if let Some(s) = system {
+                    o.insert("system".into(), s.into());
+                }
+                Value::Object(o)
+            }
         };
         Some(out)
     }
@@ -266,7 +317,9 @@ impl ExportStage {
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "system_tag": "system"}
             }),
-            ExportFormat::DpoSharegpt => json!({
+            // The authors' entry (Complex-IF `IOPO/data/dataset_info.json`) is the same as a
+            // stock ranking dataset's; only their fork's `stage: iopo` reads it as IOPO.
+            ExportFormat::DpoSharegpt | ExportFormat::Iopo => json!({
                 "file_name": file_name,
                 "formatting": "sharegpt",
                 "ranking": true,
@@ -277,7 +330,7 @@ impl ExportStage {
         if self.system.is_some()
             && matches!(
                 self.format,
-                ExportFormat::SftAlpaca | ExportFormat::DpoSharegpt
+                ExportFormat::SftAlpaca | ExportFormat::DpoSharegpt | ExportFormat::Iopo
             )
             && let Some(c) = e.get_mut("columns").and_then(Value::as_object_mut)
         {
@@ -399,14 +452,48 @@ pub fn check_record(format: ExportFormat, v: &Value) -> std::result::Result<(), 
             if c.last().and_then(|t| t.get("from")).and_then(Value::as_str) != Some("human") {
                 return Err("the conversation does not end with a human turn".into());
             }
-            for k in ["chosen", "rejected"] {
-                if v.get(k).and_then(|t| t.get("from")).and_then(Value::as_str) != Some("gpt") {
-                    return Err(format!("`{k}` is not a gpt turn"));
-                }
+            gpt_answers(v)
+        }
+        ExportFormat::Iopo => {
+            let c = v
+                .get("conversations")
+                .and_then(Value::as_array)
+                .ok_or("`conversations` is not a list")?;
+            // The fork halves the list: x1's turns, then x2's, each ending with the human's.
+            let human = |t: Option<&Value>| {
+                t.and_then(|t| t.get("from")).and_then(Value::as_str) == Some("human")
+                    && t.and_then(|t| t.get("value"))
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| !s.is_empty())
+            };
+            if c.is_empty() || c.len() % 2 != 0 {
+                return Err(format!(
+                    "`conversations` has {} turns, not the two halves (x1's, x2's) of equal length",
+                    c.len()
+                ));
             }
-            Ok(())
+            let n = c.len() / 2;
+            if !human(c.get(n - 1)) || !human(c.last()) {
+                return Err("a half of `conversations` does not end with a human turn".into());
+            }
+            gpt_answers(v)
         }
     }
+}
+
+/// `chosen` and `rejected` are gpt turns with a non-empty text.
+fn gpt_answers(v: &Value) -> std::result::Result<(), String> {
+    for k in ["chosen", "rejected"] {
+        let t = v.get(k);
+        if t.and_then(|t| t.get("from")).and_then(Value::as_str) != Some("gpt")
+            || t.and_then(|t| t.get("value"))
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        {
+            return Err(format!("`{k}` is not a gpt turn with a text"));
+        }
+    }
+    Ok(())
 }
 
 fn tmp_path(p: &Path) -> PathBuf {
@@ -432,7 +519,9 @@ impl Stage for ExportStage {
         let schema = ctx.parent();
         let mut errs = Vec::new();
         let dpo = self.format.is_dpo();
+        let iopo = self.format == ExportFormat::Iopo;
         for (field, wrong) in [
+            ("prompt2", !iopo && self.prompt2.is_some()),
             ("response", dpo && self.response.is_some()),
             ("chosen", !dpo && self.chosen.is_some()),
             ("rejected", !dpo && self.rejected.is_some()),
@@ -443,7 +532,7 @@ impl Stage for ExportStage {
                         &[field],
                         format!("`{field}` does not apply to format {:?}", self.format),
                     )
-                    .hint("SFT formats take `response`; DPO formats take `chosen` and `rejected`"),
+                    .hint("SFT formats take `response`; DPO formats take `chosen` and `rejected`; `iopo` also takes `prompt2`"),
                 );
             }
         }
@@ -491,6 +580,15 @@ impl Stage for ExportStage {
             let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
             jsonl = Some((t, BufWriter::new(f)));
         }
+        // A JSON array, written record by record: `[`, records separated by `,\n`, `]`.
+        let mut json_array: Option<(PathBuf, BufWriter<File>)> = None;
+        if let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Json) {
+            let t = tmp_path(p);
+            let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
+            let mut w = BufWriter::new(f);
+            w.write_all(b"[\n").map_err(|e| Error::io(&t, e))?;
+            json_array = Some((t, w));
+        }
         let want_parquet = targets.iter().any(|(f, _)| *f == OutFormat::Parquet);
         let (mut written, mut skipped, mut truncated) = (0i64, 0i64, 0i64);
         let flags = self.truncation_flags(&ctx.schema);
@@ -523,6 +621,12 @@ impl Stage for ExportStage {
                     serde_json::to_writer(&mut *w, &rec)?;
                     w.write_all(b"\n").map_err(|e| Error::io(&*t, e))?;
                 }
+                if let Some((t, w)) = &mut json_array {
+                    if written > 1 {
+                        w.write_all(b",\n").map_err(|e| Error::io(&*t, e))?;
+                    }
+                    serde_json::to_writer(&mut *w, &rec)?;
+                }
                 if want_parquet {
                     records.push(rec);
                 }
@@ -538,6 +642,11 @@ impl Stage for ExportStage {
             let f = w.into_inner().map_err(|e| Error::io(&t, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(&t, e))?;
         }
+        if let Some((t, mut w)) = json_array.take() {
+            w.write_all(b"\n]\n").map_err(|e| Error::io(&t, e))?;
+            let f = w.into_inner().map_err(|e| Error::io(&t, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&t, e))?;
+        }
         if want_parquet && let Some((_, p)) = targets.iter().find(|(f, _)| *f == OutFormat::Parquet)
         {
             write_parquet(&tmp_path(p), &records)?;
@@ -548,6 +657,7 @@ impl Stage for ExportStage {
             let t = tmp_path(p);
             let n = match fmt {
                 OutFormat::Jsonl => self.read_back_jsonl(&t)?,
+                OutFormat::Json => self.read_back_json(&t)?,
                 OutFormat::Parquet => crate::engine::count_rows(std::slice::from_ref(&t))? as i64,
             };
             if n != written {
@@ -559,9 +669,10 @@ impl Stage for ExportStage {
             std::fs::rename(&t, p).map_err(|e| Error::io(p, e))?;
         }
         if let Some((_, p)) = targets.first() {
+            // The first JSON file (lines or array) is the one LLaMA-Factory is pointed at.
             let file_name = targets
                 .iter()
-                .find(|(f, _)| *f == OutFormat::Jsonl)
+                .find(|(f, _)| matches!(f, OutFormat::Jsonl | OutFormat::Json))
                 .unwrap_or(&targets[0])
                 .1
                 .file_name()
@@ -584,6 +695,21 @@ impl Stage for ExportStage {
 }
 
 impl ExportStage {
+    fn read_back_json(&self, path: &Path) -> Result<i64> {
+        use serde::Deserializer;
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(f));
+        let n = de
+            .deserialize_seq(CheckArray {
+                format: self.format,
+                path,
+            })
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        de.end()
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        Ok(n)
+    }
+
     fn read_back_jsonl(&self, path: &Path) -> Result<i64> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut n = 0i64;
@@ -593,6 +719,34 @@ impl ExportStage {
             check_record(self.format, &v)
                 .map_err(|e| Error::Internal(format!("{} line {}: {e}", path.display(), i + 1)))?;
             n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Checks each record of a JSON array as it is read, without holding the array.
+struct CheckArray<'a> {
+    format: ExportFormat,
+    path: &'a Path,
+}
+
+impl<'de> serde::de::Visitor<'de> for CheckArray<'_> {
+    type Value = i64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of records")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<i64, A::Error> {
+        let mut n = 0i64;
+        while let Some(v) = seq.next_element::<Value>()? {
+            n += 1;
+            check_record(self.format, &v).map_err(|e| {
+                serde::de::Error::custom(format!("{} record {n}: {e}", self.path.display()))
+            })?;
         }
         Ok(n)
     }
@@ -645,6 +799,7 @@ mod tests {
             path: "x".into(),
             formats: d_formats(),
             prompt: "prompt".into(),
+            prompt2: None,
             response: None,
             chosen: None,
             rejected: None,
@@ -658,6 +813,7 @@ mod tests {
     fn row() -> Value {
         json!({
             "prompt": "Now in French, in 3 bullet points.",
+            "prompt2": "Now in German, in one sentence.",
             "response": "- a\n- b\n- c",
             "chosen": "- a\n- b\n- c",
             "rejected": "a, b and c",
@@ -675,6 +831,7 @@ mod tests {
             ExportFormat::DpoPairs,
             ExportFormat::DpoTrl,
             ExportFormat::DpoSharegpt,
+            ExportFormat::Iopo,
         ] {
             let r = stage(f).record(&row()).unwrap();
             check_record(f, &r).unwrap_or_else(|e| panic!("{f:?}: {e}: {r}"));
@@ -695,6 +852,57 @@ mod tests {
         let s = stage(ExportFormat::DpoSharegpt).record(&row()).unwrap();
         assert_eq!(s["conversations"].as_array().unwrap().len(), 3);
         assert_eq!(s["rejected"]["value"], "a, b and c");
+    }
+
+    #[test]
+    fn iopo_records_have_the_upstream_shape() {
+        let mut plain = stage(ExportFormat::Iopo);
+        plain.system = None;
+        plain.history = None;
+        let r = plain.record(&row()).unwrap();
+        assert_eq!(
+            r,
+            json!({
+                "conversations": [
+                    {"from": "human", "value": "Now in French, in 3 bullet points."},
+                    {"from": "human", "value": "Now in German, in one sentence."}],
+                "chosen": {"from": "gpt", "value": "- a\n- b\n- c"},
+                "rejected": {"from": "gpt", "value": "a, b and c"},
+            })
+        );
+        // The upstream example reads as a valid record.
+        let upstream = json!({"conversations": [{"from": "human", "value": "x1"},
+                                                {"from": "human", "value": "x2"}],
+                              "chosen": {"from": "gpt", "value": "y1"},
+                              "rejected": {"from": "gpt", "value": "y2"}});
+        check_record(ExportFormat::Iopo, &upstream).unwrap();
+        // With history, each half carries the earlier turns before its instruction.
+        let h = stage(ExportFormat::Iopo).record(&row()).unwrap();
+        let froms: Vec<&str> = h["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["from"].as_str().unwrap())
+            .collect();
+        assert_eq!(froms, ["human", "gpt", "human", "human", "gpt", "human"]);
+        assert_eq!(
+            h["conversations"][5]["value"],
+            "Now in German, in one sentence."
+        );
+        // No x2: skipped; odd halves and a missing answer: rejected.
+        let mut r = row();
+        r["prompt2"] = json!("");
+        assert!(plain.record(&r).is_none());
+        for bad in [
+            json!({"conversations": [{"from": "human", "value": "x1"}],
+                   "chosen": {"from": "gpt", "value": "y1"}, "rejected": {"from": "gpt", "value": "y2"}}),
+            json!({"conversations": [{"from": "human", "value": "x1"}, {"from": "gpt", "value": "x2"}],
+                   "chosen": {"from": "gpt", "value": "y1"}, "rejected": {"from": "gpt", "value": "y2"}}),
+            json!({"conversations": [{"from": "human", "value": "x1"}, {"from": "human", "value": "x2"}],
+                   "chosen": {"from": "gpt", "value": "y1"}}),
+        ] {
+            assert!(check_record(ExportFormat::Iopo, &bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

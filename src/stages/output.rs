@@ -159,6 +159,7 @@ impl Stage for OutputStage {
         let mut table_w: Option<ArrowWriter<File>> = None;
         let mut pq_w: Option<ArrowWriter<File>> = None;
         let mut json_w: Option<arrow::json::LineDelimitedWriter<std::io::BufWriter<File>>> = None;
+        let mut array_w: Option<arrow::json::ArrayWriter<std::io::BufWriter<File>>> = None;
         let mut rows = 0i64;
         for b in read_batches(&ctx.parent().files) {
             let b = self.project(&b?)?;
@@ -201,6 +202,22 @@ impl Stage for OutputStage {
                         };
                         w.write(&b)?;
                     }
+                    OutFormat::Json => {
+                        let w = match &mut array_w {
+                            Some(w) => w,
+                            None => {
+                                let f = File::create(&t).map_err(|e| Error::io(&t, e))?;
+                                array_w.insert(
+                                    arrow::json::WriterBuilder::new()
+                                        .with_explicit_nulls(true)
+                                        .build::<_, arrow::json::writer::JsonArray>(
+                                        std::io::BufWriter::new(f),
+                                    ),
+                                )
+                            }
+                        };
+                        w.write(&b)?;
+                    }
                 }
             }
         }
@@ -213,6 +230,9 @@ impl Stage for OutputStage {
         if let Some(mut w) = json_w {
             w.finish()?;
         }
+        if let Some(mut w) = array_w {
+            w.finish()?;
+        }
         for (fmt, p) in &targets {
             let t = tmp(p);
             if !t.exists() {
@@ -222,6 +242,7 @@ impl Stage for OutputStage {
                     OutFormat::Jsonl => {
                         File::create(&t).map_err(|e| Error::io(&t, e))?;
                     }
+                    OutFormat::Json => std::fs::write(&t, b"[]\n").map_err(|e| Error::io(&t, e))?,
                 }
             }
             std::fs::rename(&t, p).map_err(|e| Error::io(p, e))?;

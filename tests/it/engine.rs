@@ -98,6 +98,13 @@ fn sample_dedup_pipeline_matches_independent_counts() {
     let first: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
     assert!(first.get("instruction").is_some() && first.get("prompt").is_none());
     assert!(run.join("out/instructions_clean.parquet").is_file());
+    // The JSON array holds the same records as the lines.
+    let array: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(run.join("out/instructions_clean.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(array.len(), normalized);
+    assert_eq!(array[0], first);
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod engine;
 mod export;
 mod ifeval;
 mod infobench;
+mod iopo;
 mod llm;
 mod llm_features;
 mod near_dup;
