@@ -533,13 +533,20 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
     assert!(page.contains("FollowBench consistent satisfaction levels"));
 }
 
-/// Without the replay profile the model under test answers every instruction (one user
-/// message each); the judge gets those answers. The simulator echoes the instruction as the
-/// model, so no example template matches (`echo: ` comes first), and answers the judge
-/// with a list of one YES and the rest NO, so level L has HSR 1 at level 1 and 0 above, SSR
-/// 1 / L.
-#[test]
-fn followbench_model_answers_go_to_the_judge() {
+/// A run without the replay profile: the model under test answers every instruction of six
+/// groups (one per constraint type; only example 1 is checked by rule). The simulator echoes
+/// the instruction as the model, so no example template matches (`echo: ` comes first), and
+/// answers the judge with a list of one YES and the rest NO: level L has HSR 1 at level 1 and
+/// 0 above, SSR 1 / L. tests/slt/followbench_*.slt read this run too.
+pub(crate) struct ModelRun {
+    _tmp: tempfile::TempDir,
+    pub run: PathBuf,
+    /// The requests the simulator got.
+    sent: Vec<Value>,
+    rows: BTreeMap<(String, i64, i64), Value>,
+}
+
+pub(crate) fn model_run() -> ModelRun {
     let tmp = tempdir();
     let dir = tmp.path();
     let groups = [
@@ -573,6 +580,19 @@ fn followbench_model_answers_go_to_the_judge() {
     ]);
     let run = run(dir, &sim, &[]);
     let sent = requests(&record);
+    ModelRun {
+        _tmp: tmp,
+        run,
+        sent,
+        rows,
+    }
+}
+
+#[test]
+fn followbench_model_answers_go_to_the_judge() {
+    let ModelRun {
+        run, sent, rows, ..
+    } = &model_run();
     // 30 model requests (6 groups x 5 levels) and 25 judge requests (all but the example).
     let model: Vec<&Value> = sent
         .iter()
@@ -594,7 +614,7 @@ fn followbench_model_answers_go_to_the_judge() {
         .unwrap()
         .contains(&format!("constraints#\necho: {instr}\n\n#System#"))));
 
-    let st: Value = serde_json::from_str(&ok(&root(), &["stats", "--json", s(&run)])).unwrap();
+    let st: Value = serde_json::from_str(&ok(&root(), &["stats", "--json", s(run)])).unwrap();
     for row in section(&st, "followbench_cells") {
         let level = row["level"].as_i64().unwrap();
         let (h, so) = if row["constraint_type"] == "example" {

@@ -122,14 +122,21 @@ fn canned_queries_sqllogictest() {
     // tests/it/ultraif.rs; the others over the sample dedup run.
     let uf = crate::ultraif::fixture();
     let ultraif_run = crate::ultraif::run_ultraif(&uf, "run", &[]);
+    // `followbench_*.slt` over the model run of tests/it/followbench.rs.
+    let fb = crate::followbench::model_run();
     let files = slt_files(&root.join("tests/slt"));
     assert!(files.len() >= 2);
     for f in files {
         let is_ultraif = f
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("ultraif_"));
+        let is_followbench = f
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("followbench_"));
         let run = if is_ultraif {
             ultraif_run.clone()
+        } else if is_followbench {
+            fb.run.clone()
         } else {
             run.clone()
         };
