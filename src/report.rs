@@ -539,7 +539,8 @@ pub fn charts(st: &Stats) -> Vec<String> {
         ));
     }
     if let Some(t) = st.section("followbench_types") {
-        let label = |r: &[Value]| format!("{} {}", text(t, r, "table"), text(t, r, "constraint_type"));
+        let label =
+            |r: &[Value]| format!("{} {}", text(t, r, "table"), text(t, r, "constraint_type"));
         let rates: Vec<(String, Vec<f64>)> = t
             .rows
             .iter()

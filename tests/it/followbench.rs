@@ -38,7 +38,9 @@ struct Case {
 
 /// The data file of a constraint type.
 fn data(ty: &str) -> Vec<Value> {
-    let p = root().join(format!("../shared/data/followbench/data/{ty}_constraints.json"));
+    let p = root().join(format!(
+        "../shared/data/followbench/data/{ty}_constraints.json"
+    ));
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -92,6 +94,14 @@ fn yes(soft: f64) -> Verdict {
 
 fn rule(ok: bool) -> Verdict {
     Some((ok, if ok { 1.0 } else { 0.0 }))
+}
+
+/// The verdicts of one (constraint type, level): hard and soft per instruction with one.
+#[derive(Default)]
+struct Cell {
+    instructions: usize,
+    hard: Vec<f64>,
+    soft: Vec<f64>,
 }
 
 fn r4(x: f64) -> f64 {
@@ -188,12 +198,28 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
         (
             ("content", 1),
             vec![
-                judged(&r("content", 1, 1), "1) The constraint: ...\n2) Satisfied.\n3) ['YES']", yes(1.0)),
+                judged(
+                    &r("content", 1, 1),
+                    "1) The constraint: ...\n2) Satisfied.\n3) ['YES']",
+                    yes(1.0),
+                ),
                 judged(&r("content", 1, 2), "['YES', 'NO']", yes(0.5)),
-                judged(&r("content", 1, 3), "```\n['YES', 'YES', 'YES']\n```", yes(1.0)),
+                judged(
+                    &r("content", 1, 3),
+                    "```\n['YES', 'YES', 'YES']\n```",
+                    yes(1.0),
+                ),
                 // Prose only: no list in the last line.
-                judged(&r("content", 1, 4), "The answer satisfies all four constraints.", None),
-                judged(&r("content", 1, 5), "['YES', 'YES', 'YES', 'YES', 'NO']", yes(0.8)),
+                judged(
+                    &r("content", 1, 4),
+                    "The answer satisfies all four constraints.",
+                    None,
+                ),
+                judged(
+                    &r("content", 1, 5),
+                    "['YES', 'YES', 'YES', 'YES', 'NO']",
+                    yes(0.8),
+                ),
             ],
         ),
         (
@@ -223,10 +249,18 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
                 // Lower case: the reference looks for "YES" / "NO".
                 judged(&r("situation", 10, 1), "yes", None),
                 judged(&r("situation", 10, 2), "['YES', 'YES']", yes(1.0)),
-                judged(&r("situation", 10, 3), "['YES', 'PARTIAL', 'NO']", yes(1.0 / 3.0)),
+                judged(
+                    &r("situation", 10, 3),
+                    "['YES', 'PARTIAL', 'NO']",
+                    yes(1.0 / 3.0),
+                ),
                 // Bare names: the reference's eval fails.
                 judged(&r("situation", 10, 4), "[YES, YES, YES, YES]", None),
-                judged(&r("situation", 10, 5), "['YES', 'YES', 'YES', 'YES', 'YES']", yes(1.0)),
+                judged(
+                    &r("situation", 10, 5),
+                    "['YES', 'YES', 'YES', 'YES', 'YES']",
+                    yes(1.0),
+                ),
             ],
         ),
         (
@@ -234,11 +268,19 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
             vec![
                 judged(&r("style", 1, 1), "['NO']", yes(0.0)),
                 // The list is not on the last line.
-                judged(&r("style", 1, 2), "['YES', 'YES']\nI hope this helps.", None),
+                judged(
+                    &r("style", 1, 2),
+                    "['YES', 'YES']\nI hope this helps.",
+                    None,
+                ),
                 // Two elements at level 3.
                 judged(&r("style", 1, 3), "['YES', 'YES']", None),
                 judged(&r("style", 1, 4), "['YES', 'YES', 'YES', 'YES']", yes(1.0)),
-                judged(&r("style", 1, 5), "['NO', 'NO', 'NO', 'NO', 'NO']", yes(0.0)),
+                judged(
+                    &r("style", 1, 5),
+                    "['NO', 'NO', 'NO', 'NO', 'NO']",
+                    yes(0.0),
+                ),
             ],
         ),
         (
@@ -248,7 +290,11 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
                 judged(&r("format", 1, 2), "[\"YES\", \"YES\"]", yes(1.0)),
                 judged(&r("format", 1, 3), "['YES', 'YES', 'YES']", yes(1.0)),
                 judged(&r("format", 1, 4), "['YES', 'YES', 'YES', 'YES']", yes(1.0)),
-                judged(&r("format", 1, 5), "Final:\n['YES', 'YES', 'YES', 'YES', 'YES']", yes(1.0)),
+                judged(
+                    &r("format", 1, 5),
+                    "Final:\n['YES', 'YES', 'YES', 'YES', 'YES']",
+                    yes(1.0),
+                ),
             ],
         ),
         (
@@ -284,7 +330,11 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
                     judge: None,
                     want: None,
                 },
-                judged(&r("mixed", 1, 5), "['YES', 'YES', 'YES', 'YES', 'MAYBE']", yes(0.8)),
+                judged(
+                    &r("mixed", 1, 5),
+                    "['YES', 'YES', 'YES', 'YES', 'MAYBE']",
+                    yes(0.8),
+                ),
             ],
         ),
     ];
@@ -410,18 +460,18 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
 
     // The figures, by hand from the verdicts. Per (type, level): HSR and SSR over the
     // instructions with a verdict.
-    let mut cells: BTreeMap<(String, i64), (Vec<f64>, Vec<f64>, usize)> = BTreeMap::new();
+    let mut cells: BTreeMap<(String, i64), Cell> = BTreeMap::new();
     for ((ty, _, level), v) in &verdicts {
         let c = cells.entry((ty.clone(), *level)).or_default();
-        c.2 += 1;
+        c.instructions += 1;
         if let Some((hard, soft)) = v {
-            c.0.push(if *hard { 1.0 } else { 0.0 });
-            c.1.push(*soft);
+            c.hard.push(if *hard { 1.0 } else { 0.0 });
+            c.soft.push(*soft);
         }
     }
     let cell = |ty: &str, level: i64| {
         let c = &cells[&(ty.to_string(), level)];
-        (mean(&c.0), mean(&c.1))
+        (mean(&c.hard), mean(&c.soft))
     };
     // Spot checks of the arithmetic: content level 2 is (0 + 1) / 2 hard, (0.5 + 1) / 2 soft;
     // content level 4 has only the E2E verdict; style level 2 and 3 have none.
@@ -436,9 +486,9 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
         let ty = row["constraint_type"].as_str().unwrap();
         let level = row["level"].as_i64().unwrap();
         let c = &cells[&(ty.to_string(), level)];
-        assert_eq!(row["instructions"], json!(c.2));
-        assert_eq!(row["evaluated"], json!(c.0.len()));
-        assert_eq!(row["unjudged"], json!(c.2 - c.0.len()));
+        assert_eq!(row["instructions"], json!(c.instructions));
+        assert_eq!(row["evaluated"], json!(c.hard.len()));
+        assert_eq!(row["unjudged"], json!(c.instructions - c.hard.len()));
         let (h, so) = cell(ty, level);
         assert_figure(row, "hsr", h);
         assert_figure(row, "ssr", so);
@@ -514,7 +564,12 @@ fn followbench_rates_and_csl_from_rules_and_a_simulated_judge() {
     assert!((per_type["format"].2 - (1.0 + 1.0 + 3.0 + 2.0 + 2.5) / 15.0).abs() < 1e-12);
     let all = got.last().unwrap();
     assert_eq!(all["constraint_type"], "all");
-    let col = |i: usize| per_type.values().map(|v| [v.0, v.1, v.2, v.3][i]).collect::<Vec<_>>();
+    let col = |i: usize| {
+        per_type
+            .values()
+            .map(|v| [v.0, v.1, v.2, v.3][i])
+            .collect::<Vec<_>>()
+    };
     assert_figure(all, "hsr", mean(&col(0)));
     assert_figure(all, "ssr", mean(&col(1)));
     assert_figure(all, "hsr_weighted", mean(&col(2)));
@@ -560,7 +615,9 @@ pub(crate) fn model_run() -> ModelRun {
     let rows = write_data(&dir.join("data"), &groups);
     let rules: Vec<Value> = (1..=5)
         .map(|l: usize| {
-            let list: Vec<&str> = (0..l).map(|i| if i == 0 { "'YES'" } else { "'NO'" }).collect();
+            let list: Vec<&str> = (0..l)
+                .map(|i| if i == 0 { "'YES'" } else { "'NO'" })
+                .collect();
             let noun = if l == 1 { "element" } else { "elements" };
             json!({"match": format!("Python LIST with {l} {noun}"),
                    "response": format!("[{}]", list.join(", "))})
@@ -608,11 +665,17 @@ fn followbench_model_answers_go_to_the_judge() {
     let instr = rows[&("style".to_string(), 1, 3)]["instruction"]
         .as_str()
         .unwrap();
-    assert!(model.iter().any(|r| r["messages"] == json!([{"role": "user", "content": instr}])));
-    assert!(sent.iter().any(|r| r["messages"][0]["content"]
-        .as_str()
-        .unwrap()
-        .contains(&format!("constraints#\necho: {instr}\n\n#System#"))));
+    assert!(
+        model
+            .iter()
+            .any(|r| r["messages"] == json!([{"role": "user", "content": instr}]))
+    );
+    assert!(sent.iter().any(|r| {
+        r["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("constraints#\necho: {instr}\n\n#System#"))
+    }));
 
     let st: Value = serde_json::from_str(&ok(&root(), &["stats", "--json", s(run)])).unwrap();
     for row in section(&st, "followbench_cells") {
@@ -620,10 +683,7 @@ fn followbench_model_answers_go_to_the_judge() {
         let (h, so) = if row["constraint_type"] == "example" {
             (0.0, 0.0)
         } else {
-            (
-                if level == 1 { 1.0 } else { 0.0 },
-                1.0 / level as f64,
-            )
+            (if level == 1 { 1.0 } else { 0.0 }, 1.0 / level as f64)
         };
         assert_eq!(row["unjudged"], json!(0));
         assert_figure(&row, "hsr", Some(h));

@@ -102,13 +102,13 @@ impl Stage for FollowBenchStage {
         }
         for col in NEEDED {
             match ctx.parent().field_with_name(col) {
-                Err(_) => errs.push(
-                    unknown_column(ctx, &["from"], col, ctx.parent()).hint(format!(
+                Err(_) => errs.push(unknown_column(ctx, &["from"], col, ctx.parent()).hint(
+                    format!(
                         "followbench reads the data files' `{col}` (and `constraint_type`, the \
                          file: content, situation, style, format, example, mixed); select it \
                          upstream"
-                    )),
-                ),
+                    ),
+                )),
                 Ok(f) if INTEGERS.contains(&col) && !f.data_type().is_integer() => errs.push(
                     ctx.err(
                         &["from"],
@@ -117,7 +117,9 @@ impl Stage for FollowBenchStage {
                             f.data_type()
                         ),
                     )
-                    .hint(format!("cast it upstream: `CAST({col} AS BIGINT) AS {col}`")),
+                    .hint(format!(
+                        "cast it upstream: `CAST({col} AS BIGINT) AS {col}`"
+                    )),
                 ),
                 Ok(_) => {}
             }

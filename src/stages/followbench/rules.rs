@@ -166,7 +166,9 @@ fn contain_word(g: &str, word: &str) -> bool {
 }
 
 fn nth_sentence_has_word(g: &str, n: usize, word: &str) -> bool {
-    sentences(g).get(n - 1).is_some_and(|s| contain_word(s, word))
+    sentences(g)
+        .get(n - 1)
+        .is_some_and(|s| contain_word(s, word))
 }
 
 fn present_continuous(s: &str) -> bool {
@@ -411,13 +413,19 @@ mod tests {
         assert_eq!(p("YES\nNOT really", 1), Ok(vec![false]));
         assert_eq!(p("YES, but NO", 1), Ok(vec![true]));
         assert!(p("YES\nI cannot tell.", 1).is_err());
-        assert!(p("yes", 1).is_err(), "the reference's test is case-sensitive");
+        assert!(
+            p("yes", 1).is_err(),
+            "the reference's test is case-sensitive"
+        );
         assert_eq!(
             p("1) ...\n2) ...\n3) Final: ['YES', \"NO\", 'MAYBE']", 3),
             Ok(vec![true, false, false])
         );
         assert_eq!(p("['YES', 'YES',]", 2), Ok(vec![true, true]));
-        assert!(p("['YES', 'NO']\nThat is all.", 2).is_err(), "last line only");
+        assert!(
+            p("['YES', 'NO']\nThat is all.", 2).is_err(),
+            "last line only"
+        );
         assert!(p("['YES', 'NO', 'YES']", 2).is_err(), "wrong length");
         assert!(p("['YES']", 2).is_err(), "wrong length");
         assert!(p("[YES, NO]", 2).is_err(), "eval fails on bare names");
@@ -445,7 +453,10 @@ mod tests {
         assert_eq!(checker("example", "example", "xsum", 3), Some("example"));
         assert_eq!(checker("mixed", "format", "xsum", 12), Some("xsum"));
         assert_eq!(checker("format", "format", "koala", 30), Some("format_30"));
-        assert_eq!(checker("format", "format", "helpful_base", 22), Some("format_22"));
+        assert_eq!(
+            checker("format", "format", "helpful_base", 22),
+            Some("format_22")
+        );
         assert_eq!(checker("style", "style", "koala", 30), None);
         assert_eq!(checker("content", "content", "COGNAC", 1), None);
     }
@@ -453,9 +464,18 @@ mod tests {
     #[test]
     fn example_templates_match_whole_lines() {
         let t = "{instruction}\n{{'AI assistant': '{answer}'}}";
-        assert_eq!(check("example", "{'AI assistant': 'Hi there'}", t, 1), Ok(true));
-        assert_eq!(check("example", "{'AI assistant': 'Hi'} ok", t, 1), Ok(false));
-        assert_eq!(check("example", "{'AI assistant': 'a\nb'}", t, 1), Ok(false));
+        assert_eq!(
+            check("example", "{'AI assistant': 'Hi there'}", t, 1),
+            Ok(true)
+        );
+        assert_eq!(
+            check("example", "{'AI assistant': 'Hi'} ok", t, 1),
+            Ok(false)
+        );
+        assert_eq!(
+            check("example", "{'AI assistant': 'a\nb'}", t, 1),
+            Ok(false)
+        );
         let t = "{instruction}\nAnswer: {answer}";
         assert_eq!(check("example", "Answer: (b) 4.5", t, 2), Ok(true));
         assert_eq!(check("example", "The Answer: 4", t, 2), Ok(false));
@@ -466,7 +486,12 @@ mod tests {
         let c = |n: &str, g: &str, t: &str, l: i64| check(n, g, t, l).unwrap();
         assert!(c("BBH_logical", "So (B) or rather (A).", "(A)", 1));
         assert!(!c("BBH_logical", "(A) then (B)", "(A)", 1));
-        assert!(c("BBH_time", "From 01/02/1999 to 12/29/1937", "12/29/1937", 3));
+        assert!(c(
+            "BBH_time",
+            "From 01/02/1999 to 12/29/1937",
+            "12/29/1937",
+            3
+        ));
         assert!(c("gsm_8k", "It costs $7, so $14 in all.", "$14", 2));
         assert!(!c("gsm_8k", "$14.50", "$15", 2));
         assert!(c("self_made_space", "on the 20th floor", "20th floor", 1));
@@ -478,27 +503,72 @@ mod tests {
         // gigaword: eight space-separated words, no punctuation, lower case, no "bus", "in".
         let g = "officials say the new road opens in june";
         assert!(c("gigaword", g, "", 5));
-        assert!(!c("gigaword", "Officials say the new road opens in june", "", 3));
-        assert!(c("gigaword", "Officials say the new road opens in june", "", 2));
-        assert!(!c("gigaword", "the bus line opens in june next year", "", 4));
+        assert!(!c(
+            "gigaword",
+            "Officials say the new road opens in june",
+            "",
+            3
+        ));
+        assert!(c(
+            "gigaword",
+            "Officials say the new road opens in june",
+            "",
+            2
+        ));
+        assert!(!c(
+            "gigaword",
+            "the bus line opens in june next year",
+            "",
+            4
+        ));
         // xsum: one sentence under 20 words, present continuous, "operation".
         let x = "Police are investigating the operation in town";
         assert!(c("xsum", x, "", 5));
-        assert!(!c("xsum", "Police investigated. The operation ended", "", 1));
+        assert!(!c(
+            "xsum",
+            "Police investigated. The operation ended",
+            "",
+            1
+        ));
         assert!(!c("xsum", "Police investigated the operation", "", 4));
         // samsum: one ASCII punctuation mark at level 5.
         assert!(c("samsum", "Amanda will bring the stuff tomorrow.", "", 5));
-        assert!(!c("samsum", "Amanda will bring the stuff tomorrow, ok.", "", 5));
+        assert!(!c(
+            "samsum",
+            "Amanda will bring the stuff tomorrow, ok.",
+            "",
+            5
+        ));
         assert!(!c("samsum", "Amanda will Procrastinate the stuff", "", 4));
         // arxiv: starts with "We", "activations", no "transformer".
         assert!(c("arxiv", "We study activations in networks", "", 5));
-        assert!(!c("arxiv", "We study activations in transformer networks", "", 5));
+        assert!(!c(
+            "arxiv",
+            "We study activations in transformer networks",
+            "",
+            5
+        ));
         // cnn_dailymail: three short sentences with the words in place.
         let cnn = "Potter grew up. The actor is rich. He has made films.";
         assert!(c("cnn_dailymail", cnn, "", 5));
-        assert!(!c("cnn_dailymail", "Potter grew up. The actor is lavish. He made films.", "", 4));
-        assert!(c("cnn_dailymail", "Potter grew up. The actor is lavish. He made films.", "", 3));
-        assert!(!c("cnn_dailymail", "Potter grew up. The actor is rich. He made films.", "", 5));
+        assert!(!c(
+            "cnn_dailymail",
+            "Potter grew up. The actor is lavish. He made films.",
+            "",
+            4
+        ));
+        assert!(c(
+            "cnn_dailymail",
+            "Potter grew up. The actor is lavish. He made films.",
+            "",
+            3
+        ));
+        assert!(!c(
+            "cnn_dailymail",
+            "Potter grew up. The actor is rich. He made films.",
+            "",
+            5
+        ));
     }
 
     #[test]
