@@ -518,6 +518,54 @@ pub fn charts(st: &Stats) -> Vec<String> {
             true,
         ));
     }
+    // FollowBench: HSR and SSR per level and per constraint type, CSL per type.
+    if let Some(l) = st.section("followbench_levels") {
+        let rows: Vec<(String, Vec<f64>)> = l
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    format!("{} level {}", text(l, r, "table"), text(l, r, "level")),
+                    vec![num(l, r, "hsr"), num(l, r, "ssr")],
+                )
+            })
+            .collect();
+        out.push(hbar(
+            "FollowBench per level (mean over constraint types)",
+            "satisfaction rate (%)",
+            &["HSR", "SSR"],
+            &rows,
+            true,
+        ));
+    }
+    if let Some(t) = st.section("followbench_types") {
+        let label =
+            |r: &[Value]| format!("{} {}", text(t, r, "table"), text(t, r, "constraint_type"));
+        let rates: Vec<(String, Vec<f64>)> = t
+            .rows
+            .iter()
+            .map(|r| (label(r), vec![num(t, r, "hsr"), num(t, r, "ssr")]))
+            .collect();
+        out.push(hbar(
+            "FollowBench per constraint type (mean over levels)",
+            "satisfaction rate (%)",
+            &["HSR", "SSR"],
+            &rates,
+            true,
+        ));
+        let csl: Vec<(String, Vec<f64>)> = t
+            .rows
+            .iter()
+            .map(|r| (label(r), vec![num(t, r, "csl")]))
+            .collect();
+        out.push(hbar(
+            "FollowBench consistent satisfaction levels (CSL) per constraint type",
+            "levels satisfied in a row from level 1 (0-5)",
+            &["CSL"],
+            &csl,
+            false,
+        ));
+    }
     // DRFR overall, per subset and per category, one chart each.
     for (id, title) in [
         ("drfr", "DRFR (share of YES among judged questions)"),

@@ -47,6 +47,18 @@ pub const QUERIES: &[(&str, &str)] = &[
         include_str!("../sql/eifbench_levels.sql"),
     ),
     (
+        "followbench_cells.sql",
+        include_str!("../sql/followbench_cells.sql"),
+    ),
+    (
+        "followbench_levels.sql",
+        include_str!("../sql/followbench_levels.sql"),
+    ),
+    (
+        "followbench_types.sql",
+        include_str!("../sql/followbench_types.sql"),
+    ),
+    (
         "constraint_accuracy.sql",
         include_str!("../sql/constraint_accuracy.sql"),
     ),
@@ -666,6 +678,38 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             .await?;
         }
     }
+    // Instructions at constraint levels (FollowBench): HSR and SSR per type and level, per
+    // level, and per type with CSL.
+    for (t, _) in main
+        .iter()
+        .filter(|(_, m)| can(m, Capability::SatisfiesLevels))
+    {
+        let p = [("table", t.id.clone())];
+        r.add(
+            "followbench_types",
+            "FollowBench per constraint type: HSR, SSR (mean over levels, and weighted by level), CSL",
+            2,
+            "followbench_types.sql",
+            &p,
+        )
+        .await?;
+        r.add(
+            "followbench_levels",
+            "FollowBench per level: HSR and SSR (mean over constraint types)",
+            2,
+            "followbench_levels.sql",
+            &p,
+        )
+        .await?;
+        r.add(
+            "followbench_cells",
+            "FollowBench per constraint type and level: HSR and SSR",
+            3,
+            "followbench_cells.sql",
+            &p,
+        )
+        .await?;
+    }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,
     // and whatever the user asked for.
     let mut columns: Vec<(String, String)> = Vec::new();
@@ -732,6 +776,8 @@ fn is_share(column: &str) -> bool {
     column.ends_with("_rate")
         || column.ends_with("_acc")
         || column.starts_with("drfr")
+        || column.starts_with("hsr")
+        || column.starts_with("ssr")
         || column == "kept"
 }
 

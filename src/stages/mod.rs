@@ -26,6 +26,7 @@ pub mod cross_validate;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
+pub mod followbench;
 pub mod ifeval;
 pub mod ifeval_constraints;
 pub mod llm;
@@ -57,6 +58,7 @@ pub fn registry() -> &'static [KindEntry] {
         run_verifiers::KIND,
         yes_no::KIND,
         constraint_scores::KIND,
+        followbench::KIND,
         llm::KIND,
         // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
         #[cfg(test)]
@@ -115,6 +117,11 @@ pub enum Capability {
     /// `n_answers`, `n_parsed`, `n_compiled`, `n_functions`, `n_cases`, `n_cases_kept`,
     /// `kept_functions`, `kept`, `drop_reason`: `stats` shows the function-level funnel.
     ValidatesFunctions,
+    /// One row per instruction at a constraint level (`constraint_type`, `example_id`,
+    /// `level`) with `hard` (every added constraint satisfied) and `soft` (the share
+    /// satisfied), null when there is no verdict (`eval_error`): `stats` shows FollowBench's
+    /// HSR and SSR per constraint type and level, per level and per type, and CSL per type.
+    SatisfiesLevels,
 }
 
 impl Capability {
@@ -130,6 +137,7 @@ impl Capability {
             Capability::AnswersQuestions => "answers_questions",
             Capability::ScoresConstraints => "scores_constraints",
             Capability::ValidatesFunctions => "validates_functions",
+            Capability::SatisfiesLevels => "satisfies_levels",
         }
     }
 }

@@ -10,6 +10,7 @@ mod decontamination;
 mod eifbench;
 mod engine;
 mod export;
+mod followbench;
 mod ifeval;
 mod infobench;
 mod iopo;

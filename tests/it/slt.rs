@@ -133,8 +133,10 @@ fn canned_queries_sqllogictest() {
             judged_run.to_str().unwrap(),
         ],
     );
+    // `followbench_*.slt` over the model run of tests/it/followbench.rs.
+    let fb = crate::followbench::model_run();
     let files = slt_files(&root.join("tests/slt"));
-    assert!(files.len() >= 3);
+    assert!(files.len() >= 4);
     for f in files {
         let name = f
             .file_name()
@@ -144,6 +146,8 @@ fn canned_queries_sqllogictest() {
             ultraif_run.clone()
         } else if name.starts_with("judged_") {
             judged_run.clone()
+        } else if name.starts_with("followbench_") {
+            fb.run.clone()
         } else {
             run.clone()
         };
