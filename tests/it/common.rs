@@ -120,3 +120,24 @@ pub fn chat_stage(url: &str, extra: &str) -> String {
         "    endpoints: [\"{url}\"]\n    messages:\n      - role: user\n        content: \"Q: {{{{ prompt }}}}\"\n    params:\n      temperature: {{column: temp}}\n      max_tokens: 64\n{extra}"
     )
 }
+
+/// Every line of a JSON Lines file as JSON (a blank or bad line fails the test).
+pub fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", p.display())))
+        .collect()
+}
+
+/// `t` as a regular expression that matches it literally (the simulator's rules are regexes).
+pub fn regex_escape(t: &str) -> String {
+    let mut out = String::new();
+    for c in t.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

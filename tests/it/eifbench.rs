@@ -6,21 +6,10 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, root, s, tempdir};
+use crate::common::{ok, regex_escape, root, s, tempdir};
 use crate::llm::Sim;
 use crate::stats::section;
 use crate::ultraif::query;
-
-fn regex_escape(t: &str) -> String {
-    let mut out = String::new();
-    for c in t.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
 
 /// (key, instruction, questions) of an item's sub-instructions, by the key's number.
 fn subs(item: &Value) -> Vec<(String, String, Vec<String>)> {

@@ -7,16 +7,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, run_llm_ok, s, sql_rows, tempdir};
+use crate::common::{jsonl, ok, run_llm_ok, s, sql_rows, tempdir};
 use crate::llm::Sim;
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Every row of a Parquet file as JSON (read with the parquet crate, not with ifloom).
 fn parquet_rows(p: &Path) -> Vec<Value> {

@@ -5,11 +5,10 @@
 //! from the rules, not by running ifloom.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, root, s, tempdir};
+use crate::common::{jsonl, ok, regex_escape, root, s, tempdir};
 use crate::llm::Sim;
 use crate::stats::section;
 use crate::ultraif::query;
@@ -22,31 +21,12 @@ fn infobench() -> Vec<Value> {
         .collect()
 }
 
-fn regex_escape(t: &str) -> String {
-    let mut out = String::new();
-    for c in t.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn questions(item: &Value) -> Vec<String> {
     item["decomposed_questions"]
         .as_array()
         .unwrap()
         .iter()
         .map(|q| q.as_str().unwrap().to_string())
-        .collect()
-}
-
-fn lines_of(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -197,7 +177,7 @@ fn infobench_drfr_from_a_simulated_judge_asked_question_by_question() {
 
     // The protocol: one conversation per instruction, each question after the earlier ones
     // and the judge's answers; nothing sent after an unreadable answer.
-    let sent = lines_of(&record);
+    let sent = jsonl(&record);
     assert_eq!(
         sent.len(),
         qa.len() + 2 + 2,

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ifloom, ok, root, s, stderr, tempdir};
+use crate::common::{ifloom, jsonl, ok, root, s, stderr, tempdir};
 use crate::llm::Sim;
 use crate::stats::section;
 use crate::ultraif::query;
@@ -38,14 +38,6 @@ fn y1(k: usize) -> String {
 
 fn y2(k: usize) -> String {
     format!("ANSWER-{k}-TWO done.")
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn read_json(p: &Path) -> Value {

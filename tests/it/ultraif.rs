@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, root, tempdir};
+use crate::common::{jsonl, ok, root, tempdir};
 use crate::llm::Sim;
 
 pub(crate) fn s(p: &Path) -> &str {
@@ -385,14 +385,6 @@ fn run_composer_data(dir: &Path, sim: &Sim, run: &str, extra: &[&str]) -> std::p
     run
 }
 
-fn lines_of(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn composer_data_counts_and_targets() {
     let tmp = tempdir();
@@ -468,7 +460,7 @@ fn composer_data_counts_and_targets() {
     let run = dir.join("run");
     // The SFT export, read back: a user turn with UltraComposer's input and an assistant turn
     // whose JSON has exactly the authors' keys, the question a list.
-    let sft = lines_of(&run.join("out/composer_sft_messages.jsonl"));
+    let sft = jsonl(&run.join("out/composer_sft_messages.jsonl"));
     assert_eq!(sft.len(), 3);
     for line in &sft {
         let m = line["messages"].as_array().unwrap();
@@ -492,7 +484,7 @@ fn composer_data_counts_and_targets() {
     );
     // The authors' own record shape (UltraComposer/sft_data.py): "simplified query", "query"
     // and "tool", the JSON text of {"question": [q]}.
-    let upstream = lines_of(&run.join("out/ultracomposer_sft.jsonl"));
+    let upstream = jsonl(&run.join("out/ultracomposer_sft.jsonl"));
     assert_eq!(upstream.len(), 3);
     let note = upstream
         .iter()
@@ -686,7 +678,7 @@ fn finetuned_composer_reads_ultracomposer_answers() {
         ]
     );
     // 7 composer requests in round 1, 3 in round 2; nothing else was sent (--until).
-    let sent = lines_of(&record);
+    let sent = jsonl(&record);
     assert_eq!(sent.len(), 10);
     // Each is one user message, UltraComposer's input, at the authors' temperature, with no
     // response format imposed on the model.
@@ -869,8 +861,8 @@ fn multi_turn_context_and_a_separate_judge() {
             "history_expr=history",
         ],
     );
-    let main_sent = lines_of(&main_rec);
-    let judge_sent = lines_of(&judge_rec);
+    let main_sent = jsonl(&main_rec);
+    let judge_sent = jsonl(&judge_rec);
     // The main server: the composer and the responder; the judge server: the judge only.
     assert_eq!(main_sent.len(), 2);
     assert_eq!(judge_sent.len(), 1);
@@ -914,7 +906,7 @@ fn multi_turn_context_and_a_separate_judge() {
         query(&run, "SELECT verdict FROM judged"),
         vec![json!({"verdict": "pass"})]
     );
-    let sft = lines_of(&run.join("out/sft_messages.jsonl"));
+    let sft = jsonl(&run.join("out/sft_messages.jsonl"));
     assert_eq!(
         sft[0]["messages"],
         json!([
@@ -1054,7 +1046,7 @@ fn structured_output_is_a_param_the_local_profile_turns_on() {
     let cache = f.dir.join("cache.sqlite");
     for (run, profile) in [("plain", None), ("local", Some("local"))] {
         let before = if record.exists() {
-            lines_of(&record).len()
+            jsonl(&record).len()
         } else {
             0
         };
@@ -1085,7 +1077,7 @@ fn structured_output_is_a_param_the_local_profile_turns_on() {
             args.extend(["--profile", p]);
         }
         ok(&root(), &args);
-        let sent = lines_of(&record).split_off(before);
+        let sent = jsonl(&record).split_off(before);
         assert_eq!(sent.len(), 1, "{run}");
         let rf = &sent[0]["response_format"];
         match profile {

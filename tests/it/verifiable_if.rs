@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ifloom, ok, root, s, sql_json, stderr, tempdir};
+use crate::common::{ifloom, jsonl, ok, root, s, sql_json, stderr, tempdir};
 use crate::llm::Sim;
 
 /// (a word the simulator's rule matches, the prompt, answer 0, answer 1)
@@ -82,14 +82,6 @@ fn run(dir: &Path, run: &Path, sets: &[String], until: Option<&str>) -> std::pro
         args.extend(["--until", u]);
     }
     ifloom(dir, &args)
-}
-
-fn read_jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// A Python literal (what `repr()` writes for lists, dicts, str, int, None, True, False) as
@@ -359,7 +351,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     }
 
     // SFT: the first passing answer of harbour (s0), tides (s1), violin (s0); bakery none.
-    let sft = read_jsonl(&run_dir.join("out/sft_messages.jsonl"));
+    let sft = jsonl(&run_dir.join("out/sft_messages.jsonl"));
     let mut got: Vec<(String, String)> = sft
         .iter()
         .map(|r| {
@@ -392,7 +384,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
 
     // DPO: harbour (s0 over s1) and tides (s1 over s0); violin has no failing answer,
     // bakery no passing one.
-    let dpo = read_jsonl(&run_dir.join("out/dpo_pairs.jsonl"));
+    let dpo = jsonl(&run_dir.join("out/dpo_pairs.jsonl"));
     let mut pairs: Vec<(String, String)> = dpo
         .iter()
         .map(|r| {
@@ -417,7 +409,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
             "{r}"
         );
     }
-    let trl = read_jsonl(&run_dir.join("out/dpo_trl.jsonl"));
+    let trl = jsonl(&run_dir.join("out/dpo_trl.jsonl"));
     assert_eq!(trl.len(), 2);
     // The rejected answers still followed one constraint each (quotes; no comma).
     let followed = sql_json(
@@ -429,7 +421,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
 
     // RLVR: one row per prompt, open-instruct's shape; the ground truth names the row's checks
     // and arguments, read back as open-instruct reads it.
-    let rlvr = read_jsonl(&run_dir.join("out/rlvr_ifeval.jsonl"));
+    let rlvr = jsonl(&run_dir.join("out/rlvr_ifeval.jsonl"));
     assert_eq!(rlvr.len(), 4);
     let mut labels = Vec::new();
     for r in &rlvr {
@@ -501,7 +493,7 @@ fn verifiable_if_against_the_simulator_gives_the_rows_worked_out_by_hand() {
     let again = tmp.path().join("again");
     let o = run(tmp.path(), &again, &sets, Some("rlvr_ifeval"));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(read_jsonl(&again.join("out/rlvr_ifeval.jsonl")), rlvr);
+    assert_eq!(jsonl(&again.join("out/rlvr_ifeval.jsonl")), rlvr);
     assert_eq!(sim.requests(), 4);
 }
 
