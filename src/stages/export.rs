@@ -249,41 +249,25 @@ impl ExportStage {
                 "chosen": [msg("assistant", &text(&self.chosen_col())?)],
                 "rejected": [msg("assistant", &text(&self.rejected_col())?)],
             }),
-            ExportFormat::DpoSharegpt => {
-                let from = |role: &str| if role == "assistant" { "gpt" } else { "human" };
-                let mut conv: Vec<Value> = history
-                    .iter()
-                    .map(|(r, c)| json!({"from": from(r), "value": c}))
-                    .collect();
-                conv.push(json!({"from": "human", "value": prompt}));
-                let mut o = Map::new();
-                o.insert("conversations".into(), Value::Array(conv));
-                o.insert(
-                    "chosen".into(),
-                    json!({"from": "gpt", "value": text(&self.chosen_col())?}),
-                );
-                o.insert(
-                    "rejected".into(),
-                    json!({"from": "gpt", "value": text(&self.rejected_col())?}),
-                );
-                if let Some(s) = system {
-                    o.insert("system".into(), s.into());
-                }
-                Value::Object(o)
-            }
-            ExportFormat::Iopo => {
-                let prompt2 = text(&self.prompt2_col())?;
-                let from = |role: &str| if role == "assistant" { "gpt" } else { "human" };
-                let half = |x: &str| {
-                    let mut t: Vec<Value> = history
-                        .iter()
-                        .map(|(r, c)| json!({"from": from(r), "value": c}))
-                        .collect();
-                    t.push(json!({"from": "human", "value": x}));
-                    t
+            // ShareGPT ranking records: LLaMA-Factory's DPO shape has one instruction after
+            // the history; the IOPO fork's has two (x1, then x2), each after the history, as
+            // its processor cuts the prompt turns in half.
+            ExportFormat::DpoSharegpt | ExportFormat::Iopo => {
+                let instructions = if self.format == ExportFormat::Iopo {
+                    vec![prompt, text(&self.prompt2_col())?]
+                } else {
+                    vec![prompt]
                 };
-                let mut conv = half(&prompt);
-                conv.extend(half(&prompt2));
+                let from = |role: &str| if role == "assistant" { "gpt" } else { "human" };
+                let mut conv: Vec<Value> = Vec::new();
+                for x in &instructions {
+                    conv.extend(
+                        history
+                            .iter()
+                            .map(|(r, c)| json!({"from": from(r), "value": c})),
+                    );
+                    conv.push(json!({"from": "human", "value": x}));
+                }
                 let mut o = Map::new();
                 o.insert("conversations".into(), Value::Array(conv));
                 o.insert(
