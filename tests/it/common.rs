@@ -141,3 +141,55 @@ pub fn regex_escape(t: &str) -> String {
     }
     out
 }
+
+/// A judged benchmark's recorded responses judged by the simulator: `rules` (the simulator's
+/// `{"match", "response"}` list) fix the judge's answers, every request is recorded in
+/// `dir/requests.jsonl`, and `pipeline`'s `replay` profile runs into `dir/run` with `sets`
+/// (the benchmark's and responses' files, thresholds) after the endpoint params. Returns the
+/// simulator (alive while it is held), the run directory and the request record.
+pub fn judged_replay(
+    dir: &Path,
+    pipeline: &str,
+    rules: &[serde_json::Value],
+    sets: &[String],
+) -> (crate::llm::Sim, PathBuf, PathBuf) {
+    let rules_file = dir.join("rules.json");
+    std::fs::write(&rules_file, serde_json::json!({"rules": rules}).to_string()).unwrap();
+    let record = dir.join("requests.jsonl");
+    let sim = crate::llm::Sim::start(&[
+        "--slots",
+        "16",
+        "--base-ms",
+        "1",
+        "--per-token-ms",
+        "0",
+        "--rules",
+        s(&rules_file),
+        "--record",
+        s(&record),
+    ]);
+    let run = dir.join("run");
+    let mut all = vec![
+        format!("judge_url={}", sim.url),
+        format!("url={}", sim.url),
+        "judge_model=sim-model".into(),
+        "judge_profile=vllm".into(),
+    ];
+    all.extend(sets.iter().cloned());
+    let cache = dir.join("cache.sqlite");
+    let mut args = vec![
+        "run",
+        pipeline,
+        "--profile",
+        "replay",
+        "--run-dir",
+        s(&run),
+        "--cache",
+        s(&cache),
+    ];
+    for kv in &all {
+        args.extend(["--set", kv.as_str()]);
+    }
+    ok(&root(), &args);
+    (sim, run, record)
+}

@@ -6,8 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, regex_escape, root, s, tempdir};
-use crate::llm::Sim;
+use crate::common::{judged_replay, ok, regex_escape, root, s, tempdir};
 use crate::stats::section;
 use crate::ultraif::query;
 
@@ -88,44 +87,15 @@ fn eifbench_levels_from_a_simulated_judge() {
     rules.push(
         json!({"match": "模型回复\\*\\*：\nRESP-D\n", "response": "分析：完全满足\n答案:是"}),
     );
-    std::fs::write(dir.join("rules.json"), json!({"rules": rules}).to_string()).unwrap();
-    let record = dir.join("requests.jsonl");
-    let sim = Sim::start(&[
-        "--slots",
-        "16",
-        "--base-ms",
-        "1",
-        "--per-token-ms",
-        "0",
-        "--rules",
-        s(&dir.join("rules.json")),
-        "--record",
-        s(&record),
-    ]);
-    let run = dir.join("run");
-    let sets = [
-        format!("eifbench={}", s(&dir.join("subset.json"))),
-        format!("responses={}", s(&dir.join("responses.jsonl"))),
-        format!("judge_url={}", sim.url),
-        format!("url={}", sim.url),
-        "judge_model=sim-model".into(),
-        "judge_profile=vllm".into(),
-    ];
-    let cache = dir.join("cache.sqlite");
-    let mut args = vec![
-        "run",
+    let (_sim, run, record) = judged_replay(
+        dir,
         "pipelines/eval_eifbench.yaml",
-        "--profile",
-        "replay",
-        "--run-dir",
-        s(&run),
-        "--cache",
-        s(&cache),
-    ];
-    for kv in &sets {
-        args.extend(["--set", kv.as_str()]);
-    }
-    ok(&root(), &args);
+        &rules,
+        &[
+            format!("eifbench={}", s(&dir.join("subset.json"))),
+            format!("responses={}", s(&dir.join("responses.jsonl"))),
+        ],
+    );
 
     let nq = |s: &[(String, String, Vec<String>)]| s.iter().map(|x| x.2.len()).sum::<usize>();
     let (na, nb, nd, nc) = (nq(&sa), nq(&sb), nq(&sd), nq(&subs(c)));

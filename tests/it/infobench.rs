@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::common::{jsonl, ok, regex_escape, root, s, tempdir};
-use crate::llm::Sim;
+use crate::common::{jsonl, judged_replay, ok, regex_escape, root, s, tempdir};
 use crate::stats::section;
 use crate::ultraif::query;
 
@@ -96,44 +95,15 @@ fn infobench_drfr_from_a_simulated_judge_asked_question_by_question() {
             json!({"match": format!("(?s)(^|\nQuestion:\n){}\n$", regex_escape(q)), "response": text})
         })
         .collect();
-    std::fs::write(dir.join("rules.json"), json!({"rules": rules}).to_string()).unwrap();
-    let record = dir.join("requests.jsonl");
-    let sim = Sim::start(&[
-        "--slots",
-        "16",
-        "--base-ms",
-        "1",
-        "--per-token-ms",
-        "0",
-        "--rules",
-        s(&dir.join("rules.json")),
-        "--record",
-        s(&record),
-    ]);
-    let run = dir.join("run");
-    let args_owned = [
-        format!("infobench={}", s(&dir.join("subset.jsonl"))),
-        format!("responses={}", s(&dir.join("responses.jsonl"))),
-        format!("judge_url={}", sim.url),
-        format!("url={}", sim.url),
-        "judge_model=sim-model".into(),
-        "judge_profile=vllm".into(),
-    ];
-    let cache = dir.join("cache.sqlite");
-    let mut args = vec![
-        "run",
+    let (_sim, run, record) = judged_replay(
+        dir,
         "pipelines/eval_infobench.yaml",
-        "--profile",
-        "replay",
-        "--run-dir",
-        s(&run),
-        "--cache",
-        s(&cache),
-    ];
-    for kv in &args_owned {
-        args.extend(["--set", kv.as_str()]);
-    }
-    ok(&root(), &args);
+        &rules,
+        &[
+            format!("infobench={}", s(&dir.join("subset.jsonl"))),
+            format!("responses={}", s(&dir.join("responses.jsonl"))),
+        ],
+    );
 
     // Per question: the answer and why there is none, worked out from the rules above.
     let rows = query(

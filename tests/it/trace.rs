@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::common::{ok, root, s, tempdir};
+use crate::common::{judged_replay, ok, root, s, tempdir};
 use crate::llm::Sim;
 use crate::stats::section;
 use crate::ultraif::query;
@@ -94,45 +94,16 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
     .iter()
     .map(|(i, r)| json!({"match": format!("< response >:\n{}\n", resp(i)), "response": r}))
     .collect();
-    std::fs::write(dir.join("rules.json"), json!({"rules": rules}).to_string()).unwrap();
-    let record = dir.join("requests.jsonl");
-    let sim = Sim::start(&[
-        "--slots",
-        "16",
-        "--base-ms",
-        "1",
-        "--per-token-ms",
-        "0",
-        "--rules",
-        s(&dir.join("rules.json")),
-        "--record",
-        s(&record),
-    ]);
-    let run = dir.join("run");
-    let sets = [
-        format!("trace={}", s(&dir.join("subset.jsonl"))),
-        format!("responses={}", s(&dir.join("responses.jsonl"))),
-        format!("judge_url={}", sim.url),
-        format!("url={}", sim.url),
-        "judge_model=sim-model".into(),
-        "judge_profile=vllm".into(),
-        "threshold=9".into(),
-    ];
-    let cache = dir.join("cache.sqlite");
-    let mut args = vec![
-        "run",
+    let (_sim, run, record) = judged_replay(
+        dir,
         "pipelines/eval_trace.yaml",
-        "--profile",
-        "replay",
-        "--run-dir",
-        s(&run),
-        "--cache",
-        s(&cache),
-    ];
-    for kv in &sets {
-        args.extend(["--set", kv.as_str()]);
-    }
-    ok(&root(), &args);
+        &rules,
+        &[
+            format!("trace={}", s(&dir.join("subset.jsonl"))),
+            format!("responses={}", s(&dir.join("responses.jsonl"))),
+            "threshold=9".into(),
+        ],
+    );
 
     // The judge got the reference's prompt with the user's query, constraints and response.
     let sent: Vec<Value> = std::fs::read_to_string(&record)
