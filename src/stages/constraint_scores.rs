@@ -16,7 +16,7 @@
 //! A score outside 0–10 is no score. Added columns: `scores` (a double per constraint, null
 //! where the judge gave none), `satisfied` (per constraint: score ≥ `pass_score`, null where
 //! unscored), `all_satisfied` (every constraint satisfied; null when one is unscored and none
-//! failed), `overall_score` (the `[[d]]`), `n_unscored`, `scores_error`. Counters: `scored`,
+//! failed), `overall_score` (the first `Constraints Overall Score: [[d]]`, as the script reads it), `n_unscored`, `scores_error`. Counters: `scored`,
 //! `unscored` (constraints), `rows_with_missing`.
 
 use std::sync::Arc;
@@ -104,13 +104,14 @@ fn json_after(text: &str, from: usize) -> Option<serde_json::Value> {
     None
 }
 
-/// The overall score `[[d]]` after "Overall Score", if any.
+/// The overall score as the reference reads it (Complex-IF TRACE `trace.py`):
+/// `re.search(r"Constraints Overall Score:\s*\[\[([0-9.]+)\]\]", text)`, the first match, and
+/// `float()` of the group (none when that fails, e.g. `1.2.3`).
 pub fn overall(text: &str) -> Option<f64> {
-    let i = text.rfind("Overall Score")?;
-    let rest = &text[i..];
-    let a = rest.find("[[")? + 2;
-    let b = rest[a..].find("]]")? + a;
-    rest[a..b].trim().parse().ok()
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"Constraints Overall Score:\s*\[\[([0-9.]+)\]\]").expect("valid regex")
+    });
+    RE.captures(text)?.get(1)?.as_str().parse().ok()
 }
 
 /// The last score-like number of a line: `得分8分`, `8分`, `score: 8`, `8/10`.
@@ -398,5 +399,24 @@ mod tests {
         );
         assert_eq!(parse("", &CONS), [None, None, None]);
         assert_eq!(overall("Overall Score: [[ten]]"), None);
+    }
+
+    #[test]
+    fn overall_score_is_the_first_match_of_the_reference_regex() {
+        // re.search: the first place the whole pattern matches.
+        let t = "Constraints Overall Score: [[4]]\n...\nConstraints Overall Score: [[9]]";
+        assert_eq!(overall(t), Some(4.0));
+        // A mention without [[d]] is not a match; the search goes on to the next.
+        let t = "the Constraints Overall Score: comes last\nConstraints Overall Score:\n [[7.5]]";
+        assert_eq!(overall(t), Some(7.5));
+        // Only "Constraints Overall Score:" with the colon, digits and dots in [[ ]].
+        assert_eq!(overall("Overall Score: [[6]]"), None);
+        assert_eq!(overall("Constraints Overall Score: [[ 6 ]]"), None);
+        assert_eq!(overall("Constraints Overall Score: [[6/10]]"), None);
+        // float(): "7." is 7.0, "1.2.3" fails (the script's except: no rating).
+        assert_eq!(overall("Constraints Overall Score: [[7.]]"), Some(7.0));
+        assert_eq!(overall("Constraints Overall Score: [[1.2.3]]"), None);
+        // No range check: the script keeps what it reads.
+        assert_eq!(overall("Constraints Overall Score: [[12]]"), Some(12.0));
     }
 }

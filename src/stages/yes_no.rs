@@ -2,16 +2,21 @@
 //! benchmark's own rule. The table it writes (one row per question) is what decomposed-
 //! question benchmarks are scored on: InfoBench's DRFR, EIFBench's three levels.
 //!
-//! Rules (each the reference script's reading, with the deviations the README lists):
-//! - `infobench` (kqsong/InFoBench `evaluation.py`): an answer starting with "yes" / "no"
-//!   (any case; leading whitespace skipped, which the script does not) is that; otherwise
-//!   "YES" without "NO" is yes, "NO" without "YES" is no (upper case, anywhere); anything else
-//!   has no answer.
+//! Rules (each the reference script's reading of one answer):
+//! - `infobench` (qinyiwei/InfoBench `evaluation.py`): an answer whose lower case starts with
+//!   "yes" / "no" is that; otherwise "YES" without "NO" is yes, "NO" without "YES" is no (upper
+//!   case, anywhere); anything else has no answer (the script writes None, which its
+//!   `bool_ratio` counts as false, and stops asking).
 //! - `eifbench` (Tongyi-CCAI/Complex-IF `EIFBench/6_evaluation.py`): exactly one "答案：是" /
-//!   "答案：否" (the full-width or the ASCII colon) decides; otherwise "是" without "否" is
-//!   yes, and "否" anywhere is no; a text with neither has no answer (the script calls it no).
+//!   "答案：否" (full-width colon, as the script's regex) decides; otherwise "是" without "否"
+//!   is yes, and "否" anywhere is no; a text with neither has no answer (the script calls it
+//!   no).
 //!
-//! Added columns: `answer` (bool; null when the judge gave none) and `answer_error` (why:
+//! Added columns: `answer` (bool; null when the judge gave no readable answer or none),
+//! `answer_ref` (the reference script's own figure for the question: `answer`, with an
+//! unreadable answer counted as no; null only when the question was not judged at all — not
+//! asked, no response, request failed — or, for EIFBench, when the judge's text is exactly
+//! `None` or `Err`, which `8_metric.py` leaves out) and `answer_error` (why `answer` is null:
 //! no YES/NO in the text, or, for a null judgement, the `reason` column's text). Counters:
 //! `yes`, `no`, `unjudged`. The same rules are the SQL function `yes_no(text, rule)`, so a
 //! pipeline that stops asking after an unreadable answer (InfoBench) decides as this kind.
@@ -62,7 +67,7 @@ impl Rule {
 pub fn parse(rule: Rule, text: &str) -> Option<bool> {
     match rule {
         Rule::Infobench => {
-            let lower = text.trim_start().to_lowercase();
+            let lower = text.to_lowercase();
             if lower.starts_with("yes") {
                 Some(true)
             } else if lower.starts_with("no") {
@@ -76,13 +81,11 @@ pub fn parse(rule: Rule, text: &str) -> Option<bool> {
             }
         }
         Rule::Eifbench => {
-            let marks: Vec<bool> = ["答案：是", "答案:是", "答案：否", "答案:否"]
-                .iter()
-                .enumerate()
-                .flat_map(|(i, m)| std::iter::repeat_n(i < 2, text.matches(m).count()))
-                .collect();
-            if marks.len() == 1 {
-                return Some(marks[0]);
+            // `re.findall(r'答案：是|答案：否', ...)`: the two markers do not overlap.
+            let yes_marks = text.matches("答案：是").count();
+            let no_marks = text.matches("答案：否").count();
+            if yes_marks + no_marks == 1 {
+                return Some(yes_marks == 1);
             }
             match (text.contains('是'), text.contains('否')) {
                 (true, false) => Some(true),
@@ -91,6 +94,18 @@ pub fn parse(rule: Rule, text: &str) -> Option<bool> {
             }
         }
     }
+}
+
+/// The reference script's figure for a question the judge answered with `text`: the answer,
+/// an unreadable one counted as no (InfoBench's `bool_ratio` counts its None as false;
+/// EIFBench's script calls a text with neither 是 nor 否 no). `None` only where the
+/// reference leaves the judgement out: EIFBench's `8_metric.py` skips explanations that are
+/// exactly `None` or `Err` (its request-failure markers).
+pub fn reference(rule: Rule, text: &str) -> Option<bool> {
+    if rule == Rule::Eifbench && (text == "None" || text == "Err") {
+        return None;
+    }
+    Some(parse(rule, text).unwrap_or(false))
 }
 
 fn d_judgement() -> String {
@@ -111,7 +126,7 @@ pub struct YesNoStage {
     pub reason: Option<String>,
 }
 
-const ADDED: [&str; 2] = ["answer", "answer_error"];
+const ADDED: [&str; 3] = ["answer", "answer_ref", "answer_error"];
 
 impl Stage for YesNoStage {
     fn fingerprint(&self) -> serde_json::Value {
@@ -147,8 +162,14 @@ impl Stage for YesNoStage {
                 None => None,
             };
             let mut answers = Vec::with_capacity(b.num_rows());
+            let mut refs: Vec<Option<bool>> = Vec::with_capacity(b.num_rows());
             let mut errors: Vec<Option<String>> = Vec::with_capacity(b.num_rows());
             for i in 0..b.num_rows() {
+                refs.push(if texts.is_null(i) {
+                    None
+                } else {
+                    reference(self.rule, texts.value(i))
+                });
                 let (a, e) = if texts.is_null(i) {
                     let why = reasons
                         .as_ref()
@@ -172,6 +193,7 @@ impl Stage for YesNoStage {
             }
             let mut cols = b.columns().to_vec();
             cols.push(Arc::new(BooleanArray::from(answers)));
+            cols.push(Arc::new(BooleanArray::from(refs)));
             cols.push(Arc::new(StringArray::from(errors)));
             let out = RecordBatch::try_new(with_fields(&b.schema(), &added_fields()), cols)?;
             part.write(&out)?;
@@ -185,9 +207,10 @@ impl Stage for YesNoStage {
     }
 }
 
-fn added_fields() -> [Field; 2] {
+fn added_fields() -> [Field; 3] {
     [
         Field::new("answer", DataType::Boolean, true),
+        Field::new("answer_ref", DataType::Boolean, true),
         Field::new("answer_error", DataType::Utf8, true),
     ]
 }
@@ -204,7 +227,10 @@ mod tests {
         assert_eq!(p("no."), Some(false));
         // Starting with "no" decides, whatever follows ("Not" too, as in the script).
         assert_eq!(p("Nope, YES"), Some(false));
-        assert_eq!(p("  \nYes"), Some(true), "leading whitespace is skipped");
+        // The script does not skip leading whitespace: lower case "  \nyes" starts with
+        // neither, and "Yes" is not upper case.
+        assert_eq!(p("  \nYes"), None);
+        assert_eq!(p(" NO"), Some(false), "upper case anywhere");
         assert_eq!(p("The answer is YES."), Some(true));
         assert_eq!(p("Answer: NO"), Some(false));
         // The prefix decides before anything else.
@@ -221,11 +247,40 @@ mod tests {
         let p = |t: &str| parse(Rule::Eifbench, t);
         assert_eq!(p("分析：满足要求。答案：是"), Some(true));
         assert_eq!(p("虽然有些地方否定了，但答案：是"), Some(true));
+        // Only the full-width colon is the script's marker: "答案:是" falls back to the
+        // characters, where 否 anywhere decides.
         assert_eq!(p("答案:否"), Some(false));
+        assert_eq!(p("答案:是，没有否定"), Some(false));
+        assert_eq!(p("答案：是 答案:否"), Some(true), "one full-width marker");
         // Two markers: fall back to the characters, where 否 decides.
         assert_eq!(p("答案：是 ... 答案：否"), Some(false));
+        assert_eq!(p("答案：是 ... 答案：是"), Some(true));
         assert_eq!(p("是的，满足"), Some(true));
         assert_eq!(p("不满足，否"), Some(false));
         assert_eq!(p("The response satisfies it."), None);
+    }
+
+    #[test]
+    fn reference_figures_count_unreadable_answers_as_no() {
+        // InfoBench's bool_ratio: `if eva_value` is false for the None an unreadable answer
+        // leaves in `eval`.
+        let r = |t: &str| reference(Rule::Infobench, t);
+        assert_eq!(r("YES"), Some(true));
+        assert_eq!(r("no"), Some(false));
+        assert_eq!(r("It is YES and NO"), Some(false));
+        assert_eq!(
+            r("None"),
+            Some(false),
+            "a judge's text, not a marker, for InfoBench"
+        );
+        // EIFBench's get_answer: `"是" in g and "否" not in g` else False, always a bool;
+        // 8_metric.py skips point_explanation "None" / "Err".
+        let r = |t: &str| reference(Rule::Eifbench, t);
+        assert_eq!(r("答案：是"), Some(true));
+        assert_eq!(r("The response satisfies it."), Some(false));
+        assert_eq!(r(""), Some(false));
+        assert_eq!(r("None"), None);
+        assert_eq!(r("Err"), None);
+        assert_eq!(r("None."), Some(false));
     }
 }

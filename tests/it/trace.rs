@@ -28,6 +28,17 @@ fn key(c: &str) -> String {
         .to_string()
 }
 
+/// A stats section's column names, in order.
+pub(crate) fn columns(st: &Value, id: &str) -> Vec<String> {
+    let sec = st["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id)
+        .unwrap_or_else(|| panic!("no section {id}"));
+    strs(&sec["columns"])
+}
+
 #[test]
 fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
     let all: Vec<Value> =
@@ -76,8 +87,9 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
         "Explanation:\n1. 符合。\n2. 不够。\n3. 符合。\nFine Grained Score: {}\nConstraints Overall Score: [[9]]",
         json!([obj])
     );
-    // b: Chinese prose only: 10 and 9.
-    let judge_b = "Explanation:\n1. 语气：完全符合要求，得分10分。\n2、格式：基本符合，得分：9分\nConstraints Overall Score: [[9]]";
+    // b: Chinese prose only: 10 and 9; then a second overall score, which the reference's
+    // re.search never reaches (the first match is 9).
+    let judge_b = "Explanation:\n1. 语气：完全符合要求，得分10分。\n2、格式：基本符合，得分：9分\nConstraints Overall Score: [[9]]\n修正：Constraints Overall Score: [[7]]";
     // c: JSON scores two of three constraints (10, 10), no overall score.
     let mut obj = serde_json::Map::new();
     obj.insert(key(&cc[0]), json!(10));
@@ -198,7 +210,56 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
     assert_eq!(acc[0]["constraint_level_acc"], json!(r4(6.0 / 7.0)));
     assert_eq!(acc[0]["instruction_level_acc"], json!(0.5));
     assert_eq!(acc[0]["instructions_unscored"], json!(3));
-    assert_eq!(acc[0]["mean_overall"], json!(9.0));
+    assert_eq!(
+        acc[0]["mean_overall"],
+        json!(9.0),
+        "the first match of a and b: 9, 9"
+    );
+    assert_eq!(acc[0]["with_overall"], json!(2));
+    // The headline (the reference's figure) comes first after the table name.
+    assert_eq!(columns(&st, "constraint_accuracy")[1], "mean_overall");
+    // Split by the number of constraints, by hand from `want`: 1 = d (nothing scored);
+    // 2 = b, e (overall 9; constraints T,T of 2 scored; instructions b true, e left out);
+    // 3 = a, c (overall 9; constraints T,F,T and T,T of 5 scored -> 0.8; a false, c left out).
+    let by_count = ok(
+        &root(),
+        &[
+            "sql",
+            "--run",
+            s(&run),
+            "--format",
+            "jsonl",
+            "-f",
+            "sql/constraint_accuracy_by_count.sql",
+            "--param",
+            "table=trace_scores",
+        ],
+    );
+    let got: Vec<Value> = by_count
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want_count = [
+        json!({"n_constraints": 1, "instructions": 1, "constraints": 1, "unscored": 1,
+               "instructions_unscored": 1}),
+        json!({"n_constraints": 2, "mean_overall": 9.0, "constraint_level_acc": 1.0,
+               "instruction_level_acc": 1.0, "instructions": 2, "constraints": 4,
+               "unscored": 2, "instructions_unscored": 1}),
+        json!({"n_constraints": 3, "mean_overall": 9.0, "constraint_level_acc": 0.8,
+               "instruction_level_acc": 0.0, "instructions": 2, "constraints": 6,
+               "unscored": 1, "instructions_unscored": 1}),
+    ];
+    let strip_nulls = |v: &Value| -> Value {
+        Value::Object(
+            v.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, x)| (k.clone(), x.clone()))
+                .collect(),
+        )
+    };
+    assert_eq!(got.iter().map(strip_nulls).collect::<Vec<_>>(), want_count);
     // Per category, from the items' own levels2 and the satisfied flags above.
     let mut cat: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new(); // constraints, scored, satisfied
     for (item, _, sat, _, _, _) in &want {
@@ -238,7 +299,17 @@ fn trace_accuracies_from_a_simulated_judge_with_messy_answers() {
 fn judged_pipelines_run_live_against_the_simulator_and_count_unreadable_judgements() {
     let tmp = tempdir();
     let dir = tmp.path();
-    let sim = Sim::start(&["--slots", "16", "--base-ms", "1", "--per-token-ms", "0"]);
+    let record = dir.join("requests.jsonl");
+    let sim = Sim::start(&[
+        "--slots",
+        "16",
+        "--base-ms",
+        "1",
+        "--per-token-ms",
+        "0",
+        "--record",
+        s(&record),
+    ]);
     for (pipeline, table, sections, rows, chart) in [
         (
             "eval_infobench",
@@ -309,6 +380,30 @@ fn judged_pipelines_run_live_against_the_simulator_and_count_unreadable_judgemen
         let html = std::fs::read_to_string(&page).unwrap();
         assert!(html.contains(chart), "{pipeline}: no chart {chart:?}");
     }
+    // TRACE's model under test answers at the reference's temperature, 0.1
+    // (Eval_script/config/models/vllm_qwen2_7b_trace.yaml); its judge at 0.
+    let trace_msgs: Vec<Value> = query(&dir.join("eval_trace"), "SELECT messages FROM items")
+        .into_iter()
+        .map(|r| r["messages"].clone())
+        .collect();
+    assert_eq!(trace_msgs.len(), 3);
+    let sent = crate::common::jsonl(&record);
+    let to_model: Vec<&Value> = sent
+        .iter()
+        .filter(|r| trace_msgs.contains(&r["messages"]))
+        .collect();
+    assert_eq!(to_model.len(), 3, "one request per TRACE item");
+    assert!(to_model.iter().all(|r| r["temperature"] == json!(0.1)));
+    let to_judge: Vec<&Value> = sent
+        .iter()
+        .filter(|r| {
+            r["messages"][0]["content"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("[System]\nYou are a fair judge"))
+        })
+        .collect();
+    assert_eq!(to_judge.len(), 3);
+    assert!(to_judge.iter().all(|r| r["temperature"] == json!(0.0)));
     // InfoBench: the echoed judge prompt has both 'YES' and 'NO': unreadable, so each of the
     // two instructions stops after question 1 and the rest are not asked.
     let run = dir.join("eval_infobench");
