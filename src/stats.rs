@@ -66,6 +66,10 @@ pub const QUERIES: &[(&str, &str)] = &[
         "constraint_accuracy_by_category.sql",
         include_str!("../sql/constraint_accuracy_by_category.sql"),
     ),
+    (
+        "constraint_accuracy_by_count.sql",
+        include_str!("../sql/constraint_accuracy_by_count.sql"),
+    ),
     ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
     (
         "pass_rates_by_round.sql",
