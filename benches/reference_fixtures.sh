@@ -9,7 +9,8 @@
 #    llama-cpp-python's server: scripts/local-llm.sh install; here on port $PORT with
 #    n_ctx 8192), temperature 0, at most 256 tokens (IFEval) / 128 (FollowBench), via
 #    benches/reference_answers.py:
-#    300 IFEval prompts (evenly spread over the 541) and FollowBench's 350 rule instructions;
+#    300 IFEval prompts (evenly spread over the 541) and the 150 FollowBench rule
+#    instructions outside the example type;
 # 2. IFEval verdicts: Google's instruction_following_eval (PyPI if-verifiable 0.1.2, pinned
 #    with its dependencies in benches/ifeval_ref_setup.sh) via benches/ifeval_reference.py
 #    with --letter-frequency literal (google-research's current LetterFrequencyChecker, which
@@ -17,9 +18,9 @@
 # 3. FollowBench verdicts: YJiangcm/FollowBench code/rule_based_evaluation.py at commit
 #    6278f4c1377b4eafab737267b8b21acd52ea0e52 (a checkout's code/ folder in
 #    $FOLLOWBENCH_CODE; python 3.11 + matplotlib==3.10.3, the module's one third-party import)
-#    via benches/followbench_reference.py, on two answer sets: `model` (step 1's answers)
+#    via benches/followbench_reference.py, on two answer sets: `model` (step 1's 150 answers)
 #    and `target` (the data's own target text as the answer; for the example type its answer
-#    template with {answer} written as "yes"), so both verdicts occur for every rule.
+#    template with {answer} written as "yes"), so both verdicts occur.
 # Then writes tests/fixtures/reference/{ifeval_verdicts,followbench_rule_verdicts}.jsonl.
 set -euo pipefail
 
