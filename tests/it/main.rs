@@ -18,6 +18,7 @@ mod llm;
 mod llm_features;
 mod near_dup;
 mod real_model;
+mod reference;
 mod report;
 mod sim;
 mod slt;
