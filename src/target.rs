@@ -23,7 +23,8 @@ use crate::compile::{Plan, hash_json};
 use crate::engine::Engine;
 use crate::error::{Error, Result, did_you_mean};
 use crate::exec::{self, RunOptions, RunReport};
-use crate::stages::{Capability, kind_can};
+use crate::registry::kind_can;
+use crate::stages::Capability;
 use crate::store::{RunDir, write_atomic};
 
 /// Growth per pass is capped at this factor (an early yield estimate can be far off).

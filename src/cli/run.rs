@@ -4,7 +4,8 @@ use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::exec::{self, RunOptions};
-use crate::stages::{Capability, kind_can};
+use crate::registry::kind_can;
+use crate::stages::Capability;
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = TARGET_HELP)]

@@ -47,7 +47,7 @@ use super::{
 };
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
-use crate::spec::Format;
+use crate::input::Format;
 use crate::table::{read_batches, string_col, with_fields};
 use crate::yaml::{Node, Pos};
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::spec::ID_COL;
+use crate::table::ID_COL;
 use crate::table::{DUP_OF, has_col, input_ordinals, read_batches, read_columns, string_col};
 
 pub const KIND: KindEntry = KindEntry {

@@ -529,7 +529,7 @@ impl Stage for ExportStage {
         for (field, col) in self.columns() {
             if !has_col(schema, &col) {
                 // Defaulted columns have no YAML field of their own: point at `format`.
-                let path = if ctx.def.node.get(field).is_some() {
+                let path = if ctx.node.get(field).is_some() {
                     field
                 } else {
                     "format"

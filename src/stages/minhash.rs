@@ -32,7 +32,7 @@ use super::{
 };
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::spec::ID_COL;
+use crate::table::ID_COL;
 use crate::table::{DUP_OF, input_ordinals, read_batches, string_col, with_fields};
 use crate::yaml::Node;
 

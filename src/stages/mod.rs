@@ -2,7 +2,8 @@
 //! return this stage's output schema or every problem found, with no I/O beyond schema reads)
 //! and *run* (given the parents' Parquet files, write this stage's table).
 //!
-//! Adding a kind is one new file plus one line in [`registry`]. A top-level section of the
+//! Adding a kind is one new file plus one line in [`KINDS`] (a method's or a benchmark's kind:
+//! in its module's `kinds`, see [`crate::registry`]). A top-level section of the
 //! pipeline file that only one family of kinds reads (`endpoints:` for llm stages) is one
 //! [`SectionEntry`] in [`sections`], parsed by that family's module.
 
@@ -17,22 +18,15 @@ use serde::de::DeserializeOwned;
 use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::{Diagnostic, Result};
-use crate::spec::StageDef;
 use crate::table::Table;
 use crate::yaml::Node;
 
-pub mod constraint_scores;
-pub mod cross_validate;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
-pub mod followbench;
-pub mod ifeval;
-pub mod ifeval_constraints;
 pub mod llm;
 pub mod minhash;
 pub mod output;
-pub mod run_verifiers;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
@@ -41,45 +35,28 @@ pub mod yes_no;
 #[cfg(test)]
 mod test_verdict;
 
-/// The registry of stage kinds.
-pub fn registry() -> &'static [KindEntry] {
-    static KINDS: &[KindEntry] = &[
-        sql::KIND,
-        transform::KIND,
-        dedup::KIND,
-        minhash::KIND,
-        decontaminate::KIND,
-        output::KIND,
-        export::KIND,
-        verdict::KIND,
-        ifeval::KIND,
-        ifeval_constraints::KIND,
-        cross_validate::KIND,
-        run_verifiers::KIND,
-        yes_no::KIND,
-        constraint_scores::KIND,
-        followbench::KIND,
-        llm::KIND,
-        // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
-        #[cfg(test)]
-        test_verdict::KIND,
-    ];
-    KINDS
-}
+/// The kinds every pipeline may use (the core module of [`crate::registry`]); a method's or a
+/// benchmark's kinds are in its own module.
+pub const KINDS: &[KindEntry] = &[
+    sql::KIND,
+    transform::KIND,
+    dedup::KIND,
+    minhash::KIND,
+    decontaminate::KIND,
+    output::KIND,
+    export::KIND,
+    verdict::KIND,
+    yes_no::KIND,
+    llm::KIND,
+    // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
+    #[cfg(test)]
+    test_verdict::KIND,
+];
 
-/// The registry entry of a kind, by name (`None` for `input` and unknown names).
-pub fn kind(name: &str) -> Option<&'static KindEntry> {
-    registry().iter().find(|k| k.name == name)
-}
-
-/// Does the kind of this name declare this capability? (`input` tables declare none.)
-pub fn kind_can(name: &str, capability: Capability) -> bool {
-    kind(name).is_some_and(|k| k.can(capability))
-}
-
-/// What a kind can do, declared on its registry entry. The verbs and statistics that treat
-/// some stages specially (`stats`, `report`, `run --dry-run`, `run --retry-failed`) ask for a
-/// capability, never for a kind's name, so a new kind takes part by declaring it.
+/// What a kind can do, declared on its registry entry: what several kinds share and the core
+/// treats specially (`stats`' funnel and LLM accounting, `run --dry-run`, `run
+/// --retry-failed`), asked for by capability, never by a kind's name. Figures of one kind
+/// are declared by its module instead ([`crate::module`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capability {
     /// A `verdict` column (`pass` / `fail` / `unjudged`) per row, and those three counters:
@@ -95,33 +72,10 @@ pub enum Capability {
     /// Dead-letters rows that failed for good in `<id>__failed` (counter `failures`);
     /// `run --retry-failed <id>` recomputes the stage to try them again.
     RetriesFailed,
-    /// IFEval-style verdicts per instruction: `instruction_id_list` with `strict` and `loose`
-    /// (one bool per instruction) and `prompt_strict` / `prompt_loose`; `stats` shows the
-    /// four accuracies and the accuracy per instruction type.
-    VerifiesInstructions,
     /// Matches rows against named reference sets (benchmarks): counters `hits_<set>` (rows
     /// sharing an n-gram) and `near_dups_<set>` (near duplicates without one); `stats` shows
     /// them per set, and an input reading one of its [`Stage::evaluation_files`] is warned of.
     MatchesReferences,
-    /// One row per yes/no evaluation question with the judge's `answer` (bool, null when it
-    /// gave none) and `answer_error`: `stats` shows the share of YES among the judged
-    /// questions (InfoBench's DRFR) overall and per `subset` / `category` where the table has
-    /// them, and EIFBench's three levels where it has `main_id` and `sub_instruction_id`.
-    AnswersQuestions,
-    /// A 0-10 score per constraint of each instruction: `scores`, `satisfied` (lists aligned
-    /// with the constraints), `all_satisfied`, `overall_score`, `n_unscored`; `stats` shows
-    /// constraint- and instruction-level accuracy, and per constraint category where the
-    /// table has `categories` (a list aligned with the constraints).
-    ScoresConstraints,
-    /// Cross-validates LLM-written verifier functions, one row per instruction with
-    /// `n_answers`, `n_parsed`, `n_compiled`, `n_functions`, `n_cases`, `n_cases_kept`,
-    /// `kept_functions`, `kept`, `drop_reason`: `stats` shows the function-level funnel.
-    ValidatesFunctions,
-    /// One row per instruction at a constraint level (`constraint_type`, `example_id`,
-    /// `level`) with `hard` (every added constraint satisfied) and `soft` (the share
-    /// satisfied), null when there is no verdict (`eval_error`): `stats` shows FollowBench's
-    /// HSR and SSR per constraint type and level, per level and per type, and CSL per type.
-    SatisfiesLevels,
 }
 
 impl Capability {
@@ -132,12 +86,7 @@ impl Capability {
             Capability::RemovesRows => "removes_rows",
             Capability::SendsRequests => "sends_requests",
             Capability::RetriesFailed => "retries_failed",
-            Capability::VerifiesInstructions => "verifies_instructions",
             Capability::MatchesReferences => "matches_references",
-            Capability::AnswersQuestions => "answers_questions",
-            Capability::ScoresConstraints => "scores_constraints",
-            Capability::ValidatesFunctions => "validates_functions",
-            Capability::SatisfiesLevels => "satisfies_levels",
         }
     }
 }
@@ -341,7 +290,10 @@ impl dyn Stage {
 
 /// What `plan` sees.
 pub struct PlanCtx<'a> {
-    pub def: &'a StageDef,
+    /// The stage's id.
+    pub id: &'a str,
+    /// The stage's YAML node, for the positions of diagnostics.
+    pub node: &'a Node,
     pub file: &'a Path,
     /// Schemas of every dependency (`from` first, in order, then extra deps).
     pub parents: Vec<(String, SchemaRef)>,
@@ -351,7 +303,7 @@ pub struct PlanCtx<'a> {
 impl PlanCtx<'_> {
     /// A diagnostic at the YAML path inside this stage.
     pub fn err(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
-        Diagnostic::new(self.file, self.def.node.pos_at(path), message).stage(&self.def.id)
+        Diagnostic::new(self.file, self.node.pos_at(path), message).stage(self.id)
     }
 
     pub fn parent(&self) -> &SchemaRef {

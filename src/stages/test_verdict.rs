@@ -113,7 +113,7 @@ mod tests {
         )
         .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let engine = crate::engine::Engine::new(rt.handle().clone());
+        let engine = crate::engine::Engine::new(rt.handle().clone(), crate::registry::functions());
         let plan = crate::compile::compile(&file, &[], &|_| None, &engine).unwrap();
         let dir = RunDir::new(tmp.path().join("run"));
         exec::run(&plan, &dir, &engine, &RunOptions::default()).unwrap();

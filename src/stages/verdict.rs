@@ -190,8 +190,8 @@ impl VerdictStage {
         if n == 0 {
             return missing("no evaluation questions");
         }
-        let (answer, _) = crate::llm::parse::strip_reasoning(text);
-        let json = match crate::llm::parse::extract_json(&answer) {
+        let (answer, _) = crate::llm_client::parse::strip_reasoning(text);
+        let json = match crate::llm_client::parse::extract_json(&answer) {
             Ok((v, _)) => v,
             Err(e) => return missing(&format!("no JSON in the judge's answer: {e}")),
         };

@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::cancel::{Cancel, INTERRUPTED_MSG};
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
-use crate::llm::cache::{Cache, CachedResponse};
-use crate::llm::parse::{self, ParseSpec};
-use crate::llm::pool::{CallError, EndpointGroup, Pool};
-use crate::llm::request::{Api, Canonical, Message, Profile, Sampling, id_key};
-use crate::llm::response;
+use crate::llm_client::cache::{Cache, CachedResponse};
+use crate::llm_client::parse::{self, ParseSpec};
+use crate::llm_client::pool::{CallError, EndpointGroup, Pool};
+use crate::llm_client::request::{Api, Canonical, Message, Profile, Sampling, id_key};
+use crate::llm_client::response;
 use crate::stages::{BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage};
 use crate::table::{batch_rows, read_batches};
 use crate::yaml::Node;
@@ -45,10 +45,7 @@ pub use templates::plan_requests;
 
 /// The response cache a run uses: `--cache`, else the cache's default path.
 pub fn cache_path(engine: &crate::engine::Engine) -> std::path::PathBuf {
-    engine
-        .cache_path
-        .clone()
-        .unwrap_or_else(crate::llm::cache::default_path)
+    crate::llm_client::cache::path(engine.cache_path.as_deref())
 }
 pub use write::kept_logprobs;
 

@@ -15,8 +15,6 @@
 //! `followbench_checker(constraint_type, category, source, example_id)`, so a pipeline sends
 //! the judge only what no rule checks.
 
-pub mod rules;
-
 use std::sync::Arc;
 
 use arrow::array::{
@@ -27,20 +25,20 @@ use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
-    unknown_column,
-};
+use super::rules;
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
+};
 use crate::table::{read_batches, string_col, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "followbench",
     about: "FollowBench's verdict per instruction: the reference's rule checks, or the judge's YES/NO list per added constraint",
-    build: super::build::<FollowBenchStage>,
+    build: crate::stages::build::<FollowBenchStage>,
     schema: |g| FollowBenchStage::json_schema(g),
-    capabilities: &[Capability::SatisfiesLevels],
+    capabilities: &[],
     removed_rows: "",
 };
 
@@ -91,7 +89,7 @@ impl Stage for FollowBenchStage {
         let mut errs = Vec::new();
         for (field, col) in [("response", &self.response), ("judgement", &self.judgement)] {
             if let Some(mut d) = text_column(ctx, col, "followbench") {
-                d.pos = ctx.def.node.pos_at(&[field]);
+                d.pos = ctx.node.pos_at(&[field]);
                 errs.push(d);
             }
         }

@@ -22,18 +22,18 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
-};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
 use crate::sandbox::{self, Call, Outcome, SandboxConfig};
+use crate::stages::{
+    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+};
 use crate::table::{batch_rows, read_batches, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "run_verifiers",
     about: "runs each row's Python verifier functions (sandboxed) on its response: AutoIF's response verification",
-    build: super::build::<RunVerifiersStage>,
+    build: crate::stages::build::<RunVerifiersStage>,
     schema: |g| RunVerifiersStage::json_schema(g),
     capabilities: &[Capability::ProducesVerdicts],
     removed_rows: "",
@@ -84,7 +84,7 @@ impl Stage for RunVerifiersStage {
     fn prepare(
         &mut self,
         node: &crate::yaml::Node,
-        ctx: &super::BuildCtx,
+        ctx: &crate::stages::BuildCtx,
     ) -> Result<(), Vec<Diagnostic>> {
         let errs = self.sandbox.diagnostics(&ctx.file, node);
         if errs.is_empty() { Ok(()) } else { Err(errs) }
@@ -93,7 +93,7 @@ impl Stage for RunVerifiersStage {
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
-        if let Some(d) = super::text_column(ctx, &self.response, "run_verifiers") {
+        if let Some(d) = crate::stages::text_column(ctx, &self.response, "run_verifiers") {
             errs.push(ctx.err(&["response"], d.message).maybe_hint(d.hint));
         }
         match schema.field_with_name(&self.functions) {

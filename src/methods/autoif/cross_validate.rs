@@ -32,21 +32,21 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
-};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
-use crate::ifeval::{pyjson, pytext};
+use crate::python::{pyjson, pytext};
 use crate::sandbox::{self, Executions, SandboxConfig};
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+};
 use crate::table::{batch_rows, read_batches, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "cross_validate",
     about: "AutoIF's cross-validation of LLM-written Python verifier functions on their test cases (sandboxed)",
-    build: super::build::<CrossValidateStage>,
+    build: crate::stages::build::<CrossValidateStage>,
     schema: |g| CrossValidateStage::json_schema(g),
-    capabilities: &[Capability::ValidatesFunctions],
+    capabilities: &[],
     removed_rows: "",
 };
 
@@ -142,7 +142,7 @@ impl Stage for CrossValidateStage {
     fn prepare(
         &mut self,
         node: &crate::yaml::Node,
-        ctx: &super::BuildCtx,
+        ctx: &crate::stages::BuildCtx,
     ) -> Result<(), Vec<Diagnostic>> {
         let mut errs = self.sandbox.diagnostics(&ctx.file, node);
         if !(0.0..=1.0).contains(&self.min_accuracy) {
@@ -161,7 +161,7 @@ impl Stage for CrossValidateStage {
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
-        if let Some(d) = super::text_column(ctx, &self.instruction, "cross_validate") {
+        if let Some(d) = crate::stages::text_column(ctx, &self.instruction, "cross_validate") {
             errs.push(ctx.err(&["instruction"], d.message).maybe_hint(d.hint));
         }
         match schema.field_with_name(&self.answers) {

@@ -10,12 +10,10 @@
 //! Where the reference leans on Python libraries: sentences are counted by NLTK's Punkt
 //! tokenizer with its English parameters ([`punkt`]), words by case as `nltk.word_tokenize`
 //! cuts them ([`words`]), languages by a bit-exact port of `langdetect` (the `langdetect`
-//! crate, seeded 0), JSON by Python's `json.loads` grammar ([`pyjson`]), case and whitespace
-//! by Python's `str` rules ([`pytext`]).
+//! crate, seeded 0), JSON by Python's `json.loads` grammar ([`crate::python::pyjson`]), case and whitespace
+//! by Python's `str` rules ([`crate::python::pytext`]).
 
 pub mod punkt;
-pub mod pyjson;
-pub mod pytext;
 pub mod words;
 
 use std::cell::RefCell;
@@ -25,6 +23,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_json::{Map, Value};
 
+use crate::python::{pyjson, pytext};
 use pytext::{is_lower, is_upper, split_whitespace, strip};
 
 /// The 25 instruction ids, in the reference registry's order.

@@ -15,8 +15,8 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use super::pytext::{is_space, is_upper};
 use super::words::is_decimal;
+use crate::python::pytext::{is_space, is_upper};
 
 struct Params {
     abbrev_types: HashSet<&'static str>,
@@ -217,7 +217,7 @@ impl Token {
         self.tok
             .chars()
             .next()
-            .is_some_and(|c| super::pytext::is_lower(c.encode_utf8(&mut [0; 4])))
+            .is_some_and(|c| crate::python::pytext::is_lower(c.encode_utf8(&mut [0; 4])))
     }
 
     fn is_ellipsis(&self) -> bool {

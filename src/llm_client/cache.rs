@@ -48,6 +48,13 @@ pub fn default_path() -> PathBuf {
     base.join("ifloom").join("llm-cache.sqlite")
 }
 
+/// The cache a run uses: the one named on the command line (`--cache`, kept in
+/// [`crate::engine::Engine::cache_path`]), else [`default_path`]. The Python sandbox keeps its
+/// results beside it.
+pub fn path(named: Option<&Path>) -> PathBuf {
+    named.map_or_else(default_path, Path::to_path_buf)
+}
+
 /// How long a statement waits for another process's write lock: 30 s, or
 /// `IFLOOM_CACHE_BUSY_MS` (tests shorten it).
 fn busy_timeout() -> Duration {

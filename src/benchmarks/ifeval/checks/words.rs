@@ -10,7 +10,7 @@
 //! `cannot gimme gonna gotta lemme more'n wanna d'ye 'tis 'twas`). Where a token ends a
 //! sentence NLTK also splits its final period; a period is uncased, so the count is the same.
 
-use super::pytext::{is_space, is_upper};
+use crate::python::pytext::{is_space, is_upper};
 
 /// How many of `nltk.word_tokenize(text)`'s tokens are `isupper()`.
 pub fn count_upper_words(text: &str) -> usize {

@@ -29,20 +29,19 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
-    unknown_column,
-};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
+};
 use crate::table::{read_batches, string_col, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "constraint_scores",
     about: "a judge's 0-10 score per constraint (TRACE's fine-grained scores), read from JSON or prose",
-    build: super::build::<ConstraintScoresStage>,
+    build: crate::stages::build::<ConstraintScoresStage>,
     schema: |g| ConstraintScoresStage::json_schema(g),
-    capabilities: &[Capability::ScoresConstraints],
+    capabilities: &[],
     removed_rows: "",
 };
 
@@ -234,7 +233,7 @@ impl Stage for ConstraintScoresStage {
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         if let Some(mut d) = text_column(ctx, &self.judgement, "constraint_scores") {
-            d.pos = ctx.def.node.pos_at(&["judgement"]);
+            d.pos = ctx.node.pos_at(&["judgement"]);
             errs.push(d);
         }
         match ctx.parent().field_with_name(&self.constraints) {

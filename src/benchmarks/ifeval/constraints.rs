@@ -35,16 +35,18 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column};
+use super::checks::INSTRUCTION_IDS;
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::ifeval::INSTRUCTION_IDS;
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+};
 use crate::table::{is_string_type, read_batches, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "ifeval_constraints",
     about: "attach 1-3 IFEval-type constraints with sampled arguments to each prompt, rendered as instructions (seeded)",
-    build: super::build::<IfevalConstraintsStage>,
+    build: crate::stages::build::<IfevalConstraintsStage>,
     schema: |g| IfevalConstraintsStage::json_schema(g),
     capabilities: &[],
     removed_rows: "",
@@ -1341,8 +1343,8 @@ pub fn render(id: &str, kw: &Map<String, Value>, variant: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::checks::Instruction;
     use super::*;
-    use crate::ifeval::Instruction;
 
     const PROMPTS: [&str; 5] = [
         "Can you tell me about GLaDOS?",
@@ -1375,7 +1377,7 @@ mod tests {
                 Instruction::parse(id, kw).unwrap_or_else(|e| panic!("{id} {kw:?}: {e}"));
             }
             // The kwargs column as the ifeval kind reads it, and the evaluation runs clean.
-            let v = crate::ifeval::evaluate(&s.ids, &s.kwargs, "An answer.");
+            let v = super::super::checks::evaluate(&s.ids, &s.kwargs, "An answer.");
             assert!(v.errors.is_empty(), "{:?}", v.errors);
         }
         // Every size is drawn (roughly a third each; constrained_response alone caps a few).

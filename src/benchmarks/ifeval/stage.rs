@@ -1,6 +1,6 @@
 //! `kind: ifeval` — IFEval's verifiable-instruction checks (Google's 25 instruction types,
 //! strict and loose) on rows holding a response, its `instruction_id_list` and their
-//! `kwargs`. The checks are [`crate::ifeval`]; this file reads the columns, runs rows in
+//! `kwargs`. The checks are [`super::checks`]; this file reads the columns, runs rows in
 //! parallel and writes the verdicts.
 //!
 //! Added columns (names other tools read; keep them):
@@ -24,24 +24,21 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{
+use super::checks::{self as ifeval, RowVerdict};
+use crate::engine::LazyPart;
+use crate::error::{Diagnostic, Error, Result};
+use crate::stages::{
     Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
     unknown_column,
 };
-use crate::engine::LazyPart;
-use crate::error::{Diagnostic, Error, Result};
-use crate::ifeval::{self, RowVerdict};
 use crate::table::{batch_rows, is_string_list, read_batches, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "ifeval",
     about: "IFEval's 25 verifiable-instruction checks (strict and loose) on responses",
-    build: super::build::<IfevalStage>,
+    build: crate::stages::build::<IfevalStage>,
     schema: |g| IfevalStage::json_schema(g),
-    capabilities: &[
-        Capability::ProducesVerdicts,
-        Capability::VerifiesInstructions,
-    ],
+    capabilities: &[Capability::ProducesVerdicts],
     removed_rows: "",
 };
 
