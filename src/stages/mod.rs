@@ -24,6 +24,7 @@ use crate::yaml::Node;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
+pub mod kit;
 pub mod llm;
 pub mod minhash;
 pub mod output;

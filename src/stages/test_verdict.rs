@@ -50,10 +50,8 @@ impl Stage for TestVerdict {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut out = RunOutput::default();
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        super::kit::append_columns(ctx, |b| {
             let score = b
                 .column_by_name("score")
                 .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
@@ -71,11 +69,8 @@ impl Stage for TestVerdict {
                     Some(v)
                 })
                 .collect();
-            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-            cols.push(Arc::new(verdict));
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), cols)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![Arc::new(verdict) as ArrayRef])
+        })?;
         Ok(out)
     }
 }

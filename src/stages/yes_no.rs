@@ -27,7 +27,7 @@ use datafusion::logical_expr::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{
+use super::{kit, 
     KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
 };
 use crate::engine::LazyPart;
@@ -140,10 +140,8 @@ impl Stage for YesNoStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let (mut yes, mut no, mut unjudged) = (0i64, 0i64, 0i64);
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        kit::append_columns(ctx, |b| {
             let texts = string_col(&b, &self.judgement)?;
             let reasons = match &self.reason {
                 Some(r) => Some(string_col(&b, r)?),
@@ -173,13 +171,11 @@ impl Stage for YesNoStage {
                 answers.push(a);
                 errors.push(e);
             }
-            let mut cols = b.columns().to_vec();
-            cols.push(Arc::new(BooleanArray::from(answers)));
-            cols.push(Arc::new(StringArray::from(errors)));
-            let out = RecordBatch::try_new(with_fields(&b.schema(), &added_fields()), cols)?;
-            part.write(&out)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![
+                Arc::new(BooleanArray::from(answers)),
+                Arc::new(StringArray::from(errors)),
+            ])
+        })?;
         let mut out = RunOutput::default();
         out.counters.insert("yes".into(), yes);
         out.counters.insert("no".into(), no);

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::rules;
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{
+use crate::stages::{kit, 
     KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
 };
 use crate::table::{read_batches, string_col, with_fields};
@@ -130,10 +130,8 @@ impl Stage for FollowBenchStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let (mut rule_checked, mut judged, mut hard_ok, mut unjudged) = (0i64, 0i64, 0i64, 0i64);
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        kit::append_columns(ctx, |b| {
             let col = |name: &str| string_col(&b, name);
             let (ty, cat, src, target) = (
                 col("constraint_type")?,
@@ -219,16 +217,14 @@ impl Stage for FollowBenchStage {
                 }
                 checker_b.push(checker);
             }
-            let mut cols = b.columns().to_vec();
-            cols.push(Arc::new(StringArray::from(checker_b)));
-            cols.push(Arc::new(sat_b.finish()));
-            cols.push(Arc::new(BooleanArray::from(hard_b)));
-            cols.push(Arc::new(Float64Array::from(soft_b)));
-            cols.push(Arc::new(StringArray::from(err_b)));
-            let out = RecordBatch::try_new(with_fields(&b.schema(), &added_fields()), cols)?;
-            part.write(&out)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![
+                Arc::new(StringArray::from(checker_b)),
+                Arc::new(sat_b.finish()),
+                Arc::new(BooleanArray::from(hard_b)),
+                Arc::new(Float64Array::from(soft_b)),
+                Arc::new(StringArray::from(err_b)),
+            ])
+        })?;
         let mut out = RunOutput::default();
         out.counters.insert("rule_checked".into(), rule_checked);
         out.counters.insert("judged".into(), judged);

@@ -38,7 +38,7 @@ use serde_json::{Map, Value, json};
 use super::checks::INSTRUCTION_IDS;
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{
+use crate::stages::{kit, 
     KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
 };
 use crate::table::{is_string_type, read_batches, with_fields};
@@ -251,11 +251,9 @@ impl Stage for IfevalConstraintsStage {
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let types = self.types();
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut out = RunOutput::default();
         let mut count = |name: String, n: i64| *out.counters.entry(name).or_default() += n;
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        kit::append_columns(ctx, |b| {
             let col = |name: &str| -> Result<StringArray> {
                 let c = b
                     .column_by_name(name)
@@ -308,15 +306,14 @@ impl Stage for IfevalConstraintsStage {
                 count(format!("with_{}", s.ids.len()), 1);
                 count("constraints".into(), s.ids.len() as i64);
             }
-            let mut all: Vec<ArrayRef> = b.columns().to_vec();
-            all.push(Arc::new(id_list.finish()));
-            all.push(Arc::new(kwargs.finish()));
-            all.push(Arc::new(texts.finish()));
-            all.push(Arc::new(constrained.finish()));
-            all.push(Arc::new(truth.finish()));
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), all)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![
+                Arc::new(id_list.finish()) as ArrayRef,
+                Arc::new(kwargs.finish()),
+                Arc::new(texts.finish()),
+                Arc::new(constrained.finish()),
+                Arc::new(truth.finish()),
+            ])
+        })?;
         Ok(out)
     }
 }

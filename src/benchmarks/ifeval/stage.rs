@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use super::checks::{self as ifeval, RowVerdict};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{
+use crate::stages::{kit, 
     Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
     unknown_column,
 };
@@ -180,11 +180,9 @@ impl Stage for IfevalStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut out = RunOutput::default();
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
-            let (response, ids, kwargs) = self.inputs(&b)?;
+        kit::append_columns(ctx, |b| {
+            let (response, ids, kwargs) = self.inputs(b)?;
             let (response, ids) = (response.as_string::<i32>(), ids.as_list::<i32>());
             // Rows are read where they are checked, on the worker threads: responses are
             // borrowed from the batch, not copied.
@@ -219,12 +217,8 @@ impl Stage for IfevalStage {
                     }
                 })
                 .collect();
-            let cols = self.columns(&verdicts, &mut out);
-            let mut all: Vec<ArrayRef> = b.columns().to_vec();
-            all.extend(cols);
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), all)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(self.columns(&verdicts, &mut out))
+        })?;
         Ok(out)
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{
+use crate::stages::{kit, 
     KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
 };
 use crate::table::{read_batches, string_col, with_fields};
@@ -270,10 +270,8 @@ impl Stage for ConstraintScoresStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let (mut scored, mut unscored, mut rows_missing) = (0i64, 0i64, 0i64);
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        kit::append_columns(ctx, |b| {
             let texts = string_col(&b, &self.judgement)?;
             let cons = b
                 .column_by_name(&self.constraints)
@@ -339,17 +337,15 @@ impl Stage for ConstraintScoresStage {
                     None
                 });
             }
-            let mut cols = b.columns().to_vec();
-            cols.push(Arc::new(scores_b.finish()));
-            cols.push(Arc::new(sat_b.finish()));
-            cols.push(Arc::new(BooleanArray::from(all_b)));
-            cols.push(Arc::new(Float64Array::from(overall_b)));
-            cols.push(Arc::new(Int64Array::from(unscored_b)));
-            cols.push(Arc::new(StringArray::from(err_b)));
-            let out = RecordBatch::try_new(ctx.schema.clone(), cols)?;
-            part.write(&out)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![
+                Arc::new(scores_b.finish()),
+                Arc::new(sat_b.finish()),
+                Arc::new(BooleanArray::from(all_b)),
+                Arc::new(Float64Array::from(overall_b)),
+                Arc::new(Int64Array::from(unscored_b)),
+                Arc::new(StringArray::from(err_b)),
+            ])
+        })?;
         let mut out = RunOutput::default();
         out.counters.insert("scored".into(), scored);
         out.counters.insert("unscored".into(), unscored);

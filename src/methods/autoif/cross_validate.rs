@@ -36,7 +36,7 @@ use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
 use crate::python::{pyjson, pytext};
 use crate::sandbox::{self, Executions, SandboxConfig};
-use crate::stages::{
+use crate::stages::{kit, 
     KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
 };
 use crate::table::{batch_rows, read_batches, with_fields};
@@ -206,8 +206,6 @@ impl Stage for CrossValidateStage {
             }
             batches.push(b);
         }
-        let cache = sandbox::cache_path(ctx.engine);
-        let stop = || ctx.cancel.is_interrupted();
         // Phase 1: execute every distinct source once (compile only).
         let mut sources: Vec<(String, Vec<Value>)> = Vec::new();
         let mut seen = HashSet::new();
@@ -218,8 +216,7 @@ impl Stage for CrossValidateStage {
                 sources.push((func.clone(), Vec::new()));
             }
         }
-        let (compiled, iso) = sandbox::execute(&self.sandbox, &cache, &sources, &stop, &|_| {})?;
-        sandbox::log_isolation(ctx.id, iso);
+        let compiled = kit::run_in_sandbox(ctx, &self.sandbox, &sources, &|_| {})?;
         // Phase 2: the instructions that meet the minimums call each function on each case.
         let collected: Vec<Collected> = rows.iter().map(|r| self.collect(r, &compiled)).collect();
         let mut wanted: Vec<(String, Vec<Value>)> = Vec::new();
@@ -234,7 +231,7 @@ impl Stage for CrossValidateStage {
         }
         let total: usize = wanted.iter().map(|w| w.1.len()).sum();
         tracing::info!("{}: {} function calls on test cases", ctx.id, total);
-        let (calls, _) = sandbox::execute(&self.sandbox, &cache, &wanted, &stop, &|n| {
+        let calls = kit::run_in_sandbox(ctx, &self.sandbox, &wanted, &|n| {
             tracing::debug!("{n} calls done")
         })?;
         let results: Vec<Validated> = collected.iter().map(|c| self.validate(c, &calls)).collect();
@@ -258,17 +255,13 @@ impl Stage for CrossValidateStage {
             count("cases_kept", v.n_cases_kept.unwrap_or(0));
             count(if v.kept() { "pass" } else { "fail" }, 1);
         }
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut at = 0;
-        for b in batches {
+        kit::write_with_columns(ctx, batches.into_iter().map(Ok), |b| {
             let n = b.num_rows();
             let cols = columns(&collected[at..at + n], &results[at..at + n]);
             at += n;
-            let mut all: Vec<ArrayRef> = b.columns().to_vec();
-            all.extend(cols);
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), all)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(cols)
+        })?;
         Ok(out)
     }
 }

@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
 use crate::sandbox::{self, Call, Outcome, SandboxConfig};
-use crate::stages::{
+use crate::stages::{kit, 
     Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
 };
 use crate::table::{batch_rows, read_batches, with_fields};
@@ -157,10 +157,7 @@ impl Stage for RunVerifiersStage {
             .iter()
             .map(|f| (f.to_string(), by_source.remove(f).unwrap_or_default()))
             .collect();
-        let cache = sandbox::cache_path(ctx.engine);
-        let stop = || ctx.cancel.is_interrupted();
-        let (ex, iso) = sandbox::execute(&self.sandbox, &cache, &wanted, &stop, &|_| {})?;
-        sandbox::log_isolation(ctx.id, iso);
+        let ex = kit::run_in_sandbox(ctx, &self.sandbox, &wanted, &|_| {})?;
         let mut out = RunOutput::default();
         *out.counters.entry("calls_executed".into()).or_default() += ex.executed as i64;
         *out.counters.entry("calls_cached".into()).or_default() += ex.from_cache as i64;
@@ -194,9 +191,8 @@ impl Stage for RunVerifiersStage {
                 (values, outcomes, score)
             })
             .collect();
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut at = 0;
-        for b in batches {
+        kit::write_with_columns(ctx, batches.into_iter().map(Ok), |b| {
             let n = b.num_rows();
             let slice = &judged[at..at + n];
             at += n;
@@ -225,16 +221,13 @@ impl Stage for RunVerifiersStage {
                     Some(v)
                 })
                 .collect();
-            let mut all: Vec<ArrayRef> = b.columns().to_vec();
-            all.extend([
+            Ok(vec![
                 Arc::new(values.finish()) as ArrayRef,
                 Arc::new(outcomes.finish()),
                 Arc::new(scores),
                 Arc::new(verdict),
-            ]);
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), all)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            ])
+        })?;
         Ok(out)
     }
 }
