@@ -47,7 +47,10 @@ pub fn with_columns(b: &RecordBatch, fields: &[Field], cols: Vec<ArrayRef>) -> R
 /// The rows of `b` that `keep` marks, and the others.
 pub fn split(b: &RecordBatch, keep: &BooleanArray) -> Result<(RecordBatch, RecordBatch)> {
     let drop: BooleanArray = keep.iter().map(|k| k.map(|k| !k)).collect();
-    Ok((filter_record_batch(b, keep)?, filter_record_batch(b, &drop)?))
+    Ok((
+        filter_record_batch(b, keep)?,
+        filter_record_batch(b, &drop)?,
+    ))
 }
 
 /// The side table `<id>__removed` of a kind that removes rows: each removed row with the

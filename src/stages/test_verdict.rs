@@ -8,15 +8,14 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::table::{read_batches, with_fields};
+use crate::table::with_fields;
 
 pub const KIND: KindEntry = KindEntry {
     name: "test_verdict",

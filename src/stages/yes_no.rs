@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
+use arrow::array::{Array, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::{
@@ -27,12 +27,12 @@ use datafusion::logical_expr::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{kit, 
-    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
+use super::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, text_column,
+    unknown_column,
 };
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
-use crate::table::{read_batches, string_col, with_fields};
+use crate::table::{string_col, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "yes_no",

@@ -18,20 +18,19 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, BooleanArray, BooleanBuilder, Float64Array, ListBuilder, RecordBatch,
-    StringArray,
+    Array, AsArray, BooleanArray, BooleanBuilder, Float64Array, ListBuilder, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rules;
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{kit, 
-    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column, unknown_column,
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, text_column,
+    unknown_column,
 };
-use crate::table::{read_batches, string_col, with_fields};
+use crate::table::{string_col, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "followbench",

@@ -28,7 +28,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
+use arrow::array::{Array, ArrayRef, ListBuilder, StringArray, StringBuilder};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use schemars::JsonSchema;
@@ -36,12 +36,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::checks::INSTRUCTION_IDS;
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{kit, 
-    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, unknown_column,
 };
-use crate::table::{is_string_type, read_batches, with_fields};
+use crate::table::{is_string_type, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "ifeval_constraints",

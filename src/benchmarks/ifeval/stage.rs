@@ -25,13 +25,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::checks::{self as ifeval, RowVerdict};
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::stages::{kit, 
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
+use crate::stages::{
+    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, text_column,
     unknown_column,
 };
-use crate::table::{batch_rows, is_string_list, read_batches, with_fields};
+use crate::table::{batch_rows, is_string_list, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "ifeval",

@@ -23,8 +23,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Float64Builder, Int64Array, ListBuilder, RecordBatch, StringArray,
-    StringBuilder,
+    ArrayRef, BooleanArray, Float64Builder, Int64Array, ListBuilder, StringArray, StringBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use regex::Regex;
@@ -32,12 +31,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
 use crate::python::{pyjson, pytext};
-use crate::sandbox::{self, Executions, SandboxConfig};
-use crate::stages::{kit, 
-    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+use crate::sandbox::{Executions, SandboxConfig};
+use crate::stages::{
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, unknown_column,
 };
 use crate::table::{batch_rows, read_batches, with_fields};
 

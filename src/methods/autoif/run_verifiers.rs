@@ -14,19 +14,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, Float64Array, Int64Builder, ListBuilder, RecordBatch, StringArray, StringBuilder,
-};
+use arrow::array::{ArrayRef, Float64Array, Int64Builder, ListBuilder, StringArray, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
-use crate::sandbox::{self, Call, Outcome, SandboxConfig};
-use crate::stages::{kit, 
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, unknown_column,
+use crate::sandbox::{Call, Outcome, SandboxConfig};
+use crate::stages::{
+    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, unknown_column,
 };
 use crate::table::{batch_rows, read_batches, with_fields};
 
