@@ -528,7 +528,7 @@ fn fingerprints(
             hash_json(&serde_json::json!({
                 "kind": s.kind,
                 "version": s.stage.version(),
-                "config": s.stage.fingerprint(),
+                "config": crate::stages::fingerprint(&*s.stage),
                 "parents": ds,
                 "parent_fingerprints": parent_fps,
             }))

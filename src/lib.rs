@@ -8,6 +8,10 @@
 //!
 //! ## Layout
 //!
+//! The binary is a thin `main` over [`cli`]; the crate's public surface is what it, the
+//! tests and the benches use ([`cli`], [`sandbox`], [`stats`], [`sim`]), everything else is
+//! `pub(crate)`.
+//!
 //! Layers from the bottom up; a module imports only from its own layer's foundations and the
 //! layers below it (the one circle is inherent: the pipeline parser looks kinds up in the
 //! registry, and the registry holds what kinds are).
@@ -51,29 +55,29 @@
 //! Adding a benchmark touches its folder under `benchmarks/` (rules, kinds, `MODULE`), one
 //! line in [`registry::modules`], its pipeline, its SQL, its tests and its docs page.
 
-pub mod benchmarks;
-pub mod cancel;
+pub(crate) mod benchmarks;
+pub(crate) mod cancel;
 pub mod cli;
-pub mod compile;
-pub mod engine;
-pub mod error;
-pub mod exec;
-pub mod input;
-pub mod json;
-pub mod llm_client;
-pub mod methods;
-pub mod module;
-pub mod python;
-pub mod query;
-pub mod registry;
-pub mod report;
+pub(crate) mod compile;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod exec;
+pub(crate) mod input;
+pub(crate) mod json;
+pub(crate) mod llm_client;
+pub(crate) mod methods;
+pub(crate) mod module;
+pub(crate) mod python;
+pub(crate) mod query;
+pub(crate) mod registry;
+pub(crate) mod report;
 pub mod sandbox;
 pub mod sim;
-pub mod spec;
-pub mod stages;
+pub(crate) mod spec;
+pub(crate) mod stages;
 pub mod stats;
-pub mod store;
-pub mod table;
-pub mod target;
-pub mod udf;
-pub mod yaml;
+pub(crate) mod store;
+pub(crate) mod table;
+pub(crate) mod target;
+pub(crate) mod udf;
+pub(crate) mod yaml;

@@ -174,4 +174,54 @@ mod tests {
             }
         }
     }
+
+    /// Every field of every kind's config is in its fingerprint unless the kind excludes it
+    /// (and an exclusion names a real field), over the stages of every shipped pipeline.
+    #[test]
+    fn fingerprints_cover_every_config_field_but_the_excluded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        let mut kinds_seen = std::collections::BTreeSet::new();
+        for file in files {
+            let Ok((pipeline, _)) = crate::spec::load(&file, &[], &|k| std::env::var(k).ok())
+            else {
+                continue;
+            };
+            for s in &pipeline.stages {
+                let entry = kind(&s.kind).unwrap();
+                let fields: Vec<String> = entry
+                    .fields()
+                    .into_iter()
+                    .filter(|f| !["id", "kind", "from", "description"].contains(&f.as_str()))
+                    .collect();
+                let excluded = s.stage.fingerprint_excludes();
+                let fp = crate::stages::fingerprint(&*s.stage);
+                let fp = fp.as_object().unwrap();
+                for f in &fields {
+                    assert!(
+                        excluded.contains(&f.as_str()) || fp.contains_key(f),
+                        "{}: stage {} ({}): field `{f}` is neither in the fingerprint nor excluded",
+                        file.display(),
+                        s.id,
+                        s.kind
+                    );
+                }
+                for e in excluded {
+                    assert!(
+                        fields.iter().any(|f| f == e),
+                        "kind {}: excludes `{e}`, which is not one of its fields",
+                        s.kind
+                    );
+                }
+                kinds_seen.insert(s.kind.clone());
+            }
+        }
+        // The shipped pipelines use nearly every kind: the check is not vacuous.
+        assert!(kinds_seen.len() >= 14, "kinds checked: {kinds_seen:?}");
+    }
 }

@@ -491,10 +491,6 @@ impl Stage for ExportStage {
         true
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn external_outputs(&self, run_dir: &Path) -> Vec<PathBuf> {
         self.targets(run_dir).into_iter().map(|(_, p)| p).collect()
     }

@@ -204,7 +204,38 @@ pub enum Arity {
     AtLeastOne,
 }
 
-pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
+/// A kind's parsed config as JSON: what its fingerprint is derived from. Every kind's config
+/// is a serde type, so this comes with it.
+pub trait Config {
+    fn config(&self) -> serde_json::Value;
+}
+
+impl<T: serde::Serialize> Config for T {
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The fingerprint of a stage's config (what decides whether its stored table is reused,
+/// with its kind, version and parents'): its whole parsed config minus the fields the kind
+/// names in [`Stage::fingerprint_excludes`], plus [`Stage::fingerprint_extra`]. Derived, not
+/// listed, so a field a kind adds is covered without anyone remembering to list it.
+pub fn fingerprint(stage: &dyn Stage) -> serde_json::Value {
+    let mut config = stage.config();
+    if let serde_json::Value::Object(fields) = &mut config {
+        for excluded in stage.fingerprint_excludes() {
+            fields.remove(*excluded);
+        }
+        let extra = stage.fingerprint_extra();
+        if !extra.is_null() {
+            // Not a field name any kind can have (fields are identifiers).
+            fields.insert("(extra)".into(), extra);
+        }
+    }
+    config
+}
+
+pub trait Stage: AsAny + Config + std::fmt::Debug + Send + Sync {
     /// Bump when the kind's output for the same config changes, so stored tables are redone.
     fn version(&self) -> u32 {
         1
@@ -241,9 +272,18 @@ pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
         Vec::new()
     }
 
-    /// The semantic configuration: what the fingerprint covers. Operational settings
-    /// (concurrency, endpoints, timeouts) must not be in it.
-    fn fingerprint(&self) -> serde_json::Value;
+    /// Config fields that cannot change the table (operational settings: endpoints,
+    /// concurrency), left out of the [`fingerprint`]; each kind says why beside its list.
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// What the table depends on that the config's fields do not show as written: text
+    /// loaded from files when the stage was built, settings resolved from defaults, the part
+    /// of an excluded group that does change results. Added to the [`fingerprint`].
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 
     /// Files the stage writes outside its table (an output's datasets): the stage is redone
     /// when one of them has gone missing.
@@ -393,4 +433,48 @@ pub fn reserved_columns(ctx: &PlanCtx, reserved: &[&str], adds: &str) -> Vec<Dia
             .hint("drop or rename it upstream")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind with one field that changes its table and one that cannot.
+    #[derive(Debug, serde::Serialize)]
+    struct Probe {
+        threshold: u32,
+        workers: u32,
+    }
+
+    impl Stage for Probe {
+        // How many threads work cannot change the rows.
+        fn fingerprint_excludes(&self) -> &'static [&'static str] {
+            &["workers"]
+        }
+        fn plan(&self, _ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
+            Err(Vec::new())
+        }
+        fn run(&self, _ctx: &RunCtx) -> Result<RunOutput> {
+            Ok(RunOutput::default())
+        }
+    }
+
+    #[test]
+    fn a_config_field_changes_the_fingerprint_unless_excluded() {
+        let base = fingerprint(&Probe {
+            threshold: 5,
+            workers: 2,
+        });
+        let other_threshold = fingerprint(&Probe {
+            threshold: 6,
+            workers: 2,
+        });
+        let other_workers = fingerprint(&Probe {
+            threshold: 5,
+            workers: 8,
+        });
+        assert_ne!(base, other_threshold);
+        assert_eq!(base, other_workers);
+        assert_eq!(base, serde_json::json!({"threshold": 5}));
+    }
 }

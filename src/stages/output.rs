@@ -89,10 +89,6 @@ impl Stage for OutputStage {
         true
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();

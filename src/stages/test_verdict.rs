@@ -33,10 +33,6 @@ pub struct TestVerdict {
 }
 
 impl Stage for TestVerdict {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({ "threshold": self.threshold })
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         match ctx.parent().field_with_name("score") {
             Ok(f) if f.data_type() == &DataType::Int64 => Ok(with_fields(

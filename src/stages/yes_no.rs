@@ -117,10 +117,6 @@ pub struct YesNoStage {
 const ADDED: [&str; 2] = ["answer", "answer_error"];
 
 impl Stage for YesNoStage {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({"judgement": self.judgement, "rule": self.rule, "reason": self.reason})
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         if let Some(mut d) = text_column(ctx, &self.judgement, "yes_no") {

@@ -76,14 +76,6 @@ const INTEGERS: [&str; 2] = ["example_id", "level"];
 const ADDED: [&str; 5] = ["checker", "satisfied", "hard", "soft", "eval_error"];
 
 impl Stage for FollowBenchStage {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
-            "response": self.response,
-            "judgement": self.judgement,
-            "reason": self.reason,
-        })
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         for (field, col) in [("response", &self.response), ("judgement", &self.judgement)] {

@@ -139,14 +139,9 @@ impl Stage for IfevalConstraintsStage {
         true
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        json!({
-            "prompt": self.prompt,
-            "seed": self.seed,
-            "min_constraints": self.min_constraints,
-            "max_constraints": self.max_constraints,
-            "types": self.types.as_ref().map(|_| self.types()),
-        })
+    // The instruction types as resolved (the registry's order, `types:` applied).
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        json!({ "types": self.types() })
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {

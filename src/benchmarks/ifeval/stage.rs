@@ -96,15 +96,6 @@ impl Stage for IfevalStage {
         1
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
-            "response": self.response,
-            "instructions": self.instructions,
-            "kwargs": self.kwargs,
-            "verdict": self.verdict,
-        })
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();

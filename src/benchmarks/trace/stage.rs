@@ -225,11 +225,6 @@ fn added_fields() -> [Field; 6] {
 }
 
 impl Stage for ConstraintScoresStage {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({"judgement": self.judgement, "constraints": self.constraints,
-                           "pass_score": self.pass_score})
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         if let Some(mut d) = text_column(ctx, &self.judgement, "constraint_scores") {

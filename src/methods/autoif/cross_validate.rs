@@ -124,17 +124,13 @@ fn list_of(t: DataType) -> DataType {
 }
 
 impl Stage for CrossValidateStage {
-    fn fingerprint(&self) -> Value {
-        serde_json::json!({
-            "instruction": self.instruction,
-            "answers": self.answers,
-            "min_functions": self.min_functions,
-            "min_cases": self.min_cases,
-            "min_accuracy": self.min_accuracy,
-            "dedup": self.dedup,
-            "drop_lines_containing": self.drop_lines_containing,
-            "sandbox": self.sandbox.semantic(),
-        })
+    // The sandbox's workers change how fast, not what: only its semantic part counts.
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &["sandbox"]
+    }
+
+    fn fingerprint_extra(&self) -> Value {
+        serde_json::json!({ "sandbox": self.sandbox.semantic() })
     }
 
     fn prepare(

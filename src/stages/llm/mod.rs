@@ -361,30 +361,23 @@ impl Stage for LlmStage {
         self.check_config(node, ctx)
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        // The semantic request (templates, model, params, samples) and what is done with the
-        // answer; endpoints, profile, keys and concurrency are left out on purpose.
-        let mut f = serde_json::json!({
-            "model": self.model,
-            "api": self.api,
-            "templates": self.templates,
-            "params": self.params,
-            "samples": self.samples,
-            "explode": self.explode,
-            "response_format": self.response_format,
-            "parse": self.parse,
-            "on_parse_error": self.on_parse_error,
-            "retry_on_parse_error": self.retry_on_parse_error,
-            "on_error": self.on_error,
-            "clamp_max_tokens": self.clamp_max_tokens,
-            "reasoning": self.reasoning,
-            "output": self.output,
-        });
-        // Only when used, so the stages without turns keep their fingerprints.
-        if !self.turns.is_empty() {
-            f["turns"] = serde_json::json!(self.turns);
-        }
-        f
+    // Where and how fast requests go (endpoints, their profile and key, concurrency) does
+    // not change the answers; `messages` / `prompt` are covered by the templates loaded from
+    // them (a template file that moved keeps the table).
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &[
+            "endpoint",
+            "endpoints",
+            "profile",
+            "api_key_env",
+            "max_in_flight",
+            "messages",
+            "prompt",
+        ]
+    }
+
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        serde_json::json!({ "templates": self.templates, "turns": self.turns })
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
