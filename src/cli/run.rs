@@ -153,7 +153,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         ..Default::default()
     };
     let report = match &target {
-        Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?.report,
+        Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?,
         None => exec::run(&plan, &dir, &engine, &opts)?,
     };
     // Dead-lettered samples are easy to miss in a stage's counters: say where they are and

@@ -243,7 +243,6 @@ type Queued = (String, Arc<str>, Arc<CachedResponse>);
 
 /// A handle for lookups plus a background writer.
 pub struct Cache {
-    path: PathBuf,
     reader: std::sync::Mutex<Connection>,
     tx: Option<mpsc::Sender<Queued>>,
     /// Responses handed to [`Cache::put`] and not yet committed (by the id's 128-bit value, as
@@ -285,7 +284,6 @@ impl Cache {
             r
         });
         Ok(Cache {
-            path: path.to_path_buf(),
             reader: std::sync::Mutex::new(reader),
             tx: Some(tx),
             unsaved,
@@ -298,10 +296,6 @@ impl Cache {
     /// sending: what it received would be lost).
     pub fn failure(&self) -> Option<&str> {
         self.failed.get().map(String::as_str)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Look up many ids at once (bodies read in one pass, then decoded in parallel), including

@@ -32,9 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use arrow::array::ArrayRef;
-use arrow::datatypes::{DataType, Field, Fields, Schema};
-use arrow::error::ArrowError;
+use arrow::datatypes::{DataType, Field, Fields};
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -107,27 +105,6 @@ pub struct ChoiceSpec {
     /// Two choices: the first becomes `true`, the second `false` (a bool column).
     #[serde(default)]
     pub boolean: bool,
-}
-
-/// What to do with `<think>…</think>` in an answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Reasoning {
-    /// Remove it from the answer (and keep it apart).
-    #[default]
-    Strip,
-    /// Keep the text exactly as the server sent it.
-    Keep,
-}
-
-impl Reasoning {
-    /// (answer, reasoning) for this setting.
-    pub fn apply(self, text: &str) -> (String, Option<String>) {
-        match self {
-            Reasoning::Strip => strip_reasoning(text),
-            Reasoning::Keep => (text.to_string(), None),
-        }
-    }
 }
 
 /// A parsed answer.
@@ -1043,35 +1020,40 @@ pub fn arrow_type(spec: &ParseSpec) -> DataType {
     }
 }
 
-/// Build the parsed column from [`Parsed::value`]s (null for `None`).
-pub fn to_arrow(spec: &ParseSpec, values: &[Option<Value>]) -> Result<ArrayRef, ArrowError> {
-    let ty = arrow_type(spec);
-    if values.is_empty() {
-        return Ok(arrow::array::new_empty_array(&ty));
-    }
-    let schema = Arc::new(Schema::new(vec![Field::new("v", ty, true)]));
-    let rows: Vec<Value> = values
-        .iter()
-        .map(|v| {
-            let mut m = Map::new();
-            m.insert("v".into(), v.clone().unwrap_or(Value::Null));
-            Value::Object(m)
-        })
-        .collect();
-    let mut d = arrow::json::ReaderBuilder::new(schema)
-        .with_batch_size(rows.len())
-        .build_decoder()?;
-    d.serialize(&rows)?;
-    let batch = d
-        .flush()?
-        .ok_or_else(|| ArrowError::JsonError("no rows decoded".into()))?;
-    Ok(batch.column(0).clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::ArrayRef;
+    use arrow::datatypes::Schema;
+    use arrow::error::ArrowError;
     use serde_json::json;
+
+    /// Build the parsed column from [`Parsed::value`]s (null for `None`) through arrow's JSON
+    /// decoder: the tests' independent check of [`arrow_type`] (the llm stage builds its columns
+    /// itself, in `stages/llm/write.rs`).
+    fn to_arrow(spec: &ParseSpec, values: &[Option<Value>]) -> Result<ArrayRef, ArrowError> {
+        let ty = arrow_type(spec);
+        if values.is_empty() {
+            return Ok(arrow::array::new_empty_array(&ty));
+        }
+        let schema = Arc::new(Schema::new(vec![Field::new("v", ty, true)]));
+        let rows: Vec<Value> = values
+            .iter()
+            .map(|v| {
+                let mut m = Map::new();
+                m.insert("v".into(), v.clone().unwrap_or(Value::Null));
+                Value::Object(m)
+            })
+            .collect();
+        let mut d = arrow::json::ReaderBuilder::new(schema)
+            .with_batch_size(rows.len())
+            .build_decoder()?;
+        d.serialize(&rows)?;
+        let batch = d
+            .flush()?
+            .ok_or_else(|| ArrowError::JsonError("no rows decoded".into()))?;
+        Ok(batch.column(0).clone())
+    }
 
     fn f(name: &str, ty: FieldType, required: bool) -> FieldSpec {
         FieldSpec {
@@ -1187,11 +1169,6 @@ mod tests {
         assert_eq!(
             strip_reasoning("<think>\n\n</think>\n\n{\"a\": 1}"),
             ("{\"a\": 1}".into(), Some(String::new()))
-        );
-        assert_eq!(Reasoning::default(), Reasoning::Strip);
-        assert_eq!(
-            Reasoning::Keep.apply("<think>x</think>y"),
-            ("<think>x</think>y".into(), None)
         );
     }
 

@@ -241,6 +241,7 @@ pub struct Hit {
 }
 
 /// Check one text against the reference n-grams (hash → mask of sets containing it).
+#[cfg(test)]
 pub fn check(text: &str, n: usize, refs: &HashMap<u64, u64>) -> Option<Hit> {
     check_words(&words(text), n, refs)
 }

@@ -63,6 +63,7 @@ fn ascii_space(b: u8) -> bool {
 }
 
 impl DedupStage {
+    #[cfg(test)]
     pub fn normalize(&self, s: &str) -> String {
         let mut out = Vec::new();
         self.normalize_into(s, &mut out);

@@ -281,6 +281,7 @@ pub fn set_jaccard(a: &[u32], b: &[u32]) -> f64 {
 }
 
 /// Share of equal positions: the estimated Jaccard similarity of two signatures.
+#[cfg(test)]
 pub fn similarity(a: &[u32], b: &[u32]) -> f64 {
     let eq = a.iter().zip(b).filter(|(x, y)| x == y).count();
     eq as f64 / a.len().max(1) as f64
@@ -322,6 +323,7 @@ impl UnionFind {
 }
 
 impl MinHashStage {
+    #[cfg(test)]
     pub fn params(&self) -> &Params {
         &self.params
     }

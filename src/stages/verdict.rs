@@ -112,6 +112,7 @@ pub struct Judged {
 
 impl Judged {
     /// The verdict by `all_yes`.
+    #[cfg(test)]
     pub fn verdict(&self) -> &'static str {
         self.verdict_by(PassRule::AllYes)
     }

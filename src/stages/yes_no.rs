@@ -138,9 +138,9 @@ impl Stage for YesNoStage {
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let (mut yes, mut no, mut unjudged) = (0i64, 0i64, 0i64);
         kit::append_columns(ctx, |b| {
-            let texts = string_col(&b, &self.judgement)?;
+            let texts = string_col(b, &self.judgement)?;
             let reasons = match &self.reason {
-                Some(r) => Some(string_col(&b, r)?),
+                Some(r) => Some(string_col(b, r)?),
                 None => None,
             };
             let mut answers = Vec::with_capacity(b.num_rows());

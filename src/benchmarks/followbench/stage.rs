@@ -123,7 +123,7 @@ impl Stage for FollowBenchStage {
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let (mut rule_checked, mut judged, mut hard_ok, mut unjudged) = (0i64, 0i64, 0i64, 0i64);
         kit::append_columns(ctx, |b| {
-            let col = |name: &str| string_col(&b, name);
+            let col = |name: &str| string_col(b, name);
             let (ty, cat, src, target) = (
                 col("constraint_type")?,
                 col("category")?,

@@ -267,7 +267,7 @@ impl Stage for ConstraintScoresStage {
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
         let (mut scored, mut unscored, mut rows_missing) = (0i64, 0i64, 0i64);
         kit::append_columns(ctx, |b| {
-            let texts = string_col(&b, &self.judgement)?;
+            let texts = string_col(b, &self.judgement)?;
             let cons = b
                 .column_by_name(&self.constraints)
                 .ok_or_else(|| Error::stage(ctx.id, "constraints column missing"))?;
