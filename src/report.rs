@@ -17,7 +17,6 @@ use serde_json::Value;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::module::{self, Chart};
-use crate::query;
 use crate::stats::{self, Histogram, Section, Stats};
 use crate::store::RunDir;
 
@@ -453,14 +452,23 @@ document.body.setAttribute('data-errors',String(window.__ifloomErrors.length));}
 pub type Samples = Vec<(String, Vec<String>, Vec<Vec<Value>>)>;
 
 /// The first `n` rows of every table of the run (side tables included).
-pub async fn samples(engine: &Engine, dir: &RunDir, n: usize) -> Result<Samples> {
-    let ctx = query::session(engine, dir).await?;
+pub fn samples(dir: &RunDir, n: usize) -> Result<Samples> {
     let mut out = Vec::new();
     for (t, _) in dir.tables()? {
-        let df = ctx
-            .sql(&format!("SELECT * FROM \"{}\" LIMIT {n}", t.id))
-            .await?;
-        let (cols, rows) = stats::json_rows(&df.collect().await?)?;
+        // The first rows in part order: a `LIMIT` over a table of several parts returned
+        // whichever part a thread read first, so two reports of one run could differ.
+        let mut batches = Vec::new();
+        let mut left = n;
+        for b in crate::table::read_batches(&t.files) {
+            if left == 0 {
+                break;
+            }
+            let b = b?;
+            let take = left.min(b.num_rows());
+            batches.push(b.slice(0, take));
+            left -= take;
+        }
+        let (cols, rows) = stats::json_rows(&batches)?;
         let cols = if cols.is_empty() {
             t.schema.fields().iter().map(|f| f.name().clone()).collect()
         } else {
@@ -510,7 +518,7 @@ pub fn build(
     sample_rows: usize,
 ) -> Result<String> {
     let st = stats::compute_blocking(engine, dir, opts)?;
-    let sm = engine.block_on(samples(engine, dir, sample_rows))?;
+    let sm = samples(dir, sample_rows)?;
     Ok(render(&st, &sm))
 }
 
