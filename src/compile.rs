@@ -9,8 +9,9 @@ use arrow::datatypes::SchemaRef;
 use crate::engine::Engine;
 use crate::error::{Diagnostic, Diagnostics, did_you_mean};
 use crate::input::{self, InputScan};
-use crate::spec::{self, ID_COL, Pipeline};
+use crate::spec::{self, Pipeline};
 use crate::stages::{Arity, PlanCtx};
+use crate::table::ID_COL;
 use crate::yaml::Pos;
 
 /// Version of ifloom's input materialization (bump when `_id` or reading changes).
@@ -473,7 +474,8 @@ fn plan_schemas(
             continue;
         }
         let ctx = PlanCtx {
-            def: s,
+            id: &s.id,
+            node: &s.node,
             file: &pipeline.file,
             parents,
             engine,
@@ -526,7 +528,7 @@ fn fingerprints(
             hash_json(&serde_json::json!({
                 "kind": s.kind,
                 "version": s.stage.version(),
-                "config": s.stage.fingerprint(),
+                "config": crate::stages::fingerprint(&*s.stage),
                 "parents": ds,
                 "parent_fingerprints": parent_fps,
             }))

@@ -12,6 +12,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -31,16 +32,20 @@ pub struct Engine {
     /// The response cache named on the command line (`--cache`); `None`: the default of the
     /// kind that keeps one (the llm stage's is `$IFLOOM_CACHE`, else under `~/.cache/ifloom`).
     pub cache_path: Option<PathBuf>,
+    /// SQL functions every session gets: the engine names none itself, the caller passes the
+    /// registry's ([`crate::registry::functions`]).
+    pub functions: Arc<[ScalarUDF]>,
 }
 
 impl Engine {
-    pub fn new(rt: tokio::runtime::Handle) -> Self {
+    pub fn new(rt: tokio::runtime::Handle, functions: Vec<ScalarUDF>) -> Self {
         Engine {
             memory_limit: 2 << 30,
             spill_dir: None,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             rt,
             cache_path: None,
+            functions: functions.into(),
         }
     }
 
@@ -65,7 +70,9 @@ impl Engine {
         // Same row-group bound as the files ifloom writes itself (see `ROW_GROUP_ROWS`).
         config.options_mut().execution.parquet.max_row_group_size = ROW_GROUP_ROWS;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        crate::udf::register_all(&ctx);
+        for f in self.functions.iter() {
+            ctx.register_udf(f.clone());
+        }
         Ok(ctx)
     }
 

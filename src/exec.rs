@@ -236,7 +236,7 @@ fn dry_run_one(
     inputs: Vec<Table>,
 ) -> Option<Result<()>> {
     let s = plan.pipeline.stage(id)?;
-    if !crate::stages::kind_can(&s.kind, Capability::SendsRequests) {
+    if !crate::registry::kind_can(&s.kind, Capability::SendsRequests) {
         return None;
     }
     let deps = plan.deps.get(id).cloned().unwrap_or_default();

@@ -12,8 +12,79 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use crate::spec::{Format, ID_COL, InputDef};
+use crate::table::ID_COL;
+use crate::yaml::{Node, Pos};
+
+/// File formats an input can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Parquet,
+    Jsonl,
+    Json,
+    Csv,
+    /// Plain text, one row per line in a column `text` (AutoIF's seed instruction files).
+    Text,
+}
+
+impl Format {
+    pub fn from_path(path: &str) -> Option<Format> {
+        let lower = path.to_lowercase();
+        let ext = lower.rsplit('.').next()?;
+        Some(match ext {
+            "parquet" | "pq" => Format::Parquet,
+            "jsonl" | "ndjson" => Format::Jsonl,
+            "json" => Format::Json,
+            "csv" => Format::Csv,
+            "txt" => Format::Text,
+            _ => return None,
+        })
+    }
+}
+
+/// A seeded random sample of an input: either `n` rows or a `fraction` of them. The choice
+/// depends only on each row's `_id` and the seed, never on file order or threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SampleSpec {
+    /// Number of rows to keep.
+    #[serde(default)]
+    pub n: Option<u64>,
+    /// Share of rows to keep, between 0 and 1.
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    /// Seed of the selection.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A named source of rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// File path or glob, relative to the pipeline file.
+    pub path: String,
+    /// File format; taken from the file extension when omitted.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Keep only the first `limit` rows (after reading all matched files in name order).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Keep a seeded random sample of the rows.
+    #[serde(default)]
+    pub sample: Option<SampleSpec>,
+}
+
+#[derive(Debug)]
+pub struct InputDef {
+    pub id: String,
+    pub pos: Pos,
+    pub node: Node,
+    pub spec: InputSpec,
+}
 
 const BATCH: usize = 8192;
 

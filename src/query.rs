@@ -47,7 +47,7 @@ fn stages_batch(tables: &[(crate::table::Table, crate::store::Manifest)]) -> Res
         id.push(t.id.clone());
         match &side {
             None => {
-                let entry = crate::stages::kind(&m.kind);
+                let entry = crate::registry::kind(&m.kind);
                 for c in entry.map_or(&[][..], |k| k.capabilities) {
                     capabilities.values().append_value(c.name());
                 }

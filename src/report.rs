@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::query;
+use crate::module::{self, Chart};
 use crate::stats::{self, Histogram, Section, Stats};
 use crate::store::RunDir;
 
@@ -294,323 +294,118 @@ fn html_table(columns: &[String], rows: &[Vec<Value>]) -> String {
     s
 }
 
-/// The charts of a run's figures.
+const RATES: &[(&str, &str)] = &[
+    ("sft_pass_rate", "SFT pass rate"),
+    ("dpo_pass_rate", "DPO pass rate"),
+    ("response_pass_rate", "response pass rate"),
+];
+
+/// The core's charts drawn before the modules' (see [`crate::module::Module::charts`]).
+const FIRST: &[Chart] = &[
+    Chart {
+        section: "funnel",
+        unless: None,
+        title: "Funnel: rows per stage",
+        axis: "rows",
+        label: "{stage}",
+        series: &[("rows_out", "rows")],
+        percent: false,
+    },
+    Chart {
+        section: "contamination",
+        unless: None,
+        title: "Contamination removed per benchmark",
+        axis: "rows",
+        label: "{stage} {reference}",
+        series: &[
+            ("ngram_rows", "shared n-gram"),
+            ("near_dup_rows", "near duplicate"),
+        ],
+        percent: false,
+    },
+    Chart {
+        section: "pass_by_round",
+        unless: None,
+        title: "Pass rates by augmentation round",
+        axis: "share of instructions / responses (%)",
+        label: "{table} round {round}",
+        series: RATES,
+        percent: true,
+    },
+    Chart {
+        section: "pass_rates",
+        unless: Some("pass_by_round"),
+        title: "Pass rates",
+        axis: "share of instructions / responses (%)",
+        label: "{table}",
+        series: RATES,
+        percent: true,
+    },
+    Chart {
+        section: "pass_by_category",
+        unless: None,
+        title: "Pass rate by constraint category",
+        axis: "share of YES answers (%)",
+        label: "{category}",
+        series: &[("pass_rate", "pass rate")],
+        percent: true,
+    },
+    Chart {
+        section: "pass_by_question",
+        unless: None,
+        title: "Pass rate by evaluation question",
+        axis: "share of YES answers (%)",
+        label: "question {question}",
+        series: &[("pass_rate", "pass rate")],
+        percent: true,
+    },
+];
+
+/// The core's charts drawn after the modules'.
+const LAST: &[Chart] = &[Chart {
+    section: "llm",
+    unless: None,
+    title: "Token totals per LLM stage",
+    axis: "tokens",
+    label: "{stage}",
+    series: &[
+        ("prompt_tokens", "prompt"),
+        ("completion_tokens", "completion"),
+    ],
+    percent: false,
+}];
+
+/// One declared chart of the run's figures; `None` when the run lacks its section.
+fn draw(st: &Stats, chart: &Chart) -> Option<String> {
+    let sec = st.section(chart.section)?;
+    if chart.unless.is_some_and(|u| st.section(u).is_some()) {
+        return None;
+    }
+    let rows: Vec<(String, Vec<f64>)> = sec
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                module::label(chart.label, |c| text(sec, r, c)),
+                chart.series.iter().map(|(c, _)| num(sec, r, c)).collect(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = chart.series.iter().map(|(_, n)| *n).collect();
+    Some(hbar(chart.title, chart.axis, &names, &rows, chart.percent))
+}
+
+/// The charts of a run's figures: the core's, each module's, then the histograms.
 pub fn charts(st: &Stats) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(f) = st.section("funnel") {
-        let rows: Vec<(String, Vec<f64>)> = f
-            .rows
-            .iter()
-            .map(|r| (text(f, r, "stage"), vec![num(f, r, "rows_out")]))
-            .collect();
-        out.push(hbar(
-            "Funnel: rows per stage",
-            "rows",
-            &["rows"],
-            &rows,
-            false,
-        ));
-    }
-    if let Some(c) = st.section("contamination") {
-        let rows: Vec<(String, Vec<f64>)> = c
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    format!("{} {}", text(c, r, "stage"), text(c, r, "reference")),
-                    vec![num(c, r, "ngram_rows"), num(c, r, "near_dup_rows")],
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Contamination removed per benchmark",
-            "rows",
-            &["shared n-gram", "near duplicate"],
-            &rows,
-            false,
-        ));
-    }
-    let rates = ["sft_pass_rate", "dpo_pass_rate", "response_pass_rate"];
-    let rate_names = ["SFT pass rate", "DPO pass rate", "response pass rate"];
-    if let Some(p) = st.section("pass_by_round") {
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    format!("{} round {}", text(p, r, "table"), text(p, r, "round")),
-                    rates.iter().map(|c| num(p, r, c)).collect(),
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Pass rates by augmentation round",
-            "share of instructions / responses (%)",
-            &rate_names,
-            &rows,
-            true,
-        ));
-    } else if let Some(p) = st.section("pass_rates") {
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(p, r, "table"),
-                    rates.iter().map(|c| num(p, r, c)).collect(),
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Pass rates",
-            "share of instructions / responses (%)",
-            &rate_names,
-            &rows,
-            true,
-        ));
-    }
-    if let Some(p) = st.section("pass_by_category") {
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| (text(p, r, "category"), vec![num(p, r, "pass_rate")]))
-            .collect();
-        out.push(hbar(
-            "Pass rate by constraint category",
-            "share of YES answers (%)",
-            &["pass rate"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(p) = st.section("pass_by_question") {
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    format!("question {}", text(p, r, "question")),
-                    vec![num(p, r, "pass_rate")],
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Pass rate by evaluation question",
-            "share of YES answers (%)",
-            &["pass rate"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(p) = st.section("ifeval") {
-        let cols = [
-            "prompt_level_strict_acc",
-            "inst_level_strict_acc",
-            "prompt_level_loose_acc",
-            "inst_level_loose_acc",
-        ];
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(p, r, "table"),
-                    cols.iter().map(|c| num(p, r, c)).collect(),
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "IFEval accuracy",
-            "share of prompts / instructions followed (%)",
-            &[
-                "prompt strict",
-                "instruction strict",
-                "prompt loose",
-                "instruction loose",
-            ],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(p) = st.section("ifeval_by_type") {
-        let rows: Vec<(String, Vec<f64>)> = p
-            .rows
-            .iter()
-            .map(|r| {
-                // `detectable_format:number_bullet_lists` → `number_bullet_lists`: the part
-                // after the group is unique and fits the label column.
-                let id = text(p, r, "instruction_type");
-                let short = id
-                    .split_once(':')
-                    .map_or(id.as_str(), |(_, t)| t)
-                    .to_string();
-                (short, vec![num(p, r, "strict_acc"), num(p, r, "loose_acc")])
-            })
-            .collect();
-        out.push(hbar(
-            "IFEval accuracy by instruction type",
-            "share of instructions followed (%)",
-            &["strict", "loose"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(e) = st.section("eifbench") {
-        let cols = [
-            "task_level_acc",
-            "constraint_level_acc",
-            "subtask_level_acc",
-        ];
-        let rows: Vec<(String, Vec<f64>)> = e
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(e, r, "table"),
-                    cols.iter().map(|c| num(e, r, c)).collect(),
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "EIFBench accuracy",
-            "share (%)",
-            &["task level", "constraint level", "sub-task level"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(c) = st.section("constraint_accuracy") {
-        let cols = ["constraint_level_acc", "instruction_level_acc"];
-        let rows: Vec<(String, Vec<f64>)> = c
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(c, r, "table"),
-                    cols.iter().map(|k| num(c, r, k)).collect(),
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Constraint scores: accuracy",
-            "share satisfied (%)",
-            &["constraint level", "instruction level"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(c) = st.section("constraint_accuracy_by_category") {
-        let rows: Vec<(String, Vec<f64>)> = c
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(c, r, "category"),
-                    vec![num(c, r, "constraint_level_acc")],
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Constraint-level accuracy per category",
-            "share satisfied (%)",
-            &["accuracy"],
-            &rows,
-            true,
-        ));
-    }
-    // FollowBench: HSR and SSR per level and per constraint type, CSL per type.
-    if let Some(l) = st.section("followbench_levels") {
-        let rows: Vec<(String, Vec<f64>)> = l
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    format!("{} level {}", text(l, r, "table"), text(l, r, "level")),
-                    vec![num(l, r, "hsr"), num(l, r, "ssr")],
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "FollowBench per level (mean over constraint types)",
-            "satisfaction rate (%)",
-            &["HSR", "SSR"],
-            &rows,
-            true,
-        ));
-    }
-    if let Some(t) = st.section("followbench_types") {
-        let label =
-            |r: &[Value]| format!("{} {}", text(t, r, "table"), text(t, r, "constraint_type"));
-        let rates: Vec<(String, Vec<f64>)> = t
-            .rows
-            .iter()
-            .map(|r| (label(r), vec![num(t, r, "hsr"), num(t, r, "ssr")]))
-            .collect();
-        out.push(hbar(
-            "FollowBench per constraint type (mean over levels)",
-            "satisfaction rate (%)",
-            &["HSR", "SSR"],
-            &rates,
-            true,
-        ));
-        let csl: Vec<(String, Vec<f64>)> = t
-            .rows
-            .iter()
-            .map(|r| (label(r), vec![num(t, r, "csl")]))
-            .collect();
-        out.push(hbar(
-            "FollowBench consistent satisfaction levels (CSL) per constraint type",
-            "levels satisfied in a row from level 1 (0-5)",
-            &["CSL"],
-            &csl,
-            false,
-        ));
-    }
-    // DRFR overall, per subset and per category, one chart each.
-    for (id, title) in [
-        ("drfr", "DRFR (share of YES among judged questions)"),
-        ("drfr_by_subset", "DRFR per subset"),
-        ("drfr_by_category", "DRFR per category"),
-    ] {
-        if let Some(d) = st.section(id) {
-            let rows: Vec<(String, Vec<f64>)> = d
-                .rows
-                .iter()
-                .map(|r| {
-                    (
-                        format!("{} {}", text(d, r, "table"), text(d, r, "slice")),
-                        vec![num(d, r, "drfr"), num(d, r, "drfr_all")],
-                    )
-                })
-                .collect();
-            out.push(hbar(
-                title,
-                "share of questions answered YES (%)",
-                &["judged questions", "all questions (unjudged = NO)"],
-                &rows,
-                true,
-            ));
-        }
-    }
-    if let Some(l) = st.section("llm") {
-        let rows: Vec<(String, Vec<f64>)> = l
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    text(l, r, "stage"),
-                    vec![num(l, r, "prompt_tokens"), num(l, r, "completion_tokens")],
-                )
-            })
-            .collect();
-        out.push(hbar(
-            "Token totals per LLM stage",
-            "tokens",
-            &["prompt", "completion"],
-            &rows,
-            false,
-        ));
-    }
+    let modules = crate::registry::modules()
+        .iter()
+        .flat_map(|m| m.charts.iter());
+    let mut out: Vec<String> = FIRST
+        .iter()
+        .chain(modules)
+        .chain(LAST)
+        .filter_map(|c| draw(st, c))
+        .collect();
     for h in &st.histograms {
         out.push(hist_chart(h));
     }
@@ -657,14 +452,23 @@ document.body.setAttribute('data-errors',String(window.__ifloomErrors.length));}
 pub type Samples = Vec<(String, Vec<String>, Vec<Vec<Value>>)>;
 
 /// The first `n` rows of every table of the run (side tables included).
-pub async fn samples(engine: &Engine, dir: &RunDir, n: usize) -> Result<Samples> {
-    let ctx = query::session(engine, dir).await?;
+pub fn samples(dir: &RunDir, n: usize) -> Result<Samples> {
     let mut out = Vec::new();
     for (t, _) in dir.tables()? {
-        let df = ctx
-            .sql(&format!("SELECT * FROM \"{}\" LIMIT {n}", t.id))
-            .await?;
-        let (cols, rows) = stats::json_rows(&df.collect().await?)?;
+        // The first rows in part order: a `LIMIT` over a table of several parts returned
+        // whichever part a thread read first, so two reports of one run could differ.
+        let mut batches = Vec::new();
+        let mut left = n;
+        for b in crate::table::read_batches(&t.files) {
+            if left == 0 {
+                break;
+            }
+            let b = b?;
+            let take = left.min(b.num_rows());
+            batches.push(b.slice(0, take));
+            left -= take;
+        }
+        let (cols, rows) = stats::json_rows(&batches)?;
         let cols = if cols.is_empty() {
             t.schema.fields().iter().map(|f| f.name().clone()).collect()
         } else {
@@ -714,7 +518,7 @@ pub fn build(
     sample_rows: usize,
 ) -> Result<String> {
     let st = stats::compute_blocking(engine, dir, opts)?;
-    let sm = engine.block_on(samples(engine, dir, sample_rows))?;
+    let sm = samples(dir, sample_rows)?;
     Ok(render(&st, &sm))
 }
 

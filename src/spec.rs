@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Diagnostic, did_you_mean};
+use crate::input::{InputDef, InputSpec};
 use crate::stages::{self, BuildCtx, SectionCtx, Stage};
 use crate::yaml::{self, Node, Pos, Value};
 
@@ -30,77 +28,6 @@ pub const PROFILE_KEY: &str = "@profile";
 
 /// Where problems of the whole file and of the command line (`--set`, `--profile`) point.
 const START: Pos = Pos { line: 1, col: 1 };
-
-/// Reserved row-identity column, added to every input row.
-pub const ID_COL: &str = "_id";
-
-/// File formats an input can be read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Parquet,
-    Jsonl,
-    Json,
-    Csv,
-    /// Plain text, one row per line in a column `text` (AutoIF's seed instruction files).
-    Text,
-}
-
-impl Format {
-    pub fn from_path(path: &str) -> Option<Format> {
-        let lower = path.to_lowercase();
-        let ext = lower.rsplit('.').next()?;
-        Some(match ext {
-            "parquet" | "pq" => Format::Parquet,
-            "jsonl" | "ndjson" => Format::Jsonl,
-            "json" => Format::Json,
-            "csv" => Format::Csv,
-            "txt" => Format::Text,
-            _ => return None,
-        })
-    }
-}
-
-/// A seeded random sample of an input: either `n` rows or a `fraction` of them. The choice
-/// depends only on each row's `_id` and the seed, never on file order or threads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SampleSpec {
-    /// Number of rows to keep.
-    #[serde(default)]
-    pub n: Option<u64>,
-    /// Share of rows to keep, between 0 and 1.
-    #[serde(default)]
-    pub fraction: Option<f64>,
-    /// Seed of the selection.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-/// A named source of rows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct InputSpec {
-    /// File path or glob, relative to the pipeline file.
-    pub path: String,
-    /// File format; taken from the file extension when omitted.
-    #[serde(default)]
-    pub format: Option<Format>,
-    /// Keep only the first `limit` rows (after reading all matched files in name order).
-    #[serde(default)]
-    pub limit: Option<u64>,
-    /// Keep a seeded random sample of the rows.
-    #[serde(default)]
-    pub sample: Option<SampleSpec>,
-}
-
-#[derive(Debug)]
-pub struct InputDef {
-    pub id: String,
-    pub pos: Pos,
-    pub node: Node,
-    pub spec: InputSpec,
-}
 
 /// One stage as written: its common fields, its node (for positions) and its kind's object.
 #[derive(Debug)]
@@ -828,7 +755,7 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
             .hint("use letters, digits, '_' and '-', without '__' (it becomes a SQL table name)"),
         );
     }
-    let kinds: Vec<&str> = stages::registry().iter().map(|k| k.name).collect();
+    let kinds: Vec<&str> = crate::registry::kinds().iter().map(|k| k.name).collect();
     let kind = match node.get("kind") {
         Some(n) => match n.as_str() {
             Some(k) if kinds.contains(&k) => Some(k.to_string()),
@@ -899,7 +826,7 @@ fn parse_stage(index: usize, node: &Node, build: &BuildCtx) -> Result<StageDef, 
     let Some(kind) = kind else {
         return Err(errs);
     };
-    let entry = stages::registry()
+    let entry = crate::registry::kinds()
         .iter()
         .find(|k| k.name == kind)
         .expect("kind checked above");
@@ -1367,7 +1294,7 @@ pub fn json_schema() -> serde_json::Value {
         sections.insert(s.name.into(), v);
     }
     let mut kinds = Vec::new();
-    for k in stages::registry() {
+    for k in crate::registry::kinds() {
         let mut v = (k.schema)(&mut g).to_value();
         if let Some(obj) = v.as_object_mut() {
             let props = obj.entry("properties").or_insert_with(|| json!({}));

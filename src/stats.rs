@@ -5,8 +5,9 @@
 //! `ifloom sql -f sql/NAME.sql --param ...`, so the terminal table, `--json`, the HTML report
 //! and a hand-run query can never disagree. This module only decides which query to run on
 //! which table (stages by what their kind can do: those that send requests, remove rows or
-//! produce verdicts; the columns a user names) and
-//! shapes the results; it computes no figure itself except histogram bucket widths.
+//! produce verdicts; the sections each module declares for its kinds, see
+//! [`crate::module`]; the columns a user names) and shapes the results; it computes no
+//! figure itself except histogram bucket widths.
 
 use std::collections::BTreeMap;
 
@@ -18,99 +19,20 @@ use serde_json::Value;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::module::{Column, Param};
 use crate::query;
 use crate::stages::Capability;
 use crate::store::{Manifest, RunDir};
 use crate::table::has_col;
 
-/// The canned queries, by file name under `sql/` (all of them: `ifloom sql -f sql/NAME` finds
-/// them here when run outside the repository).
-pub const QUERIES: &[(&str, &str)] = &[
-    ("funnel.sql", include_str!("../sql/funnel.sql")),
-    (
-        "llm_accounting.sql",
-        include_str!("../sql/llm_accounting.sql"),
-    ),
-    ("llm_latency.sql", include_str!("../sql/llm_latency.sql")),
-    ("removed.sql", include_str!("../sql/removed.sql")),
-    (
-        "contamination.sql",
-        include_str!("../sql/contamination.sql"),
-    ),
-    ("drfr.sql", include_str!("../sql/drfr.sql")),
-    (
-        "verifier_functions.sql",
-        include_str!("../sql/verifier_functions.sql"),
-    ),
-    (
-        "eifbench_levels.sql",
-        include_str!("../sql/eifbench_levels.sql"),
-    ),
-    (
-        "followbench_cells.sql",
-        include_str!("../sql/followbench_cells.sql"),
-    ),
-    (
-        "followbench_levels.sql",
-        include_str!("../sql/followbench_levels.sql"),
-    ),
-    (
-        "followbench_types.sql",
-        include_str!("../sql/followbench_types.sql"),
-    ),
-    (
-        "constraint_accuracy.sql",
-        include_str!("../sql/constraint_accuracy.sql"),
-    ),
-    (
-        "constraint_accuracy_by_category.sql",
-        include_str!("../sql/constraint_accuracy_by_category.sql"),
-    ),
-    (
-        "constraint_accuracy_by_count.sql",
-        include_str!("../sql/constraint_accuracy_by_count.sql"),
-    ),
-    ("pass_rates.sql", include_str!("../sql/pass_rates.sql")),
-    (
-        "pass_rates_by_round.sql",
-        include_str!("../sql/pass_rates_by_round.sql"),
-    ),
-    (
-        "pass_rates_by_question.sql",
-        include_str!("../sql/pass_rates_by_question.sql"),
-    ),
-    (
-        "pass_rates_by_category.sql",
-        include_str!("../sql/pass_rates_by_category.sql"),
-    ),
-    ("text_length.sql", include_str!("../sql/text_length.sql")),
-    ("list_length.sql", include_str!("../sql/list_length.sql")),
-    ("histogram.sql", include_str!("../sql/histogram.sql")),
-    (
-        "length_histogram.sql",
-        include_str!("../sql/length_histogram.sql"),
-    ),
-    (
-        "rows_per_stage.sql",
-        include_str!("../sql/rows_per_stage.sql"),
-    ),
-    (
-        "duplicates_removed.sql",
-        include_str!("../sql/duplicates_removed.sql"),
-    ),
-    (
-        "ifeval_accuracy.sql",
-        include_str!("../sql/ifeval_accuracy.sql"),
-    ),
-    (
-        "ifeval_by_type.sql",
-        include_str!("../sql/ifeval_by_type.sql"),
-    ),
-];
+/// Every canned query of `sql/` (each module's, see [`crate::module::Module::queries`]):
+/// `ifloom sql -f sql/NAME.sql` finds them from any folder.
+pub fn queries() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    crate::registry::queries()
+}
 
 fn canned(name: &str) -> &'static str {
-    QUERIES
-        .iter()
+    queries()
         .find(|(n, _)| *n == name)
         .map(|(_, q)| *q)
         .unwrap_or_else(|| panic!("sql/{name} is not compiled in"))
@@ -377,6 +299,16 @@ fn quote_ident(s: &str) -> String {
     }
 }
 
+/// Does the table have the column a section requires?
+fn has_column(schema: &arrow::datatypes::SchemaRef, column: &Column) -> bool {
+    match column {
+        Column::Any(name) => has_col(schema, name),
+        Column::List(name) => schema
+            .field_with_name(name)
+            .is_ok_and(|f| matches!(f.data_type(), DataType::List(_))),
+    }
+}
+
 /// Compute every figure of a run.
 pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<Stats> {
     if !dir.stages().exists() {
@@ -408,7 +340,7 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
         .iter()
         .filter(|(t, _)| !t.id.contains("__"))
         .collect();
-    let can = |m: &Manifest, c: Capability| crate::stages::kind_can(&m.kind, c);
+    let can = |m: &Manifest, c: Capability| crate::registry::kind_can(&m.kind, c);
     let llm: Vec<_> = main
         .iter()
         .filter(|(_, m)| can(m, Capability::SendsRequests))
@@ -563,156 +495,33 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
             .await?;
         }
     }
-    // Verifiable-instruction tables: IFEval's four accuracies, and per instruction type where
-    // the table names its instructions as IFEval does.
-    for (t, _) in main
-        .iter()
-        .filter(|(_, m)| can(m, Capability::VerifiesInstructions))
-    {
-        r.add(
-            "ifeval",
-            "IFEval accuracy (prompt / instruction level, strict / loose)",
-            1,
-            "ifeval_accuracy.sql",
-            &[("table", t.id.clone())],
-        )
-        .await?;
-        if has_col(&t.schema, "instruction_id_list") {
-            r.add(
-                "ifeval_by_type",
-                "IFEval accuracy per instruction type",
-                2,
-                "ifeval_by_type.sql",
-                &[
-                    ("table", t.id.clone()),
-                    ("instructions", "instruction_id_list".into()),
-                ],
-            )
-            .await?;
-        }
-    }
-    // Tables of yes/no answers, one row per evaluation question: DRFR overall and per slice
-    // the table has (InfoBench: subset, category).
-    for (t, _) in main
-        .iter()
-        .filter(|(_, m)| can(m, Capability::AnswersQuestions))
-    {
-        // Questions grouped in sub-tasks of items: EIFBench's three levels.
-        if has_col(&t.schema, "main_id") && has_col(&t.schema, "sub_instruction_id") {
-            r.add(
-                "eifbench",
-                "EIFBench accuracy (task / constraint / sub-task level)",
-                1,
-                "eifbench_levels.sql",
-                &[("table", t.id.clone())],
-            )
-            .await?;
-        }
-        r.add(
-            "drfr",
-            "Share of YES among judged questions (InfoBench's DRFR)",
-            2,
-            "drfr.sql",
-            &[("table", t.id.clone()), ("by", "'all'".into())],
-        )
-        .await?;
-        for (col, title) in [
-            ("subset", "DRFR per subset"),
-            ("category", "DRFR per category"),
-        ] {
-            if has_col(&t.schema, col) {
-                r.add(
-                    &format!("drfr_by_{col}"),
-                    title,
-                    2,
-                    "drfr.sql",
-                    &[("table", t.id.clone()), ("by", col.into())],
-                )
-                .await?;
+    // Each module's sections, for the tables of its kinds.
+    for module in crate::registry::modules() {
+        for group in module.sections {
+            for (t, _) in main
+                .iter()
+                .filter(|(_, m)| group.kinds.contains(&m.kind.as_str()))
+            {
+                for sec in group.sections {
+                    if !sec.requires.iter().all(|c| has_column(&t.schema, c)) {
+                        continue;
+                    }
+                    let params: Vec<(&str, String)> = sec
+                        .params
+                        .iter()
+                        .map(|(name, p)| {
+                            let v = match p {
+                                Param::Table => t.id.clone(),
+                                Param::Text(v) => v.to_string(),
+                            };
+                            (*name, v)
+                        })
+                        .collect();
+                    r.add(sec.id, sec.title, sec.keys, sec.query, &params)
+                        .await?;
+                }
             }
         }
-    }
-    // Cross-validated verifier functions (AutoIF): answers parsed, compiled, functions and
-    // cases kept, and the instructions per drop reason.
-    for (t, _) in main
-        .iter()
-        .filter(|(_, m)| can(m, Capability::ValidatesFunctions))
-    {
-        r.add(
-            "verifier_functions",
-            "Verifier functions: answers parsed and compiled, functions and cases kept",
-            1,
-            "verifier_functions.sql",
-            &[("table", t.id.clone()), ("by", "'all'".into())],
-        )
-        .await?;
-        r.add(
-            "verifier_drops",
-            "Verifier functions: instructions per drop reason (null: kept)",
-            1,
-            "verifier_functions.sql",
-            &[("table", t.id.clone()), ("by", "drop_reason".into())],
-        )
-        .await?;
-    }
-    // Per-constraint judge scores: constraint- and instruction-level accuracy, and per
-    // constraint category where the table lists them.
-    for (t, _) in main
-        .iter()
-        .filter(|(_, m)| can(m, Capability::ScoresConstraints))
-    {
-        r.add(
-            "constraint_accuracy",
-            "Constraint scores: constraint / instruction level accuracy",
-            1,
-            "constraint_accuracy.sql",
-            &[("table", t.id.clone())],
-        )
-        .await?;
-        if let Ok(f) = t.schema.field_with_name("categories")
-            && matches!(f.data_type(), DataType::List(_))
-        {
-            r.add(
-                "constraint_accuracy_by_category",
-                "Constraint-level accuracy per constraint category",
-                1,
-                "constraint_accuracy_by_category.sql",
-                &[("table", t.id.clone()), ("categories", "categories".into())],
-            )
-            .await?;
-        }
-    }
-    // Instructions at constraint levels (FollowBench): HSR and SSR per type and level, per
-    // level, and per type with CSL.
-    for (t, _) in main
-        .iter()
-        .filter(|(_, m)| can(m, Capability::SatisfiesLevels))
-    {
-        let p = [("table", t.id.clone())];
-        r.add(
-            "followbench_types",
-            "FollowBench per constraint type: HSR, SSR (mean over levels, and weighted by level), CSL",
-            2,
-            "followbench_types.sql",
-            &p,
-        )
-        .await?;
-        r.add(
-            "followbench_levels",
-            "FollowBench per level: HSR and SSR (mean over constraint types)",
-            2,
-            "followbench_levels.sql",
-            &p,
-        )
-        .await?;
-        r.add(
-            "followbench_cells",
-            "FollowBench per constraint type and level: HSR and SSR",
-            3,
-            "followbench_cells.sql",
-            &p,
-        )
-        .await?;
     }
     // Dataset statistics: every llm stage's text output, the questions per judged instruction,
     // and whatever the user asked for.
@@ -779,10 +588,10 @@ pub async fn compute(engine: &Engine, dir: &RunDir, opts: &Options) -> Result<St
 fn is_share(column: &str) -> bool {
     column.ends_with("_rate")
         || column.ends_with("_acc")
-        || column.starts_with("drfr")
-        || column.starts_with("hsr")
-        || column.starts_with("ssr")
         || column == "kept"
+        || crate::registry::modules()
+            .iter()
+            .any(|m| m.shares.iter().any(|p| column.starts_with(p)))
 }
 
 /// A cell for the terminal: rates and shares as percentages, floats rounded.

@@ -16,7 +16,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::spec::ID_COL;
+
+/// Reserved row-identity column, added to every input row.
+pub const ID_COL: &str = "_id";
 
 /// One finished table: its Parquet files and schema.
 #[derive(Debug, Clone)]

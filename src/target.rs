@@ -23,7 +23,8 @@ use crate::compile::{Plan, hash_json};
 use crate::engine::Engine;
 use crate::error::{Error, Result, did_you_mean};
 use crate::exec::{self, RunOptions, RunReport};
-use crate::stages::{Capability, kind_can};
+use crate::registry::kind_can;
+use crate::stages::Capability;
 use crate::store::{RunDir, write_atomic};
 
 /// Growth per pass is capped at this factor (an early yield estimate can be far off).
@@ -392,18 +393,6 @@ pub struct State {
     pub final_sent: u64,
 }
 
-/// How a target run ended.
-#[derive(Debug)]
-pub struct Outcome {
-    pub stop: Stop,
-    pub prefix: u64,
-    pub target_rows: u64,
-    pub sent: u64,
-    pub passes: usize,
-    /// The last pass's report (what it computed and reused).
-    pub report: RunReport,
-}
-
 fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -423,7 +412,7 @@ pub fn run(
     engine: &Engine,
     opts: &RunOptions,
     t: &Target,
-) -> Result<Outcome> {
+) -> Result<RunReport> {
     let _lock = dir.lock()?;
     let written: HashMap<String, Option<u64>> = plan
         .pipeline
@@ -561,14 +550,8 @@ pub fn run(
                     thousands(sent),
                     state.passes.len()
                 );
-                return Ok(Outcome {
-                    stop,
-                    prefix: n,
-                    target_rows,
-                    sent,
-                    passes: state.passes.len(),
-                    report,
-                });
+                // The last pass's report (what it computed and reused).
+                return Ok(report);
             }
         }
     }

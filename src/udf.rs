@@ -17,11 +17,10 @@
 //!   that is itself a list gives its first element, as there.
 //! - `struct_entries(s)`: a struct used as a map (one field per key, one value type) as a
 //!   list of `{key, value}`, to `unnest` (EIFBench's `sub_instructions`).
-//! - `yes_no(text, rule)`: a judge's YES/NO answer read by a benchmark's rule, as
-//!   `kind: yes_no` reads it (InfoBench stops questioning after an unreadable answer).
-//! - `followbench_checker(constraint_type, category, source, example_id)`: the name of the
-//!   rule FollowBench checks an instruction with, null when the judge does, as
-//!   `kind: followbench` chooses (a pipeline sends the judge only the rest).
+//!
+//! Stage kinds and benchmarks add functions of their own (`yes_no`, `followbench_checker`):
+//! each module lists its functions in its [`crate::module::Module`], and the engine
+//! registers what the registry gives it.
 
 use std::sync::Arc;
 
@@ -31,85 +30,24 @@ use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::SessionContext;
 
-/// Register every ifloom function with a session.
-pub fn register_all(ctx: &SessionContext) {
-    ctx.register_udf(ScalarUDF::new_from_impl(ToJson::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(WordCount {
-        signature: Signature::string(1, Volatility::Immutable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(PyRepr {
-        signature: Signature::any(1, Volatility::Immutable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(StringList {
-        signature: Signature::string(1, Volatility::Immutable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(StructEntries {
-        signature: Signature::any(1, Volatility::Immutable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(YesNo {
-        signature: Signature::string(2, Volatility::Immutable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(FollowBenchChecker {
-        signature: Signature::any(4, Volatility::Immutable),
-    }));
-}
-
-/// `followbench_checker(constraint_type, category, source, example_id)`: see the module doc.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct FollowBenchChecker {
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for FollowBenchChecker {
-    fn name(&self) -> &str {
-        "followbench_checker"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::Utf8)
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let [ty, category, source, id] = arrays.as_slice() else {
-            return Err(DataFusionError::Plan(
-                "followbench_checker takes four arguments: followbench_checker(constraint_type, category, source, example_id)".into(),
-            ));
-        };
-        let text = |a: &ArrayRef| -> DfResult<StringArray> {
-            Ok(arrow::compute::cast(a, &DataType::Utf8)?
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .expect("Utf8")
-                .clone())
-        };
-        let (ty, category, source) = (text(ty)?, text(category)?, text(source)?);
-        let id = arrow::compute::cast(id, &DataType::Int64)?;
-        let id = id
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .expect("Int64");
-        fn value(a: &StringArray, i: usize) -> &str {
-            if a.is_null(i) { "" } else { a.value(i) }
-        }
-        let out: StringArray = (0..ty.len())
-            .map(|i| {
-                crate::stages::followbench::rules::checker(
-                    value(&ty, i),
-                    value(&category, i),
-                    value(&source, i),
-                    if id.is_null(i) { -1 } else { id.value(i) },
-                )
-            })
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out)))
-    }
+/// The functions every session has (the core module's, see [`crate::registry`]).
+pub fn functions() -> Vec<ScalarUDF> {
+    vec![
+        ScalarUDF::new_from_impl(ToJson::new()),
+        ScalarUDF::new_from_impl(WordCount {
+            signature: Signature::string(1, Volatility::Immutable),
+        }),
+        ScalarUDF::new_from_impl(PyRepr {
+            signature: Signature::any(1, Volatility::Immutable),
+        }),
+        ScalarUDF::new_from_impl(StringList {
+            signature: Signature::string(1, Volatility::Immutable),
+        }),
+        ScalarUDF::new_from_impl(StructEntries {
+            signature: Signature::any(1, Volatility::Immutable),
+        }),
+    ]
 }
 
 /// `struct_entries(s)`: a struct whose fields all have one type, as a list of
@@ -205,58 +143,6 @@ impl ScalarUDFImpl for StructEntries {
             st.nulls().cloned(),
         )?;
         Ok(ColumnarValue::Array(Arc::new(list)))
-    }
-}
-
-/// `yes_no(text, rule)`: a judge's YES/NO answer as `kind: yes_no` reads it under `rule`
-/// (`infobench`, `eifbench`); null when the text gives none.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct YesNo {
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for YesNo {
-    fn name(&self) -> &str {
-        "yes_no"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::Boolean)
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        use crate::stages::yes_no::{Rule, parse};
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let [text, rule] = arrays.as_slice() else {
-            return Err(DataFusionError::Plan(
-                "yes_no takes two arguments: yes_no(text, rule)".into(),
-            ));
-        };
-        let text = arrow::compute::cast(text, &DataType::Utf8)?;
-        let rule = arrow::compute::cast(rule, &DataType::Utf8)?;
-        let (text, rule) = (
-            text.as_any().downcast_ref::<StringArray>().expect("Utf8"),
-            rule.as_any().downcast_ref::<StringArray>().expect("Utf8"),
-        );
-        let mut out = arrow::array::BooleanBuilder::with_capacity(text.len());
-        for i in 0..text.len() {
-            if text.is_null(i) || rule.is_null(i) {
-                out.append_null();
-                continue;
-            }
-            let r = Rule::from_name(rule.value(i)).ok_or_else(|| {
-                DataFusionError::Execution(format!(
-                    "yes_no: unknown rule `{}` (infobench, eifbench)",
-                    rule.value(i)
-                ))
-            })?;
-            out.append_option(parse(r, text.value(i)));
-        }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 
@@ -540,7 +426,7 @@ pub fn string_list(text: &str) -> Option<Vec<String>> {
     }
     let slice = &text[start..=end];
     let v: serde_json::Value = serde_json::from_str(slice)
-        .or_else(|_| serde_json::from_str(&crate::llm::parse::repair(slice)))
+        .or_else(|_| serde_json::from_str(&crate::llm_client::parse::repair(slice)))
         .ok()?;
     v.as_array()?
         .iter()
@@ -598,11 +484,19 @@ impl ScalarUDFImpl for StringList {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::prelude::SessionContext;
+
+    fn session() -> SessionContext {
+        let ctx = SessionContext::new();
+        for f in functions() {
+            ctx.register_udf(f);
+        }
+        ctx
+    }
 
     #[tokio::test]
     async fn to_json_escapes_and_nests() {
-        let ctx = SessionContext::new();
-        register_all(&ctx);
+        let ctx = session();
         let df = ctx
             .sql(r#"SELECT to_json(named_struct('q', 'say "hi"' || chr(10), 'n', 2)) AS j, to_json(make_array(1, 2)) AS l, to_json(CAST(NULL AS VARCHAR)) AS z"#)
             .await
@@ -629,8 +523,7 @@ mod tests {
             py_str_repr("caf\u{e9} \u{a0}x\u{7}"),
             "'caf\u{e9} \\xa0x\\x07'"
         );
-        let ctx = SessionContext::new();
-        register_all(&ctx);
+        let ctx = session();
         let df = ctx
             .sql(r#"SELECT py_repr(make_array(named_struct('from', 'human', 'value', 'Hi, it''s me'), named_struct('from', 'gpt', 'value', 'Hello'))) AS h,
                            py_repr(make_array(1, 2)) AS l,
@@ -654,8 +547,7 @@ mod tests {
 
     #[tokio::test]
     async fn word_count_agrees_with_regexp_count() {
-        let ctx = SessionContext::new();
-        register_all(&ctx);
+        let ctx = session();
         let df = ctx
             .sql(r#"SELECT t, word_count(t) AS w, regexp_count(t, '\S+') AS r FROM (VALUES ('  two  words '), (''), ('one'), ('a' || chr(11) || 'b' || chr(10) || 'c'), ('naïve café' || chr(12288) || 'x'), (NULL)) AS v(t)"#)
             .await

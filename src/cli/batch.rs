@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::exec::{self, RunOptions};
-use crate::llm::cache::{Cache, CachedResponse};
-use crate::llm::response;
+use crate::llm_client::cache::{Cache, CachedResponse};
+use crate::llm_client::response;
 use crate::stages::llm::{self, LlmStage};
 use crate::store::RunDir;
 use crate::table::{batch_rows, read_batches};
@@ -90,7 +90,7 @@ fn stage_requests(
     plan: &crate::compile::Plan,
     dir: &RunDir,
     engine: &Engine,
-) -> Result<Vec<(String, crate::llm::request::Canonical)>> {
+) -> Result<Vec<(String, crate::llm_client::request::Canonical)>> {
     // Materialize what needs no LLM (the stage's inputs, if they do not depend on one).
     exec::run(
         plan,

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use crate::error::Result;
-use crate::llm::cache;
+use crate::llm_client::cache;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

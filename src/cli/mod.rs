@@ -72,7 +72,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
-    let engine = Engine::new(rt.handle().clone());
+    let engine = Engine::new(rt.handle().clone(), crate::registry::functions());
     let result = match cli.command {
         Command::Validate(a) => validate::run(a, &engine),
         Command::Run(a) => run::run(a, &engine),

@@ -4,7 +4,8 @@ use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::exec::{self, RunOptions};
-use crate::stages::{Capability, kind_can};
+use crate::registry::kind_can;
+use crate::stages::Capability;
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = TARGET_HELP)]
@@ -152,7 +153,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
         ..Default::default()
     };
     let report = match &target {
-        Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?.report,
+        Some(t) => crate::target::run(&mut plan, &dir, &engine, &opts, t)?,
         None => exec::run(&plan, &dir, &engine, &opts)?,
     };
     // Dead-lettered samples are easy to miss in a stage's counters: say where they are and

@@ -58,7 +58,7 @@ pub fn run(a: Args, engine: &Engine) -> Result<()> {
             // `-f sql/funnel.sql` outside the repository: the canned queries are compiled in.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                match crate::stats::QUERIES.iter().find(|(n, _)| *n == name) {
+                match crate::stats::queries().find(|(n, _)| *n == name) {
                     Some((_, text)) if f.parent().is_some_and(|p| p.ends_with("sql")) => {
                         text.to_string()
                     }

@@ -142,7 +142,8 @@ pub fn log_isolation(stage: &str, iso: Option<Isolation>) {
 
 /// The result cache a run uses: `python-cache.sqlite` beside the LLM response cache.
 pub fn cache_path(engine: &crate::engine::Engine) -> PathBuf {
-    crate::stages::llm::cache_path(engine).with_file_name("python-cache.sqlite")
+    crate::llm_client::cache::path(engine.cache_path.as_deref())
+        .with_file_name("python-cache.sqlite")
 }
 
 /// The interpreter's path: `name` itself when it has a slash, else the first match on PATH.

@@ -34,20 +34,19 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, AsArray, BooleanArray, Float64Array, StringArray};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns,
+    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns,
     text_column,
 };
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
-use crate::spec::Format;
+use crate::input::Format;
 use crate::table::{read_batches, string_col, with_fields};
 use crate::yaml::{Node, Pos};
 
@@ -242,6 +241,7 @@ pub struct Hit {
 }
 
 /// Check one text against the reference n-grams (hash → mask of sets containing it).
+#[cfg(test)]
 pub fn check(text: &str, n: usize, refs: &HashMap<u64, u64>) -> Option<Hit> {
     check_words(&words(text), n, refs)
 }
@@ -708,12 +708,14 @@ impl Stage for DecontaminateStage {
         Ok(())
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
+    // The reference sets as loaded (name, columns, format, content hash) stand for
+    // `references`: a set whose file moved but whose content did not keeps the table.
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &["references"]
+    }
+
+    fn fingerprint_extra(&self) -> serde_json::Value {
         serde_json::json!({
-            "column": self.column,
-            "ngram": self.ngram,
-            "near_dup_threshold": self.near_dup_threshold,
-            "shingle_words": self.near_dup_threshold.map(|_| self.shingle_words),
             "references": self.loaded.iter().map(|l| {
                 serde_json::json!({
                     "name": l.name,
@@ -775,11 +777,8 @@ impl Stage for DecontaminateStage {
             }
         }
 
-        let side_dir = ctx.side_dir("removed");
-        std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
         let mut kept_w = LazyPart::new(ctx.out.join("part-00000.parquet"));
-        let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
-        let mut removed = 0i64;
+        let mut removed_w = kit::RemovedRows::new(ctx)?;
         let mut kept = 0i64;
         let mut hits = vec![0i64; self.loaded.len()];
         let mut near_hits = vec![0i64; self.loaded.len()];
@@ -819,32 +818,28 @@ impl Stage for DecontaminateStage {
                 }
             }
             let keep_mask: BooleanArray = found.iter().map(|h| Some(h.is_none())).collect();
-            let kb = filter_record_batch(&b, &keep_mask)?;
+            let (kb, gb) = kit::split(&b, &keep_mask)?;
             kept += kb.num_rows() as i64;
             kept_w.write(&kb)?;
             let gone: Vec<&Hit> = found.iter().flatten().collect();
             if gone.is_empty() {
                 continue;
             }
-            let drop_mask: BooleanArray = found.iter().map(|h| Some(h.is_some())).collect();
-            let gb = filter_record_batch(&b, &drop_mask)?;
             let reference: StringArray = gone
                 .iter()
                 .map(|h| Some(self.loaded[h.reference].name.as_str()))
                 .collect();
             let matched: StringArray = gone.iter().map(|h| h.ngram.as_deref()).collect();
             let similarity: Float64Array = gone.iter().map(|h| h.similarity).collect();
-            let mut cols = gb.columns().to_vec();
-            cols.push(Arc::new(reference));
-            cols.push(Arc::new(matched));
-            cols.push(Arc::new(similarity));
-            let sb =
-                RecordBatch::try_new(with_fields(&gb.schema(), &Self::removed_fields()), cols)?;
-            removed += sb.num_rows() as i64;
-            side_w.write(&sb)?;
+            removed_w.write(&kit::with_columns(
+                &gb,
+                &Self::removed_fields(),
+                vec![Arc::new(reference), Arc::new(matched), Arc::new(similarity)],
+            )?)?;
         }
         kept_w.finish(&ctx.parent().schema)?;
-        side_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
+        let removed =
+            removed_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
         out.counters.insert("kept".into(), kept);
@@ -966,12 +961,12 @@ mod tests {
         }))
         .unwrap();
         ok.prepare(&node, &ctx).unwrap();
-        let before = ok.fingerprint();
+        let before = crate::stages::fingerprint(&ok);
         assert_eq!(ok.loaded[0].name, "r");
         std::fs::write(dir.path().join("r.jsonl"), "{\"prompt\": \"a b d\"}\n").unwrap();
         ok.prepare(&node, &ctx).unwrap();
         assert_ne!(
-            ok.fingerprint(),
+            crate::stages::fingerprint(&ok),
             before,
             "editing a reference changes the fingerprint"
         );

@@ -8,17 +8,17 @@ use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
+use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, unknown_column};
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::spec::ID_COL;
+use crate::table::ID_COL;
 use crate::table::{DUP_OF, has_col, input_ordinals, read_batches, read_columns, string_col};
 
 pub const KIND: KindEntry = KindEntry {
@@ -63,6 +63,7 @@ fn ascii_space(b: u8) -> bool {
 }
 
 impl DedupStage {
+    #[cfg(test)]
     pub fn normalize(&self, s: &str) -> String {
         let mut out = Vec::new();
         self.normalize_into(s, &mut out);
@@ -176,10 +177,6 @@ impl Stage for DedupStage {
         &["removed"]
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
@@ -263,8 +260,6 @@ impl Stage for DedupStage {
         }
 
         // Pass 2: split rows into kept and removed, keeping file order.
-        let side_dir = ctx.side_dir("removed");
-        std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
         let with_dup_of = |s: &Schema| {
             let mut fields: Vec<Arc<Field>> = s.fields().iter().cloned().collect();
             fields.push(Arc::new(Field::new(DUP_OF, DataType::Utf8, false)));
@@ -285,21 +280,19 @@ impl Stage for DedupStage {
                 kept_w.finish(&schema)
             });
             let split = (move || -> Result<i64> {
-                let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
+                let mut removed_w = kit::RemovedRows::new(ctx)?;
                 let mut row = 0usize;
-                let mut removed = 0i64;
                 for b in read_batches(files) {
                     let b = b?;
                     let len = b.num_rows();
                     let slice = &dup_of[row..row + len];
                     row += len;
                     let keep_mask: BooleanArray = slice.iter().map(|d| Some(d.is_none())).collect();
-                    if kept_tx.send(filter_record_batch(&b, &keep_mask)?).is_err() {
+                    let (kept, gone) = kit::split(&b, &keep_mask)?;
+                    if kept_tx.send(kept).is_err() {
                         // The writer stopped on an error; it is reported below.
                         break;
                     }
-                    let drop_mask: BooleanArray = slice.iter().map(|d| Some(d.is_some())).collect();
-                    let gone = filter_record_batch(&b, &drop_mask)?;
                     if gone.num_rows() == 0 {
                         continue;
                     }
@@ -307,14 +300,13 @@ impl Stage for DedupStage {
                         .iter()
                         .filter_map(|d| d.map(|k| Some(ids.value(k as usize))))
                         .collect();
-                    let mut cols = gone.columns().to_vec();
-                    cols.push(Arc::new(of));
-                    let sb = RecordBatch::try_new(with_dup_of(&gone.schema()), cols)?;
-                    removed += sb.num_rows() as i64;
-                    side_w.write(&sb)?;
+                    removed_w.write(&kit::with_columns(
+                        &gone,
+                        &[Field::new(DUP_OF, DataType::Utf8, false)],
+                        vec![Arc::new(of)],
+                    )?)?;
                 }
-                side_w.finish(&with_dup_of(&ctx.schema))?;
-                Ok(removed)
+                removed_w.finish(&with_dup_of(&ctx.schema))
             })();
             let written = writer
                 .join()

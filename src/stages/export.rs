@@ -491,10 +491,6 @@ impl Stage for ExportStage {
         true
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn external_outputs(&self, run_dir: &Path) -> Vec<PathBuf> {
         self.targets(run_dir).into_iter().map(|(_, p)| p).collect()
     }
@@ -529,7 +525,7 @@ impl Stage for ExportStage {
         for (field, col) in self.columns() {
             if !has_col(schema, &col) {
                 // Defaulted columns have no YAML field of their own: point at `format`.
-                let path = if ctx.def.node.get(field).is_some() {
+                let path = if ctx.node.get(field).is_some() {
                     field
                 } else {
                     "format"

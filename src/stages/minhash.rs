@@ -19,20 +19,19 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, BooleanArray, Float64Array, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns,
+    BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns,
     text_column,
 };
 use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::spec::ID_COL;
+use crate::table::ID_COL;
 use crate::table::{DUP_OF, input_ordinals, read_batches, string_col, with_fields};
 use crate::yaml::Node;
 
@@ -282,6 +281,7 @@ pub fn set_jaccard(a: &[u32], b: &[u32]) -> f64 {
 }
 
 /// Share of equal positions: the estimated Jaccard similarity of two signatures.
+#[cfg(test)]
 pub fn similarity(a: &[u32], b: &[u32]) -> f64 {
     let eq = a.iter().zip(b).filter(|(x, y)| x == y).count();
     eq as f64 / a.len().max(1) as f64
@@ -323,6 +323,7 @@ impl UnionFind {
 }
 
 impl MinHashStage {
+    #[cfg(test)]
     pub fn params(&self) -> &Params {
         &self.params
     }
@@ -457,13 +458,9 @@ impl Stage for MinHashStage {
         Ok(())
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
-            "column": self.column,
-            "shingle": self.shingle,
-            "lowercase": self.lowercase,
-            "params": self.params,
-        })
+    // The parameters as resolved from the given ones and their defaults.
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        serde_json::json!({ "params": self.params })
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
@@ -609,13 +606,10 @@ impl Stage for MinHashStage {
         }
 
         // Pass 2: split rows into kept and removed, keeping file order.
-        let side_dir = ctx.side_dir("removed");
-        std::fs::create_dir_all(&side_dir).map_err(|e| Error::io(&side_dir, e))?;
         let cluster_id = |k: u32| xxhash_rust::xxh3::xxh3_64(ids[k as usize].as_bytes());
         let mut kept_w = LazyPart::new(ctx.out.join("part-00000.parquet"));
-        let mut side_w = LazyPart::new(side_dir.join("part-00000.parquet"));
+        let mut removed_w = kit::RemovedRows::new(ctx)?;
         let mut row = 0usize;
-        let mut removed = 0i64;
         for b in read_batches(files) {
             let b = b?;
             let len = b.num_rows();
@@ -625,19 +619,17 @@ impl Stage for MinHashStage {
                 .iter()
                 .map(|&r| Some(keeper[r as usize] == r))
                 .collect();
-            let kept = filter_record_batch(&b, &keep_mask)?;
+            let (kept, gb) = kit::split(&b, &keep_mask)?;
             let clusters: UInt64Array = rows
                 .iter()
                 .filter(|&&r| keeper[r as usize] == r)
                 .map(|&r| cluster_id(r))
                 .collect();
-            let mut cols = kept.columns().to_vec();
-            cols.push(Arc::new(clusters));
-            let kb = RecordBatch::try_new(
-                with_fields(&b.schema(), &[Field::new(CLUSTER, DataType::UInt64, false)]),
-                cols,
-            )?;
-            kept_w.write(&kb)?;
+            kept_w.write(&kit::with_columns(
+                &kept,
+                &[Field::new(CLUSTER, DataType::UInt64, false)],
+                vec![Arc::new(clusters)],
+            )?)?;
 
             let gone: Vec<u32> = rows
                 .iter()
@@ -647,11 +639,6 @@ impl Stage for MinHashStage {
             if gone.is_empty() {
                 continue;
             }
-            let drop_mask: BooleanArray = rows
-                .iter()
-                .map(|&r| Some(keeper[r as usize] != r))
-                .collect();
-            let gb = filter_record_batch(&b, &drop_mask)?;
             let of: StringArray = gone
                 .iter()
                 .map(|&r| Some(ids[keeper[r as usize] as usize].as_str()))
@@ -663,19 +650,18 @@ impl Stage for MinHashStage {
                     Some(set_jaccard(&sets[r as usize], &sets[k]))
                 })
                 .collect();
-            let mut cols = gb.columns().to_vec();
-            cols.push(Arc::new(of));
-            cols.push(Arc::new(sim));
-            let sb =
-                RecordBatch::try_new(with_fields(&gb.schema(), &Self::removed_fields()), cols)?;
-            removed += sb.num_rows() as i64;
-            side_w.write(&sb)?;
+            removed_w.write(&kit::with_columns(
+                &gb,
+                &Self::removed_fields(),
+                vec![Arc::new(of), Arc::new(sim)],
+            )?)?;
         }
         kept_w.finish(&with_fields(
             &ctx.parent().schema,
             &[Field::new(CLUSTER, DataType::UInt64, false)],
         ))?;
-        side_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
+        let removed =
+            removed_w.finish(&with_fields(&ctx.parent().schema, &Self::removed_fields()))?;
         let mut out = RunOutput::default();
         out.counters.insert("removed".into(), removed);
         out.counters.insert("kept".into(), n as i64 - removed);

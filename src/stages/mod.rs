@@ -2,7 +2,8 @@
 //! return this stage's output schema or every problem found, with no I/O beyond schema reads)
 //! and *run* (given the parents' Parquet files, write this stage's table).
 //!
-//! Adding a kind is one new file plus one line in [`registry`]. A top-level section of the
+//! Adding a kind is one new file plus one line in [`KINDS`] (a method's or a benchmark's kind:
+//! in its module's `kinds`, see [`crate::registry`]). A top-level section of the
 //! pipeline file that only one family of kinds reads (`endpoints:` for llm stages) is one
 //! [`SectionEntry`] in [`sections`], parsed by that family's module.
 
@@ -17,22 +18,16 @@ use serde::de::DeserializeOwned;
 use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::{Diagnostic, Result};
-use crate::spec::StageDef;
 use crate::table::Table;
 use crate::yaml::Node;
 
-pub mod constraint_scores;
-pub mod cross_validate;
 pub mod decontaminate;
 pub mod dedup;
 pub mod export;
-pub mod followbench;
-pub mod ifeval;
-pub mod ifeval_constraints;
+pub mod kit;
 pub mod llm;
 pub mod minhash;
 pub mod output;
-pub mod run_verifiers;
 pub mod sql;
 pub mod transform;
 pub mod verdict;
@@ -41,45 +36,28 @@ pub mod yes_no;
 #[cfg(test)]
 mod test_verdict;
 
-/// The registry of stage kinds.
-pub fn registry() -> &'static [KindEntry] {
-    static KINDS: &[KindEntry] = &[
-        sql::KIND,
-        transform::KIND,
-        dedup::KIND,
-        minhash::KIND,
-        decontaminate::KIND,
-        output::KIND,
-        export::KIND,
-        verdict::KIND,
-        ifeval::KIND,
-        ifeval_constraints::KIND,
-        cross_validate::KIND,
-        run_verifiers::KIND,
-        yes_no::KIND,
-        constraint_scores::KIND,
-        followbench::KIND,
-        llm::KIND,
-        // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
-        #[cfg(test)]
-        test_verdict::KIND,
-    ];
-    KINDS
-}
+/// The kinds every pipeline may use (the core module of [`crate::registry`]); a method's or a
+/// benchmark's kinds are in its own module.
+pub const KINDS: &[KindEntry] = &[
+    sql::KIND,
+    transform::KIND,
+    dedup::KIND,
+    minhash::KIND,
+    decontaminate::KIND,
+    output::KIND,
+    export::KIND,
+    verdict::KIND,
+    yes_no::KIND,
+    llm::KIND,
+    // A throwaway kind of the unit tests (proves a new kind needs no edit elsewhere).
+    #[cfg(test)]
+    test_verdict::KIND,
+];
 
-/// The registry entry of a kind, by name (`None` for `input` and unknown names).
-pub fn kind(name: &str) -> Option<&'static KindEntry> {
-    registry().iter().find(|k| k.name == name)
-}
-
-/// Does the kind of this name declare this capability? (`input` tables declare none.)
-pub fn kind_can(name: &str, capability: Capability) -> bool {
-    kind(name).is_some_and(|k| k.can(capability))
-}
-
-/// What a kind can do, declared on its registry entry. The verbs and statistics that treat
-/// some stages specially (`stats`, `report`, `run --dry-run`, `run --retry-failed`) ask for a
-/// capability, never for a kind's name, so a new kind takes part by declaring it.
+/// What a kind can do, declared on its registry entry: what several kinds share and the core
+/// treats specially (`stats`' funnel and LLM accounting, `run --dry-run`, `run
+/// --retry-failed`), asked for by capability, never by a kind's name. Figures of one kind
+/// are declared by its module instead ([`crate::module`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capability {
     /// A `verdict` column (`pass` / `fail` / `unjudged`) per row, and those three counters:
@@ -95,33 +73,10 @@ pub enum Capability {
     /// Dead-letters rows that failed for good in `<id>__failed` (counter `failures`);
     /// `run --retry-failed <id>` recomputes the stage to try them again.
     RetriesFailed,
-    /// IFEval-style verdicts per instruction: `instruction_id_list` with `strict` and `loose`
-    /// (one bool per instruction) and `prompt_strict` / `prompt_loose`; `stats` shows the
-    /// four accuracies and the accuracy per instruction type.
-    VerifiesInstructions,
     /// Matches rows against named reference sets (benchmarks): counters `hits_<set>` (rows
     /// sharing an n-gram) and `near_dups_<set>` (near duplicates without one); `stats` shows
     /// them per set, and an input reading one of its [`Stage::evaluation_files`] is warned of.
     MatchesReferences,
-    /// One row per yes/no evaluation question with the judge's `answer` (bool, null when it
-    /// gave none) and `answer_error`: `stats` shows the share of YES among the judged
-    /// questions (InfoBench's DRFR) overall and per `subset` / `category` where the table has
-    /// them, and EIFBench's three levels where it has `main_id` and `sub_instruction_id`.
-    AnswersQuestions,
-    /// A 0-10 score per constraint of each instruction: `scores`, `satisfied` (lists aligned
-    /// with the constraints), `all_satisfied`, `overall_score`, `n_unscored`; `stats` shows
-    /// constraint- and instruction-level accuracy, and per constraint category where the
-    /// table has `categories` (a list aligned with the constraints).
-    ScoresConstraints,
-    /// Cross-validates LLM-written verifier functions, one row per instruction with
-    /// `n_answers`, `n_parsed`, `n_compiled`, `n_functions`, `n_cases`, `n_cases_kept`,
-    /// `kept_functions`, `kept`, `drop_reason`: `stats` shows the function-level funnel.
-    ValidatesFunctions,
-    /// One row per instruction at a constraint level (`constraint_type`, `example_id`,
-    /// `level`) with `hard` (every added constraint satisfied) and `soft` (the share
-    /// satisfied), null when there is no verdict (`eval_error`): `stats` shows FollowBench's
-    /// HSR and SSR per constraint type and level, per level and per type, and CSL per type.
-    SatisfiesLevels,
 }
 
 impl Capability {
@@ -132,12 +87,7 @@ impl Capability {
             Capability::RemovesRows => "removes_rows",
             Capability::SendsRequests => "sends_requests",
             Capability::RetriesFailed => "retries_failed",
-            Capability::VerifiesInstructions => "verifies_instructions",
             Capability::MatchesReferences => "matches_references",
-            Capability::AnswersQuestions => "answers_questions",
-            Capability::ScoresConstraints => "scores_constraints",
-            Capability::ValidatesFunctions => "validates_functions",
-            Capability::SatisfiesLevels => "satisfies_levels",
         }
     }
 }
@@ -254,7 +204,38 @@ pub enum Arity {
     AtLeastOne,
 }
 
-pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
+/// A kind's parsed config as JSON: what its fingerprint is derived from. Every kind's config
+/// is a serde type, so this comes with it.
+pub trait Config {
+    fn config(&self) -> serde_json::Value;
+}
+
+impl<T: serde::Serialize> Config for T {
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The fingerprint of a stage's config (what decides whether its stored table is reused,
+/// with its kind, version and parents'): its whole parsed config minus the fields the kind
+/// names in [`Stage::fingerprint_excludes`], plus [`Stage::fingerprint_extra`]. Derived, not
+/// listed, so a field a kind adds is covered without anyone remembering to list it.
+pub fn fingerprint(stage: &dyn Stage) -> serde_json::Value {
+    let mut config = stage.config();
+    if let serde_json::Value::Object(fields) = &mut config {
+        for excluded in stage.fingerprint_excludes() {
+            fields.remove(*excluded);
+        }
+        let extra = stage.fingerprint_extra();
+        if !extra.is_null() {
+            // Not a field name any kind can have (fields are identifiers).
+            fields.insert("(extra)".into(), extra);
+        }
+    }
+    config
+}
+
+pub trait Stage: AsAny + Config + std::fmt::Debug + Send + Sync {
     /// Bump when the kind's output for the same config changes, so stored tables are redone.
     fn version(&self) -> u32 {
         1
@@ -291,9 +272,18 @@ pub trait Stage: AsAny + std::fmt::Debug + Send + Sync {
         Vec::new()
     }
 
-    /// The semantic configuration: what the fingerprint covers. Operational settings
-    /// (concurrency, endpoints, timeouts) must not be in it.
-    fn fingerprint(&self) -> serde_json::Value;
+    /// Config fields that cannot change the table (operational settings: endpoints,
+    /// concurrency), left out of the [`fingerprint`]; each kind says why beside its list.
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// What the table depends on that the config's fields do not show as written: text
+    /// loaded from files when the stage was built, settings resolved from defaults, the part
+    /// of an excluded group that does change results. Added to the [`fingerprint`].
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 
     /// Files the stage writes outside its table (an output's datasets): the stage is redone
     /// when one of them has gone missing.
@@ -341,7 +331,10 @@ impl dyn Stage {
 
 /// What `plan` sees.
 pub struct PlanCtx<'a> {
-    pub def: &'a StageDef,
+    /// The stage's id.
+    pub id: &'a str,
+    /// The stage's YAML node, for the positions of diagnostics.
+    pub node: &'a Node,
     pub file: &'a Path,
     /// Schemas of every dependency (`from` first, in order, then extra deps).
     pub parents: Vec<(String, SchemaRef)>,
@@ -351,7 +344,7 @@ pub struct PlanCtx<'a> {
 impl PlanCtx<'_> {
     /// A diagnostic at the YAML path inside this stage.
     pub fn err(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
-        Diagnostic::new(self.file, self.def.node.pos_at(path), message).stage(&self.def.id)
+        Diagnostic::new(self.file, self.node.pos_at(path), message).stage(self.id)
     }
 
     pub fn parent(&self) -> &SchemaRef {
@@ -440,4 +433,48 @@ pub fn reserved_columns(ctx: &PlanCtx, reserved: &[&str], adds: &str) -> Vec<Dia
             .hint("drop or rename it upstream")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind with one field that changes its table and one that cannot.
+    #[derive(Debug, serde::Serialize)]
+    struct Probe {
+        threshold: u32,
+        workers: u32,
+    }
+
+    impl Stage for Probe {
+        // How many threads work cannot change the rows.
+        fn fingerprint_excludes(&self) -> &'static [&'static str] {
+            &["workers"]
+        }
+        fn plan(&self, _ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
+            Err(Vec::new())
+        }
+        fn run(&self, _ctx: &RunCtx) -> Result<RunOutput> {
+            Ok(RunOutput::default())
+        }
+    }
+
+    #[test]
+    fn a_config_field_changes_the_fingerprint_unless_excluded() {
+        let base = fingerprint(&Probe {
+            threshold: 5,
+            workers: 2,
+        });
+        let other_threshold = fingerprint(&Probe {
+            threshold: 6,
+            workers: 2,
+        });
+        let other_workers = fingerprint(&Probe {
+            threshold: 5,
+            workers: 8,
+        });
+        assert_ne!(base, other_threshold);
+        assert_eq!(base, other_workers);
+        assert_eq!(base, serde_json::json!({"threshold": 5}));
+    }
 }

@@ -89,10 +89,6 @@ impl Stage for OutputStage {
         true
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();
@@ -113,7 +109,7 @@ impl Stage for OutputStage {
             if !has_col(schema, k) {
                 // The unknown column is the key (`old: new`), not the new name.
                 let mut e = unknown_column(ctx, &["rename", k], k, schema);
-                if let Some(key) = ctx.def.node.get("rename").and_then(|r| r.key_node(k)) {
+                if let Some(key) = ctx.node.get("rename").and_then(|r| r.key_node(k)) {
                     e.pos = key.pos;
                 }
                 errs.push(e);

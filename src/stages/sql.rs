@@ -101,8 +101,13 @@ impl Stage for SqlStage {
         Ok(())
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        // The query text, whether inline or from a file: editing the file redoes the stage.
+    // The query's text, inline or from the file: editing the file redoes the stage, moving it
+    // does not.
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &["file"]
+    }
+
+    fn fingerprint_extra(&self) -> serde_json::Value {
         serde_json::json!({ "query": self.text })
     }
 

@@ -8,15 +8,14 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, unknown_column};
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Error, Result};
-use crate::table::{read_batches, with_fields};
+use crate::table::with_fields;
 
 pub const KIND: KindEntry = KindEntry {
     name: "test_verdict",
@@ -34,10 +33,6 @@ pub struct TestVerdict {
 }
 
 impl Stage for TestVerdict {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({ "threshold": self.threshold })
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         match ctx.parent().field_with_name("score") {
             Ok(f) if f.data_type() == &DataType::Int64 => Ok(with_fields(
@@ -50,10 +45,8 @@ impl Stage for TestVerdict {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let mut out = RunOutput::default();
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
+        super::kit::append_columns(ctx, |b| {
             let score = b
                 .column_by_name("score")
                 .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
@@ -71,11 +64,8 @@ impl Stage for TestVerdict {
                     Some(v)
                 })
                 .collect();
-            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-            cols.push(Arc::new(verdict));
-            part.write(&RecordBatch::try_new(ctx.schema.clone(), cols)?)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![Arc::new(verdict) as ArrayRef])
+        })?;
         Ok(out)
     }
 }
@@ -113,7 +103,7 @@ mod tests {
         )
         .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let engine = crate::engine::Engine::new(rt.handle().clone());
+        let engine = crate::engine::Engine::new(rt.handle().clone(), crate::registry::functions());
         let plan = crate::compile::compile(&file, &[], &|_| None, &engine).unwrap();
         let dir = RunDir::new(tmp.path().join("run"));
         exec::run(&plan, &dir, &engine, &RunOptions::default()).unwrap();

@@ -314,10 +314,6 @@ impl Stage for TransformStage {
         out
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(&self.ops).unwrap_or_default()
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let frame =
             |s: &SchemaRef| -> Result<LazyFrame> { Ok(engine::empty_polars_frame(s)?.lazy()) };

@@ -78,7 +78,7 @@ pub struct VerdictStage {
     pub score_field: String,
     /// `all_yes`: pass when every question has a YES; `no_no`: pass when no question has a
     /// NO (UltraIF's script).
-    #[serde(default, skip_serializing_if = "PassRule::is_default")]
+    #[serde(default)]
     pub pass_rule: PassRule,
 }
 
@@ -91,12 +91,6 @@ pub enum PassRule {
     AllYes,
     /// No question answered NO (UltraIF's `rejection_sampling.py`).
     NoNo,
-}
-
-impl PassRule {
-    fn is_default(&self) -> bool {
-        *self == PassRule::AllYes
-    }
 }
 
 const ADDED: &[&str] = &[
@@ -118,6 +112,7 @@ pub struct Judged {
 
 impl Judged {
     /// The verdict by `all_yes`.
+    #[cfg(test)]
     pub fn verdict(&self) -> &'static str {
         self.verdict_by(PassRule::AllYes)
     }
@@ -190,8 +185,8 @@ impl VerdictStage {
         if n == 0 {
             return missing("no evaluation questions");
         }
-        let (answer, _) = crate::llm::parse::strip_reasoning(text);
-        let json = match crate::llm::parse::extract_json(&answer) {
+        let (answer, _) = crate::llm_client::parse::strip_reasoning(text);
+        let json = match crate::llm_client::parse::extract_json(&answer) {
             Ok((v, _)) => v,
             Err(e) => return missing(&format!("no JSON in the judge's answer: {e}")),
         };
@@ -321,10 +316,6 @@ impl VerdictStage {
 }
 
 impl Stage for VerdictStage {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let schema = ctx.parent();
         let mut errs = Vec::new();

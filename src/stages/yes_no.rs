@@ -23,25 +23,28 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
+use arrow::array::{Array, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, Field, SchemaRef};
+use datafusion::common::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage, reserved_columns, text_column,
+    KindEntry, PlanCtx, RunCtx, RunOutput, Stage, kit, reserved_columns, text_column,
     unknown_column,
 };
-use crate::engine::LazyPart;
 use crate::error::{Diagnostic, Result};
-use crate::table::{read_batches, string_col, with_fields};
+use crate::table::{string_col, with_fields};
 
 pub const KIND: KindEntry = KindEntry {
     name: "yes_no",
     about: "a judge's YES/NO answer per question, read by a benchmark's rule (infobench, eifbench)",
     build: super::build::<YesNoStage>,
     schema: |g| YesNoStage::json_schema(g),
-    capabilities: &[Capability::AnswersQuestions],
+    capabilities: &[],
     removed_rows: "",
 };
 
@@ -129,14 +132,10 @@ pub struct YesNoStage {
 const ADDED: [&str; 3] = ["answer", "answer_ref", "answer_error"];
 
 impl Stage for YesNoStage {
-    fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({"judgement": self.judgement, "rule": self.rule, "reason": self.reason})
-    }
-
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         if let Some(mut d) = text_column(ctx, &self.judgement, "yes_no") {
-            d.pos = ctx.def.node.pos_at(&["judgement"]);
+            d.pos = ctx.node.pos_at(&["judgement"]);
             errs.push(d);
         }
         if let Some(r) = &self.reason
@@ -152,13 +151,11 @@ impl Stage for YesNoStage {
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<RunOutput> {
-        let mut part = LazyPart::new(ctx.out.join("part-00000.parquet"));
         let (mut yes, mut no, mut unjudged) = (0i64, 0i64, 0i64);
-        for b in read_batches(&ctx.parent().files) {
-            let b = b?;
-            let texts = string_col(&b, &self.judgement)?;
+        kit::append_columns(ctx, |b| {
+            let texts = string_col(b, &self.judgement)?;
             let reasons = match &self.reason {
-                Some(r) => Some(string_col(&b, r)?),
+                Some(r) => Some(string_col(b, r)?),
                 None => None,
             };
             let mut answers = Vec::with_capacity(b.num_rows());
@@ -191,19 +188,75 @@ impl Stage for YesNoStage {
                 answers.push(a);
                 errors.push(e);
             }
-            let mut cols = b.columns().to_vec();
-            cols.push(Arc::new(BooleanArray::from(answers)));
-            cols.push(Arc::new(BooleanArray::from(refs)));
-            cols.push(Arc::new(StringArray::from(errors)));
-            let out = RecordBatch::try_new(with_fields(&b.schema(), &added_fields()), cols)?;
-            part.write(&out)?;
-        }
-        part.finish(&ctx.schema)?;
+            Ok(vec![
+                Arc::new(BooleanArray::from(answers)),
+                Arc::new(BooleanArray::from(refs)),
+                Arc::new(StringArray::from(errors)),
+            ])
+        })?;
         let mut out = RunOutput::default();
         out.counters.insert("yes".into(), yes);
         out.counters.insert("no".into(), no);
         out.counters.insert("unjudged".into(), unjudged);
         Ok(out)
+    }
+}
+
+/// The SQL function `yes_no(text, rule)`, to register with a session.
+pub fn udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(YesNo {
+        signature: Signature::string(2, Volatility::Immutable),
+    })
+}
+
+/// `yes_no(text, rule)`: a judge's YES/NO answer as `kind: yes_no` reads it under `rule`
+/// (`infobench`, `eifbench`); null when the text gives none.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct YesNo {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for YesNo {
+    fn name(&self) -> &str {
+        "yes_no"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [text, rule] = arrays.as_slice() else {
+            return Err(DataFusionError::Plan(
+                "yes_no takes two arguments: yes_no(text, rule)".into(),
+            ));
+        };
+        let text = arrow::compute::cast(text, &DataType::Utf8)?;
+        let rule = arrow::compute::cast(rule, &DataType::Utf8)?;
+        let (text, rule) = (
+            text.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+            rule.as_any().downcast_ref::<StringArray>().expect("Utf8"),
+        );
+        let mut out = arrow::array::BooleanBuilder::with_capacity(text.len());
+        for i in 0..text.len() {
+            if text.is_null(i) || rule.is_null(i) {
+                out.append_null();
+                continue;
+            }
+            let r = Rule::from_name(rule.value(i)).ok_or_else(|| {
+                DataFusionError::Execution(format!(
+                    "yes_no: unknown rule `{}` (infobench, eifbench)",
+                    rule.value(i)
+                ))
+            })?;
+            out.append_option(parse(r, text.value(i)));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 

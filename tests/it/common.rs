@@ -62,8 +62,20 @@ pub fn sql_json(cwd: &Path, run: &Path, query: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A temporary folder for one test. With `IFLOOM_TEST_KEEP=DIR` it is made inside DIR and
+/// kept, so the runs the tests make can be read afterwards (the before/after comparison of
+/// `ifloom stats --json` and `ifloom report` over every test's run, when code moves).
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
+    match std::env::var_os("IFLOOM_TEST_KEEP") {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).expect("IFLOOM_TEST_KEEP folder");
+            tempfile::Builder::new()
+                .disable_cleanup(true)
+                .tempdir_in(dir)
+                .expect("tempdir")
+        }
+        None => tempfile::tempdir().expect("tempdir"),
+    }
 }
 
 /// A path as the `&str` command lines take (test paths are UTF-8).

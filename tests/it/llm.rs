@@ -1478,13 +1478,14 @@ fn answers_cached_without_logprobs_are_asked_again_when_logprobs_are_wanted() {
 }
 
 #[test]
-fn the_readme_llm_stage_example_validates() {
-    // The README's reference block for the llm stage, as written, with an input added.
-    let readme = std::fs::read_to_string(crate::common::root().join("README.md")).unwrap();
-    let at = readme.find("### The `llm` stage").expect("llm section");
-    let start = readme[at..].find("```yaml\n").unwrap() + at + "```yaml\n".len();
-    let end = readme[start..].find("```").unwrap() + start;
-    let block = readme[start..end].replacen(
+fn the_docs_llm_stage_example_validates() {
+    // The book's reference block for the llm stage (its page's first YAML block), as written,
+    // with an input added.
+    let page = std::fs::read_to_string(crate::common::root().join("docs/src/stages/llm.md"))
+        .expect("the llm stage's page of the book");
+    let start = page.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let end = page[start..].find("```").unwrap() + start;
+    let block = page[start..end].replacen(
         "stages:\n",
         "inputs:\n  instructions: in.jsonl\nstages:\n",
         1,

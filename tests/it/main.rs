@@ -7,6 +7,7 @@ mod autoif;
 mod bad_pipelines;
 mod cache_batch;
 mod decontamination;
+mod docs;
 mod eifbench;
 mod engine;
 mod export;

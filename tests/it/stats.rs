@@ -353,14 +353,13 @@ fn every_canned_query_is_compiled_in_and_found_outside_the_repository() {
         .filter(|n| n.ends_with(".sql"))
         .collect();
     files.sort();
-    let mut compiled: Vec<String> = ifloom::stats::QUERIES
-        .iter()
+    let mut compiled: Vec<String> = ifloom::stats::queries()
         .map(|(n, _)| n.to_string())
         .collect();
     compiled.sort();
     assert_eq!(files, compiled);
     // From a folder with no sql/ in it, `-f sql/rows_per_stage.sql` runs the compiled-in query.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::common::tempdir();
     let run = tmp.path().join("run");
     ok(
         &root(),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Diagnostic, did_you_mean};
-use crate::llm::pool::EndpointGroup;
+use crate::llm_client::pool::EndpointGroup;
 use crate::stages::{SectionCtx, SectionEntry};
 use crate::yaml::{self, Node, Pos, Value};
 
@@ -101,7 +101,7 @@ fn parse(node: &Node, ctx: &SectionCtx) -> (Endpoints, Vec<Diagnostic>) {
                 // an error with its line, not a failed stage.
                 if let Some(p) = &mut g.ca_cert {
                     let full = ctx.dir.join(&*p);
-                    if let Err(e) = crate::llm::http::roots(&full) {
+                    if let Err(e) = crate::llm_client::http::roots(&full) {
                         let pos = v.get("ca_cert").map_or(v.pos, |f| f.pos);
                         errs.push(
                             at(pos, format!("endpoint group `{name}`: ca_cert: {e}"))

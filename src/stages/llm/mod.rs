@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::cancel::{Cancel, INTERRUPTED_MSG};
 use crate::error::{Diagnostic, Error, Result, did_you_mean};
-use crate::llm::cache::{Cache, CachedResponse};
-use crate::llm::parse::{self, ParseSpec};
-use crate::llm::pool::{CallError, EndpointGroup, Pool};
-use crate::llm::request::{Api, Canonical, Message, Profile, Sampling, id_key};
-use crate::llm::response;
+use crate::llm_client::cache::{Cache, CachedResponse};
+use crate::llm_client::parse::{self, ParseSpec};
+use crate::llm_client::pool::{CallError, EndpointGroup, Pool};
+use crate::llm_client::request::{Api, Canonical, Message, Profile, Sampling, id_key};
+use crate::llm_client::response;
 use crate::stages::{BuildCtx, Capability, KindEntry, PlanCtx, RunCtx, RunOutput, Stage};
 use crate::table::{batch_rows, read_batches};
 use crate::yaml::Node;
@@ -45,10 +45,7 @@ pub use templates::plan_requests;
 
 /// The response cache a run uses: `--cache`, else the cache's default path.
 pub fn cache_path(engine: &crate::engine::Engine) -> std::path::PathBuf {
-    engine
-        .cache_path
-        .clone()
-        .unwrap_or_else(crate::llm::cache::default_path)
+    crate::llm_client::cache::path(engine.cache_path.as_deref())
 }
 pub use write::kept_logprobs;
 
@@ -364,30 +361,23 @@ impl Stage for LlmStage {
         self.check_config(node, ctx)
     }
 
-    fn fingerprint(&self) -> serde_json::Value {
-        // The semantic request (templates, model, params, samples) and what is done with the
-        // answer; endpoints, profile, keys and concurrency are left out on purpose.
-        let mut f = serde_json::json!({
-            "model": self.model,
-            "api": self.api,
-            "templates": self.templates,
-            "params": self.params,
-            "samples": self.samples,
-            "explode": self.explode,
-            "response_format": self.response_format,
-            "parse": self.parse,
-            "on_parse_error": self.on_parse_error,
-            "retry_on_parse_error": self.retry_on_parse_error,
-            "on_error": self.on_error,
-            "clamp_max_tokens": self.clamp_max_tokens,
-            "reasoning": self.reasoning,
-            "output": self.output,
-        });
-        // Only when used, so the stages without turns keep their fingerprints.
-        if !self.turns.is_empty() {
-            f["turns"] = serde_json::json!(self.turns);
-        }
-        f
+    // Where and how fast requests go (endpoints, their profile and key, concurrency) does
+    // not change the answers; `messages` / `prompt` are covered by the templates loaded from
+    // them (a template file that moved keeps the table).
+    fn fingerprint_excludes(&self) -> &'static [&'static str] {
+        &[
+            "endpoint",
+            "endpoints",
+            "profile",
+            "api_key_env",
+            "max_in_flight",
+            "messages",
+            "prompt",
+        ]
+    }
+
+    fn fingerprint_extra(&self) -> serde_json::Value {
+        serde_json::json!({ "templates": self.templates, "turns": self.turns })
     }
 
     fn plan(&self, ctx: &PlanCtx) -> Result<SchemaRef, Vec<Diagnostic>> {

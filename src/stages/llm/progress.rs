@@ -1,7 +1,23 @@
 //! The llm stage's progress: a bar on a terminal, plain periodic lines otherwise (CI logs).
 
-use super::rounds::Counters;
 use super::*;
+
+/// Counters reported in the manifest (and by `ifloom stats`).
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) requests: AtomicU64,
+    pub(super) cache_hits: AtomicU64,
+    pub(super) failures: AtomicU64,
+    pub(super) parse_failures: AtomicU64,
+    /// Requests asked again with `max_tokens` clamped to the context left.
+    pub(super) clamped: AtomicU64,
+    pub(super) prompt_tokens: AtomicU64,
+    pub(super) completion_tokens: AtomicU64,
+    /// Usage of the answers in the finished table, cached ones included (see `complete`).
+    pub(super) table_prompt_tokens: AtomicU64,
+    pub(super) table_completion_tokens: AtomicU64,
+    pub(super) done: AtomicU64,
+}
 
 /// Report a stage's progress until the sender of `stop` is dropped.
 pub(super) fn progress(

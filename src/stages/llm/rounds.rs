@@ -3,7 +3,7 @@
 //! never drain), parse failures asked again in further rounds, and the chunk written in input
 //! order once every sample resolved.
 
-use super::progress::progress;
+use super::progress::{Counters, progress};
 use super::templates::{Renderer, context_rows};
 use super::*;
 
@@ -133,23 +133,6 @@ pub(super) struct Outcome {
     pub(super) response:
         std::result::Result<(CachedResponse, bool), (String, Option<bytes::Bytes>)>,
     pub(super) parsed: Option<std::result::Result<parse::Parsed, String>>,
-}
-
-/// Counters reported in the manifest (and by `ifloom stats`).
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) requests: AtomicU64,
-    pub(super) cache_hits: AtomicU64,
-    pub(super) failures: AtomicU64,
-    pub(super) parse_failures: AtomicU64,
-    /// Requests asked again with `max_tokens` clamped to the context left.
-    pub(super) clamped: AtomicU64,
-    pub(super) prompt_tokens: AtomicU64,
-    pub(super) completion_tokens: AtomicU64,
-    /// Usage of the answers in the finished table, cached ones included (see `complete`).
-    pub(super) table_prompt_tokens: AtomicU64,
-    pub(super) table_completion_tokens: AtomicU64,
-    pub(super) done: AtomicU64,
 }
 
 impl LlmStage {
