@@ -1027,7 +1027,7 @@ impl Sim {
         &self,
         headers: &HeaderMap,
         body: &Bytes,
-    ) -> std::result::Result<Value, Response> {
+    ) -> std::result::Result<Value, Box<Response>> {
         let parsed = serde_json::from_slice::<Value>(body);
         if let (Some(rec), Ok(v)) = (&self.recorder, &parsed) {
             use std::io::Write as _;
@@ -1062,12 +1062,12 @@ impl Sim {
             _ => None,
         };
         let response = match (refused, parsed) {
-            (Some(r), _) => Err(r),
+            (Some(r), _) => Err(Box::new(r)),
             (None, Ok(v)) => Ok(v),
-            (None, Err(e)) => Err(error(
+            (None, Err(e)) => Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
                 &format!("the body is not valid JSON: {e}"),
-            )),
+            ))),
         };
         let status = match &response {
             Ok(_) => "200".to_string(),
@@ -1096,7 +1096,7 @@ fn tei_text(input: &Value) -> Option<String> {
 async fn predict(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match sim.classification_request(&headers, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let inputs = &req["inputs"];
     // A batch is a list of lists; a text or one pair is a single input.
@@ -1142,7 +1142,7 @@ async fn predict(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -
 async fn classify(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match sim.classification_request(&headers, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match req.get("model") {
         None | Some(Value::Null) => {}

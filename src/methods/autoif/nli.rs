@@ -308,6 +308,9 @@ pub fn upstream_label(labels: &[String], probs: &[f64]) -> Option<String> {
     best.and_then(|i| labels.get(i)).map(|l| l.to_lowercase())
 }
 
+/// Each row's (premise, hypothesis) and the input batches they came from.
+type Pairs = (Vec<(String, String)>, Vec<RecordBatch>);
+
 /// A batch's outcome: its pairs' scores, or why it failed for good.
 type BatchResult = (
     Vec<usize>,
@@ -356,7 +359,7 @@ impl Stage for NliStage {
         if self.max_in_flight == 0 {
             bad("max_in_flight", "max_in_flight must be at least 1".into());
         }
-        if !(self.timeout_s > 0.0) {
+        if self.timeout_s.is_nan() || self.timeout_s <= 0.0 {
             bad("timeout_s", "timeout_s must be above 0".into());
         }
         if self.api == NliApi::Vllm && self.model.is_none() {
@@ -534,7 +537,7 @@ impl Stage for NliStage {
 
 impl NliStage {
     /// The (premise, hypothesis) of every row (null as empty text) and the input batches.
-    fn read(&self, ctx: &RunCtx) -> Result<(Vec<(String, String)>, Vec<RecordBatch>)> {
+    fn read(&self, ctx: &RunCtx) -> Result<Pairs> {
         let mut rows = Vec::new();
         let mut batches = Vec::new();
         for b in read_batches(&ctx.parent().files) {
