@@ -1030,3 +1030,126 @@ fn an_nli_classifier_over_tei_or_vllm_drops_contradictions_by_upstreams_rule() {
         assert_eq!(counter(&out2, "nli_classified", "cache_hits"), 6, "{out2}");
     }
 }
+
+/// `kind: nli_classifier` on its own: 5 pairs in batches of 2 against a simulator that fails
+/// half its answers with a 500 (retried until answered), labels by the rules; then a server
+/// that always fails stops the stage with the reason, and a bad `url` is a validation error
+/// at its line.
+#[test]
+fn the_nli_classifier_retries_failures_and_stops_with_the_reason_when_they_persist() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let pairs = [
+        ("The sky is blue.", "The sky has a colour."),
+        ("The sky is blue.", "The sky is green."),
+        ("Use no commas.", "Avoid commas."),
+        ("Use no commas.", "Write long sentences."),
+        ("Use no commas.", "Use many commas."),
+    ];
+    let rows: String = pairs
+        .iter()
+        .map(|(p, h)| format!("{}\n", json!({"premise": p, "hypothesis": h})))
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows).unwrap();
+    std::fs::write(
+        dir.join("rules.json"),
+        json!({"rules": [
+            {"match": "\n.*(green|many)", "response": "contradiction"},
+            {"match": "\nWrite long", "json": [0.2, 0.7, 0.1]},
+            {"match": "\n", "response": "entailment"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let pipeline = |url: &str, retries: u32| {
+        let p = dir.join("nli.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "name: nli\ninputs:\n  pairs: {}\nstages:\n  - id: labelled\n    kind: nli_classifier\n    from: pairs\n    url: {url}\n    batch_size: 2\n    max_retries: {retries}\n",
+                s(&dir.join("pairs.jsonl"))
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let flaky = Sim::start(&[
+        "--fault-500",
+        "0.5",
+        "--seed",
+        "3",
+        "--rules",
+        s(&dir.join("rules.json")),
+    ]);
+    let p = pipeline(flaky.url.trim_end_matches("/v1"), 10);
+    let run_dir = dir.join("run");
+    let cache = dir.join("cache.sqlite");
+    let out = run(
+        &["run", s(&p), "--run-dir", s(&run_dir), "--cache", s(&cache)],
+        &[],
+    );
+    assert_eq!(counter(&out, "labelled", "requests"), 3, "{out}");
+    let retries = counter(&out, "labelled", "retries");
+    // Every request the simulator counted beyond the 3 batches was a retry of a 500.
+    assert_eq!(flaky.requests() as i64, 3 + retries, "{out}");
+    assert!(retries > 0, "seed 3 draws some 500s: {out}");
+    let got = query(
+        &run_dir,
+        "SELECT hypothesis, nli_label FROM labelled ORDER BY hypothesis",
+    );
+    let labels: Vec<(&str, &str)> = got
+        .iter()
+        .map(|r| {
+            (
+                r["hypothesis"].as_str().unwrap(),
+                r["nli_label"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("Avoid commas.", "entailment"),
+            ("The sky has a colour.", "entailment"),
+            ("The sky is green.", "contradiction"),
+            ("Use many commas.", "contradiction"),
+            ("Write long sentences.", "neutral"),
+        ]
+    );
+    // A server that always fails: the stage stops and says why; nothing was cached for it.
+    let down = Sim::start(&["--fault-500", "1", "--rules", s(&dir.join("rules.json"))]);
+    let p = pipeline(down.url.trim_end_matches("/v1"), 1);
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&dir.join("run-down")),
+            "--cache",
+            s(&dir.join("other.sqlite")),
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("3 of 3 classification requests")
+            && err.contains("HTTP 500")
+            && err.contains("gave up after 2 attempts"),
+        "{err}"
+    );
+    // A URL without a scheme is a validation error at its line.
+    let p = pipeline("127.0.0.1:8080", 1);
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["validate", s(&p)])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("nli.yaml:8:10:") && err.contains("url must start with http://"),
+        "{err}"
+    );
+}

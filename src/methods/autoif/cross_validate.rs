@@ -566,3 +566,32 @@ fn columns(c: &[Collected], v: &[Validated]) -> Vec<ArrayRef> {
         strings(&|i| c[i].statuses.clone()),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::col_formatter;
+
+    /// Inputs and outputs of the Flywheel's own `col_formatter` (IF-generation/code/
+    /// 3_cross_validation.py), run in Python on these texts.
+    #[test]
+    fn col_formatter_escapes_line_breaks_up_to_the_first_return_as_the_flywheel() {
+        // Raw line breaks in the function's JSON string: escaped, and the JSON reads.
+        assert_eq!(
+            col_formatter(
+                "{\"func\": \"def evaluate(response):\n    x = 1\n    return x\", \"cases\": []}"
+            ),
+            "{\"func\": \"def evaluate(response):\\n    x = 1\\n    return x\", \"cases\": []}"
+        );
+        // No `return` in the function: the first one is in a case, and the line break
+        // between two JSON members is escaped too, which breaks the JSON (as there).
+        assert_eq!(
+            col_formatter(
+                "{\n\"func\": \"def evaluate(response):\\n    pass\",\n\"cases\": [{\"input\": \"return\", \"output\": true}]}"
+            ),
+            "{\n\"func\": \"def evaluate(response):\\n    pass\",\\n\"cases\": [{\"input\": \"return\", \"output\": true}]}"
+        );
+        // No `def evaluate(response):`: unchanged.
+        let other = "{\"func\": \"def check(r):\n    return True\"}";
+        assert_eq!(col_formatter(other), other);
+    }
+}

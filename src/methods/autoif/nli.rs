@@ -694,3 +694,55 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod answers {
+    use super::*;
+
+    fn stage(api: NliApi) -> NliStage {
+        serde_json::from_value(json!({"url": "http://127.0.0.1:1", "api": api, "model": "m"}))
+            .unwrap()
+    }
+
+    #[test]
+    fn tei_answers_are_read_by_label_name_or_index_in_labels_order() {
+        let s = stage(NliApi::Tei);
+        // TEI sorts each input's predictions by score; names or LABEL_i.
+        let body = br#"[[{"label": "contradiction", "score": 0.7}, {"label": "entailment", "score": 0.2}, {"label": "neutral", "score": 0.1}],
+                        [{"label": "LABEL_1", "score": 0.5}, {"label": "LABEL_0", "score": 0.3}, {"label": "LABEL_2", "score": 0.2}]]"#;
+        let got = s.read_answer(body, 2).unwrap();
+        assert_eq!(got[0].probs, [0.2, 0.1, 0.7]);
+        assert_eq!(got[1].probs, [0.3, 0.5, 0.2]);
+        let err = s
+            .read_answer(br#"[[{"label": "positive", "score": 1.0}]]"#, 1)
+            .unwrap_err();
+        assert!(err.contains("`positive` is none of `labels`"), "{err}");
+        let err = s
+            .read_answer(br#"[[{"label": "entailment", "score": 1.0}]]"#, 1)
+            .unwrap_err();
+        assert!(err.contains("lacks a score"), "{err}");
+        assert!(
+            s.read_answer(b"[]", 1)
+                .unwrap_err()
+                .contains("0 answers for 1 pairs")
+        );
+    }
+
+    #[test]
+    fn vllm_answers_are_read_by_index_with_labels_naming_the_probabilities() {
+        let s = stage(NliApi::Vllm);
+        let body = br#"{"data": [{"index": 1, "label": "x", "probs": [0.1, 0.1, 0.8]},
+                                 {"index": 0, "label": "y", "probs": [0.6, 0.3, 0.1]}]}"#;
+        let got = s.read_answer(body, 2).unwrap();
+        assert_eq!(got[0].probs, [0.6, 0.3, 0.1]);
+        assert_eq!(got[1].probs, [0.1, 0.1, 0.8]);
+        let err = s
+            .read_answer(br#"{"data": [{"index": 0, "probs": [0.5, 0.5]}]}"#, 1)
+            .unwrap_err();
+        assert!(err.contains("answers 2 classes"), "{err}");
+        assert_eq!(
+            s.body(&[("p", "h")]),
+            json!({"input": ["p [SEP] h"], "model": "m"})
+        );
+    }
+}
