@@ -420,6 +420,11 @@ def main():
         net = sorted(name for _, name in socket.if_nameindex())
     except OSError:
         net = None
+    # Everything imported so far goes to the collector's permanent generation: a child's
+    # collections then never walk (and copy-on-write) the parent's pages of nltk and numpy.
+    import gc
+    gc.collect()
+    gc.freeze()
     ready = {"ready": True, "python": sys.version.split()[0], "net": net,
              "nltk": getattr(nltk, "__version__", None), "numpy": getattr(np, "__version__", None),
              "punkt": PUNKT}
