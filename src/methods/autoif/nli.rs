@@ -404,9 +404,7 @@ impl Stage for NliStage {
     fn dry_run(&self, ctx: &RunCtx) -> Result<String> {
         let (rows, _) = self.read(ctx)?;
         let ids = self.distinct_ids(&rows);
-        let cached = Cache::open(&cache_path(ctx.engine))?
-            .get_many(&ids)?
-            .len();
+        let cached = Cache::open(&cache_path(ctx.engine))?.get_many(&ids)?.len();
         Ok(format!(
             "    {} rows: {} distinct pairs, {} already cached, {} to send to {} in batches of {}",
             rows.len(),
