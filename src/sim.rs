@@ -44,6 +44,15 @@
 //!   their planned end: positive when timers fire late), `active_seconds` (from the first
 //!   planned start to the last planned end).
 //!   Only completion requests are counted.
+//! - **Classification.** `POST /predict` (Text Embeddings Inference: `inputs` a text, a pair or
+//!   a batch of them; per input the `{label, score}` of each class, highest first) and
+//!   `POST /classify` or `/v1/classify` (vLLM: `input` a text or a list; `data` with `index`,
+//!   `label`, `probs`), as an NLI model with the classes `entailment`, `neutral`,
+//!   `contradiction` (mDeBERTa-xnli's order). A pair is matched as `premise\nhypothesis`. The
+//!   first rule matching the text answers: `json` a list of three probabilities, or `response`
+//!   naming a class (it gets 0.9, the others 0.05); otherwise the probabilities come from
+//!   `xxh3(seed, text)` (three 21-bit numbers plus one, normalised). Faults 500 and 429 apply;
+//!   bodies are recorded with `record`.
 //! - **Recording.** With `record`, every completion request's body is appended to that file
 //!   as one JSON line, as received, so a test can check what a client sent (the messages of
 //!   a multi-turn request, its params).
@@ -294,6 +303,9 @@ pub async fn serve(config: SimConfig, listener: TcpListener) -> Result<()> {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/predict", post(predict))
+        .route("/classify", post(classify))
+        .route("/v1/classify", post(classify))
         .route("/sim/stats", get(stats))
         .route("/sim/reset", post(reset))
         .with_state(sim);
@@ -971,6 +983,216 @@ async fn completions(
     body: Bytes,
 ) -> Response {
     sim.handle(Api::Completions, &headers, &body, &cut).await
+}
+
+/// The classes of the simulated NLI model, in its output order.
+pub const NLI_LABELS: [&str; 3] = ["entailment", "neutral", "contradiction"];
+
+impl Sim {
+    /// The class probabilities for `text` (see the module docs).
+    fn classify_text(&self, text: &str) -> Vec<f64> {
+        for rule in &self.rules {
+            if !rule.re.is_match(text) {
+                continue;
+            }
+            match &rule.answer {
+                Answer::Json(j) => {
+                    if let Ok(v) = serde_json::from_str::<Vec<f64>>(j)
+                        && v.len() == NLI_LABELS.len()
+                    {
+                        return v;
+                    }
+                }
+                Answer::Templates(ts) => {
+                    let name = ts[0].trim().to_lowercase();
+                    if let Some(at) = NLI_LABELS.iter().position(|l| *l == name) {
+                        return (0..NLI_LABELS.len())
+                            .map(|i| if i == at { 0.9 } else { 0.05 })
+                            .collect();
+                    }
+                }
+            }
+        }
+        let h = xxh3_64_with_seed(text.as_bytes(), self.config.seed);
+        let raw: Vec<f64> = (0..3)
+            .map(|k| ((h >> (k * 21)) & 0x1F_FFFF) as f64 + 1.0)
+            .collect();
+        let sum: f64 = raw.iter().sum();
+        raw.iter().map(|r| r / sum).collect()
+    }
+
+    /// Record, count and draw a fault for a classification request; `Err` is the answer when
+    /// a fault (500, 429) or a bad body ends it.
+    fn classification_request(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> std::result::Result<Value, Box<Response>> {
+        let parsed = serde_json::from_slice::<Value>(body);
+        if let (Some(rec), Ok(v)) = (&self.recorder, &parsed) {
+            use std::io::Write as _;
+            let mut f = rec.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(f, "{v}");
+        }
+        let key = match headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(id) => id.to_string(),
+            None => format!("{:016x}", xxh3_64(body)),
+        };
+        let attempt = {
+            let mut st = self.stats();
+            st.requests_total += 1;
+            let n = st.per_request.entry(key.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let refused = match self.draw_fault(&key, attempt) {
+            Some(Fault::ServerError) => Some(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "simulated internal server error",
+            )),
+            Some(Fault::RateLimited) => {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "simulated rate limit; retry after 1 s",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Some(r)
+            }
+            _ => None,
+        };
+        let response = match (refused, parsed) {
+            (Some(r), _) => Err(Box::new(r)),
+            (None, Ok(v)) => Ok(v),
+            (None, Err(e)) => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body is not valid JSON: {e}"),
+            ))),
+        };
+        let status = match &response {
+            Ok(_) => "200".to_string(),
+            Err(r) => r.status().as_str().to_string(),
+        };
+        *self.stats().by_status.entry(status).or_default() += 1;
+        response
+    }
+}
+
+/// One TEI input as the text rules see: a text, or a pair joined by a line break.
+fn tei_text(input: &Value) -> Option<String> {
+    match input {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) if (1..=2).contains(&a.len()) && a.iter().all(Value::is_string) => Some(
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        _ => None,
+    }
+}
+
+/// Text Embeddings Inference's `POST /predict`.
+async fn predict(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match sim.classification_request(&headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let inputs = &req["inputs"];
+    // A batch is a list of lists; a text or one pair is a single input.
+    let (texts, batch) = match inputs {
+        Value::Array(a) if a.iter().all(Value::is_array) && !a.is_empty() => {
+            (a.iter().map(tei_text).collect::<Option<Vec<_>>>(), true)
+        }
+        other => (tei_text(other).map(|t| vec![t]), false),
+    };
+    let Some(texts) = texts else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "inputs must be a text, a pair of texts or a batch of them",
+        );
+    };
+    let answers: Vec<Value> = texts
+        .iter()
+        .map(|t| {
+            let probs = sim.classify_text(t);
+            let mut preds: Vec<(f64, &str)> = probs
+                .iter()
+                .copied()
+                .zip(NLI_LABELS.iter().copied())
+                .collect();
+            preds.sort_by(|a, b| b.0.total_cmp(&a.0));
+            Value::Array(
+                preds
+                    .into_iter()
+                    .map(|(score, label)| json!({"label": label, "score": score}))
+                    .collect(),
+            )
+        })
+        .collect();
+    let body = if batch {
+        Value::Array(answers)
+    } else {
+        answers.into_iter().next().unwrap_or(Value::Null)
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+/// vLLM's `POST /classify`.
+async fn classify(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match sim.classification_request(&headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    match req.get("model") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(m)) if *m == sim.config.model => {}
+        Some(m) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "The model `{}` does not exist.",
+                    m.as_str().unwrap_or_default()
+                ),
+            );
+        }
+    }
+    let texts: Vec<String> = match &req["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "input must be a text or a list of texts",
+            );
+        }
+    };
+    let data: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let probs = sim.classify_text(t);
+            let best = (0..probs.len())
+                .fold(0, |b, k| if probs[k] > probs[b] { k } else { b });
+            json!({"index": i, "label": NLI_LABELS[best], "probs": probs, "num_classes": probs.len()})
+        })
+        .collect();
+    let tokens: usize = texts.iter().map(|t| word_count(t)).sum();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "id": format!("classify-{}", sim.next_id.fetch_add(1, Ordering::Relaxed)),
+            "object": "list",
+            "created": 0,
+            "model": sim.config.model,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }),
+    )
 }
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Response {

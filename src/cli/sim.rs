@@ -65,7 +65,8 @@ pub struct Args {
     /// The PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Append each completion request's JSON body to this file, one line per request.
+    /// Append each completion or classification request's JSON body to this file, one line
+    /// per request.
     #[arg(long)]
     pub record: Option<PathBuf>,
 }

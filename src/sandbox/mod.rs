@@ -42,7 +42,21 @@ use crate::error::{Error, Result};
 const WORKER: &str = include_str!("worker.py");
 
 /// Bump when the worker's results for the same call could change (part of every cache key).
-const WORKER_VERSION: u32 = 1;
+/// 2: `nltk` and `np` in the namespace when the interpreter has them.
+const WORKER_VERSION: u32 = 2;
+
+/// The `sandbox.python` name of the venv `scripts/sandbox-venv.sh install` makes (upstream's
+/// extra names `nltk` and `numpy as np`, and NLTK's Punkt data).
+pub const SANDBOX_VENV: &str = "sandbox-venv";
+
+/// Where that venv lives: `$IFLOOM_SANDBOX_VENV`, else `~/.cache/ifloom/sandbox-venv`.
+pub fn sandbox_venv_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("IFLOOM_SANDBOX_VENV").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    PathBuf::from(home).join(".cache/ifloom/sandbox-venv")
+}
 
 fn d_python() -> String {
     "python3".into()
@@ -58,7 +72,9 @@ fn d_memory() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
-    /// The interpreter: a name looked up on PATH or a path (default `python3`).
+    /// The interpreter: a name looked up on PATH, a path, or `sandbox-venv` (the venv
+    /// `scripts/sandbox-venv.sh install` makes, with `nltk`, `numpy` and NLTK's Punkt data as
+    /// upstream AutoIF's functions had them). Default `python3`.
     #[serde(default = "d_python")]
     pub python: String,
     /// Worker processes (default: one per core).
@@ -140,16 +156,42 @@ pub fn log_isolation(stage: &str, iso: Option<Isolation>) {
     }
 }
 
+/// Warn once per stage when functions written for upstream's namespace would miss a name.
+pub fn log_modules(stage: &str, modules: Option<&Modules>) {
+    if let Some(missing) = modules.and_then(Modules::missing) {
+        tracing::warn!(
+            "{stage}: the sandbox's Python lacks {missing}, which upstream AutoIF's functions had; \
+             functions using them fail here and are dropped. Run `scripts/sandbox-venv.sh \
+             install` and set `sandbox.python: {SANDBOX_VENV}`"
+        );
+    }
+}
+
 /// The result cache a run uses: `python-cache.sqlite` beside the LLM response cache.
 pub fn cache_path(engine: &crate::engine::Engine) -> PathBuf {
     crate::llm_client::cache::path(engine.cache_path.as_deref())
         .with_file_name("python-cache.sqlite")
 }
 
-/// The interpreter's path: `name` itself when it has a slash, else the first match on PATH.
+/// The interpreter's path: `name` itself when it has a slash, the sandbox venv's for
+/// `sandbox-venv`, else the first match on PATH.
 pub fn resolve_python(name: &str) -> std::result::Result<PathBuf, String> {
     let install = "install Python 3 (Debian/Ubuntu: `apt-get install python3`) or set \
                    `sandbox.python` to an interpreter's path";
+    if name == SANDBOX_VENV {
+        let p = sandbox_venv_dir().join("bin/python");
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "sandbox.python is `{SANDBOX_VENV}` but {} does not exist: run \
+                 `scripts/sandbox-venv.sh install` (a venv with upstream AutoIF's nltk and \
+                 numpy and NLTK's Punkt data, ~20 s from PyPI), or set sandbox.python to \
+                 `python3` (functions that use nltk or np then fail as NameError)",
+                p.display()
+            ))
+        };
+    }
     if name.contains('/') {
         let p = PathBuf::from(name);
         return if p.is_file() {
@@ -317,6 +359,34 @@ pub struct Pool {
     config: SandboxConfig,
     scratch: PathBuf,
     isolation: Mutex<Option<Isolation>>,
+    modules: Mutex<Option<Modules>>,
+}
+
+/// What of upstream AutoIF's extra names a worker has (reported in its first line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modules {
+    /// `nltk.__version__`, when it imports.
+    pub nltk: Option<String>,
+    /// `numpy.__version__`, when it imports.
+    pub numpy: Option<String>,
+    /// `nltk.sent_tokenize` works (the Punkt data is there).
+    pub punkt: bool,
+}
+
+impl Modules {
+    /// What a function written for upstream's namespace misses here, if anything.
+    pub fn missing(&self) -> Option<String> {
+        let mut out = Vec::new();
+        if self.nltk.is_none() {
+            out.push("nltk");
+        } else if !self.punkt {
+            out.push("NLTK's Punkt data (nltk.sent_tokenize raises LookupError)");
+        }
+        if self.numpy.is_none() {
+            out.push("numpy (np)");
+        }
+        (!out.is_empty()).then(|| out.join(", "))
+    }
 }
 
 static POOLS: AtomicUsize = AtomicUsize::new(0);
@@ -342,7 +412,16 @@ impl Pool {
             config: config.clone(),
             scratch,
             isolation: Mutex::new(None),
+            modules: Mutex::new(None),
         })
+    }
+
+    /// What the workers have of upstream's `nltk` / `np` (known once one has started).
+    pub fn modules(&self) -> Option<Modules> {
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn isolation(&self) -> Option<Isolation> {
@@ -446,6 +525,10 @@ impl Pool {
             // Sets and dicts iterate the same way in every run: verdicts do not flicker.
             .env("PYTHONHASHSEED", "0")
             .env("LC_ALL", "C.UTF-8")
+            // numpy's BLAS starts no thread pool (a forked child keeps none of its threads).
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .env("OMP_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1")
             .current_dir(&scratch)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -493,6 +576,11 @@ impl Pool {
             Isolation::GuardOnly
         };
         *self.isolation.lock().unwrap_or_else(|e| e.into_inner()) = Some(iso);
+        *self.modules.lock().unwrap_or_else(|e| e.into_inner()) = Some(Modules {
+            nltk: ready["nltk"].as_str().map(str::to_string),
+            numpy: ready["numpy"].as_str().map(str::to_string),
+            punkt: ready["punkt"].as_bool().unwrap_or(false),
+        });
         Ok(Worker::new(child, stdin, stdout))
     }
 }
@@ -643,6 +731,8 @@ pub struct Executions {
     /// How many calls ran now (the rest came from the cache).
     pub executed: u64,
     pub from_cache: u64,
+    /// What the workers had of upstream's `nltk` / `np` (`None` when none started).
+    pub modules: Option<Modules>,
 }
 
 impl Executions {
@@ -741,6 +831,7 @@ pub fn execute(
         Ok(())
     })?;
     out.executed = executed.into_inner();
+    out.modules = pool.modules();
     for ((job, (_, _, canons)), r) in jobs
         .iter()
         .zip(&job_keys)
@@ -759,12 +850,31 @@ pub fn execute(
     Ok((out, iso))
 }
 
-/// The real interpreter behind `found` (`sys.executable`) and its version, asked with the
-/// caller's environment (which a wrapper may need).
+/// Prints the interpreter, then its version with the nltk and numpy versions and whether NLTK's
+/// Punkt data is where NLTK looks by default (the worker's results depend on all four), without
+/// importing either (that takes half a second).
+const PROBE: &str = r#"import os, sys
+from importlib import metadata
+print(sys.executable)
+v = [sys.version.split()[0]]
+for name in ("nltk", "numpy"):
+    try:
+        v.append("%s=%s" % (name, metadata.version(name)))
+    except Exception:
+        pass
+roots = [os.path.expanduser("~/nltk_data")] + [os.path.join(sys.prefix, d) for d in ("nltk_data", "share/nltk_data", "lib/nltk_data")] + ["/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data", "/usr/local/lib/nltk_data"]
+if any(os.path.isdir(os.path.join(r, "tokenizers/punkt_tab/english")) for r in roots):
+    v.append("punkt_tab")
+print(" ".join(v))
+"#;
+
+/// The real interpreter behind `found` (`sys.executable`) and its version (with what the
+/// worker's namespace will hold, see [`PROBE`]), asked with the caller's environment (which a
+/// wrapper may need).
 fn interpreter(found: &Path) -> Result<(PathBuf, String)> {
     let out = Command::new(found)
         .arg("-c")
-        .arg("import sys; print(sys.executable); print(sys.version.split()[0])")
+        .arg(PROBE)
         .stderr(Stdio::null())
         .output()
         .map_err(|e| Error::Usage {

@@ -292,3 +292,71 @@ fn a_missing_interpreter_says_how_to_get_one() {
             && problems[0].contains("apt-get install python3")
     );
 }
+
+/// The sandbox venv (`scripts/sandbox-venv.sh install`), if installed; a missing venv fails
+/// under `IFLOOM_REQUIRE_SANDBOX_VENV` (CI sets it).
+fn venv_config() -> Option<SandboxConfig> {
+    if resolve_python(SANDBOX_VENV).is_err() {
+        assert!(
+            std::env::var_os("IFLOOM_REQUIRE_SANDBOX_VENV").is_none(),
+            "IFLOOM_REQUIRE_SANDBOX_VENV is set but {} has no interpreter: run scripts/sandbox-venv.sh install",
+            sandbox_venv_dir().display()
+        );
+        eprintln!("skipping: the sandbox venv is not installed (scripts/sandbox-venv.sh install)");
+        return None;
+    }
+    Some(SandboxConfig {
+        python: SANDBOX_VENV.into(),
+        ..config()
+    })
+}
+
+#[test]
+fn the_venv_has_upstreams_nltk_and_np_and_reads_only_the_punkt_data() {
+    let Some(cfg) = venv_config() else { return };
+    let pool = Pool::new(&cfg).unwrap();
+    let sources = [
+        // Upstream's names, used without an import.
+        "def evaluate(r):\n    return len(nltk.sent_tokenize(r))\n",
+        "def evaluate(r):\n    return float(np.mean([len(w) for w in r.split()]))\n",
+        // The Punkt files can be read ...
+        "def evaluate(r):\n    d = str(nltk.data.find('tokenizers/punkt_tab/english'))\n    return len(open(d + '/abbrev_types.txt').read()) > 0\n",
+        // ... not written ...
+        "def evaluate(r):\n    d = str(nltk.data.find('tokenizers/punkt_tab/english'))\n    open(d + '/x.txt', 'w').write(r)\n    return True\n",
+        // ... and nothing else of the nltk_data folder is visible.
+        "import os\ndef evaluate(r):\n    d = str(nltk.data.find('tokenizers/punkt_tab'))\n    return os.listdir(os.path.dirname(os.path.dirname(d)))\n",
+        "def evaluate(r):\n    return open('/etc/passwd').read()\n",
+        // numpy holds a reference to ctypes; calling into native code is still refused.
+        "def evaluate(r):\n    return np.ctypeslib.ctypes.CDLL(None)\n",
+    ];
+    let jobs: Vec<Job> = sources
+        .iter()
+        .map(|s| Job {
+            source: s.to_string(),
+            inputs: vec![json!("Hello Mr. Smith. How are you?")],
+        })
+        .collect();
+    let out: Mutex<Vec<Option<JobResult>>> = Mutex::new(vec![None; jobs.len()]);
+    pool.run(&jobs, &|| false, &|i, r| {
+        out.lock().unwrap()[i] = Some(r.clone());
+        Ok(())
+    })
+    .unwrap();
+    let r: Vec<JobResult> = out.into_inner().unwrap().into_iter().flatten().collect();
+    // Punkt: "Mr." is an abbreviation, so two sentences (nltk 3.9.2's English punkt_tab).
+    assert_eq!(only(&r[0]).value, Some(json!(2)), "{:?}", only(&r[0]));
+    // "Hello Mr. Smith. How are you?": (5 + 3 + 6 + 3 + 3 + 4) / 6 words.
+    assert_eq!(only(&r[1]).value, Some(json!(4.0)));
+    assert_eq!(only(&r[2]).value, Some(json!(true)), "{:?}", only(&r[2]));
+    for (i, src) in sources.iter().enumerate().skip(3) {
+        assert_eq!(
+            only(&r[i]).outcome,
+            Outcome::Refused,
+            "{src}: {:?}",
+            only(&r[i])
+        );
+    }
+    let m = pool.modules().expect("a worker started");
+    assert!(m.nltk.is_some() && m.numpy.is_some() && m.punkt, "{m:?}");
+    assert_eq!(m.missing(), None);
+}

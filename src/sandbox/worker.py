@@ -33,6 +33,26 @@ import unicodedata  # noqa: F401
 import resource
 import sysconfig
 
+# Upstream's script also had `nltk` and `numpy as np` imported (verifiers count sentences with
+# `nltk.sent_tokenize` and average with `np.mean` without importing either). They are imported
+# here, before any fork, when the interpreter has them (scripts/sandbox-venv.sh makes one that
+# does); NLTK's English sentence tokenizer is loaded once so no child pays for it.
+try:
+    import numpy as np
+except Exception:  # noqa: BLE001  (absent or broken: functions using np raise NameError)
+    np = None
+try:
+    import nltk
+except Exception:  # noqa: BLE001
+    nltk = None
+PUNKT = False
+if nltk is not None:
+    try:
+        nltk.sent_tokenize("Warm up. Done.")
+        PUNKT = True
+    except Exception:  # noqa: BLE001  (no punkt_tab data: sent_tokenize raises LookupError)
+        pass
+
 PROTO_IN = os.fdopen(os.dup(0), "rb")
 PROTO_OUT = os.fdopen(os.dup(1), "wb")
 _devnull = os.open(os.devnull, os.O_RDWR)
@@ -52,6 +72,16 @@ for _p in sys.path:
     if _p and os.path.isabs(_p) and os.path.isdir(_p):
         READ_ROOTS.append(os.path.realpath(_p))
 READ_FILES = {"/dev/null", "/dev/urandom", "/dev/random", "/etc/localtime"}
+# NLTK's sentence tokenizer data, read-only, wherever NLTK looks for it: only the Punkt
+# folders (and their zip files), not the rest of an nltk_data folder.
+if nltk is not None:
+    for _p in nltk.data.path:
+        for _name in ("punkt_tab", "punkt"):
+            _d = os.path.join(_p, "tokenizers", _name)
+            if os.path.isdir(_d):
+                READ_ROOTS.append(os.path.realpath(_d))
+            if os.path.isfile(_d + ".zip"):
+                READ_FILES.add(os.path.realpath(_d + ".zip"))
 
 
 class SandboxViolation(Exception):
@@ -65,7 +95,7 @@ def _under(path, root):
 def install_guard(scratch):
     """Audit hook of the child: refuses network, processes, signals to others, native code,
     raising limits, and file access outside the scratch folder (reads also inside Python's own
-    library folders). Audit hooks cannot be removed once added."""
+    library folders and NLTK's Punkt data). Audit hooks cannot be removed once added."""
     scratch = os.path.realpath(scratch)
     blocked_imports = {"ctypes", "_ctypes", "_posixsubprocess", "cffi", "_cffi_backend"}
     for name in list(sys.modules):
@@ -219,6 +249,10 @@ def child(job, first, wfd, scratch):
         "json": json, "re": re, "random": random, "os": os, "copy": copy, "time": time,
         "logging": logging,
     }
+    if nltk is not None:
+        namespace["nltk"] = nltk
+    if np is not None:
+        namespace["np"] = np
     t0 = time.perf_counter()
     try:
         code = compile(job["source"], "<verifier>", "exec")
@@ -386,7 +420,14 @@ def main():
         net = sorted(name for _, name in socket.if_nameindex())
     except OSError:
         net = None
-    ready = {"ready": True, "python": sys.version.split()[0], "net": net}
+    # Everything imported so far goes to the collector's permanent generation: a child's
+    # collections then never walk (and copy-on-write) the parent's pages of nltk and numpy.
+    import gc
+    gc.collect()
+    gc.freeze()
+    ready = {"ready": True, "python": sys.version.split()[0], "net": net,
+             "nltk": getattr(nltk, "__version__", None), "numpy": getattr(np, "__version__", None),
+             "punkt": PUNKT}
     PROTO_OUT.write((json.dumps(ready) + "\n").encode())
     PROTO_OUT.flush()
     while True:

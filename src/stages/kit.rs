@@ -98,5 +98,6 @@ pub fn run_in_sandbox(
     let stop = || ctx.cancel.is_interrupted();
     let (ex, isolation) = sandbox::execute(config, &cache, wanted, &stop, progress)?;
     sandbox::log_isolation(ctx.id, isolation);
+    sandbox::log_modules(ctx.id, ex.modules.as_ref());
     Ok(ex)
 }

@@ -15,10 +15,48 @@ fn real_answers() -> PathBuf {
     root().join("../shared/data/autoif/eval_func_rft.jsonl")
 }
 
+/// The interpreter of the sandbox venv (`scripts/sandbox-venv.sh`: upstream's nltk and numpy,
+/// NLTK's Punkt data), or `None` when it is not installed; under `IFLOOM_REQUIRE_SANDBOX_VENV`
+/// (CI sets it) a missing venv is a failure.
+pub fn sandbox_venv() -> Option<String> {
+    static FOUND: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let o = Command::new("bash")
+                .arg(root().join("scripts/sandbox-venv.sh"))
+                .arg("python")
+                .output()
+                .unwrap();
+            if o.status.success() {
+                return Some(stdout(&o).trim().to_string());
+            }
+            assert!(
+                std::env::var_os("IFLOOM_REQUIRE_SANDBOX_VENV").is_none(),
+                "IFLOOM_REQUIRE_SANDBOX_VENV is set but the sandbox venv is not installed: {}",
+                stderr(&o).trim()
+            );
+            eprintln!(
+                "the sandbox venv is not installed (scripts/sandbox-venv.sh install); AutoIF runs \
+                 here use python3 and the nltk/numpy tests are skipped (set \
+                 IFLOOM_REQUIRE_SANDBOX_VENV=1 to make this a failure)"
+            );
+            None
+        })
+        .clone()
+}
+
 /// `ifloom run` with these args in the project root; returns stdout + stderr, asserting success.
+/// Runs of pipelines/autoif.yaml use its default interpreter (the sandbox venv) when it is
+/// installed, else `python3`.
 fn run(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ifloom"));
     c.args(args).current_dir(root());
+    if args.contains(&"pipelines/autoif.yaml")
+        && !args.iter().any(|a| a.starts_with("sandbox_python="))
+        && sandbox_venv().is_none()
+    {
+        c.args(["--set", "sandbox_python=python3"]);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
@@ -647,7 +685,13 @@ fn autoif_end_to_end_against_the_simulator_with_every_count_known() {
     // Lineage: every SFT row names its instruction and query.
     let ids = query(&run_dir, "SELECT _id FROM consistent_instructions");
     assert!(sft.iter().all(|r| r["instruction_id"] == ids[0]["_id"]));
-    let dpo = query(&run_dir, "SELECT chosen, rejected FROM dpo_clean");
+    let dpo = query(&run_dir, "SELECT prompt, chosen, rejected FROM dpo_clean");
+    // Upstream's DPO samples (sample_data/dpo_query_w_funcs.jsonl): the instruction, a space,
+    // the query as written, then '.' (even after '?' or '.').
+    assert_eq!(
+        dpo[0]["prompt"],
+        json!("Answer in lowercase letters only. Tell me about the history of tea please.")
+    );
     assert_eq!(dpo[0]["chosen"], json!("all lowercase one"));
     assert_eq!(dpo[0]["rejected"], json!("Not Lowercase"));
     // The exports read back.
@@ -657,4 +701,455 @@ fn autoif_end_to_end_against_the_simulator_with_every_count_known() {
     assert_eq!(alpaca.lines().count(), 2);
     let trl = std::fs::read_to_string(run_dir.join("out/autoif_dpo_trl.jsonl")).unwrap();
     assert_eq!(trl.lines().count(), 1);
+}
+
+// ---- upstream's namespace: nltk and numpy ---------------------------------------------------
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// Per instruction of a replay: its row of `verified_instructions`.
+fn verified(run_dir: &Path) -> Vec<Value> {
+    query(
+        run_dir,
+        "SELECT instruction, n_answers, n_parsed, n_functions, n_cases, n_cases_kept, \
+         function_accuracy, kept_functions, kept_accuracy, kept, drop_reason, answer_status \
+         FROM verified_instructions ORDER BY instruction",
+    )
+}
+
+fn replay(fixture_file: &Path, run_dir: &Path, cache: &Path, extra: &[&str]) -> String {
+    let funcs = format!("funcs={}", s(fixture_file));
+    let mut args = vec![
+        "run",
+        "pipelines/autoif.yaml",
+        "--profile",
+        "replay_funcs",
+        "--set",
+        &funcs,
+        "--until",
+        "verified_instructions",
+        "--run-dir",
+        s(run_dir),
+        "--cache",
+        s(cache),
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+/// A list of floats of a row, each rounded to 12 decimals (serde_json's float parsing can be
+/// a unit in the last place off Python's `repr`).
+fn fractions(row: &Value, col: &str) -> Vec<f64> {
+    row[col]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| round12(v.as_f64().unwrap()))
+        .collect()
+}
+
+fn round12(x: f64) -> f64 {
+    (x * 1e12).round() / 1e12
+}
+
+/// tests/fixtures/autoif_nltk_numpy.jsonl: two instructions whose verifiers count sentences
+/// with `nltk.sent_tokenize` and average with `np.mean`, neither imported, as LLMs write them.
+/// The expected figures are those of Qwen's code/3_cross_validation.py run unchanged on that
+/// file (nltk 3.9.2, numpy 1.26.4, punkt_tab): every function kept; the sentence counters are
+/// right on 11 of 12 cases ("e.g. this is one sentence." is two sentences to Punkt), the
+/// regex splitter on 10 (it cuts "Mr." and "Dr."); np.mean's `nan < 6` on "" is numpy's
+/// False, which equals the label False.
+#[test]
+fn nltk_and_numpy_verifiers_cross_validate_as_upstream_with_the_sandbox_venv() {
+    let Some(venv) = sandbox_venv() else { return };
+    let tmp = tempdir();
+    let run_dir = tmp.path().join("run");
+    let cache = tmp.path().join("cache.sqlite");
+    let file = fixture("autoif_nltk_numpy.jsonl");
+    let out = replay(&file, &run_dir, &cache, &[]);
+    let rows = verified(&run_dir);
+    assert_eq!(rows.len(), 2, "{out}");
+    let avg = &rows[1];
+    assert_eq!(
+        avg["instruction"],
+        json!("Keep the average word length under six letters.")
+    );
+    assert_eq!(avg["n_functions"], json!(3));
+    // 12 cases, ("", False) twice: 11 distinct, all kept.
+    assert_eq!(
+        (avg["n_cases"].clone(), avg["n_cases_kept"].clone()),
+        (json!(11), json!(11))
+    );
+    // First-seen order: np.mean, the plain average (ZeroDivisionError on ""), the np.array one.
+    let want = [10.0 / 11.0, 9.0 / 11.0, 1.0].map(round12);
+    assert_eq!(fractions(avg, "function_accuracy"), want);
+    assert_eq!(avg["kept"], json!(true));
+    let two = &rows[0];
+    assert_eq!(
+        two["instruction"],
+        json!("Answer in exactly two sentences.")
+    );
+    assert_eq!(
+        (two["n_cases"].clone(), two["n_cases_kept"].clone()),
+        (json!(12), json!(12))
+    );
+    let want = [11.0 / 12.0, 11.0 / 12.0, 10.0 / 12.0].map(round12);
+    assert_eq!(fractions(two, "function_accuracy"), want);
+    assert_eq!(two["kept_functions"].as_array().unwrap().len(), 3);
+    assert_eq!(counter(&out, "verified_instructions", "functions_kept"), 6);
+    // The same answers on a Python without nltk and numpy: the functions that use them raise
+    // NameError on every case, so only the regex splitter keeps cases (its 10 of 12), and the
+    // nltk functions score 0 and are dropped: what ifloom did before the venv.
+    let run_bare = tmp.path().join("bare");
+    let bare = replay(
+        &file,
+        &run_bare,
+        &cache,
+        &["--set", "sandbox_python=python3"],
+    );
+    let two_bare = &verified(&run_bare)[0];
+    assert_eq!(two_bare["n_cases_kept"], json!(10), "{bare}");
+    assert_eq!(fractions(two_bare, "function_accuracy"), [0.0, 0.0, 1.0]);
+    assert_eq!(two_bare["kept_functions"].as_array().unwrap().len(), 1);
+    // The venv is named by path as well as by `sandbox-venv`: the same figures.
+    let run_path = tmp.path().join("by-path");
+    let python = format!("sandbox_python={venv}");
+    replay(&file, &run_path, &cache, &["--set", &python]);
+    assert_eq!(verified(&run_path), rows);
+}
+
+/// tests/fixtures/autoif_flywheel.jsonl through `cross_validation: flywheel`. Expected: the
+/// Post-Training-Data-Flywheel's IF-generation/code/3_cross_validation.py run unchanged on the
+/// same answers (in its API-result format): "Use no commas." keeps 4 functions (the answer with
+/// raw line breaks in its JSON string, repaired by col_formatter; its duplicate; the answer
+/// without `cases`; a fourth), all at 1.0, and 10 of 11 cases; "Answer in capital letters
+/// only." keeps its five identical answers (no dedup) and 10 cases. Qwen's script crashes on
+/// the answer without `cases` (KeyError); ifloom's `qwen` mode drops it (`no_cases`), fails
+/// the raw line breaks (`json_error`), and both instructions fall below 3 distinct functions.
+#[test]
+fn the_flywheel_reference_repairs_json_keeps_functions_without_cases_and_dedups_nothing() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache.sqlite");
+    let file = fixture("autoif_flywheel.jsonl");
+    let fly = tmp.path().join("flywheel");
+    let out = replay(&file, &fly, &cache, &["--set", "cross_validation=flywheel"]);
+    let rows = verified(&fly);
+    assert_eq!(rows.len(), 2, "{out}");
+    let caps = &rows[0];
+    assert_eq!(caps["n_functions"], json!(5));
+    assert_eq!(
+        (caps["n_cases"].clone(), caps["n_cases_kept"].clone()),
+        (json!(10), json!(10))
+    );
+    assert_eq!(fractions(caps, "kept_accuracy"), [1.0; 5]);
+    let commas = &rows[1];
+    assert_eq!(commas["instruction"], json!("Use no commas."));
+    assert_eq!(commas["n_parsed"], json!(4));
+    assert_eq!(
+        commas["answer_status"],
+        json!(["compiled", "compiled", "compiled", "compiled"])
+    );
+    assert_eq!(commas["n_functions"], json!(4));
+    assert_eq!(
+        (commas["n_cases"].clone(), commas["n_cases_kept"].clone()),
+        (json!(11), json!(10))
+    );
+    assert_eq!(fractions(commas, "kept_accuracy"), [1.0; 4]);
+    let kept: Vec<&str> = commas["kept_functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "def evaluate(response):\n    return ',' not in response",
+            "def evaluate(response):\n    return ',' not in response",
+            "def evaluate(response):\n    return response.count(',') == 0",
+            "def evaluate(response):\n    return response.find(',') == -1",
+        ]
+    );
+    let qwen = tmp.path().join("qwen");
+    replay(&file, &qwen, &cache, &[]);
+    let rows = verified(&qwen);
+    assert_eq!(rows[0]["n_functions"], json!(1));
+    assert_eq!(rows[0]["drop_reason"], json!("too_few_functions"));
+    assert_eq!(
+        rows[1]["answer_status"],
+        json!(["json_error", "compiled", "no_cases", "compiled"])
+    );
+    assert_eq!(rows[1]["drop_reason"], json!("too_few_functions"));
+}
+
+/// Step 5 with an NLI classifier (`nli: classifier`), the simulator serving TEI's /predict or
+/// vLLM's /classify. Upstream's rule decides: the label is the first maximum of
+/// `round(p * 100, 1)` over (entailment, neutral, contradiction). The question-mark
+/// instruction's pairs are contradictions (0.9); the lowercase one's probabilities are
+/// (0.40001, 0.19995, 0.40004): contradiction is higher, but both round to 40.0 and
+/// entailment comes first, so it stays. Every count downstream is the LLM judge run's.
+#[test]
+fn an_nli_classifier_over_tei_or_vllm_drops_contradictions_by_upstreams_rule() {
+    for api in ["tei", "vllm"] {
+        let tmp = tempdir();
+        let dir = tmp.path();
+        std::fs::write(
+            dir.join("seeds.txt"),
+            "Answer in lowercase letters only.\nEnd your response with a question mark.\n",
+        )
+        .unwrap();
+        let queries = [
+            "Tell me about the history of tea please",
+            "What is a good name for a small cat?",
+            "Describe the sound of rain on a roof.",
+        ];
+        let text: String = queries.iter().map(|q| format!("{}\n", json!(q))).collect();
+        std::fs::write(dir.join("queries.jsonl"), text).unwrap();
+        let mut rules = autoif_rules();
+        let classifier = [
+            json!({"match": r"^End your response with a question mark\.(\n| \[SEP\] )", "response": "contradiction"}),
+            json!({"match": r"^Answer in lowercase letters only\.(\n| \[SEP\] )", "json": [0.40001, 0.19995, 0.40004]}),
+        ];
+        let list = rules["rules"].as_array_mut().unwrap();
+        for (i, r) in classifier.into_iter().enumerate() {
+            list.insert(i, r);
+        }
+        std::fs::write(dir.join("rules.json"), rules.to_string()).unwrap();
+        let record = dir.join("requests.jsonl");
+        let sim = Sim::start(&[
+            "--slots",
+            "8",
+            "--base-ms",
+            "1",
+            "--per-token-ms",
+            "0",
+            "--model",
+            "sim-model",
+            "--rules",
+            s(&dir.join("rules.json")),
+            "--record",
+            s(&record),
+        ]);
+        let root_url = sim.url.trim_end_matches("/v1").to_string();
+        let run_dir = dir.join("run");
+        let sets = [
+            format!("seeds={}", s(&dir.join("seeds.txt"))),
+            format!("queries={}", s(&dir.join("queries.jsonl"))),
+            format!("url={}", sim.url),
+            "model=sim-model".into(),
+            "augment_requests=2".into(),
+            "func_samples=3".into(),
+            "queries_per_instruction=3".into(),
+            "max_tokens=64".into(),
+            "nli=classifier".into(),
+            format!("nli_url={root_url}"),
+            format!("nli_api={api}"),
+            "nli_model=sim-model".into(),
+        ];
+        let cache = dir.join("cache.sqlite");
+        let mut args = vec![
+            "run",
+            "pipelines/autoif.yaml",
+            "--run-dir",
+            s(&run_dir),
+            "--cache",
+            s(&cache),
+        ];
+        for x in &sets {
+            args.extend(["--set", x]);
+        }
+        let out = run(&args, &[]);
+        let count = |t: &str| {
+            query(&run_dir, &format!("SELECT count(*) AS n FROM {t}"))[0]["n"]
+                .as_i64()
+                .unwrap()
+        };
+        for (table, n) in [
+            ("hypotheses", 6),
+            ("nli", 0),
+            ("nli_classified", 6),
+            ("consistent_instructions", 1),
+            ("sft", 2),
+            ("dpo_clean", 1),
+        ] {
+            assert_eq!(count(table), n, "{api} {table}\n{out}");
+        }
+        let labels = query(
+            &run_dir,
+            "SELECT instruction, nli_label, count(*) AS n FROM nli_classified \
+             GROUP BY instruction, nli_label ORDER BY instruction",
+        );
+        assert_eq!(
+            labels,
+            [
+                json!({"instruction": "Answer in lowercase letters only.", "nli_label": "entailment", "n": 3}),
+                json!({"instruction": "End your response with a question mark.", "nli_label": "contradiction", "n": 3}),
+            ],
+            "{api}"
+        );
+        // One batched request with the six pairs, in the API's own shape.
+        let sent: Vec<Value> = std::fs::read_to_string(&record)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &Value| v.get("inputs").is_some() || v.get("input").is_some())
+            .collect();
+        assert_eq!(sent.len(), 1, "{api}");
+        let first = match api {
+            "tei" => {
+                assert_eq!(sent[0]["truncate"], json!(true));
+                sent[0]["inputs"][0].clone()
+            }
+            _ => {
+                assert_eq!(sent[0]["model"], json!("sim-model"));
+                sent[0]["input"][0].clone()
+            }
+        };
+        let n = if api == "tei" {
+            &sent[0]["inputs"]
+        } else {
+            &sent[0]["input"]
+        };
+        assert_eq!(n.as_array().unwrap().len(), 6);
+        if api == "tei" {
+            assert!(first.as_array().is_some_and(|p| p.len() == 2), "{first}");
+        } else {
+            assert!(first.as_str().unwrap().contains(" [SEP] "), "{first}");
+        }
+        if api != "tei" {
+            continue;
+        }
+        // A rerun (new run folder, same cache) sends nothing to the classifier.
+        let run2 = dir.join("run2");
+        let mut args2 = args.clone();
+        args2[3] = s(&run2);
+        let out2 = run(&args2, &[]);
+        assert_eq!(counter(&out2, "nli_classified", "requests"), 0, "{out2}");
+        assert_eq!(counter(&out2, "nli_classified", "cache_hits"), 6, "{out2}");
+    }
+}
+
+/// `kind: nli_classifier` on its own: 5 pairs in batches of 2 against a simulator that fails
+/// half its answers with a 500 (retried until answered), labels by the rules; then a server
+/// that always fails stops the stage with the reason, and a bad `url` is a validation error
+/// at its line.
+#[test]
+fn the_nli_classifier_retries_failures_and_stops_with_the_reason_when_they_persist() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let pairs = [
+        ("The sky is blue.", "The sky has a colour."),
+        ("The sky is blue.", "The sky is green."),
+        ("Use no commas.", "Avoid commas."),
+        ("Use no commas.", "Write long sentences."),
+        ("Use no commas.", "Use many commas."),
+    ];
+    let rows: String = pairs
+        .iter()
+        .map(|(p, h)| format!("{}\n", json!({"premise": p, "hypothesis": h})))
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows).unwrap();
+    std::fs::write(
+        dir.join("rules.json"),
+        json!({"rules": [
+            {"match": "\n.*(green|many)", "response": "contradiction"},
+            {"match": "\nWrite long", "json": [0.2, 0.7, 0.1]},
+            {"match": "\n", "response": "entailment"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let pipeline = |url: &str, retries: u32| {
+        let p = dir.join("nli.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "name: nli\ninputs:\n  pairs: {}\nstages:\n  - id: labelled\n    kind: nli_classifier\n    from: pairs\n    url: {url}\n    batch_size: 2\n    max_retries: {retries}\n",
+                s(&dir.join("pairs.jsonl"))
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let flaky = Sim::start(&[
+        "--fault-500",
+        "0.5",
+        "--seed",
+        "3",
+        "--rules",
+        s(&dir.join("rules.json")),
+    ]);
+    let p = pipeline(flaky.url.trim_end_matches("/v1"), 10);
+    let run_dir = dir.join("run");
+    let cache = dir.join("cache.sqlite");
+    let out = run(
+        &["run", s(&p), "--run-dir", s(&run_dir), "--cache", s(&cache)],
+        &[],
+    );
+    assert_eq!(counter(&out, "labelled", "requests"), 3, "{out}");
+    let retries = counter(&out, "labelled", "retries");
+    // Every request the simulator counted beyond the 3 batches was a retry of a 500.
+    assert_eq!(flaky.requests() as i64, 3 + retries, "{out}");
+    assert!(retries > 0, "seed 3 draws some 500s: {out}");
+    let got = query(
+        &run_dir,
+        "SELECT hypothesis, nli_label FROM labelled ORDER BY hypothesis",
+    );
+    let labels: Vec<(&str, &str)> = got
+        .iter()
+        .map(|r| {
+            (
+                r["hypothesis"].as_str().unwrap(),
+                r["nli_label"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("Avoid commas.", "entailment"),
+            ("The sky has a colour.", "entailment"),
+            ("The sky is green.", "contradiction"),
+            ("Use many commas.", "contradiction"),
+            ("Write long sentences.", "neutral"),
+        ]
+    );
+    // A server that always fails: the stage stops and says why; nothing was cached for it.
+    let down = Sim::start(&["--fault-500", "1", "--rules", s(&dir.join("rules.json"))]);
+    let p = pipeline(down.url.trim_end_matches("/v1"), 1);
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args([
+            "run",
+            s(&p),
+            "--run-dir",
+            s(&dir.join("run-down")),
+            "--cache",
+            s(&dir.join("other.sqlite")),
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("3 of 3 classification requests")
+            && err.contains("HTTP 500")
+            && err.contains("gave up after 2 attempts"),
+        "{err}"
+    );
+    // A URL without a scheme is a validation error at its line.
+    let p = pipeline("127.0.0.1:8080", 1);
+    let o = Command::new(env!("CARGO_BIN_EXE_ifloom"))
+        .args(["validate", s(&p)])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("nli.yaml:8:10:") && err.contains("url must start with http://"),
+        "{err}"
+    );
 }

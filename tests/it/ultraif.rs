@@ -1093,3 +1093,124 @@ fn structured_output_is_a_param_the_local_profile_turns_on() {
         }
     }
 }
+
+/// `--profile paper`: the authors' setup (BambiSheng/UltraIF Preprocessing/augment_query.py
+/// and rejection_sampling.py) in one flag. Every expected value below is read off their code:
+/// the UltraComposer at temperature 0.7 with no token limit (their offline vLLM ran to the
+/// model's context), three rounds, K = 5 responses at 1.0 / top_p 0.95 / 4096 tokens after
+/// their system prompt, the judge at 0 / 4096 tokens; a response fails on a NO only
+/// (`no_no`); DPO pairs the last passing with the last failing response
+/// (merge_query_with_response_dpo overwrites `pos` / `neg` in sample order); SFT takes the
+/// first passing response, else the last response whatever its judgement
+/// (merge_query_with_response).
+#[test]
+fn the_paper_profile_is_the_authors_setup_in_one_flag() {
+    let rules = json!({"rules": [
+        // The composer (UltraComposer's input), rounds 1 and 2; round 3 gets no JSON back.
+        {"match": r"^\[initial query\]: Describe a sunrise\.$",
+         "response": r#"{"augmented query": "Describe a sunrise. Use bullet points.", "question": ["Does the response use bullet points?"]}"#},
+        {"match": r"^\[initial query\]: Describe a sunrise\. Use bullet points\.$",
+         "response": r#"{"augmented query": "Describe a sunrise. Use bullet points. End with a question.", "question": ["Does the response end with a question?"]}"#},
+        {"match": r"^\[initial query\]: Explain recursion\.$",
+         "response": r#"{"augmented query": "Explain recursion in three sentences.", "question": ["Does the response have exactly three sentences?"]}"#},
+        // The judge.
+        {"match": r"\[Response\] GOOD", "response": ALL_YES},
+        {"match": r"\[Response\] BAD2", "response": ALL_NO},
+        {"match": r"\[Response\] BAD", "response": FIRST_NO},
+        // The responder: five choices each.
+        {"match": r"^Now please answer[^\n]*\n\[Query\] Describe a sunrise", "responses": ["GOOD: first?", "BAD: second", "GOOD: third?", "BAD2: fourth", "BAD: fifth"]},
+        {"match": r"^Now please answer[^\n]*\n\[Query\] Explain recursion", "responses": ["BAD: one", "BAD2: two", "BAD: three", "BAD: four", "BAD2: five"]},
+    ]});
+    let f = fixture_with(rules);
+    let record = f.dir.join("requests.jsonl");
+    let run = f.dir.join("paper");
+    let data = format!("data={}", s(&f.dir.join("in.jsonl")));
+    let url = format!("url={}", f.sim.url);
+    let curl = format!("composer_url={}", f.sim.url);
+    ok(
+        &root(),
+        &[
+            "run",
+            "pipelines/ultraif.yaml",
+            "--profile",
+            "paper",
+            "--run-dir",
+            s(&run),
+            "--cache",
+            s(&f.dir.join("cache.sqlite")),
+            "--set",
+            &data,
+            "--set",
+            &url,
+            "--set",
+            &curl,
+            "--set",
+            "model=sim-model",
+            "--set",
+            "composer_model=sim-model",
+        ],
+    );
+    let sent = jsonl(&record);
+    let of = |start: &str| -> Vec<&Value> {
+        sent.iter()
+            .filter(|r| {
+                r["messages"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["content"].as_str().unwrap_or_default().starts_with(start))
+                })
+            })
+            .collect()
+    };
+    let composer = of("[initial query]: ");
+    // Round 1: the 7 instructions; round 2: the 2 augmented; round 3: the 1 augmented again.
+    assert_eq!(composer.len(), 10);
+    for r in &composer {
+        assert_eq!(r["temperature"], json!(0.7));
+        assert!(r.get("max_tokens").is_none(), "{r}");
+    }
+    let system = "You are an expert tasked with answering the given query. Please provide a clear and concise response directly, without introductory phrases such as 'What a great question,' 'Here is the answer,' or similar expressions. Focus solely on addressing the query.";
+    let responder = of(system);
+    // The final round's two augmented instructions, five samples each (n = 5 on vLLM).
+    assert_eq!(responder.len(), 2);
+    for r in &responder {
+        assert_eq!(r["messages"][0]["role"], json!("system"));
+        assert_eq!(
+            (
+                r["temperature"].clone(),
+                r["top_p"].clone(),
+                r["max_tokens"].clone(),
+                r["n"].clone()
+            ),
+            (json!(1.0), json!(0.95), json!(4096), json!(5))
+        );
+    }
+    let judge = of("You are an expert that is good at judging");
+    assert_eq!(judge.len(), 10);
+    for r in &judge {
+        assert_eq!(
+            (r["temperature"].clone(), r["max_tokens"].clone()),
+            (json!(0.0), json!(4096))
+        );
+    }
+    // DPO: Describe's last pass (sample 2) and last fail (sample 4); Explain has no pass.
+    assert_eq!(
+        query(&run, "SELECT prompt, chosen, rejected FROM dpo"),
+        vec![
+            json!({"prompt": "Describe a sunrise. Use bullet points. End with a question.",
+                    "chosen": "GOOD: third?", "rejected": "BAD: fifth"})
+        ]
+    );
+    // SFT: Describe's first pass; Explain, with none, its last response.
+    assert_eq!(
+        query(
+            &run,
+            "SELECT prompt, response, sft_source FROM sft ORDER BY prompt"
+        ),
+        vec![
+            json!({"prompt": "Describe a sunrise. Use bullet points. End with a question.",
+                   "response": "GOOD: first?", "sft_source": "pass"}),
+            json!({"prompt": "Explain recursion in three sentences.",
+                   "response": "BAD2: five", "sft_source": "fallback"}),
+        ]
+    );
+}

@@ -13,6 +13,13 @@
 //! True`, `"true" != True`); a function's accuracy is its share of kept cases answered right
 //! (exceptions and timeouts are wrong); functions at `min_accuracy` or above are kept.
 //!
+//! `reference: flywheel` follows the Post-Training-Data-Flywheel re-implementation's step 3
+//! instead (`IF-generation/code/3_cross_validation.py`): before `json.loads` the fenced text is
+//! repaired by its `col_formatter` (the line breaks from `def evaluate(response):` up to the
+//! first `return` after it are escaped as `\n`, so a function written with raw line breaks in
+//! its JSON string parses); nothing is deduplicated; an answer without `cases` keeps its
+//! function (it counts toward `min_functions` and is scored on the other answers' cases).
+//!
 //! Added columns (names other tools read; keep them): `n_answers`, `n_parsed`, `n_compiled`,
 //! `n_functions`, `n_cases`, `n_cases_kept` (null when the minimums dropped the row first),
 //! `function_accuracy` (one per distinct function, first-seen order; null for a function with
@@ -63,8 +70,16 @@ fn d_min_cases() -> usize {
 fn d_min_accuracy() -> f64 {
     0.8
 }
-fn d_true() -> bool {
-    true
+/// Whose step 3 the stage follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Reference {
+    /// Qwen's `code/3_cross_validation.py` (the paper's authors).
+    #[default]
+    Qwen,
+    /// The Post-Training-Data-Flywheel re-implementation: JSON repair (`col_formatter`), no
+    /// deduplication, functions of answers without `cases` kept.
+    Flywheel,
 }
 fn d_drop_lines() -> Vec<String> {
     vec!["download".into(), "requests".into()]
@@ -89,11 +104,14 @@ pub struct CrossValidateStage {
     /// A function is kept at this accuracy on the kept cases or above (upstream: 0.8).
     #[serde(default = "d_min_accuracy")]
     pub min_accuracy: f64,
-    /// Deduplicate functions by exact source and cases by exact (input, label), as Qwen's
-    /// script does. `false` is the Flywheel re-implementation's behaviour, where five
-    /// identical answers pass the three-function minimum.
-    #[serde(default = "d_true")]
-    pub dedup: bool,
+    /// Whose step 3 to follow: `qwen` (default) or `flywheel` (see the module docs).
+    #[serde(default)]
+    pub reference: Reference,
+    /// Deduplicate functions by exact source and cases by exact (input, label). Default: as
+    /// the reference does (Qwen: yes; Flywheel: no, so five identical answers pass the
+    /// three-function minimum). Setting it changes only the deduplication.
+    #[serde(default)]
+    pub dedup: Option<bool>,
     /// Source lines containing any of these are deleted before execution (upstream:
     /// `download`, `requests`, so `nltk.download(...)` and `import requests` go).
     #[serde(default = "d_drop_lines")]
@@ -329,7 +347,30 @@ fn fence() -> &'static Regex {
     R.get_or_init(|| Regex::new(r"(?s)```json(.*?)```").expect("valid regex"))
 }
 
+/// The Flywheel's `col_formatter`: in `s`, the line breaks from the first
+/// `def evaluate(response):` up to the first `return` after it become the two characters `\n`
+/// (text without either is returned as it is).
+pub fn col_formatter(s: &str) -> String {
+    let Some(start) = s.find("def evaluate(response):") else {
+        return s.to_string();
+    };
+    let Some(len) = s[start..].find("return") else {
+        return s.to_string();
+    };
+    let end = start + len;
+    format!(
+        "{}{}{}",
+        &s[..start],
+        s[start..end].replace('\n', "\\n"),
+        &s[end..]
+    )
+}
+
 impl CrossValidateStage {
+    fn dedup(&self) -> bool {
+        self.dedup.unwrap_or(self.reference == Reference::Qwen)
+    }
+
     fn parse(&self, answer: Option<&str>) -> Answer {
         let Some(answer) = answer else {
             return Answer::Dropped("null".into());
@@ -337,13 +378,16 @@ impl CrossValidateStage {
         let Some(m) = fence().captures(answer) else {
             return Answer::Dropped("no_json_fence".into());
         };
-        let text = pytext::strip(m.get(1).map_or("", |g| g.as_str()));
-        if !pyjson::python_json_loads_accepts(text) {
+        let mut text = pytext::strip(m.get(1).map_or("", |g| g.as_str())).to_string();
+        if self.reference == Reference::Flywheel {
+            text = col_formatter(&text);
+        }
+        if !pyjson::python_json_loads_accepts(&text) {
             return Answer::Dropped("json_error".into());
         }
         // Python accepted it; serde reads the same value (it refuses only NaN/Infinity,
         // which no verifier answer holds: counted as json_error all the same).
-        let Ok(v) = serde_json::from_str::<Value>(text) else {
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
             return Answer::Dropped("json_error".into());
         };
         // Upstream's script crashes on these shapes; here the answer is dropped.
@@ -353,8 +397,15 @@ impl CrossValidateStage {
         let Some(func) = obj.get("func").and_then(Value::as_str) else {
             return Answer::Dropped("no_func".into());
         };
-        let Some(cases) = obj.get("cases").and_then(Value::as_array) else {
-            return Answer::Dropped("no_cases".into());
+        // The Flywheel appends the function before it looks for `cases` (and skips the rest
+        // of the answer when there are none); Qwen's script crashes without them.
+        let no_cases = Vec::new();
+        let cases = match obj.get("cases").and_then(Value::as_array) {
+            Some(c) => c,
+            None if self.reference == Reference::Flywheel && obj.get("cases").is_none() => {
+                &no_cases
+            }
+            None => return Answer::Dropped("no_cases".into()),
         };
         let func = pytext::strip(func)
             .split('\n')
@@ -399,14 +450,14 @@ impl CrossValidateStage {
                     }
                     c.n_compiled += 1;
                     c.statuses.push("compiled".into());
-                    if !self.dedup || seen_f.insert(func.clone()) {
+                    if !self.dedup() || seen_f.insert(func.clone()) {
                         c.functions.push(func.clone());
                     }
                     for (input, label) in cases {
                         // Python's json.dumps((input, output)) as the identity: key order,
                         // 1 vs 1.0 and true vs "True" all count.
                         let key = serde_json::to_string(&(input, label)).unwrap_or_default();
-                        if !self.dedup || seen_c.insert(key) {
+                        if !self.dedup() || seen_c.insert(key) {
                             c.cases.push((input.clone(), label.clone()));
                         }
                     }
@@ -514,4 +565,33 @@ fn columns(c: &[Collected], v: &[Validated]) -> Vec<ArrayRef> {
         Arc::new(v.iter().map(|x| x.drop_reason).collect::<StringArray>()),
         strings(&|i| c[i].statuses.clone()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::col_formatter;
+
+    /// Inputs and outputs of the Flywheel's own `col_formatter` (IF-generation/code/
+    /// 3_cross_validation.py), run in Python on these texts.
+    #[test]
+    fn col_formatter_escapes_line_breaks_up_to_the_first_return_as_the_flywheel() {
+        // Raw line breaks in the function's JSON string: escaped, and the JSON reads.
+        assert_eq!(
+            col_formatter(
+                "{\"func\": \"def evaluate(response):\n    x = 1\n    return x\", \"cases\": []}"
+            ),
+            "{\"func\": \"def evaluate(response):\\n    x = 1\\n    return x\", \"cases\": []}"
+        );
+        // No `return` in the function: the first one is in a case, and the line break
+        // between two JSON members is escaped too, which breaks the JSON (as there).
+        assert_eq!(
+            col_formatter(
+                "{\n\"func\": \"def evaluate(response):\\n    pass\",\n\"cases\": [{\"input\": \"return\", \"output\": true}]}"
+            ),
+            "{\n\"func\": \"def evaluate(response):\\n    pass\",\\n\"cases\": [{\"input\": \"return\", \"output\": true}]}"
+        );
+        // No `def evaluate(response):`: unchanged.
+        let other = "{\"func\": \"def check(r):\n    return True\"}";
+        assert_eq!(col_formatter(other), other);
+    }
 }

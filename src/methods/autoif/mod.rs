@@ -1,16 +1,18 @@
 //! AutoIF (QwenLM/AutoIF): verifier functions written by an LLM, cross-validated on test
 //! cases in the Python sandbox (`kind: cross_validate`, [`cross_validate`]) and run on
-//! responses (`kind: run_verifiers`, [`run_verifiers`]); this module adds the function-level
-//! funnel to `stats`.
+//! responses (`kind: run_verifiers`, [`run_verifiers`]), and an NLI classifier behind HTTP
+//! for the contradiction filter (`kind: nli_classifier`, [`nli`]); this module adds the
+//! function-level funnel to `stats`.
 
 pub mod cross_validate;
+pub mod nli;
 pub mod run_verifiers;
 
 use crate::module::{Module, Param, SectionDecl, SectionGroup, no_functions};
 
 pub static MODULE: Module = Module {
     name: "autoif",
-    kinds: &[cross_validate::KIND, run_verifiers::KIND],
+    kinds: &[cross_validate::KIND, run_verifiers::KIND, nli::KIND],
     functions: no_functions,
     queries: &[(
         "verifier_functions.sql",
