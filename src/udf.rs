@@ -16,10 +16,11 @@
 //!   re-implementation's `s[s.find('['):s.rfind(']')+1]` and `ast.literal_eval`); an item
 //!   that is itself a list gives its first element, as there.
 //! - `struct_entries(s)`: a struct used as a map (one field per key, one value type) as a
-//!   list of `{key, value}`, to `unnest` (EIFBench's `sub_instructions`).
+//!   list of `{key, value}`, to `unnest` (JSON objects used as maps, such as a benchmark's
+//!   numbered sub-instructions).
 //!
-//! Stage kinds and benchmarks add functions of their own (`yes_no`, `followbench_checker`):
-//! each module lists its functions in its [`crate::module::Module`], and the engine
+//! Stage kinds and benchmarks add functions of their own (a judge-answer reader, a rule
+//! chooser): each module lists its functions in its [`crate::module::Module`], and the engine
 //! registers what the registry gives it.
 
 use std::sync::Arc;
