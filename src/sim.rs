@@ -385,6 +385,27 @@ impl Fault {
             Fault::Drop => "drop",
         }
     }
+
+    /// The error response of a fault that refuses the request before it is served (a 500, a
+    /// 429 with `Retry-After`); `None` for the faults that act on a served answer.
+    fn refusal(self) -> Option<Response> {
+        match self {
+            Fault::ServerError => Some(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "simulated internal server error",
+            )),
+            Fault::RateLimited => {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "simulated rate limit; retry after 1 s",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Some(r)
+            }
+            Fault::Hang | Fault::Malformed | Fault::Drop => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -459,21 +480,9 @@ impl Sim {
             sim: self,
             done: false,
         };
-        let response = match fault {
-            Some(Fault::ServerError) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "simulated internal server error",
-            ),
-            Some(Fault::RateLimited) => {
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "simulated rate limit; retry after 1 s",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
-            _ if self.shed() => {
+        let response = match fault.and_then(Fault::refusal) {
+            Some(r) => r,
+            None if self.shed() => {
                 let mut r = error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "simulated overload: every slot is busy and the queue is full",
@@ -1045,22 +1054,7 @@ impl Sim {
             *n += 1;
             *n
         };
-        let refused = match self.draw_fault(&key, attempt) {
-            Some(Fault::ServerError) => Some(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "simulated internal server error",
-            )),
-            Some(Fault::RateLimited) => {
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "simulated rate limit; retry after 1 s",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                Some(r)
-            }
-            _ => None,
-        };
+        let refused = self.draw_fault(&key, attempt).and_then(Fault::refusal);
         let response = match (refused, parsed) {
             (Some(r), _) => Err(Box::new(r)),
             (None, Ok(v)) => Ok(v),
